@@ -1,0 +1,135 @@
+/* embedrag — sentence embeddings with BERT-family models, in C.
+ * This header is the whole public API and its manual: open a model directory, embed texts into a
+ * caller-owned float matrix, tokenize, and read model facts. Everything else is internal. */
+#ifndef EMBEDRAG_H
+#define EMBEDRAG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EMBEDRAG_VERSION_MAJOR 0
+#define EMBEDRAG_VERSION_MINOR 1
+#define EMBEDRAG_VERSION_PATCH 0
+
+/* Status codes. Action functions return EMBEDRAG_OK (0) or one of the negative codes below; the
+ * message with context (file, field, text index, byte offset) is then in embedrag_last_error(). */
+typedef enum embedrag_status {
+    EMBEDRAG_OK = 0,
+    EMBEDRAG_ERR_INVALID_ARGUMENT = -1, /* a NULL where a value is required, a bad option */
+    EMBEDRAG_ERR_IO = -2,               /* a file could not be opened, read or mapped */
+    EMBEDRAG_ERR_FORMAT = -3,           /* a model file is malformed, truncated or inconsistent */
+    EMBEDRAG_ERR_UNSUPPORTED = -4,      /* a valid model feature embedrag does not implement */
+    EMBEDRAG_ERR_NO_MEMORY = -5,
+    EMBEDRAG_ERR_INVALID_UTF8 = -6, /* a text is not valid UTF-8 */
+    EMBEDRAG_ERR_TOO_LONG = -7,     /* a text exceeds the model's limit and truncation is off */
+} embedrag_status;
+
+typedef enum embedrag_pooling {
+    EMBEDRAG_POOLING_MEAN = 0, /* mean of the token vectors (sentence-transformers' default) */
+    EMBEDRAG_POOLING_CLS = 1,  /* the [CLS] token's vector (bge) */
+    EMBEDRAG_POOLING_MAX = 2,  /* element-wise maximum over the tokens */
+} embedrag_pooling;
+
+/* An open model: weights, tokenizer and configuration. Opaque. */
+typedef struct embedrag_model embedrag_model;
+
+/* Returns the library version as "MAJOR.MINOR.PATCH"; a static string. Thread-safe. */
+const char *embedrag_version(void);
+
+/* Returns the message describing the last failure on the calling thread (thread-local storage,
+ * valid until the next embedrag call on this thread); "" if there was none. Thread-safe. */
+const char *embedrag_last_error(void);
+
+/* Parameters for embedrag_model_open. Obtain defaults with embedrag_model_default_params() and
+ * adjust fields; new fields are added at the end with defaults that keep old behaviour. */
+typedef struct embedrag_model_params {
+    int threads; /* worker threads for the forward pass; 0 = one per online core */
+} embedrag_model_params;
+
+embedrag_model_params embedrag_model_default_params(void);
+
+/* Opens the Hugging Face model directory `dir` (config.json, model.safetensors, tokenizer.json or
+ * vocab.txt, and sentence-transformers' files where present) and validates every tensor's shape
+ * against the config. On success *out is a model the caller frees with embedrag_model_close; on
+ * failure *out is NULL and embedrag_last_error() names the file and what is wrong. `params` may
+ * be NULL for defaults. Thread-safe (distinct calls do not share state). */
+int embedrag_model_open(const char *dir, const embedrag_model_params *params,
+                        embedrag_model **out);
+
+/* Frees the model and everything it owns. close(NULL) is a no-op. Not to be called while
+ * another thread uses the model. */
+void embedrag_model_close(embedrag_model *model);
+
+/* Facts about an open model. String pointers stay valid until the model is closed. */
+typedef struct embedrag_model_info {
+    const char *name;       /* the checkpoint's _name_or_path, or the directory's name */
+    int dimension;          /* the pooled vector's width (before any Matryoshka truncation) */
+    int max_tokens;         /* the most tokens per text, [CLS] and [SEP] included */
+    int layers;             /* encoder layers */
+    int hidden;             /* hidden width */
+    int heads;              /* attention heads */
+    int vocab_size;         /* vocabulary entries */
+    embedrag_pooling pooling;
+    bool normalize;         /* whether the model's pipeline L2-normalizes (modules.json) */
+    bool lowercase;         /* whether the tokenizer lowercases (uncased model) */
+    int prompt_count;       /* prompts named in config_sentence_transformers.json */
+    const char *default_prompt_name; /* NULL when the model names none */
+} embedrag_model_info;
+
+/* Fills *info. Returns 0, or EMBEDRAG_ERR_INVALID_ARGUMENT for NULL arguments. Thread-safe. */
+int embedrag_model_get_info(const embedrag_model *model, embedrag_model_info *info);
+
+/* The i-th prompt's name and text (0 <= i < prompt_count), e.g. "query" and "query: ".
+ * Returns 0 or EMBEDRAG_ERR_INVALID_ARGUMENT. The strings stay valid until the model is closed.
+ * Thread-safe. */
+int embedrag_model_get_prompt(const embedrag_model *model, int i, const char **name,
+                              const char **text);
+
+/* Options for one embedding or tokenizing call. Obtain defaults with
+ * embedrag_embed_default_params() and adjust fields. */
+typedef struct embedrag_embed_params {
+    const char *prompt_name; /* a prompt from the model's config ("query", "passage"), or NULL */
+    const char *prompt;      /* literal text to prepend; overrides prompt_name; NULL for none */
+    bool normalize;          /* L2-normalize the output vectors (default true) */
+    int dimensions;          /* keep the first N components (Matryoshka); 0 = all */
+    bool truncate; /* cut texts at the model's max_tokens (default true); if false, a longer text
+                      is an EMBEDRAG_ERR_TOO_LONG error */
+    int batch_tokens; /* the most tokens in one forward pass (bounds memory); 0 = default */
+} embedrag_embed_params;
+
+embedrag_embed_params embedrag_embed_default_params(void);
+
+/* The width of the vectors embedrag_embed writes with these params (the model's dimension, or
+ * `dimensions` when smaller). Returns a negative code for bad params. Thread-safe. */
+int embedrag_embed_dimension(const embedrag_model *model, const embedrag_embed_params *params);
+
+/* Embeds n texts. texts[i] is UTF-8 of lengths[i] bytes (lengths may be NULL: then each text is
+ * NUL-terminated). Writes n rows of embedrag_embed_dimension() floats, row-major, into `out`,
+ * which the caller owns and must size. A text's vector does not depend on the other texts in the
+ * call, their order, or the thread count (bit for bit). On failure nothing useful is in `out`
+ * and the message names the text's index and, for invalid UTF-8, the byte offset. `params` may
+ * be NULL for defaults. Calls on one model are serialized by an internal lock; distinct models
+ * run in parallel. */
+int embedrag_embed(embedrag_model *model, const char *const *texts, const size_t *lengths,
+                   size_t n, const embedrag_embed_params *params, float *out);
+
+/* Tokenizes one text exactly as embedrag_embed would (prompt, [CLS]/[SEP], truncation).
+ * Writes at most `capacity` ids into `ids` and the full count into *count (which may exceed
+ * capacity: call again with a larger buffer). Thread-safe. */
+int embedrag_tokenize(const embedrag_model *model, const char *text, size_t length,
+                      const embedrag_embed_params *params, int32_t *ids, size_t capacity,
+                      size_t *count);
+
+/* The vocabulary entry for a token id, or NULL if out of range. The string stays valid until
+ * the model is closed. Thread-safe. */
+const char *embedrag_token_text(const embedrag_model *model, int32_t id);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
