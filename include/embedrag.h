@@ -79,6 +79,7 @@ typedef struct embedrag_model_info {
     bool lowercase;         /* whether the tokenizer lowercases (uncased model) */
     int prompt_count;       /* prompts named in config_sentence_transformers.json */
     const char *default_prompt_name; /* NULL when the model names none */
+    int intermediate;                /* feed-forward width */
 } embedrag_model_info;
 
 /* Fills *info. Returns 0, or EMBEDRAG_ERR_INVALID_ARGUMENT for NULL arguments. Thread-safe. */

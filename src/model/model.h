@@ -41,8 +41,14 @@ int st_open(const char *path, st_file **out);
  * `name` is used in messages. Used by st_open and the fuzz target. */
 int st_parse(const void *data, size_t size, const char *name, st_file **out);
 
+/* The tensor named `name`, or NULL. The pointer is valid until st_close. */
 const st_tensor *st_find(const st_file *file, const char *name);
 void st_close(st_file *file);
+
+/* Exact widening of one IEEE half (F16) or bfloat16 (BF16) value, subnormals, infinities and
+ * NaNs included. */
+float st_f16_to_f32(uint16_t half);
+float st_bf16_to_f32(uint16_t bfloat);
 
 /* ---- configuration (prefix model_) ---- */
 
@@ -64,9 +70,9 @@ typedef struct model_config {
     float layer_norm_eps;
     model_activation activation;
     int max_seq_length; /* min(max_position_embeddings, sentence_bert_config max_seq_length) */
-    int pooling;        /* embedrag_pooling; mean when no 1_Pooling/config.json */
+    int pooling;        /* embedrag_pooling; mean when modules.json names no Pooling module */
     bool pooling_include_prompt; /* 1_Pooling include_prompt, default true */
-    bool normalize;     /* modules.json lists a Normalize module */
+    bool normalize;              /* modules.json lists a Normalize module */
     model_prompt *prompts;
     int prompt_count;
     char *default_prompt_name; /* or NULL */

@@ -36,8 +36,9 @@ void tok_close(tok_tokenizer *tokenizer);
  * At most `max_tokens` ids are produced (>= 2): the word-piece ids are cut so that [CLS] and
  * [SEP] still fit, as Hugging Face truncation does. `ids` must hold max_tokens entries.
  * Returns the number of ids written, or a negative status (EMBEDRAG_ERR_INVALID_UTF8 naming the
- * byte offset in `text`). If `untruncated` is non-NULL it receives the count before truncation
- * (so callers can reject long texts). */
+ * byte offset in `text`). If `untruncated` is non-NULL it receives the count before truncation,
+ * [CLS] and [SEP] included (so callers can reject long texts); without it the work stops as soon
+ * as `ids` is full. The whole text is still checked for valid UTF-8 either way. */
 int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *text, size_t len,
                int32_t *ids, int max_tokens, int *untruncated);
 
@@ -52,5 +53,27 @@ const tok_options *tok_get_options(const tok_tokenizer *tokenizer);
 int32_t tok_cls_id(const tok_tokenizer *tokenizer);
 int32_t tok_sep_id(const tok_tokenizer *tokenizer);
 int32_t tok_unk_id(const tok_tokenizer *tokenizer);
+
+/* The normalizer alone (clean, CJK spacing, strip accents, lowercase; no splitting, no added
+ * tokens) applied to `len` bytes of UTF-8: *out receives a malloc'd, NUL-terminated string of
+ * *out_len bytes that the caller frees. For tests and debugging. */
+int tok_normalize(const tok_tokenizer *tokenizer, const char *text, size_t len, char **out,
+                  size_t *out_len);
+
+/* Character classes as the reference implementation sees them (tokenizer_unicode.c): utf8proc's
+ * data corrected where the reference's older or newer Unicode tables differ. Exposed so that
+ * the tests can check every code point. */
+bool tok_char_is_whitespace(uint32_t cp);      /* split point, mapped to ' ' by clean_text */
+bool tok_char_is_control(uint32_t cp);         /* dropped by clean_text */
+bool tok_char_is_punctuation(uint32_t cp);     /* isolated by the pre-tokenizer */
+bool tok_char_is_chinese(uint32_t cp);         /* spaced by handle_chinese_chars */
+bool tok_char_is_nonspacing_mark(uint32_t cp); /* dropped by strip_accents */
+int tok_char_combining_class(uint32_t cp);     /* canonical ordering key for NFD */
+bool tok_char_is_word(uint32_t cp); /* regex \w, for added tokens that must be whole words */
+/* Canonical (NFD) decomposition of one code point into out (up to `capacity`); returns the
+ * length, which may exceed `capacity` (then out is incomplete), or -1. */
+int tok_char_decompose(uint32_t cp, uint32_t *out, int capacity);
+/* Rust's char::to_lowercase: one code point, or two for U+0130. Returns the count. */
+int tok_char_lowercase(uint32_t cp, uint32_t out[2]);
 
 #endif

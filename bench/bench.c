@@ -1,0 +1,458 @@
+/* `embedrag bench`: single-query latency and batch throughput on the CPU, with tokenization,
+ * model and end-to-end time reported apart, the machine's fp32 FMA peak measured in the same run,
+ * and peak RSS. Texts of exact token counts are built from real sentences (STS-B). */
+#include "cli.h"
+
+#include "engine/engine.h"
+
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef EMBEDRAG_BENCH_DATA
+#define EMBEDRAG_BENCH_DATA "../shared/data/stsb-en-dev.csv"
+#endif
+
+/* Texts per length: enough for the largest batch. */
+#define BENCH_TEXTS 1000
+/* Each throughput point repeats until it has run this long (after one warm-up call). */
+#define BENCH_MIN_SECONDS 1.0
+#define QUERY_RUNS 300
+#define QUERY_WARMUP 30
+
+static const char bench_usage[] =
+    "usage: embedrag bench [options]\n"
+    "\n"
+    "Measures a 16-token query's latency (p50/p99) and tokens/s at batch 1, 2, 10, 50, 100 and\n"
+    "1000 for 50- and 128-token texts, tokenization apart, beside the measured fp32 FMA peak.\n"
+    "\n"
+    "options:\n"
+    "  --model DIR        model directory (default: $EMBEDRAG_MODEL or the fetched default)\n"
+    "  --threads N        worker threads (default: all cores)\n"
+    "  --data FILE        sentences to build texts from (default: " EMBEDRAG_BENCH_DATA ")\n"
+    "  --dump-texts DIR   also write the texts used (q16.txt, t50.txt, t128.txt) for the peers\n"
+    "  --quick            fewer repetitions and no batch 1000 (a smoke run)\n"
+    "  --json             print JSON instead of a table\n"
+    "  -h, --help         this help\n";
+
+static double now_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* ---- fp32 FMA peak: independent register-only FMA chains, on every thread at once ---- */
+
+#define PEAK_ITERATIONS 20000000L
+
+__attribute__((target("avx512f"))) static double fma_loop_avx512(void)
+{
+    __m512 acc[12];
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i * 1e-3f);
+    __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+    double t = now_seconds();
+    for (long it = 0; it < PEAK_ITERATIONS; it++)
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+    t = now_seconds() - t;
+    float sink = 0;
+    for (int i = 0; i < 12; i++) sink += _mm512_reduce_add_ps(acc[i]);
+    if (sink == 12345.0f) fputs("", stderr); /* keeps the loop alive */
+    return 2.0 * 16.0 * 12.0 * (double)PEAK_ITERATIONS / t;
+}
+
+__attribute__((target("avx2,fma"))) static double fma_loop_avx2(void)
+{
+    __m256 acc[12];
+    for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_ps((float)i * 1e-3f);
+    __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+    double t = now_seconds();
+    for (long it = 0; it < PEAK_ITERATIONS; it++)
+        for (int i = 0; i < 12; i++) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+    t = now_seconds() - t;
+    float lanes[8], sink = 0;
+    for (int i = 0; i < 12; i++) {
+        _mm256_storeu_ps(lanes, acc[i]);
+        for (int l = 0; l < 8; l++) sink += lanes[l];
+    }
+    if (sink == 12345.0f) fputs("", stderr);
+    return 2.0 * 8.0 * 12.0 * (double)PEAK_ITERATIONS / t;
+}
+
+static void *peak_thread(void *arg)
+{
+    double *out = arg;
+    *out = __builtin_cpu_supports("avx512f") ? fma_loop_avx512()
+           : __builtin_cpu_supports("fma")   ? fma_loop_avx2()
+                                             : 0.0;
+    return NULL;
+}
+
+/* FLOP/s of `threads` threads running the FMA loop together. */
+static double measure_peak(int threads)
+{
+    pthread_t tids[256];
+    double rates[256] = {0};
+    if (threads > 256) threads = 256;
+    for (int i = 1; i < threads; i++) pthread_create(&tids[i], NULL, peak_thread, &rates[i]);
+    peak_thread(&rates[0]);
+    double total = rates[0];
+    for (int i = 1; i < threads; i++) {
+        pthread_join(tids[i], NULL);
+        total += rates[i];
+    }
+    return total;
+}
+
+/* ---- texts of exact token counts ---- */
+
+typedef struct text_set {
+    char *text[BENCH_TEXTS];
+    int tokens;
+} text_set;
+
+/* Reads the sentences of a sentence1,sentence2,score CSV into one space-joined string of words. */
+static char *read_words(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 20, len = 0;
+    char *words = malloc(cap), *line = NULL;
+    size_t line_cap = 0;
+    long n;
+    while (words && (n = cli_read_line(f, &line, &line_cap)) >= 0) {
+        char *comma = strrchr(line, ',');
+        if (comma) *comma = '\0'; /* drop the score */
+        for (char *p = line; *p; p++)
+            if (*p == '"') *p = ' ';
+        size_t l = strlen(line);
+        if (len + l + 2 > cap) {
+            char *grown = realloc(words, cap *= 2);
+            if (!grown) {
+                free(words);
+                words = NULL;
+                break;
+            }
+            words = grown;
+        }
+        for (size_t i = 0; i < l; i++) words[len++] = line[i] == ',' ? ' ' : line[i];
+        words[len++] = ' ';
+    }
+    if (words) words[len] = '\0';
+    free(line);
+    fclose(f);
+    return words;
+}
+
+/* Builds BENCH_TEXTS texts of exactly `tokens` tokens ([CLS] and [SEP] included) by adding words
+ * from successive places in the corpus until the count is reached; a word that would overshoot
+ * is skipped. */
+static int make_texts(embedrag_model *model, const char *words, int tokens, text_set *set)
+{
+    size_t total = strlen(words);
+    int32_t ids[1024];
+    set->tokens = tokens;
+    size_t cursor = 0;
+    for (int t = 0; t < BENCH_TEXTS; t++) {
+        size_t cap = 4096, len = 0;
+        char *text = malloc(cap);
+        if (!text) return -1;
+        text[0] = '\0';
+        int count = 2, guard = 0;
+        while (count < tokens && guard++ < 100000) {
+            while (cursor < total && words[cursor] == ' ') cursor++;
+            if (cursor >= total) cursor = 0;
+            size_t end = cursor;
+            while (end < total && words[end] != ' ') end++;
+            size_t wl = end - cursor;
+            if (len + wl + 2 > cap) break;
+            size_t old = len;
+            if (len) text[len++] = ' ';
+            memcpy(text + len, words + cursor, wl);
+            len += wl;
+            text[len] = '\0';
+            cursor = end;
+            size_t got = 0;
+            embedrag_embed_params p = embedrag_embed_default_params();
+            if (embedrag_tokenize(model, text, len, &p, ids, 1024, &got) != 0) return -1;
+            if ((int)got > tokens) {
+                len = old;
+                text[len] = '\0';
+            } else {
+                count = (int)got;
+            }
+        }
+        if (count != tokens) {
+            free(text);
+            return -1;
+        }
+        set->text[t] = text;
+    }
+    return 0;
+}
+
+static void free_texts(text_set *set)
+{
+    for (int i = 0; i < BENCH_TEXTS; i++) free(set->text[i]);
+}
+
+static int dump_texts(const char *dir, const char *name, const text_set *set)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "wb");
+    if (!f) return -1;
+    for (int i = 0; i < BENCH_TEXTS; i++) fprintf(f, "%s\n", set->text[i]);
+    return fclose(f);
+}
+
+/* ---- measurements ---- */
+
+static int compare_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double percentile(double *v, int n, double p)
+{
+    qsort(v, (size_t)n, sizeof *v, compare_double);
+    int i = (int)ceil(p * n) - 1;
+    return v[i < 0 ? 0 : (i >= n ? n - 1 : i)];
+}
+
+typedef struct point {
+    int tokens, batch;
+    double tokenize_s, model_s, end_to_end_s; /* per call */
+} point;
+
+/* Times one (length, batch) point: tokenization alone, the model on pre-tokenized ids, and
+ * embedrag_embed end to end; each the mean over repetitions after a warm-up call. */
+static int time_point(embedrag_model *model, const text_set *set, int batch, double min_seconds,
+                      int dim, point *out)
+{
+    embedrag_embed_params params = embedrag_embed_default_params();
+    size_t lengths[BENCH_TEXTS];
+    int32_t *ids = malloc((size_t)batch * (size_t)set->tokens * sizeof *ids);
+    int *offsets = malloc((size_t)(batch + 1) * sizeof *offsets);
+    float *vectors = malloc((size_t)batch * (size_t)dim * sizeof *vectors);
+    int rc = -1;
+    if (!ids || !offsets || !vectors) goto done;
+    for (int i = 0; i < batch; i++) lengths[i] = strlen(set->text[i]);
+
+    int reps = 0;
+    double t0 = now_seconds(), t;
+    do {
+        offsets[0] = 0;
+        for (int i = 0; i < batch; i++) {
+            size_t count = 0;
+            if (embedrag_tokenize(model, set->text[i], lengths[i], &params, ids + offsets[i],
+                                  (size_t)set->tokens, &count) != 0)
+                goto done;
+            offsets[i + 1] = offsets[i] + (int)count;
+        }
+        reps++;
+    } while ((t = now_seconds() - t0) < min_seconds / 4);
+    out->tokenize_s = t / reps;
+
+    if (engine_embed_tokens(model, ids, offsets, batch, NULL, &params, vectors) != 0) goto done;
+    reps = 0;
+    t0 = now_seconds();
+    do {
+        if (engine_embed_tokens(model, ids, offsets, batch, NULL, &params, vectors) != 0)
+            goto done;
+        reps++;
+    } while ((t = now_seconds() - t0) < min_seconds);
+    out->model_s = t / reps;
+
+    reps = 0;
+    t0 = now_seconds();
+    do {
+        if (embedrag_embed(model, (const char *const *)set->text, lengths, (size_t)batch, &params,
+                           vectors) != 0)
+            goto done;
+        reps++;
+    } while ((t = now_seconds() - t0) < min_seconds);
+    out->end_to_end_s = t / reps;
+    out->tokens = set->tokens;
+    out->batch = batch;
+    rc = 0;
+done:
+    free(ids);
+    free(offsets);
+    free(vectors);
+    return rc;
+}
+
+static double flops_per_token(const embedrag_model_info *info, int intermediate, int len)
+{
+    double h = info->hidden;
+    double linear = 2.0 * (4.0 * h * h + 2.0 * h * intermediate);
+    double attention = 4.0 * (double)len * h;
+    return (double)info->layers * (linear + attention);
+}
+
+int cli_bench(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"model", required_argument, NULL, 'm'}, {"threads", required_argument, NULL, 't'},
+        {"data", required_argument, NULL, 'd'},  {"dump-texts", required_argument, NULL, 'D'},
+        {"quick", no_argument, NULL, 'Q'},       {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0}};
+    const char *model_option = NULL, *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
+    int threads = 0, quick = 0, json = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        switch (c) {
+        case 'm': model_option = optarg; break;
+        case 't': if (cli_parse_int("--threads", optarg, 1, &threads)) return 2; break;
+        case 'd': data = optarg; break;
+        case 'D': dump = optarg; break;
+        case 'Q': quick = 1; break;
+        case 'j': json = 1; break;
+        case 'h': fputs(bench_usage, stdout); return 0;
+        default: fputs(bench_usage, stderr); return 2;
+        }
+    }
+    const char *dir = cli_model_dir(model_option);
+    embedrag_model *model = cli_open_model(dir, threads);
+    if (!model) return 1;
+    int status = 1;
+    char *words = read_words(data);
+    text_set q16 = {0}, t50 = {0}, t128 = {0};
+    if (!words) {
+        fprintf(stderr, "embedrag bench: cannot read %s\n", data);
+        goto close_model;
+    }
+    if (make_texts(model, words, 16, &q16) || make_texts(model, words, 50, &t50) ||
+        make_texts(model, words, 128, &t128)) {
+        fprintf(stderr, "embedrag bench: could not build texts of exact token counts from %s\n",
+                data);
+        goto free_texts;
+    }
+    if (dump) {
+        mkdir(dump, 0755);
+        if (dump_texts(dump, "q16.txt", &q16) || dump_texts(dump, "t50.txt", &t50) ||
+            dump_texts(dump, "t128.txt", &t128)) {
+            fprintf(stderr, "embedrag bench: cannot write texts to %s\n", dump);
+            goto free_texts;
+        }
+    }
+    embedrag_model_info info;
+    embedrag_model_get_info(model, &info);
+    int used_threads = threads > 0 ? threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    int intermediate = info.intermediate;
+    int dim = info.dimension;
+
+    double peak_one = measure_peak(1), peak_all = measure_peak(used_threads);
+
+    /* Query latency, end to end (tokenize + model + pooling + normalize). */
+    embedrag_embed_params params = embedrag_embed_default_params();
+    float *vector = malloc((size_t)dim * sizeof *vector);
+    double latencies[QUERY_RUNS];
+    int runs = quick ? 50 : QUERY_RUNS;
+    for (int i = 0; i < QUERY_WARMUP + runs; i++) {
+        const char *q = q16.text[i % BENCH_TEXTS];
+        double t = now_seconds();
+        if (embedrag_embed(model, &q, NULL, 1, &params, vector) != 0) {
+            fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
+            free(vector);
+            goto free_texts;
+        }
+        if (i >= QUERY_WARMUP) latencies[i - QUERY_WARMUP] = now_seconds() - t;
+    }
+    free(vector);
+    double p50 = percentile(latencies, runs, 0.50), p99 = percentile(latencies, runs, 0.99);
+
+    static const int batches[] = {1, 2, 10, 50, 100, 1000};
+    int n_batches = quick ? 5 : 6;
+    point points[12];
+    int n_points = 0;
+    const text_set *sets[2] = {&t50, &t128};
+    for (int s = 0; s < 2; s++)
+        for (int b = 0; b < n_batches; b++) {
+            if (time_point(model, sets[s], batches[b], quick ? 0.2 : BENCH_MIN_SECONDS, dim,
+                           &points[n_points]) != 0) {
+                fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
+                goto free_texts;
+            }
+            n_points++;
+        }
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    double peak_rss_mb = (double)usage.ru_maxrss / 1024.0;
+
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "model", info.name);
+    cJSON_AddNumberToObject(root, "layers", info.layers);
+    cJSON_AddNumberToObject(root, "hidden", info.hidden);
+    cJSON_AddNumberToObject(root, "threads", used_threads);
+    cJSON_AddStringToObject(root, "cpu_kernels", engine_cpu_isa());
+    cJSON_AddNumberToObject(root, "fma_peak_gflops_one_thread", peak_one / 1e9);
+    cJSON_AddNumberToObject(root, "fma_peak_gflops", peak_all / 1e9);
+    cJSON *query = cJSON_AddObjectToObject(root, "query_16_tokens");
+    cJSON_AddNumberToObject(query, "p50_ms", p50 * 1e3);
+    cJSON_AddNumberToObject(query, "p99_ms", p99 * 1e3);
+    cJSON_AddNumberToObject(query, "runs", runs);
+    cJSON *arr = cJSON_AddArrayToObject(root, "throughput");
+    for (int i = 0; i < n_points; i++) {
+        const point *p = &points[i];
+        double tokens = (double)p->tokens * p->batch;
+        double gflops = tokens * flops_per_token(&info, intermediate, p->tokens) / p->model_s / 1e9;
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "tokens_per_text", p->tokens);
+        cJSON_AddNumberToObject(o, "batch", p->batch);
+        cJSON_AddNumberToObject(o, "tokenize_ms", p->tokenize_s * 1e3);
+        cJSON_AddNumberToObject(o, "model_ms", p->model_s * 1e3);
+        cJSON_AddNumberToObject(o, "end_to_end_ms", p->end_to_end_s * 1e3);
+        cJSON_AddNumberToObject(o, "model_tokens_per_s", tokens / p->model_s);
+        cJSON_AddNumberToObject(o, "end_to_end_tokens_per_s", tokens / p->end_to_end_s);
+        cJSON_AddNumberToObject(o, "tokenize_tokens_per_s", tokens / p->tokenize_s);
+        cJSON_AddNumberToObject(o, "model_gflops", gflops);
+        cJSON_AddNumberToObject(o, "fraction_of_peak", gflops * 1e9 / peak_all);
+        cJSON_AddItemToArray(arr, o);
+    }
+    cJSON_AddNumberToObject(root, "peak_rss_mb", peak_rss_mb);
+    if (json) {
+        char *text = cJSON_Print(root);
+        puts(text ? text : "{}");
+        cJSON_free(text);
+    } else {
+        printf("model %s (%d layers x %d), %d threads, kernels %s\n", info.name, info.layers,
+               info.hidden, used_threads, engine_cpu_isa());
+        printf("fp32 FMA peak: %.1f GFLOP/s on one thread, %.1f on %d\n", peak_one / 1e9,
+               peak_all / 1e9, used_threads);
+        printf("16-token query, end to end: p50 %.3f ms, p99 %.3f ms\n", p50 * 1e3, p99 * 1e3);
+        printf("%6s %6s %12s %12s %12s %12s %8s\n", "tokens", "batch", "tokenize ms", "model ms",
+               "e2e ms", "model tok/s", "of peak");
+        for (int i = 0; i < n_points; i++) {
+            const point *p = &points[i];
+            double tokens = (double)p->tokens * p->batch;
+            double gflops =
+                tokens * flops_per_token(&info, intermediate, p->tokens) / p->model_s / 1e9;
+            printf("%6d %6d %12.3f %12.3f %12.3f %12.0f %7.1f%%\n", p->tokens, p->batch,
+                   p->tokenize_s * 1e3, p->model_s * 1e3, p->end_to_end_s * 1e3,
+                   tokens / p->model_s, 100.0 * gflops * 1e9 / peak_all);
+        }
+        printf("peak RSS %.1f MB\n", peak_rss_mb);
+    }
+    cJSON_Delete(root);
+    status = 0;
+free_texts:
+    free_texts(&q16);
+    free_texts(&t50);
+    free_texts(&t128);
+    free(words);
+close_model:
+    embedrag_model_close(model);
+    return status;
+}

@@ -1,0 +1,558 @@
+#!/usr/bin/env python3
+"""Times the peers embedrag is measured against, on this CPU: sentence-transformers on PyTorch
+(fp32) and ONNX Runtime (fp32, CPUExecutionProvider) on the same BERT checkpoint, for a 16-token
+query's latency and for throughput at fixed batch sizes and text lengths. Each peer runs in its
+own child process so its peak RSS and thread settings are its own. See bench/peers/README.md.
+
+    python bench/peers/run_peers.py --model models/all-MiniLM-L6-v2 --json peers.json
+    python bench/peers/run_peers.py --model models/all-MiniLM-L6-v2 --make-texts DIR
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark must never download anything
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_STSB = os.path.join(REPO, "..", "shared", "data", "stsb-en-dev.csv")
+DEFAULT_ONNX_CACHE = os.path.join(REPO, "models", "onnx-cache")  # models/ is ignored by git
+
+# Text files the C bench writes too: name -> exact token count, [CLS] and [SEP] included.
+TEXT_FILES = {"q16": 16, "t50": 50, "t128": 128}
+TEXT_LINES = 1000  # enough distinct texts for the largest batch
+BATCHES = [1, 2, 10, 50, 100, 1000]
+THROUGHPUT_FILES = ["t50", "t128"]
+LATENCY_RUNS = 200
+LATENCY_WARMUP = 20
+# Each throughput cell runs for about this long after its warm-up, at least MIN_REPS times; the
+# largest batch runs fewer times (one batch of 1000 x 128 tokens takes seconds on 2 cores), so a
+# whole run stays under ~10 minutes on the 2-core development machine.
+CELL_BUDGET_S = 3.0
+MIN_REPS = 3
+MIN_REPS_LARGEST = 2
+MAX_REPS = 500
+CHECK_TEXTS = 8  # texts both peers embed, to confirm they compute the same thing
+ONNX_OPSET = 18
+
+
+# ---------------------------------------------------------------- texts of exact token counts
+
+
+def load_tokenizer(model_dir, max_length=None):
+    """tokenizers.Tokenizer from tokenizer.json, with the file's own padding/truncation removed
+    (all-MiniLM-L6-v2's pads and truncates to 128) and our truncation set if asked."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    if max_length:
+        tok.enable_truncation(max_length=max_length)
+    return tok
+
+
+def max_seq_length(model_dir):
+    limit = None
+    path = os.path.join(model_dir, "sentence_bert_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            limit = json.load(f).get("max_seq_length")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        positions = json.load(f).get("max_position_embeddings", 512)
+    return min(limit or positions, positions)
+
+
+def make_texts(model_dir, out_dir, stsb_path):
+    """Writes q16.txt, t50.txt, t128.txt: TEXT_LINES texts each, of exactly that many tokens.
+
+    Words are taken in order from the STS Benchmark sentences, skipping any word whose pieces
+    would overshoot the count. BERT's pre-tokenizer splits on whitespace first, so a text's token
+    count is the sum of its words' counts, and the result is checked against the full tokenizer.
+    """
+    tok = load_tokenizer(model_dir)
+    with open(stsb_path, newline="", encoding="utf-8") as f:
+        sentences = [s for row in csv.reader(f) for s in (row[0], row[1])]
+    words = [w for s in sentences for w in s.split()]
+    pieces = {}
+
+    def count(w):
+        if w not in pieces:
+            pieces[w] = len(tok.encode(w, add_special_tokens=False).ids)
+        return pieces[w]
+
+    specials = len(tok.encode("", add_special_tokens=True).ids)
+    os.makedirs(out_dir, exist_ok=True)
+    for stride, (name, target) in enumerate(TEXT_FILES.items(), start=7):
+        need = target - specials
+        lines = []
+        for i in range(TEXT_LINES):
+            pos = (i * stride * 13) % len(words)  # different start points per file and line
+            picked, have = [], 0
+            for k in range(len(words)):
+                w = words[(pos + k) % len(words)]
+                c = count(w)
+                if 0 < c and have + c <= need:
+                    picked.append(w)
+                    have += c
+                    if have == need:
+                        break
+            text = " ".join(picked)
+            got = len(tok.encode(text, add_special_tokens=True).ids)
+            if got != target:
+                raise SystemExit("make_texts: line %d of %s has %d tokens, not %d" % (i, name, got, target))
+            lines.append(text)
+        with open(os.path.join(out_dir, name + ".txt"), "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n".join(lines) + "\n")
+    return out_dir
+
+
+def read_texts(texts_dir):
+    out = {}
+    for name in TEXT_FILES:
+        with open(os.path.join(texts_dir, name + ".txt"), encoding="utf-8") as f:
+            out[name] = [line for line in f.read().split("\n") if line]
+    return out
+
+
+# ---------------------------------------------------------------- measuring (in a child process)
+
+
+def percentile(sorted_values, q):
+    # Linear interpolation between closest ranks (numpy's default), without importing numpy here.
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def batch_of(texts, n):
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def measure_engine(encode, texts, tokens_of, stage_times=None):
+    """Latency of one 16-token query and throughput per (text file, batch size).
+
+    `encode(list_of_texts)` returns embeddings; `stage_times`, when given, is a dict in which the
+    encoder leaves the seconds each stage of its last call took, for the model-only figure.
+    """
+    result = {}
+    queries = texts["q16"]
+    for i in range(LATENCY_WARMUP):
+        encode([queries[i % len(queries)]])
+    latencies = []
+    for i in range(LATENCY_RUNS):
+        q = [queries[(LATENCY_WARMUP + i) % len(queries)]]
+        t0 = time.perf_counter()
+        encode(q)
+        latencies.append(time.perf_counter() - t0)
+    latencies.sort()
+    result["query_latency_ms"] = {
+        "tokens": TEXT_FILES["q16"],
+        "runs": LATENCY_RUNS,
+        "p50": 1e3 * percentile(latencies, 0.50),
+        "p99": 1e3 * percentile(latencies, 0.99),
+        "min": 1e3 * latencies[0],
+    }
+
+    cells = []
+    for name in THROUGHPUT_FILES:
+        for batch in BATCHES:
+            items = batch_of(texts[name], batch)
+            tokens = sum(tokens_of(t) for t in items)
+            largest = batch == max(BATCHES)
+            if not largest:
+                encode(items)  # warm-up; the largest batch follows a warm 100-batch of its length
+            times, stages = [], []
+            started = time.perf_counter()
+            min_reps = MIN_REPS_LARGEST if largest else MIN_REPS
+            while len(times) < min_reps or (time.perf_counter() - started < CELL_BUDGET_S and len(times) < MAX_REPS):
+                t0 = time.perf_counter()
+                encode(items)
+                times.append(time.perf_counter() - t0)
+                if stage_times is not None:
+                    stages.append(dict(stage_times))
+            times.sort()
+            median = percentile(times, 0.5)
+            cell = {
+                "texts": name,
+                "batch": batch,
+                "tokens": tokens,
+                "reps": len(times),
+                "median_s": median,
+                "min_s": times[0],
+                "tokens_per_s": tokens / median,
+            }
+            if stages:
+                # Medians per stage, like the end-to-end figure, so the two compare.
+                for stage in sorted(stages[0]):
+                    cell[stage + "_median_s"] = percentile(sorted(x[stage] for x in stages), 0.5)
+                if "model_median_s" in cell:
+                    cell["model_only_tokens_per_s"] = tokens / cell["model_median_s"]
+            cells.append(cell)
+            print("  %-6s batch %4d: %9.0f tokens/s (%d reps)" % (name, batch, cell["tokens_per_s"], len(times)),
+                  file=sys.stderr, flush=True)
+    result["throughput"] = cells
+    return result
+
+
+def child_torch(args, texts):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    import sentence_transformers
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(args.model, device="cpu", local_files_only=True)
+    model.to(torch.float32)  # fp32 even for an F16 checkpoint (exact upcast)
+    model.eval()
+    tok = model.tokenizer
+
+    def tokens_of(text):
+        return len(tok(text, truncation=True, max_length=model.max_seq_length)["input_ids"])
+
+    def encode(items):
+        # batch_size = len(items): each timed call is one forward pass of that batch.
+        return model.encode(items, batch_size=len(items), convert_to_numpy=True, show_progress_bar=False)
+
+    result = measure_engine(encode, texts, tokens_of)
+    result["check"] = encode(texts["t50"][:CHECK_TEXTS]).tolist()
+    result["versions"] = {
+        "sentence_transformers": sentence_transformers.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    result["settings"] = "SentenceTransformer.encode, fp32, torch.set_num_threads(%d)" % args.threads
+    return result
+
+
+def onnx_paths(args):
+    """Cache locations of the plain and the fused graph, keyed by the checkpoint's bytes and the
+    versions of the tools that made them, so a stale export is never reused."""
+    import onnxruntime
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    with open(os.path.join(args.model, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(("torch %s transformers %s onnxruntime %s opset %d" % (
+        torch.__version__, transformers.__version__, onnxruntime.__version__, ONNX_OPSET)).encode())
+    name = os.path.basename(os.path.normpath(args.model))
+    folder = os.path.join(args.onnx_cache, "%s-%s" % (name, h.hexdigest()[:12]))
+    return os.path.join(folder, "model.onnx"), os.path.join(folder, "model-fused.onnx")
+
+
+def child_export(args, texts):
+    """Exports the BertModel (last_hidden_state) to ONNX with dynamic batch and sequence axes, and
+    a copy with ONNX Runtime's BERT fusions applied.
+
+    Why the TorchScript exporter with eager attention: it gives the graph ONNX Runtime's BERT
+    optimizer recognises (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu
+    fused), and ran 100 x 128 tokens three times faster here than the dynamo export of the SDPA
+    model (torch 2.15, transformers 5.24). Both agree with PyTorch to ~5e-6.
+    """
+    import warnings
+
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoModel
+
+    plain, fused = onnx_paths(args)
+    if os.path.exists(plain) and os.path.exists(fused):
+        return {"onnx": plain, "onnx_fused": fused, "exported": False}
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    bert = AutoModel.from_pretrained(args.model, local_files_only=True, dtype=torch.float32,
+                                     attn_implementation="eager")
+    wrapper = LastHidden(bert.float()).eval()
+    example = torch.full((2, 16), 1000, dtype=torch.long)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names + ["last_hidden_state"]}
+    os.makedirs(os.path.dirname(plain), exist_ok=True)
+    started = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about Python conditions on shapes in transformers' mask code; they
+        # hold for any input whose mask is as long as its ids, which is all we feed.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example, torch.ones_like(example), torch.zeros_like(example)),
+            plain + ".partial",
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    os.replace(plain + ".partial", plain)
+    config = bert.config
+    optimized = optimize_model(plain, model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size, opt_level=0)
+    optimized.save_model_to_file(fused + ".partial")
+    os.replace(fused + ".partial", fused)
+    return {
+        "onnx": plain,
+        "onnx_fused": fused,
+        "exported": True,
+        "export_s": time.perf_counter() - started,
+        "fused_operators": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v},
+    }
+
+
+def child_onnxruntime(args, texts):
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
+    limit = max_seq_length(args.model)
+    tok = load_tokenizer(args.model, max_length=limit)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch, as ST does
+    stages = {}
+
+    def encode(items):
+        # Tokenize, run, mean-pool over real tokens, L2-normalize: what sentence-transformers does.
+        t0 = time.perf_counter()
+        encodings = tok.encode_batch(items)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        t1 = time.perf_counter()
+        hidden = session.run(["last_hidden_state"], {
+            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        t2 = time.perf_counter()
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        t3 = time.perf_counter()
+        stages["tokenize"] = t1 - t0
+        stages["model"] = t2 - t1
+        stages["pool"] = t3 - t2
+        return pooled
+
+    def tokens_of(text):
+        return len(tok.encode(text).ids)
+
+    result = measure_engine(encode, texts, tokens_of, stages)
+    result["check"] = encode(texts["t50"][:CHECK_TEXTS]).tolist()
+    result["versions"] = {"onnxruntime": ort.__version__}
+    result["settings"] = ("CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads=%d; tokenizers + numpy "
+                          "mean pooling; %s" % (args.threads, os.path.basename(args.onnx)))
+    return result
+
+
+CHILDREN = {"export": child_export, "torch": child_torch, "onnxruntime": child_onnxruntime,
+            "onnxruntime-fused": child_onnxruntime}
+ENGINE_NAMES = {
+    "torch": "sentence-transformers (PyTorch fp32)",
+    "onnxruntime": "ONNX Runtime fp32",
+    "onnxruntime-fused": "ONNX Runtime fp32, BERT fusions",
+}
+
+
+def run_child(args, engine, texts_dir, onnx=None):
+    """Runs one engine in a fresh interpreter; returns its result dict."""
+    env = dict(os.environ)
+    # Pin every thread pool the peer might use to the same count we give ours.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
+        env[var] = str(args.threads)
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--model", args.model,
+               "--texts", texts_dir, "--threads", str(args.threads), "--onnx-cache", args.onnx_cache,
+               "--json", out] + (["--onnx", onnx] if onnx else [])
+        subprocess.run(cmd, env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)
+
+
+# ---------------------------------------------------------------- is the machine all ours?
+
+# One thread's SGEMM rate for a second: run once alone, then `threads` copies at once. On a
+# shared VM the vCPUs are not always independent cores (we saw two copies each run at half speed
+# while the host was busy); then every multi-threaded figure of that stretch is low, and thread
+# pools that spin-wait (ONNX Runtime's) can fall below their one-thread speed.
+PROBE = (
+    "import numpy, time\n"
+    "a = numpy.ones((512, 512), numpy.float32); a @ a; n = 0; t = time.perf_counter()\n"
+    "while time.perf_counter() - t < 1.0: a @ a; n += 1\n"
+    "print(n * 2 * 512 ** 3 / (time.perf_counter() - t) / 1e9)\n"
+)
+PROBE_SCALING_WARN = 0.75  # of perfect scaling; below this the cores are evidently shared
+
+
+def core_probe(threads, label):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def run(copies):
+        procs = [subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(copies)]
+        return sum(float(p.communicate()[0]) for p in procs)
+
+    alone = run(1)
+    together = run(threads)
+    probe = {"when": label, "time": time.strftime("%H:%M:%S"), "sgemm_gflops_1_thread": alone,
+             "sgemm_gflops_%d_threads" % threads: together, "scaling": together / alone}
+    note = ""
+    if together / alone < PROBE_SCALING_WARN * threads:
+        note = "  <- cores shared with something else now; figures of this stretch are low"
+    print("peers: core probe (%s): 1 thread %.0f GFLOP/s, %d at once %.0f GFLOP/s (x%.2f)%s"
+          % (label, alone, threads, together, together / alone, note), file=sys.stderr, flush=True)
+    return probe
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_info():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_at_start": list(os.getloadavg())}
+
+
+def print_table(report):
+    cells = [(name, b) for name in THROUGHPUT_FILES for b in BATCHES]
+    print("model %s, %d threads, %s" % (report["model"], report["threads"], report["machine"]["cpu"]))
+    print("%-38s %8s %8s %8s" % ("peer", "q16 p50", "q16 p99", "RSS MiB"))
+    for key, result in report["engines"].items():
+        lat = result["query_latency_ms"]
+        print("%-38s %6.2fms %6.2fms %8.0f" % (ENGINE_NAMES[key], lat["p50"], lat["p99"], result["peak_rss_mib"]))
+    print("\nthroughput, tokens/s (end to end; ONNX Runtime model-only in parentheses)")
+    print("%-8s %6s " % ("texts", "batch") + " ".join("%22s" % k for k in report["engines"]))
+    for name, batch in cells:
+        row = "%-8s %6d " % (name, batch)
+        for result in report["engines"].values():
+            cell = next(c for c in result["throughput"] if c["texts"] == name and c["batch"] == batch)
+            text = "%.0f" % cell["tokens_per_s"]
+            if "model_only_tokens_per_s" in cell:
+                text += " (%.0f)" % cell["model_only_tokens_per_s"]
+            row += "%22s " % text
+        print(row)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face / sentence-transformers model directory")
+    parser.add_argument("--texts", help="folder with q16.txt, t50.txt, t128.txt (default: made in a temp dir)")
+    parser.add_argument("--make-texts", metavar="DIR", help="write q16/t50/t128.txt into DIR and exit")
+    parser.add_argument("--stsb", default=DEFAULT_STSB, help="STS Benchmark CSV the texts are built from")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the full results here")
+    parser.add_argument("--engines", default="torch,onnxruntime,onnxruntime-fused",
+                        help="comma-separated, from: " + ", ".join(ENGINE_NAMES))
+    parser.add_argument("--onnx-cache", default=DEFAULT_ONNX_CACHE)
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    # The exported file, handed to the ONNX Runtime child so that it never imports torch (which
+    # would count in its peak RSS).
+    parser.add_argument("--onnx", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = os.path.abspath(args.model)
+    engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINE_NAMES]
+    if unknown:
+        parser.error("unknown engine(s) %s; choose from %s" % (", ".join(unknown), ", ".join(ENGINE_NAMES)))
+
+    if args.child:
+        texts = read_texts(args.texts)
+        result = CHILDREN[args.child](args, texts)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+        return 0
+
+    if args.make_texts:
+        make_texts(args.model, args.make_texts, args.stsb)
+        print("wrote %s" % ", ".join(os.path.join(args.make_texts, n + ".txt") for n in TEXT_FILES))
+        return 0
+
+    tmp_texts = None
+    texts_dir = args.texts
+    if not texts_dir:
+        tmp_texts = tempfile.mkdtemp(prefix="peers-texts-")
+        texts_dir = make_texts(args.model, tmp_texts, args.stsb)
+    try:
+        report = {
+            "model": os.path.relpath(args.model, REPO) if args.model.startswith(REPO) else args.model,
+            "threads": args.threads,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "texts": {n: {"tokens": t, "lines": len(v)} for (n, t), v in
+                      zip(TEXT_FILES.items(), read_texts(texts_dir).values())},
+            "engines": {},
+            "core_probes": [],
+        }
+        started = time.perf_counter()
+        for engine in engines:
+            print("peers: %s" % ENGINE_NAMES[engine], file=sys.stderr, flush=True)
+            onnx = None
+            if engine.startswith("onnxruntime"):
+                if "onnx_export" not in report:
+                    export = run_child(args, "export", texts_dir)
+                    report["onnx_export"] = dict(export)
+                    for key in ("onnx", "onnx_fused"):
+                        report["onnx_export"][key] = os.path.relpath(export[key], REPO)
+                onnx = export["onnx_fused" if engine.endswith("fused") else "onnx"]
+            report["core_probes"].append(core_probe(args.threads, "before " + engine))
+            report["engines"][engine] = run_child(args, engine, texts_dir, onnx)
+        report["core_probes"].append(core_probe(args.threads, "at the end"))
+        report["wall_s"] = time.perf_counter() - started
+    finally:
+        if tmp_texts:
+            shutil.rmtree(tmp_texts, ignore_errors=True)
+
+    checks = [r.pop("check") for r in report["engines"].values()]
+    if len(checks) >= 2:
+        # The peers must embed the same texts to the same vectors, or the comparison is moot.
+        report["max_abs_diff_between_peers"] = max(
+            abs(a - b) for other in checks[1:] for ra, rb in zip(checks[0], other) for a, b in zip(ra, rb))
+    print_table(report)
+    if "max_abs_diff_between_peers" in report:
+        print("\nmax |difference| between the peers' embeddings: %.2e" % report["max_abs_diff_between_peers"])
+    print("core scaling during the run (%d threads; 1.0 per independent core): %s" % (
+        args.threads, ", ".join("%.2f" % p["scaling"] for p in report["core_probes"])))
+    print("wall time %.0f s" % report["wall_s"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

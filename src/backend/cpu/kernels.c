@@ -1,0 +1,422 @@
+/* CPU kernels (see kernels.h). The GEMM is written by hand rather than taken from a BLAS because
+ * no BLAS promises that a row's result is independent of the number of rows and threads (they
+ * switch kernels and blocking by shape: OpenBLAS takes a different path for M = 1, oneDNN for
+ * small M), and that independence is what makes a text's vector identical alone or in a batch.
+ * Measured on the development machine it also beats Debian's OpenBLAS and oneDNN at the small
+ * shapes of a single query (BENCHMARKS.md). Row-wise operations are plain C loops that GCC
+ * vectorizes per target (target_clones), with reductions kept in 16 fixed lanes. */
+#include "backend/cpu/kernels.h"
+
+#include "util/error.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Rows per micro-tile of the AVX-512 GEMM: 14 rows x 2 registers = 28 accumulators, leaving
+ * registers for the two weight vectors and the broadcast. */
+#define GEMM_TILE_ROWS 14
+/* Rows per parallel task: 8 micro-tiles, so the A block (112 x k floats) stays in L2 while
+ * the panels stream past it. */
+#define GEMM_BLOCK_ROWS (GEMM_TILE_ROWS * 8)
+/* Lanes of the fixed-order reductions (one AVX-512 register of floats). */
+#define REDUCE_LANES 16
+
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+
+/* ---- instruction-set choice (computed once, read-only afterwards) ---- */
+
+enum { ISA_GENERIC, ISA_AVX512 };
+static int kernel_isa = -1;
+static pthread_once_t kernel_isa_once = PTHREAD_ONCE_INIT;
+
+static void choose_isa(void)
+{
+    const char *forced = getenv("EMBEDRAG_CPU_ISA");
+    __builtin_cpu_init();
+    if (forced && strcmp(forced, "generic") == 0)
+        kernel_isa = ISA_GENERIC;
+    else if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
+        kernel_isa = ISA_AVX512;
+    else
+        kernel_isa = ISA_GENERIC;
+}
+
+static int isa(void)
+{
+    pthread_once(&kernel_isa_once, choose_isa);
+    return kernel_isa;
+}
+
+const char *cpu_kernels_isa(void)
+{
+    return isa() == ISA_AVX512 ? "avx512" : "generic";
+}
+
+/* ---- packing ---- */
+
+int cpu_pack(cpu_packed *out, int count, const float *const *weights, const float *const *biases,
+             const int *rows, int k)
+{
+    memset(out, 0, sizeof *out);
+    int n = 0;
+    for (int i = 0; i < count; i++) n += rows[i];
+    int panels = (n + CPU_PANEL_WIDTH - 1) / CPU_PANEL_WIDTH;
+    size_t floats = (size_t)panels * (size_t)k * CPU_PANEL_WIDTH;
+    float *data = aligned_alloc(64, floats * sizeof(float));
+    float *bias = calloc((size_t)panels * CPU_PANEL_WIDTH, sizeof(float));
+    if (!data || !bias) {
+        free(data);
+        free(bias);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory packing a %d x %d weight", n, k);
+    }
+    memset(data, 0, floats * sizeof(float));
+    int col = 0;
+    for (int i = 0; i < count; i++) {
+        for (int r = 0; r < rows[i]; r++, col++) {
+            const float *src = weights[i] + (size_t)r * (size_t)k;
+            float *panel = data + (size_t)(col / CPU_PANEL_WIDTH) * (size_t)k * CPU_PANEL_WIDTH;
+            int j = col % CPU_PANEL_WIDTH;
+            for (int kk = 0; kk < k; kk++) panel[(size_t)kk * CPU_PANEL_WIDTH + j] = src[kk];
+            bias[col] = biases[i] ? biases[i][r] : 0.0f;
+        }
+    }
+    out->n = n;
+    out->k = k;
+    out->panels = panels;
+    out->data = data;
+    out->bias = bias;
+    return 0;
+}
+
+void cpu_packed_free(cpu_packed *packed)
+{
+    if (!packed) return;
+    free(packed->data);
+    free(packed->bias);
+    memset(packed, 0, sizeof *packed);
+}
+
+/* ---- element-wise math, written so GCC can vectorize loops that call it ---- */
+
+static inline float bits_to_float(int32_t bits)
+{
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* e^x with relative error below 2e-7 on [-87, 88]: x = n ln2 + r with |r| <= ln2/2, a degree-7
+ * Taylor polynomial for e^r, and 2^n built in the exponent bits. Inputs are clamped so 2^n stays
+ * a normal float; below -87 the result is ~1e-38, indistinguishable from 0 in our sums. */
+static inline float exp_approx(float x)
+{
+    const float log2e = 1.44269504f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-6f;
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* Round to nearest by adding and removing 1.5 * 2^23 (floorf is a library call GCC will not
+     * vectorize); |x * log2e| < 128 keeps this exact. */
+    const float round_magic = 12582912.0f;
+    float n = (x * log2e + round_magic) - round_magic;
+    float r = x - n * ln2_hi - n * ln2_lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * bits_to_float(((int32_t)n + 127) << 23);
+}
+
+/* Exact (erf) GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). erf comes from Abramowitz and
+ * Stegun 7.1.26 (absolute error <= 1.5e-7), arranged so negative inputs compute the small tail
+ * q = 1 - erf|z| directly instead of cancelling 1 - (1 - q). */
+static inline float gelu_erf(float x)
+{
+    const float p = 0.3275911f, a1 = 0.254829592f, a2 = -0.284496736f, a3 = 1.421413741f,
+                a4 = -1.453152027f, a5 = 1.061405429f;
+    float z = fabsf(x) * 0.70710678f;
+    float t = 1.0f / (1.0f + p * z);
+    float poly = ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t;
+    float q = poly * exp_approx(-z * z);
+    float one_plus_erf = x >= 0.0f ? 2.0f - q : q;
+    return 0.5f * x * one_plus_erf;
+}
+
+/* GELU's tanh approximation (gelu_new / gelu_pytorch_tanh), tanh via e^(2y). */
+static inline float gelu_tanh(float x)
+{
+    float y = 0.7978845608f * (x + 0.044715f * x * x * x);
+    y = y > 15.0f ? 15.0f : (y < -15.0f ? -15.0f : y);
+    float e = exp_approx(2.0f * y);
+    float th = (e - 1.0f) / (e + 1.0f);
+    return 0.5f * x * (1.0f + th);
+}
+
+CLONES static void apply_activation(float *x, int n, cpu_epilogue epilogue)
+{
+    switch (epilogue) {
+    case CPU_EPILOGUE_BIAS_GELU:
+        for (int i = 0; i < n; i++) x[i] = gelu_erf(x[i]);
+        break;
+    case CPU_EPILOGUE_BIAS_GELU_TANH:
+        for (int i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);
+        break;
+    case CPU_EPILOGUE_BIAS_RELU:
+        for (int i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---- GEMM ---- */
+
+cpu_gemm_plan cpu_gemm_plan_make(int m, const cpu_packed *packed, int threads)
+{
+    cpu_gemm_plan plan;
+    plan.m = m;
+    plan.rows_per_block = GEMM_BLOCK_ROWS;
+    plan.row_blocks = (m + GEMM_BLOCK_ROWS - 1) / GEMM_BLOCK_ROWS;
+    /* Enough tasks that threads finish together (dynamic scheduling evens out the rest), but
+     * no more than needed: each panel group re-reads the A block. */
+    int want = 4 * threads;
+    int groups = (want + plan.row_blocks - 1) / plan.row_blocks;
+    if (threads == 1) groups = 1;
+    if (groups > packed->panels) groups = packed->panels;
+    if (groups < 1) groups = 1;
+    plan.panels_per_group = (packed->panels + groups - 1) / groups;
+    plan.panel_groups = (packed->panels + plan.panels_per_group - 1) / plan.panels_per_group;
+    return plan;
+}
+
+/* One micro-tile: `rows` rows x one panel, the whole k, accumulated in registers; then bias and
+ * residual. Each output element is sum_kk A[r][kk] * W[col][kk] in kk order, with fused
+ * multiply-adds, then + bias (+ residual): the same for any `rows`. */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+tile_avx512(const int rows, int k, const float *A, size_t lda, const float *panel,
+            const float *bias, int cols, const float *R, float *C, size_t ldc)
+{
+    __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
+#pragma GCC unroll 14
+    for (int r = 0; r < rows; r++) {
+        c0[r] = _mm512_setzero_ps();
+        c1[r] = _mm512_setzero_ps();
+    }
+    for (int kk = 0; kk < k; kk++) {
+        __m512 b0 = _mm512_load_ps(panel + (size_t)kk * CPU_PANEL_WIDTH);
+        __m512 b1 = _mm512_load_ps(panel + (size_t)kk * CPU_PANEL_WIDTH + 16);
+#pragma GCC unroll 14
+        for (int r = 0; r < rows; r++) {
+            __m512 a = _mm512_set1_ps(A[(size_t)r * lda + (size_t)kk]);
+            c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+        }
+    }
+    __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
+    __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+    __mmask16 m1 = cols >= 32 ? (__mmask16)0xFFFF
+                   : cols <= 16 ? (__mmask16)0
+                                : (__mmask16)((1u << (cols - 16)) - 1u);
+#pragma GCC unroll 14
+    for (int r = 0; r < rows; r++) {
+        __m512 v0 = _mm512_add_ps(c0[r], bias0), v1 = _mm512_add_ps(c1[r], bias1);
+        if (R) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, R + (size_t)r * ldc));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, R + (size_t)r * ldc + 16));
+        }
+        _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, v0);
+        _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, v1);
+    }
+}
+
+AVX512_TARGET static void tile_avx512_dispatch(int rows, int k, const float *A, size_t lda,
+                                               const float *panel, const float *bias, int cols,
+                                               const float *R, float *C, size_t ldc)
+{
+    switch (rows) {
+#define TILE_CASE(n)                                                                            \
+    case n:                                                                                    \
+        tile_avx512(n, k, A, lda, panel, bias, cols, R, C, ldc);                               \
+        break;
+        TILE_CASE(1)
+        TILE_CASE(2)
+        TILE_CASE(3)
+        TILE_CASE(4)
+        TILE_CASE(5)
+        TILE_CASE(6)
+        TILE_CASE(7)
+        TILE_CASE(8)
+        TILE_CASE(9)
+        TILE_CASE(10)
+        TILE_CASE(11)
+        TILE_CASE(12)
+        TILE_CASE(13)
+        TILE_CASE(14)
+#undef TILE_CASE
+    default:
+        break;
+    }
+}
+
+/* The portable tile: same loop order, plain multiply and add (no fused multiply-add, since
+ * ISO C mode does not contract), one row at a time. */
+static void tile_generic(int rows, int k, const float *A, size_t lda, const float *panel,
+                         const float *bias, int cols, const float *R, float *C, size_t ldc)
+{
+    for (int r = 0; r < rows; r++) {
+        float acc[CPU_PANEL_WIDTH] = {0};
+        const float *a = A + (size_t)r * lda;
+        for (int kk = 0; kk < k; kk++) {
+            const float *b = panel + (size_t)kk * CPU_PANEL_WIDTH;
+            for (int j = 0; j < CPU_PANEL_WIDTH; j++) acc[j] += a[kk] * b[j];
+        }
+        float *c = C + (size_t)r * ldc;
+        for (int j = 0; j < cols; j++) {
+            float v = acc[j] + bias[j];
+            if (R) v += R[(size_t)r * ldc + (size_t)j];
+            c[j] = v;
+        }
+    }
+}
+
+void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
+                   const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
+                   size_t ldc)
+{
+    int block = task / plan->panel_groups, group = task % plan->panel_groups;
+    int row0 = block * plan->rows_per_block;
+    int rows = plan->m - row0 < plan->rows_per_block ? plan->m - row0 : plan->rows_per_block;
+    int p0 = group * plan->panels_per_group;
+    int p1 = p0 + plan->panels_per_group;
+    if (p1 > packed->panels) p1 = packed->panels;
+    int use_avx512 = isa() == ISA_AVX512;
+    const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
+    /* Split the block's rows into near-equal micro-tiles (16 rows -> 8 + 8, not 14 + 2): the
+     * grouping never changes a result, only how well the registers are used. */
+    int tiles = (rows + GEMM_TILE_ROWS - 1) / GEMM_TILE_ROWS;
+    for (int p = p0; p < p1; p++) {
+        const float *panel = packed->data + (size_t)p * (size_t)packed->k * CPU_PANEL_WIDTH;
+        int col0 = p * CPU_PANEL_WIDTH;
+        int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
+        int r = row0;
+        for (int t = 0; t < tiles; t++) {
+            int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
+            const float *a = A + (size_t)r * lda;
+            float *c = C + (size_t)r * ldc + (size_t)col0;
+            const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
+            if (use_avx512)
+                tile_avx512_dispatch(tr, packed->k, a, lda, panel, packed->bias + col0, cols, res,
+                                     c, ldc);
+            else
+                tile_generic(tr, packed->k, a, lda, panel, packed->bias + col0, cols, res, c,
+                             ldc);
+            if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
+                for (int i = 0; i < tr; i++) apply_activation(c + (size_t)i * ldc, cols, epilogue);
+            r += tr;
+        }
+    }
+}
+
+/* ---- row-wise operations ---- */
+
+/* Sum of x[0..n) in REDUCE_LANES fixed lanes, then a fixed pairwise tree. */
+static inline float sum_fixed(const float *x, int n)
+{
+    float lanes[REDUCE_LANES] = {0};
+    int i = 0;
+    for (; i + REDUCE_LANES <= n; i += REDUCE_LANES)
+        for (int l = 0; l < REDUCE_LANES; l++) lanes[l] += x[i + l];
+    for (int l = 0; i + l < n; l++) lanes[l] += x[i + l];
+    for (int width = REDUCE_LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
+    return lanes[0];
+}
+
+static inline float sum_squared_deviation(const float *x, int n, float mean)
+{
+    float lanes[REDUCE_LANES] = {0};
+    int i = 0;
+    for (; i + REDUCE_LANES <= n; i += REDUCE_LANES)
+        for (int l = 0; l < REDUCE_LANES; l++) {
+            float d = x[i + l] - mean;
+            lanes[l] += d * d;
+        }
+    for (int l = 0; i + l < n; l++) {
+        float d = x[i + l] - mean;
+        lanes[l] += d * d;
+    }
+    for (int width = REDUCE_LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
+    return lanes[0];
+}
+
+CLONES void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const float *beta,
+                           float eps)
+{
+    float mean = sum_fixed(x, n) / (float)n;
+    float var = sum_squared_deviation(x, n, mean) / (float)n;
+    float inv = 1.0f / sqrtf(var + eps);
+    for (int i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * gamma[i] + beta[i];
+}
+
+static inline float max_fixed(const float *x, int n)
+{
+    float lanes[REDUCE_LANES];
+    for (int l = 0; l < REDUCE_LANES; l++) lanes[l] = -INFINITY;
+    int i = 0;
+    for (; i + REDUCE_LANES <= n; i += REDUCE_LANES)
+        for (int l = 0; l < REDUCE_LANES; l++) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+    for (int l = 0; i + l < n; l++) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+    float m = lanes[0];
+    for (int l = 1; l < REDUCE_LANES; l++) m = lanes[l] > m ? lanes[l] : m;
+    return m;
+}
+
+static inline void exp_shifted(float *x, int n, float shift)
+{
+    for (int i = 0; i < n; i++) x[i] = exp_approx(x[i] - shift);
+}
+
+static inline void scores_row(float *scores, const float *q, const float *kt, int len, int d,
+                              float scale)
+{
+    for (int j = 0; j < len; j++) scores[j] = 0.0f;
+    for (int dd = 0; dd < d; dd++) {
+        float qd = q[dd] * scale;
+        const float *krow = kt + (size_t)dd * (size_t)len;
+        for (int j = 0; j < len; j++) scores[j] += qd * krow[j];
+    }
+}
+
+static inline void weighted_values(float *out, const float *scores, const float *v, size_t ld,
+                                   int len, int d, float inv_sum)
+{
+    for (int dd = 0; dd < d; dd++) out[dd] = 0.0f;
+    for (int j = 0; j < len; j++) {
+        float p = scores[j];
+        const float *vrow = v + (size_t)j * ld;
+        for (int dd = 0; dd < d; dd++) out[dd] += p * vrow[dd];
+    }
+    for (int dd = 0; dd < d; dd++) out[dd] *= inv_sum;
+}
+
+CLONES void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
+                        float scale, float *out, size_t ldo, float *scores, float *kt)
+{
+    for (int j = 0; j < len; j++)
+        for (int dd = 0; dd < d; dd++) kt[(size_t)dd * (size_t)len + (size_t)j] = k[(size_t)j * ld + (size_t)dd];
+    for (int i = 0; i < len; i++) {
+        scores_row(scores, q + (size_t)i * ld, kt, len, d, scale);
+        float m = max_fixed(scores, len);
+        exp_shifted(scores, len, m);
+        float s = sum_fixed(scores, len);
+        weighted_values(out + (size_t)i * ldo, scores, v, ld, len, d, 1.0f / s);
+    }
+}

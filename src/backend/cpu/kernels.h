@@ -1,0 +1,72 @@
+/* The CPU backend's numeric kernels: a GEMM against weights repacked once at load, and the
+ * row-wise operations of a BERT layer. Every kernel computes each output element with a fixed
+ * order of operations that depends only on that element's own row (never on the row count, the
+ * row's position, or the thread), which is what makes embeddings bit-identical in any batch. */
+#ifndef EMBEDRAG_CPU_KERNELS_H
+#define EMBEDRAG_CPU_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Columns per packed panel: two AVX-512 registers of floats. */
+#define CPU_PANEL_WIDTH 32
+
+/* A weight matrix W [n x k] (PyTorch Linear layout: out x in) repacked into panels of
+ * CPU_PANEL_WIDTH output columns, each stored k-major: panel[p][kk][j] = W[p*32 + j][kk], zero
+ * beyond n. The bias (n floats) is copied alongside. */
+typedef struct cpu_packed {
+    int n, k;
+    int panels;
+    float *data; /* panels * k * CPU_PANEL_WIDTH floats, 64-byte aligned */
+    float *bias; /* n floats */
+} cpu_packed;
+
+/* Packs `count` matrices stacked along n (e.g. query, key, value into one [3H x H] GEMM).
+ * Returns 0 or a negative status. */
+int cpu_pack(cpu_packed *out, int count, const float *const *weights, const float *const *biases,
+             const int *rows, int k);
+void cpu_packed_free(cpu_packed *packed);
+
+typedef enum cpu_epilogue {
+    CPU_EPILOGUE_BIAS,          /* C = A W^T + b */
+    CPU_EPILOGUE_BIAS_GELU,     /* C = gelu(A W^T + b), exact erf form */
+    CPU_EPILOGUE_BIAS_GELU_TANH,/* C = gelu_tanh(A W^T + b) */
+    CPU_EPILOGUE_BIAS_RELU,     /* C = relu(A W^T + b) */
+    CPU_EPILOGUE_BIAS_RESIDUAL, /* C = A W^T + b + R (R has C's shape and stride) */
+} cpu_epilogue;
+
+/* The unit of parallel work of a GEMM: a block of rows times a group of panels. */
+typedef struct cpu_gemm_plan {
+    int m;
+    int row_blocks, panel_groups;
+    int rows_per_block, panels_per_group;
+} cpu_gemm_plan;
+
+/* Splits an [m x packed->n] GEMM into tasks so `threads` threads have enough to share. */
+cpu_gemm_plan cpu_gemm_plan_make(int m, const cpu_packed *packed, int threads);
+static inline int cpu_gemm_plan_tasks(const cpu_gemm_plan *plan)
+{
+    return plan->row_blocks * plan->panel_groups;
+}
+
+/* Computes task `task` of the plan: rows of A [m x k] (row stride lda) times the packed weights,
+ * written to C (row stride ldc) with the epilogue; R is the residual (stride ldc) or NULL. */
+void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
+                   const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
+                   size_t ldc);
+
+/* y = LayerNorm(x) * gamma + beta over one row of n floats (x and y may alias). */
+void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const float *beta,
+                    float eps);
+
+/* Attention of one head of one sequence: q, k, v rows of `len` tokens with row stride `ld` and
+ * head width d; writes `len` rows of d floats to out (stride ldo). `scores` holds len floats and
+ * `kt` holds d*len floats of scratch. */
+void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
+                        float scale, float *out, size_t ldo, float *scores, float *kt);
+
+/* Which instruction set the kernels use: "avx512" or "generic". Chosen once from the CPU's
+ * features, overridable with EMBEDRAG_CPU_ISA=generic for testing the portable path. */
+const char *cpu_kernels_isa(void);
+
+#endif

@@ -1,0 +1,648 @@
+/* Model configuration: config.json (the BERT shape and activation) plus the sentence-transformers
+ * files that decide what an embedding is (pooling, normalization, sequence limit, prompts).
+ * Anything embedrag would run differently from the reference pipeline is rejected here, by name,
+ * rather than producing embeddings that are quietly wrong. */
+#include "model/model.h"
+
+#include "util/error.h"
+
+#include "embedrag.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Upper bounds that no real BERT checkpoint approaches (BERT-large: 1024 hidden, 24 layers,
+ * 16 heads, 4096 intermediate, 30522 vocabulary, 512 positions; multilingual vocabularies stay
+ * under 300k). They keep a corrupt config from asking for absurd allocations later. */
+#define MODEL_MAX_HIDDEN 16384
+#define MODEL_MAX_LAYERS 256
+#define MODEL_MAX_HEADS 1024
+#define MODEL_MAX_INTERMEDIATE 65536
+#define MODEL_MAX_VOCAB 10000000
+#define MODEL_MAX_POSITIONS 1000000
+#define MODEL_MAX_TYPE_VOCAB 1024
+
+/* Models name a handful of prompts (query, passage, a few task instructions); the bound keeps
+ * the duplicate check below cheap on a hostile file. */
+#define MODEL_MAX_PROMPTS 1024
+
+/* Config files are a few KB; a larger one is not a config file. */
+#define MODEL_MAX_CONFIG_BYTES (16u * 1024u * 1024u)
+
+/* Reads a whole file into a NUL-terminated buffer. A missing file sets *missing (when `missing`
+ * is not NULL) and returns 0, so callers treat optional files uniformly. */
+static int cfg_read_file(const char *path, char **text, size_t *length, bool *missing)
+{
+    *text = NULL;
+    *length = 0;
+    if (missing) *missing = false;
+    int rc = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        if (errno == ENOENT && missing) {
+            *missing = true;
+            return 0;
+        }
+        return err_set(EMBEDRAG_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    }
+    size_t capacity = 4096, used = 0;
+    char *buf = malloc(capacity);
+    if (!buf) {
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
+        goto close_file;
+    }
+    for (;;) {
+        if (used + 1 >= capacity) {
+            if (capacity >= MODEL_MAX_CONFIG_BYTES) {
+                rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: larger than %u bytes; not a config file",
+                             path, MODEL_MAX_CONFIG_BYTES);
+                goto free_buf;
+            }
+            char *grown = realloc(buf, capacity * 2);
+            if (!grown) {
+                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
+                goto free_buf;
+            }
+            buf = grown;
+            capacity *= 2;
+        }
+        size_t n = fread(buf + used, 1, capacity - 1 - used, f);
+        used += n;
+        if (n == 0) break;
+    }
+    if (ferror(f)) {
+        rc = err_set(EMBEDRAG_ERR_IO, "%s: read error", path);
+        goto free_buf;
+    }
+    buf[used] = '\0';
+    fclose(f);
+    *text = buf;
+    *length = used;
+    return 0;
+
+free_buf:
+    free(buf);
+close_file:
+    fclose(f);
+    return rc;
+}
+
+/* Parses JSON text that must hold exactly one value; `filename` is for messages. */
+static int cfg_parse_json(const char *text, size_t length, const char *filename, cJSON **out)
+{
+    *out = NULL;
+    /* cJSON stops at a NUL and may look one byte ahead; a terminated copy keeps it inside our
+     * buffer whatever the caller passed (the fuzz target passes raw bytes). */
+    char *copy = malloc(length + 1);
+    if (!copy) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", filename);
+    memcpy(copy, text, length);
+    copy[length] = '\0';
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(copy, length, &end, false);
+    size_t at = end ? (size_t)(end - copy) : 0;
+    int rc = 0;
+    if (!root) {
+        rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: not valid JSON (error near byte %zu)", filename, at);
+        goto free_copy;
+    }
+    for (size_t i = at; i < length; i++) {
+        if (copy[i] != ' ' && copy[i] != '\t' && copy[i] != '\n' && copy[i] != '\r') {
+            rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: extra text after the JSON value at byte %zu",
+                         filename, i);
+            cJSON_Delete(root);
+            goto free_copy;
+        }
+    }
+    *out = root;
+free_copy:
+    free(copy);
+    return rc;
+}
+
+/* Renders a JSON value compactly for an error message, cut to fit `buf`. */
+static const char *cfg_json_text(const cJSON *item, char *buf, size_t size)
+{
+    char *s = cJSON_PrintUnformatted(item);
+    snprintf(buf, size, "%s", s ? s : "?");
+    free(s);
+    return buf;
+}
+
+/* Reads integer field `field` of `object` into *out, which must lie in [1, max]. An absent (or
+ * null) field is an error when `required`, else leaves *out unchanged. */
+static int cfg_get_int(const cJSON *object, const char *filename, const char *field, bool required,
+                       int max, int *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, field);
+    if (!item || cJSON_IsNull(item)) {
+        if (required)
+            return err_set(EMBEDRAG_ERR_FORMAT, "%s: required field %s is missing", filename,
+                           field);
+        return 0;
+    }
+    double v = cJSON_IsNumber(item) ? item->valuedouble : NAN;
+    if (!(v >= 1 && v <= max) || v != floor(v)) {
+        char text[64];
+        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected an integer from 1 to %d",
+                       filename, field, cfg_json_text(item, text, sizeof text), max);
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* Reads an optional string field: *out is NULL when absent or null. */
+static int cfg_get_string(const cJSON *object, const char *filename, const char *field,
+                          const char **out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, field);
+    *out = NULL;
+    if (!item || cJSON_IsNull(item)) return 0;
+    if (!cJSON_IsString(item)) {
+        char text[64];
+        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected a string", filename, field,
+                       cfg_json_text(item, text, sizeof text));
+    }
+    *out = item->valuestring;
+    return 0;
+}
+
+/* Reads an optional boolean field, leaving *out unchanged when absent or null. */
+static int cfg_get_bool(const cJSON *object, const char *filename, const char *field, bool *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, field);
+    if (!item || cJSON_IsNull(item)) return 0;
+    if (!cJSON_IsBool(item)) {
+        char text[64];
+        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected true or false", filename, field,
+                       cfg_json_text(item, text, sizeof text));
+    }
+    *out = cJSON_IsTrue(item);
+    return 0;
+}
+
+/* Decides from model_type, or from architectures when model_type is absent, whether this is a
+ * plain BERT encoder. Look-alikes (RoBERTa's offset positions, DistilBERT's tensor names,
+ * XLM-R's vocabulary) would load and then compute something else, so only "bert" passes. */
+static int cfg_check_architecture(const cJSON *root, const char *filename)
+{
+    const char *model_type;
+    int rc = cfg_get_string(root, filename, "model_type", &model_type);
+    if (rc) return rc;
+    if (model_type) {
+        if (strcmp(model_type, "bert") != 0)
+            return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                           "%s: model_type '%s' is not supported (embedrag runs BERT models)",
+                           filename, model_type);
+        return 0;
+    }
+    const cJSON *architectures = cJSON_GetObjectItemCaseSensitive(root, "architectures");
+    if (!cJSON_IsArray(architectures) || cJSON_GetArraySize(architectures) == 0)
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "%s: neither model_type nor architectures says this is a BERT model "
+                       "(embedrag runs BERT models)",
+                       filename);
+    const cJSON *arch;
+    cJSON_ArrayForEach(arch, architectures)
+    {
+        /* BertModel, BertForMaskedLM, BertForPreTraining, ...: all carry a BertModel body. */
+        if (!cJSON_IsString(arch) || strncmp(arch->valuestring, "Bert", 4) != 0) {
+            char text[64];
+            return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                           "%s: architecture %s is not supported (embedrag runs BERT models)",
+                           filename, cfg_json_text(arch, text, sizeof text));
+        }
+    }
+    return 0;
+}
+
+static int cfg_parse_activation(const cJSON *root, const char *filename, model_activation *out)
+{
+    const char *act;
+    int rc = cfg_get_string(root, filename, "hidden_act", &act);
+    if (rc) return rc;
+    if (!act || strcmp(act, "gelu") == 0 || strcmp(act, "gelu_python") == 0)
+        *out = MODEL_ACT_GELU;
+    else if (strcmp(act, "gelu_new") == 0 || strcmp(act, "gelu_pytorch_tanh") == 0 ||
+             strcmp(act, "gelu_fast") == 0)
+        *out = MODEL_ACT_GELU_TANH;
+    else if (strcmp(act, "relu") == 0)
+        *out = MODEL_ACT_RELU;
+    else
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "%s: hidden_act '%s' is not supported (gelu, gelu_new, gelu_pytorch_tanh, "
+                       "gelu_fast, relu are)",
+                       filename, act);
+    return 0;
+}
+
+void model_config_free(model_config *config)
+{
+    if (!config) return;
+    free(config->name);
+    for (int i = 0; i < config->prompt_count; i++) {
+        free(config->prompts[i].name);
+        free(config->prompts[i].text);
+    }
+    free(config->prompts);
+    free(config->default_prompt_name);
+    memset(config, 0, sizeof *config);
+}
+
+int model_config_parse(const char *json, size_t length, const char *filename, model_config *out)
+{
+    memset(out, 0, sizeof *out);
+    cJSON *root;
+    int rc = cfg_parse_json(json, length, filename, &root);
+    if (rc) return rc;
+    if (!cJSON_IsObject(root)) {
+        rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", filename);
+        goto free_root;
+    }
+    rc = cfg_check_architecture(root, filename);
+    if (rc) goto free_root;
+
+    const char *position_type;
+    rc = cfg_get_string(root, filename, "position_embedding_type", &position_type);
+    if (rc) goto free_root;
+    if (position_type && strcmp(position_type, "absolute") != 0) {
+        rc = err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                     "%s: position_embedding_type '%s' is not supported (only 'absolute' is)",
+                     filename, position_type);
+        goto free_root;
+    }
+
+    out->type_vocab_size = 2;
+    if ((rc = cfg_get_int(root, filename, "hidden_size", true, MODEL_MAX_HIDDEN,
+                          &out->hidden_size)) ||
+        (rc = cfg_get_int(root, filename, "num_hidden_layers", true, MODEL_MAX_LAYERS,
+                          &out->num_layers)) ||
+        (rc = cfg_get_int(root, filename, "num_attention_heads", true, MODEL_MAX_HEADS,
+                          &out->num_heads)) ||
+        (rc = cfg_get_int(root, filename, "intermediate_size", true, MODEL_MAX_INTERMEDIATE,
+                          &out->intermediate_size)) ||
+        (rc = cfg_get_int(root, filename, "vocab_size", true, MODEL_MAX_VOCAB, &out->vocab_size)) ||
+        (rc = cfg_get_int(root, filename, "max_position_embeddings", true, MODEL_MAX_POSITIONS,
+                          &out->max_position_embeddings)) ||
+        (rc = cfg_get_int(root, filename, "type_vocab_size", false, MODEL_MAX_TYPE_VOCAB,
+                          &out->type_vocab_size)))
+        goto free_root;
+    if (out->hidden_size % out->num_heads != 0) {
+        rc = err_set(EMBEDRAG_ERR_FORMAT,
+                     "%s: hidden_size %d is not divisible by num_attention_heads %d", filename,
+                     out->hidden_size, out->num_heads);
+        goto free_root;
+    }
+
+    out->layer_norm_eps = 1e-12f;
+    const cJSON *eps = cJSON_GetObjectItemCaseSensitive(root, "layer_norm_eps");
+    if (eps && !cJSON_IsNull(eps)) {
+        /* A LayerNorm epsilon of 1 or more would swamp the variance of any trained layer. */
+        if (!cJSON_IsNumber(eps) || !(eps->valuedouble > 0 && eps->valuedouble < 1)) {
+            char text[64];
+            rc = err_set(EMBEDRAG_ERR_FORMAT,
+                         "%s: layer_norm_eps is %s, expected a number in (0, 1)", filename,
+                         cfg_json_text(eps, text, sizeof text));
+            goto free_root;
+        }
+        out->layer_norm_eps = (float)eps->valuedouble;
+    }
+    rc = cfg_parse_activation(root, filename, &out->activation);
+    if (rc) goto free_root;
+
+    const char *name;
+    rc = cfg_get_string(root, filename, "_name_or_path", &name);
+    if (rc) goto free_root;
+    if (name && *name) {
+        out->name = strdup(name);
+        if (!out->name) {
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", filename);
+            goto free_root;
+        }
+    }
+
+    /* What the sentence-transformers files would set, for a directory that has none of them. */
+    out->max_seq_length = out->max_position_embeddings;
+    out->pooling = EMBEDRAG_POOLING_MEAN;
+    out->pooling_include_prompt = true;
+    out->normalize = false;
+
+free_root:
+    cJSON_Delete(root);
+    if (rc) model_config_free(out);
+    return rc;
+}
+
+/* Joins a directory and a relative name; the caller frees the result. */
+static char *cfg_join(const char *dir, const char *name)
+{
+    size_t a = strlen(dir), b = strlen(name);
+    char *path = malloc(a + b + 2);
+    if (!path) return NULL;
+    memcpy(path, dir, a);
+    size_t n = a;
+    if (a && dir[a - 1] != '/') path[n++] = '/';
+    memcpy(path + n, name, b + 1);
+    return path;
+}
+
+/* Reads and parses dir/name. An absent optional file leaves *root NULL and returns 0. On return
+ * *path holds the joined path (for messages) and the caller frees it. */
+static int cfg_load_json(const char *dir, const char *name, bool optional, char **path,
+                         cJSON **root)
+{
+    *root = NULL;
+    *path = cfg_join(dir, name);
+    if (!*path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s/%s: out of memory", dir, name);
+    char *text;
+    size_t length;
+    bool missing;
+    int rc = cfg_read_file(*path, &text, &length, optional ? &missing : NULL);
+    if (rc || (optional && missing)) return rc;
+    rc = cfg_parse_json(text, length, *path, root);
+    free(text);
+    return rc;
+}
+
+/* The last component of a module's type ("sentence_transformers.models.Pooling" -> "Pooling"),
+ * so renamed packages with the same modules still match. */
+static const char *cfg_module_kind(const char *type)
+{
+    const char *dot = strrchr(type, '.');
+    return dot ? dot + 1 : type;
+}
+
+/* modules.json: finds the Pooling module's directory (*pooling_dir, owned by `modules`) and
+ * whether a Normalize module follows. Modules that would change the vector (Dense, LayerNorm,
+ * ...) are refused: embedrag would otherwise return a different embedding than the model's. */
+static int cfg_parse_modules(const cJSON *modules, const char *path, model_config *config,
+                             const char **pooling_dir)
+{
+    *pooling_dir = NULL;
+    if (!cJSON_IsArray(modules))
+        return err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON array of modules", path);
+    const cJSON *module;
+    int index = 0;
+    cJSON_ArrayForEach(module, modules)
+    {
+        const char *type, *module_path;
+        if (!cJSON_IsObject(module))
+            return err_set(EMBEDRAG_ERR_FORMAT, "%s: module %d is not an object", path, index);
+        int rc = cfg_get_string(module, path, "type", &type);
+        if (rc) return rc;
+        if (!type) return err_set(EMBEDRAG_ERR_FORMAT, "%s: module %d has no type", path, index);
+        rc = cfg_get_string(module, path, "path", &module_path);
+        if (rc) return rc;
+        const char *kind = cfg_module_kind(type);
+        if (strcmp(kind, "Transformer") == 0) {
+            /* the BERT encoder itself */
+        } else if (strcmp(kind, "Pooling") == 0) {
+            if (*pooling_dir)
+                return err_set(EMBEDRAG_ERR_UNSUPPORTED, "%s: more than one Pooling module", path);
+            /* The pooling directory is joined to the model directory: it must stay inside. */
+            if (!module_path || !*module_path || module_path[0] == '/' || strstr(module_path, ".."))
+                return err_set(EMBEDRAG_ERR_FORMAT,
+                               "%s: module %d (Pooling) has path '%s', expected a relative "
+                               "directory such as 1_Pooling",
+                               path, index, module_path ? module_path : "");
+            *pooling_dir = module_path;
+        } else if (strcmp(kind, "Normalize") == 0) {
+            config->normalize = true;
+        } else {
+            return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                           "%s: module %d has type '%s', which embedrag does not implement "
+                           "(it runs Transformer, Pooling and Normalize)",
+                           path, index, type);
+        }
+        index++;
+    }
+    return 0;
+}
+
+/* The pooling options named in sentence-transformers' Pooling config, and what embedrag does
+ * with each. */
+static const struct {
+    const char *flag; /* the boolean field */
+    const char *mode; /* the "pooling_mode" string */
+    int pooling;      /* embedrag_pooling, or -1 for a mode embedrag does not implement */
+} cfg_pooling_modes[] = {
+    {"pooling_mode_cls_token", "cls", EMBEDRAG_POOLING_CLS},
+    {"pooling_mode_mean_tokens", "mean", EMBEDRAG_POOLING_MEAN},
+    {"pooling_mode_max_tokens", "max", EMBEDRAG_POOLING_MAX},
+    {"pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens", -1},
+    {"pooling_mode_weightedmean_tokens", "weightedmean", -1},
+    {"pooling_mode_lasttoken", "lasttoken", -1},
+};
+#define CFG_POOLING_MODE_COUNT (int)(sizeof cfg_pooling_modes / sizeof cfg_pooling_modes[0])
+
+static int cfg_parse_pooling(const cJSON *root, const char *path, model_config *config)
+{
+    if (!cJSON_IsObject(root)) return err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", path);
+    int dimension = 0;
+    int rc =
+        cfg_get_int(root, path, "word_embedding_dimension", false, MODEL_MAX_HIDDEN, &dimension);
+    if (rc) return rc;
+    if (dimension && dimension != config->hidden_size)
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s: word_embedding_dimension %d differs from config.json's hidden_size %d",
+                       path, dimension, config->hidden_size);
+    rc = cfg_get_bool(root, path, "include_prompt", &config->pooling_include_prompt);
+    if (rc) return rc;
+
+    /* sentence-transformers lets the "pooling_mode" string override the flags. */
+    const char *mode;
+    rc = cfg_get_string(root, path, "pooling_mode", &mode);
+    if (rc) return rc;
+    if (mode) {
+        for (int i = 0; i < CFG_POOLING_MODE_COUNT; i++) {
+            if (strcmp(mode, cfg_pooling_modes[i].mode) != 0) continue;
+            if (cfg_pooling_modes[i].pooling < 0) break;
+            config->pooling = cfg_pooling_modes[i].pooling;
+            return 0;
+        }
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "%s: pooling_mode '%s' is not supported (cls, mean and max are)", path,
+                       mode);
+    }
+
+    int chosen = -1;
+    for (int i = 0; i < CFG_POOLING_MODE_COUNT; i++) {
+        bool on = false;
+        rc = cfg_get_bool(root, path, cfg_pooling_modes[i].flag, &on);
+        if (rc) return rc;
+        if (!on) continue;
+        if (cfg_pooling_modes[i].pooling < 0)
+            return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                           "%s: %s is not supported (cls, mean and max pooling are)", path,
+                           cfg_pooling_modes[i].flag);
+        /* Several modes concatenate their vectors into a wider embedding. */
+        if (chosen >= 0)
+            return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                           "%s: %s and %s are both set; embedrag supports exactly one pooling "
+                           "mode",
+                           path, cfg_pooling_modes[chosen].flag, cfg_pooling_modes[i].flag);
+        chosen = i;
+    }
+    if (chosen < 0)
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s: no pooling mode is set (expected one of pooling_mode_cls_token, "
+                       "pooling_mode_mean_tokens, pooling_mode_max_tokens)",
+                       path);
+    config->pooling = cfg_pooling_modes[chosen].pooling;
+    return 0;
+}
+
+static int cfg_parse_sentence_bert(const cJSON *root, const char *path, model_config *config)
+{
+    if (!cJSON_IsObject(root)) return err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", path);
+    int max_seq_length = 0;
+    int rc = cfg_get_int(root, path, "max_seq_length", false, MODEL_MAX_POSITIONS, &max_seq_length);
+    if (rc) return rc;
+    /* Positions past the table do not exist, whatever the file asks for. */
+    if (max_seq_length && max_seq_length < config->max_position_embeddings)
+        config->max_seq_length = max_seq_length;
+    return 0;
+}
+
+static int cfg_parse_prompts(const cJSON *root, const char *path, model_config *config)
+{
+    if (!cJSON_IsObject(root)) return err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", path);
+    const cJSON *prompts = cJSON_GetObjectItemCaseSensitive(root, "prompts");
+    char text[64];
+    if (prompts && !cJSON_IsNull(prompts)) {
+        if (!cJSON_IsObject(prompts))
+            return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompts is %s, expected an object", path,
+                           cfg_json_text(prompts, text, sizeof text));
+        int count = cJSON_GetArraySize(prompts);
+        if (count > MODEL_MAX_PROMPTS)
+            return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompts has %d entries, at most %d", path,
+                           count, MODEL_MAX_PROMPTS);
+        config->prompts = calloc((size_t)count + 1, sizeof *config->prompts);
+        if (!config->prompts) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
+        const cJSON *prompt;
+        cJSON_ArrayForEach(prompt, prompts)
+        {
+            if (!cJSON_IsString(prompt))
+                return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompt '%s' is %s, expected a string",
+                               path, prompt->string, cfg_json_text(prompt, text, sizeof text));
+            for (int i = 0; i < config->prompt_count; i++)
+                if (strcmp(config->prompts[i].name, prompt->string) == 0)
+                    return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompt '%s' appears twice", path,
+                                   prompt->string);
+            model_prompt *p = &config->prompts[config->prompt_count];
+            p->name = strdup(prompt->string);
+            p->text = strdup(prompt->valuestring);
+            if (p->name || p->text) config->prompt_count++; /* so model_config_free frees them */
+            if (!p->name || !p->text)
+                return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
+        }
+    }
+    const char *default_name;
+    int rc = cfg_get_string(root, path, "default_prompt_name", &default_name);
+    if (rc) return rc;
+    if (default_name) {
+        bool known = false;
+        for (int i = 0; i < config->prompt_count; i++)
+            if (strcmp(config->prompts[i].name, default_name) == 0) known = true;
+        if (!known)
+            return err_set(EMBEDRAG_ERR_FORMAT,
+                           "%s: default_prompt_name '%s' is not one of the prompts", path,
+                           default_name);
+        config->default_prompt_name = strdup(default_name);
+        if (!config->default_prompt_name)
+            return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
+    }
+    return 0;
+}
+
+/* The directory's last component ("models/e5-small-v2/" -> "e5-small-v2"). */
+static char *cfg_base_name(const char *dir)
+{
+    size_t end = strlen(dir);
+    while (end > 1 && dir[end - 1] == '/') end--;
+    size_t begin = end;
+    while (begin > 0 && dir[begin - 1] != '/') begin--;
+    if (begin == end) return strdup(dir);
+    return strndup(dir + begin, end - begin);
+}
+
+/* One optional sentence-transformers file: parsed by `parse` when present. */
+static int cfg_apply_optional(const char *dir, const char *name,
+                              int (*parse)(const cJSON *, const char *, model_config *),
+                              model_config *config)
+{
+    char *path;
+    cJSON *root;
+    int rc = cfg_load_json(dir, name, true, &path, &root);
+    if (rc == 0 && root) rc = parse(root, path, config);
+    cJSON_Delete(root);
+    free(path);
+    return rc;
+}
+
+/* dir/<pooling_dir>/config.json, which must exist when modules.json names the module. */
+static int cfg_load_pooling(const char *dir, const char *pooling_dir, model_config *config)
+{
+    char *name = cfg_join(pooling_dir, "config.json");
+    if (!name) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    char *path;
+    cJSON *root;
+    int rc = cfg_load_json(dir, name, false, &path, &root);
+    if (rc == 0) rc = cfg_parse_pooling(root, path, config);
+    cJSON_Delete(root);
+    free(path);
+    free(name);
+    return rc;
+}
+
+int model_config_load(const char *dir, model_config *out)
+{
+    memset(out, 0, sizeof *out);
+    char *path = cfg_join(dir, "config.json");
+    if (!path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    char *text;
+    size_t length;
+    int rc = cfg_read_file(path, &text, &length, NULL);
+    if (rc) goto free_path;
+    rc = model_config_parse(text, length, path, out);
+    free(text);
+    if (rc) goto free_path;
+
+    if (!out->name) {
+        out->name = cfg_base_name(dir);
+        if (!out->name) {
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+            goto free_config;
+        }
+    }
+
+    /* modules.json decides which pooling directory applies and whether vectors are normalized;
+     * without it sentence-transformers builds Transformer + mean Pooling, and so do we. */
+    char *modules_path;
+    cJSON *modules;
+    rc = cfg_load_json(dir, "modules.json", true, &modules_path, &modules);
+    if (rc == 0 && modules) {
+        const char *pooling_dir;
+        rc = cfg_parse_modules(modules, modules_path, out, &pooling_dir);
+        if (rc == 0 && pooling_dir) rc = cfg_load_pooling(dir, pooling_dir, out);
+    }
+    cJSON_Delete(modules);
+    free(modules_path);
+    if (rc) goto free_config;
+
+    rc = cfg_apply_optional(dir, "sentence_bert_config.json", cfg_parse_sentence_bert, out);
+    if (rc) goto free_config;
+    rc = cfg_apply_optional(dir, "config_sentence_transformers.json", cfg_parse_prompts, out);
+    if (rc) goto free_config;
+    free(path);
+    return 0;
+
+free_config:
+    model_config_free(out);
+free_path:
+    free(path);
+    return rc;
+}

@@ -1,0 +1,270 @@
+/* BERT weights: locates every tensor a BertModel needs in model.safetensors, checks each shape
+ * against the config, and exposes float32 views: in place for aligned F32 data, converted copies
+ * for F16, BF16 and misaligned F32. Backends read only these views, never the file. */
+#include "model/model.h"
+
+#include "util/error.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* Tensors point straight into the mapping, so the file's little-endian floats must be ours. */
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "embedrag reads safetensors data in place and needs a little-endian host"
+#endif
+
+/* Every name is the prefix plus one of the names below; "encoder.layer.%d." names stay well
+ * under this. */
+#define WT_MAX_NAME 512
+
+#define WT_WORD_EMBEDDINGS "embeddings.word_embeddings.weight"
+
+/* Tensors per encoder layer, and outside the layers (the owned-buffer bound). */
+#define WT_TENSORS_PER_LAYER 16
+#define WT_EMBEDDING_TENSORS 5
+
+typedef struct wt_context {
+    const st_file *file;
+    const char *path;   /* model.safetensors path, for messages */
+    const char *prefix; /* "" or e.g. "bert." */
+    model_weights *weights;
+} wt_context;
+
+static void wt_format_shape(const int64_t *shape, int ndim, char *buf, size_t size)
+{
+    size_t n = (size_t)snprintf(buf, size, "[");
+    for (int i = 0; i < ndim && n < size; i++)
+        n += (size_t)snprintf(buf + n, size - n, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (n < size) snprintf(buf + n, size - n, "]");
+}
+
+/* Finds the one prefix the checkpoint puts before BertModel's names ("" for a bare BertModel,
+ * "bert." for BertForMaskedLM, "0.auto_model." for some sentence-transformers exports) from
+ * the word-embedding tensor, the one tensor every BERT file has. */
+static int wt_detect_prefix(const st_file *file, const char *path, char *prefix, size_t size)
+{
+    const size_t suffix_length = strlen(WT_WORD_EMBEDDINGS);
+    const char *found = NULL;
+    for (int i = 0; i < file->tensor_count; i++) {
+        const char *name = file->tensors[i].name;
+        size_t length = strlen(name);
+        if (length < suffix_length || strcmp(name + length - suffix_length, WT_WORD_EMBEDDINGS))
+            continue;
+        size_t prefix_length = length - suffix_length;
+        if (prefix_length && name[prefix_length - 1] != '.') continue; /* "xembeddings..." */
+        if (found)
+            return err_set(EMBEDRAG_ERR_FORMAT,
+                           "%s: tensors '%s' and '%s' are both word embeddings; cannot tell "
+                           "which model to load",
+                           path, found, name);
+        found = name;
+    }
+    if (!found)
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s: tensor '%s' is missing (with or without a prefix such as 'bert.'); "
+                       "not a BERT checkpoint?",
+                       path, WT_WORD_EMBEDDINGS);
+    size_t prefix_length = strlen(found) - suffix_length;
+    if (prefix_length >= size)
+        return err_set(EMBEDRAG_ERR_FORMAT, "%s: tensor name prefix of '%s' is too long", path,
+                       found);
+    memcpy(prefix, found, prefix_length);
+    prefix[prefix_length] = '\0';
+    return 0;
+}
+
+/* Makes a float32 view of `t`: the mapped bytes themselves when they already are aligned F32,
+ * otherwise a converted buffer recorded in weights->owned. */
+static int wt_view(wt_context *ctx, const st_tensor *t, const float **out)
+{
+    if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
+        *out = t->data;
+        return 0;
+    }
+    size_t element_size = t->dtype == ST_F32 ? 4 : 2;
+    size_t count = t->nbytes / element_size;
+    float *buffer = malloc(count * sizeof *buffer + 1);
+    if (!buffer)
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory converting tensor '%s'",
+                       ctx->path, t->name);
+    const unsigned char *src = t->data;
+    if (t->dtype == ST_F32) {
+        memcpy(buffer, src, t->nbytes); /* misaligned: copying realigns it */
+    } else {
+        float (*widen)(uint16_t) = t->dtype == ST_F16 ? st_f16_to_f32 : st_bf16_to_f32;
+        for (size_t i = 0; i < count; i++) {
+            uint16_t v;
+            memcpy(&v, src + 2 * i, sizeof v); /* the data may be misaligned */
+            buffer[i] = widen(v);
+        }
+    }
+    model_weights *w = ctx->weights;
+    w->owned[w->owned_count++] = buffer;
+    *out = buffer;
+    return 0;
+}
+
+/* Resolves prefix + `name` (or prefix + `alternative`, for LayerNorm's older gamma/beta names),
+ * checks it has exactly the shape {d0} (d1 < 0) or {d0, d1}, and stores its float view. */
+static int wt_tensor(wt_context *ctx, const char *name, const char *alternative, int64_t d0,
+                     int64_t d1, const float **out)
+{
+    char full[WT_MAX_NAME];
+    snprintf(full, sizeof full, "%s%s", ctx->prefix, name);
+    const st_tensor *t = st_find(ctx->file, full);
+    if (!t && alternative) {
+        char other[WT_MAX_NAME];
+        snprintf(other, sizeof other, "%s%s", ctx->prefix, alternative);
+        t = st_find(ctx->file, other);
+    }
+    if (!t) return err_set(EMBEDRAG_ERR_FORMAT, "%s: tensor '%s' is missing", ctx->path, full);
+
+    int64_t expected[2] = {d0, d1};
+    int expected_ndim = d1 < 0 ? 1 : 2;
+    bool same = t->ndim == expected_ndim;
+    for (int i = 0; same && i < expected_ndim; i++) same = t->shape[i] == expected[i];
+    if (!same) {
+        char have[160], want[64];
+        wt_format_shape(t->shape, t->ndim, have, sizeof have);
+        wt_format_shape(expected, expected_ndim, want, sizeof want);
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s: tensor '%s' has shape %s, expected %s from config.json", ctx->path,
+                       t->name, have, want);
+    }
+    if (t->dtype == ST_OTHER)
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "%s: tensor '%s' has dtype %s; embedrag reads F32, F16 and BF16", ctx->path,
+                       t->name, t->dtype_name);
+    return wt_view(ctx, t, out);
+}
+
+static int wt_layer(wt_context *ctx, const model_config *c, int index, model_layer_weights *l)
+{
+    const int64_t h = c->hidden_size, inter = c->intermediate_size;
+    const struct {
+        const char *name, *alternative;
+        int64_t d0, d1;
+        const float **out;
+    } specs[WT_TENSORS_PER_LAYER] = {
+        {"attention.self.query.weight", NULL, h, h, &l->query_w},
+        {"attention.self.query.bias", NULL, h, -1, &l->query_b},
+        {"attention.self.key.weight", NULL, h, h, &l->key_w},
+        {"attention.self.key.bias", NULL, h, -1, &l->key_b},
+        {"attention.self.value.weight", NULL, h, h, &l->value_w},
+        {"attention.self.value.bias", NULL, h, -1, &l->value_b},
+        {"attention.output.dense.weight", NULL, h, h, &l->attn_out_w},
+        {"attention.output.dense.bias", NULL, h, -1, &l->attn_out_b},
+        {"attention.output.LayerNorm.weight", "attention.output.LayerNorm.gamma", h, -1,
+         &l->attn_ln_w},
+        {"attention.output.LayerNorm.bias", "attention.output.LayerNorm.beta", h, -1,
+         &l->attn_ln_b},
+        {"intermediate.dense.weight", NULL, inter, h, &l->inter_w},
+        {"intermediate.dense.bias", NULL, inter, -1, &l->inter_b},
+        {"output.dense.weight", NULL, h, inter, &l->out_w},
+        {"output.dense.bias", NULL, h, -1, &l->out_b},
+        {"output.LayerNorm.weight", "output.LayerNorm.gamma", h, -1, &l->out_ln_w},
+        {"output.LayerNorm.bias", "output.LayerNorm.beta", h, -1, &l->out_ln_b},
+    };
+    for (int i = 0; i < WT_TENSORS_PER_LAYER; i++) {
+        char name[WT_MAX_NAME], alternative[WT_MAX_NAME];
+        snprintf(name, sizeof name, "encoder.layer.%d.%s", index, specs[i].name);
+        if (specs[i].alternative)
+            snprintf(alternative, sizeof alternative, "encoder.layer.%d.%s", index,
+                     specs[i].alternative);
+        int rc = wt_tensor(ctx, name, specs[i].alternative ? alternative : NULL, specs[i].d0,
+                           specs[i].d1, specs[i].out);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int model_weights_load(const char *dir, const model_config *config, model_weights *out)
+{
+    memset(out, 0, sizeof *out);
+    size_t dir_length = strlen(dir);
+    char *path = malloc(dir_length + sizeof "/model.safetensors");
+    if (!path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    sprintf(path, "%s%smodel.safetensors", dir,
+            dir_length && dir[dir_length - 1] == '/' ? "" : "/");
+
+    int rc = st_open(path, &out->file);
+    if (rc) goto free_path;
+    char prefix[WT_MAX_NAME / 2];
+    rc = wt_detect_prefix(out->file, path, prefix, sizeof prefix);
+    if (rc) goto free_weights;
+
+    const int layers = config->num_layers;
+    out->layers = calloc((size_t)layers + 1, sizeof *out->layers);
+    out->owned =
+        calloc((size_t)layers * WT_TENSORS_PER_LAYER + WT_EMBEDDING_TENSORS, sizeof *out->owned);
+    if (!out->layers || !out->owned) {
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
+        goto free_weights;
+    }
+
+    wt_context ctx = {out->file, path, prefix, out};
+    const int64_t h = config->hidden_size;
+    if ((rc = wt_tensor(&ctx, WT_WORD_EMBEDDINGS, NULL, config->vocab_size, h, &out->word_emb)) ||
+        (rc = wt_tensor(&ctx, "embeddings.position_embeddings.weight", NULL,
+                        config->max_position_embeddings, h, &out->position_emb)) ||
+        (rc = wt_tensor(&ctx, "embeddings.token_type_embeddings.weight", NULL,
+                        config->type_vocab_size, h, &out->type_emb)) ||
+        (rc = wt_tensor(&ctx, "embeddings.LayerNorm.weight", "embeddings.LayerNorm.gamma", h, -1,
+                        &out->emb_ln_w)) ||
+        (rc = wt_tensor(&ctx, "embeddings.LayerNorm.bias", "embeddings.LayerNorm.beta", h, -1,
+                        &out->emb_ln_b)))
+        goto free_weights;
+    for (int i = 0; i < layers; i++) {
+        rc = wt_layer(&ctx, config, i, &out->layers[i]);
+        if (rc) goto free_weights;
+    }
+
+    /* A file with more layers than num_hidden_layers means the config describes another model;
+     * running only the first layers would give plausible but wrong vectors. */
+    char extra[WT_MAX_NAME];
+    snprintf(extra, sizeof extra, "%sencoder.layer.%d.attention.self.query.weight", prefix, layers);
+    if (st_find(out->file, extra)) {
+        rc = err_set(EMBEDRAG_ERR_FORMAT,
+                     "%s: tensor '%s' exists but config.json's num_hidden_layers is %d", path,
+                     extra, layers);
+        goto free_weights;
+    }
+    free(path);
+    return 0;
+
+free_weights:
+    model_weights_free(out);
+free_path:
+    free(path);
+    return rc;
+}
+
+void model_weights_release(const model_weights *weights, const void *data, size_t nbytes)
+{
+    if (!weights || !weights->file || !weights->file->map || !data || !nbytes) return;
+    uintptr_t map_begin = (uintptr_t)weights->file->map;
+    uintptr_t map_end = map_begin + weights->file->map_size;
+    uintptr_t begin = (uintptr_t)data;
+    /* Converted buffers and foreign pointers are not ours to drop. */
+    if (begin < map_begin || begin > map_end || nbytes > map_end - begin) return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    /* Only whole pages: the partial pages at either end may hold a neighbour still in use
+     * (dropping them would be harmless for a read-only file mapping, but would cost a re-read). */
+    uintptr_t first = (begin + page - 1) / page * page;
+    uintptr_t last = (begin + nbytes) / page * page;
+    if (first < last) madvise((void *)first, last - first, MADV_DONTNEED);
+}
+
+void model_weights_free(model_weights *weights)
+{
+    if (!weights) return;
+    for (int i = 0; i < weights->owned_count; i++) free(weights->owned[i]);
+    free(weights->owned);
+    free(weights->layers);
+    st_close(weights->file);
+    memset(weights, 0, sizeof *weights);
+}

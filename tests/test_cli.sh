@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The `embedrag` command as a user meets it: help, the three output formats, prompts and
+# dimensions, tokenize and info, and one-line errors with a non-zero exit on bad input.
+set -u
+cli=${EMBEDRAG_CLI:?set by ctest}
+src=${EMBEDRAG_SOURCE_DIR:?set by ctest}
+model=$src/models/all-MiniLM-L6-v2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+checks=0
+failures=0
+check() { # check DESCRIPTION COMMAND...
+    local what=$1
+    shift
+    checks=$((checks + 1))
+    if ! "$@"; then
+        failures=$((failures + 1))
+        echo "FAILED: $what" >&2
+    fi
+}
+
+printf 'first line\nsecond line, a bit longer\n\nthird\n' >"$tmp/in.txt"
+
+check "--help exits 0" "$cli" --help
+check "embed --help exits 0" "$cli" embed --help
+"$cli" embed --model "$model" --input "$tmp/in.txt" >"$tmp/out.json"
+check "embed exits 0" test $? -eq 0
+check "one JSON line per input line" test "$(wc -l <"$tmp/out.json")" -eq 4
+check "384 numbers per line" test "$(head -n 1 "$tmp/out.json" | tr ',' '\n' | wc -l)" -eq 384
+"$cli" embed --model "$model" --format f32 <"$tmp/in.txt" >"$tmp/out.f32"
+check "f32 output size" test "$(stat -c %s "$tmp/out.f32")" -eq $((4 * 384 * 4))
+"$cli" embed --model "$model" --format tsv --dimensions 64 <"$tmp/in.txt" >"$tmp/out.tsv"
+check "tsv with 64 dimensions" test "$(head -n 1 "$tmp/out.tsv" | awk -F'\t' '{print NF}')" -eq 64
+# JSON and f32 carry the same numbers: compare the first component.
+first_json=$(head -c 200 "$tmp/out.json" | sed -E 's/^\[([^,]*),.*/\1/')
+first_f32=$(od -An -tf4 -N4 -v "$tmp/out.f32" | tr -d ' ')
+check "json and f32 agree ($first_json vs $first_f32)" \
+    python3 -c "import sys; a,b=map(float,sys.argv[1:]); sys.exit(abs(a-b)>1e-6)" "$first_json" "$first_f32"
+
+printf 'good\nbad \xff byte\n' >"$tmp/bad.txt"
+"$cli" embed --model "$model" --input "$tmp/bad.txt" >/dev/null 2>"$tmp/err.txt"
+check "invalid UTF-8 exits non-zero" test $? -ne 0
+check "error names line 2 and the offset" grep -q "line 2: invalid UTF-8 at byte offset 4" "$tmp/err.txt"
+check "error is one line" test "$(wc -l <"$tmp/err.txt")" -eq 1
+
+"$cli" embed --model "$tmp/no-such-model" </dev/null >/dev/null 2>"$tmp/err.txt"
+check "missing model exits non-zero" test $? -ne 0
+check "error names the model directory" grep -q "no-such-model" "$tmp/err.txt"
+
+"$cli" embed --model "$model" --dimensions abc </dev/null >/dev/null 2>"$tmp/err.txt"
+check "bad --dimensions exits 2" test $? -eq 2
+"$cli" embed --model "$model" --prompt nope <"$tmp/in.txt" >/dev/null 2>"$tmp/err.txt"
+check "unknown prompt exits non-zero" test $? -ne 0
+check "unknown prompt is named" grep -q "nope" "$tmp/err.txt"
+
+echo "Hello, World!" | "$cli" tokenize --model "$model" >"$tmp/tok.json"
+check "tokenize ids" grep -q '"ids":\[101,7592,1010,2088,999,102\]' "$tmp/tok.json"
+check "tokenize tokens" grep -q '"tokens":\["\[CLS\]","hello",",","world","!","\[SEP\]"\]' "$tmp/tok.json"
+
+"$cli" info --model "$model" >"$tmp/info.json"
+check "info reports 6 layers" grep -q '"layers":[[:space:]]*6' "$tmp/info.json"
+check "info reports mean pooling" grep -q '"pooling":[[:space:]]*"mean"' "$tmp/info.json"
+
+# Streaming: many lines through one process, output line count matches.
+python3 -c "
+for i in range(3000): print('line number', i, 'of a longer stream')" >"$tmp/many.txt"
+"$cli" embed --model "$model" --input "$tmp/many.txt" --format f32 --quiet >"$tmp/many.f32"
+check "3000 streamed lines" test "$(stat -c %s "$tmp/many.f32")" -eq $((3000 * 384 * 4))
+
+echo "$((checks - failures)) passed, $failures failed"
+[ "$failures" -eq 0 ]

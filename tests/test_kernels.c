@@ -1,0 +1,186 @@
+/* CPU kernels against straightforward double-precision references: the GEMM with each epilogue,
+ * LayerNorm, attention; and the property the engine's batch invariance rests on: a row's GEMM
+ * result is bit-identical whatever the row count, its position and the thread split. */
+#include "backend/cpu/kernels.h"
+
+#include "check.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static float uniform(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((rng_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+static void fill(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++) x[i] = uniform();
+}
+
+/* Runs every task of the plan in order (the thread split never changes results; the pool test
+ * below checks that claim separately through different plans). */
+static void gemm_all(int m, const float *A, const cpu_packed *p, cpu_epilogue e, const float *R,
+                     float *C, int threads)
+{
+    cpu_gemm_plan plan = cpu_gemm_plan_make(m, p, threads);
+    for (int t = cpu_gemm_plan_tasks(&plan) - 1; t >= 0; t--)
+        cpu_gemm_task(&plan, t, A, (size_t)p->k, p, e, R, C, (size_t)p->n);
+}
+
+static double gelu_reference(double x)
+{
+    return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
+}
+
+static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
+{
+    float *A = malloc(sizeof(float) * (size_t)m * (size_t)k);
+    float *W = malloc(sizeof(float) * (size_t)n * (size_t)k);
+    float *b = malloc(sizeof(float) * (size_t)n);
+    float *R = malloc(sizeof(float) * (size_t)m * (size_t)n);
+    float *C = malloc(sizeof(float) * (size_t)m * (size_t)n);
+    fill(A, (size_t)m * (size_t)k);
+    fill(W, (size_t)n * (size_t)k);
+    fill(b, (size_t)n);
+    fill(R, (size_t)m * (size_t)n);
+    cpu_packed p;
+    const float *ws[1] = {W}, *bs[1] = {b};
+    CHECK(cpu_pack(&p, 1, ws, bs, &n, k) == 0, "pack");
+    gemm_all(m, A, &p, e, R, C, 2);
+    double worst = 0;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0;
+            for (int kk = 0; kk < k; kk++) s += (double)A[(size_t)i * k + kk] * W[(size_t)j * k + kk];
+            s += b[j];
+            if (e == CPU_EPILOGUE_BIAS_RESIDUAL) s += R[(size_t)i * n + j];
+            if (e == CPU_EPILOGUE_BIAS_GELU) s = gelu_reference(s);
+            double d = fabs(s - C[(size_t)i * n + j]);
+            if (d > worst) worst = d;
+        }
+    /* float accumulation over k terms of size ~1: error grows like sqrt(k) * 6e-8 * |terms|. */
+    CHECK(worst < 2e-5 * sqrt((double)k), "m=%d n=%d k=%d epilogue=%d: max error %g", m, n, k,
+          (int)e, worst);
+    cpu_packed_free(&p);
+    free(A);
+    free(W);
+    free(b);
+    free(R);
+    free(C);
+}
+
+static void test_gemm_rows_are_batch_invariant(void)
+{
+    const int n = 72, k = 200, m_max = 300;
+    float *A = malloc(sizeof(float) * m_max * k), *W = malloc(sizeof(float) * n * k);
+    float *b = malloc(sizeof(float) * n);
+    float *alone = malloc(sizeof(float) * n), *C = malloc(sizeof(float) * m_max * n);
+    fill(A, (size_t)m_max * k);
+    fill(W, (size_t)n * k);
+    fill(b, n);
+    cpu_packed p;
+    const float *ws[1] = {W}, *bs[1] = {b};
+    int nn = n;
+    CHECK(cpu_pack(&p, 1, ws, bs, &nn, k) == 0, "pack");
+    int mismatches = 0;
+    static const int ms[] = {1, 2, 13, 14, 15, 16, 29, 111, 112, 113, 300};
+    static const int threads[] = {1, 2, 3, 8};
+    for (size_t mi = 0; mi < sizeof ms / sizeof *ms; mi++)
+        for (size_t ti = 0; ti < sizeof threads / sizeof *threads; ti++) {
+            int m = ms[mi];
+            gemm_all(m, A, &p, CPU_EPILOGUE_BIAS_GELU, NULL, C, threads[ti]);
+            /* Each row computed alone (m = 1 from the row's own data) must match bit for bit. */
+            for (int r = 0; r < m; r += (m > 20 ? 7 : 1)) {
+                gemm_all(1, A + (size_t)r * k, &p, CPU_EPILOGUE_BIAS_GELU, NULL, alone, 1);
+                if (memcmp(alone, C + (size_t)r * n, sizeof(float) * n) != 0) mismatches++;
+            }
+        }
+    CHECK(mismatches == 0, "%d rows differ between a batch and alone", mismatches);
+    cpu_packed_free(&p);
+    free(A);
+    free(W);
+    free(b);
+    free(alone);
+    free(C);
+}
+
+static void test_layer_norm(void)
+{
+    float x[384], y[384], g[384], b[384];
+    fill(x, 384);
+    fill(g, 384);
+    fill(b, 384);
+    for (int i = 0; i < 384; i++) x[i] = x[i] * 3.0f + 0.5f;
+    cpu_layer_norm(y, x, 384, g, b, 1e-12f);
+    double mean = 0, var = 0;
+    for (int i = 0; i < 384; i++) mean += x[i];
+    mean /= 384;
+    for (int i = 0; i < 384; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= 384;
+    double worst = 0;
+    for (int i = 0; i < 384; i++) {
+        double r = (x[i] - mean) / sqrt(var + 1e-12) * g[i] + b[i];
+        if (fabs(r - y[i]) > worst) worst = fabs(r - y[i]);
+    }
+    CHECK(worst < 1e-5, "layer norm max error %g", worst);
+}
+
+static void test_attention(int len, int d)
+{
+    int h = d * 2; /* two heads side by side, we test the first */
+    size_t ld = 3 * (size_t)h;
+    float *qkv = malloc(sizeof(float) * (size_t)len * ld), *out = malloc(sizeof(float) * (size_t)len * h);
+    float *scores = malloc(sizeof(float) * len), *kt = malloc(sizeof(float) * (size_t)len * d);
+    fill(qkv, (size_t)len * ld);
+    for (size_t i = 0; i < (size_t)len * ld; i++) qkv[i] *= 4.0f; /* peaky softmax */
+    float scale = 1.0f / sqrtf((float)d);
+    cpu_attention_head(qkv, qkv + h, qkv + 2 * h, ld, len, d, scale, out, (size_t)h, scores, kt);
+    double worst = 0;
+    double *p = malloc(sizeof(double) * len);
+    for (int i = 0; i < len; i++) {
+        double m = -1e300, s = 0;
+        for (int j = 0; j < len; j++) {
+            double dot = 0;
+            for (int dd = 0; dd < d; dd++) dot += (double)qkv[i * ld + dd] * qkv[j * ld + h + dd];
+            p[j] = dot * scale;
+            if (p[j] > m) m = p[j];
+        }
+        for (int j = 0; j < len; j++) s += (p[j] = exp(p[j] - m));
+        for (int dd = 0; dd < d; dd++) {
+            double o = 0;
+            for (int j = 0; j < len; j++) o += p[j] / s * qkv[j * ld + 2 * h + dd];
+            double e = fabs(o - out[(size_t)i * h + dd]);
+            if (e > worst) worst = e;
+        }
+    }
+    CHECK(worst < 2e-5, "attention len=%d d=%d max error %g", len, d, worst);
+    free(p);
+    free(qkv);
+    free(out);
+    free(scores);
+    free(kt);
+}
+
+int main(void)
+{
+    printf("kernels: %s\n", cpu_kernels_isa());
+    test_gemm_matches_reference(1, 384, 384, CPU_EPILOGUE_BIAS);
+    test_gemm_matches_reference(16, 1152, 384, CPU_EPILOGUE_BIAS);
+    test_gemm_matches_reference(37, 100, 97, CPU_EPILOGUE_BIAS_RESIDUAL);
+    test_gemm_matches_reference(130, 1536, 384, CPU_EPILOGUE_BIAS_GELU);
+    test_gemm_matches_reference(20, 384, 1536, CPU_EPILOGUE_BIAS_RESIDUAL);
+    test_gemm_rows_are_batch_invariant();
+    test_layer_norm();
+    test_attention(1, 32);
+    test_attention(17, 32);
+    test_attention(128, 64);
+    test_attention(5, 24);
+    return check_finish("test_kernels");
+}
