@@ -62,7 +62,11 @@ __attribute__((target("avx512f"))) static double fma_loop_avx512(void)
     __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
     double t = now_seconds();
     for (long it = 0; it < PEAK_ITERATIONS; it++)
-        for (int i = 0; i < 12; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+        for (int i = 0; i < 12; i++) {
+            acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+            /* keeps every FMA inside the timed region (the compiler may not sink or fold it) */
+            __asm__ volatile("" : "+v"(acc[i]));
+        }
     t = now_seconds() - t;
     float sink = 0;
     for (int i = 0; i < 12; i++) sink += _mm512_reduce_add_ps(acc[i]);
@@ -77,7 +81,10 @@ __attribute__((target("avx2,fma"))) static double fma_loop_avx2(void)
     __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
     double t = now_seconds();
     for (long it = 0; it < PEAK_ITERATIONS; it++)
-        for (int i = 0; i < 12; i++) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+        for (int i = 0; i < 12; i++) {
+            acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+            __asm__ volatile("" : "+v"(acc[i]));
+        }
     t = now_seconds() - t;
     float lanes[8], sink = 0;
     for (int i = 0; i < 12; i++) {

@@ -1099,8 +1099,15 @@ static void test_weights_f16_and_bf16_are_converted(void)
                   "%s other tensors", cases[k].dtype);
             CHECK(w.owned_count == 5 + 16 * TINY_LAYERS, "%s owned_count %d", cases[k].dtype,
                   w.owned_count);
-            model_weights_release(&w, w.word_emb, 20 * sizeof(float)); /* owned: a no-op */
-            CHECK(w.word_emb[2] == cases[k].values[2], "owned buffers survive release");
+            /* A converted buffer is freed on release (once), and model_weights_free copes. */
+            const float *converted = w.layers[0].query_w;
+            int before = 0, after = 0;
+            for (int i = 0; i < w.owned_count; i++) before += w.owned[i] != NULL;
+            model_weights_release(&w, converted, 16 * sizeof(float));
+            for (int i = 0; i < w.owned_count; i++) after += w.owned[i] != NULL;
+            CHECK(after == before - 1, "%s release frees the converted buffer (%d -> %d)",
+                  cases[k].dtype, before, after);
+            CHECK(w.word_emb[2] == cases[k].values[2], "other converted buffers survive release");
             model_weights_free(&w);
         }
         free(dir);

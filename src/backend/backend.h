@@ -30,7 +30,7 @@ struct backend {
 
 /* The CPU backend: repacks the GEMM weights (then releases their mapped pages), keeps the
  * embeddings mapped, and runs on `threads` threads (0 = one per core). */
-int cpu_backend_create(const model_config *config, const model_weights *weights, int threads,
+int cpu_backend_create(const model_config *config, model_weights *weights, int threads,
                        backend **out);
 
 #endif

@@ -117,9 +117,10 @@ typedef struct model_weights {
  * naming the tensor, its shape and the expected one. */
 int model_weights_load(const char *dir, const model_config *config, model_weights *out);
 
-/* Tells the kernel the mapped pages of `data` (nbytes) are no longer needed, after a backend
- * copied them into its own layout; they are re-read from the file if touched again. */
-void model_weights_release(const model_weights *weights, const void *data, size_t nbytes);
+/* Called by a backend once it has copied a tensor into its own layout: a converted (F16/BF16)
+ * buffer is freed (the tensor's pointer must not be used again); for a mapped tensor the kernel
+ * is told its pages are not needed (they are re-read from the file if touched again). */
+void model_weights_release(model_weights *weights, const void *data, size_t nbytes);
 
 void model_weights_free(model_weights *weights);
 

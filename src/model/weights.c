@@ -105,6 +105,9 @@ static int wt_view(wt_context *ctx, const st_tensor *t, const float **out)
     model_weights *w = ctx->weights;
     w->owned[w->owned_count++] = buffer;
     *out = buffer;
+    /* The mapped source pages are not needed again: drop them so a converted model does not keep
+     * both copies resident. */
+    model_weights_release(w, t->data, t->nbytes);
     return 0;
 }
 
@@ -243,9 +246,17 @@ free_path:
     return rc;
 }
 
-void model_weights_release(const model_weights *weights, const void *data, size_t nbytes)
+void model_weights_release(model_weights *weights, const void *data, size_t nbytes)
 {
-    if (!weights || !weights->file || !weights->file->map || !data || !nbytes) return;
+    if (!weights || !data) return;
+    /* A converted (F16/BF16) copy is ours: free it outright. */
+    for (int i = 0; i < weights->owned_count; i++)
+        if (weights->owned[i] == data) {
+            free(weights->owned[i]);
+            weights->owned[i] = NULL;
+            return;
+        }
+    if (!weights->file || !weights->file->map || !nbytes) return;
     uintptr_t map_begin = (uintptr_t)weights->file->map;
     uintptr_t map_end = map_begin + weights->file->map_size;
     uintptr_t begin = (uintptr_t)data;

@@ -6,14 +6,19 @@
 #include "util/error.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
 
-/* How long an idle worker spins before sleeping on the condition variable: long enough to bridge
- * the gap between two layers' parallel regions of a single query (tens of microseconds), short
- * enough that an idle engine does not burn a core. */
-#define POOL_SPIN_ITERATIONS 200000
+/* How long an idle worker spins before sleeping on the condition variable: a pause instruction
+ * takes ~40-140 cycles, so this is roughly 50-150 microseconds, enough to bridge the gaps between
+ * a query's parallel regions, short enough that an idle engine or an oversubscribed machine (a
+ * worker spinning on a core another process needs) does not lose much. */
+#define POOL_SPIN_ITERATIONS 4000
+/* The caller waiting for workers spins this long, then yields its core at each check, in case a
+ * worker it waits for is not running (more runnable threads than cores). */
+#define POOL_WAIT_SPIN_ITERATIONS 4000
 
 struct pool {
     int threads;
@@ -154,5 +159,10 @@ void pool_run(pool *p, int n_tasks, pool_fn fn, void *ctx)
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     run_tasks(p, 0);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
+    for (int spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++) {
+        if (spins < POOL_WAIT_SPIN_ITERATIONS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
 }

@@ -25,7 +25,7 @@ typedef struct cpu_layer {
 typedef struct cpu_backend {
     backend base;
     const model_config *config;
-    const model_weights *weights;
+    model_weights *weights;
     pool *threads;
     cpu_layer *layers;
     /* Activations, sized for the largest batch seen so far. */
@@ -312,7 +312,7 @@ static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *o
     return 0;
 }
 
-int cpu_backend_create(const model_config *config, const model_weights *weights, int threads,
+int cpu_backend_create(const model_config *config, model_weights *weights, int threads,
                        backend **out)
 {
     *out = NULL;
