@@ -54,44 +54,62 @@ static double now_seconds(void)
 /* ---- fp32 FMA peak: independent register-only FMA chains, on every thread at once ---- */
 
 #define PEAK_ITERATIONS 20000000L
+/* FLOPs of one fma_loop_avx512 run (an AVX2 run does half as many). */
+#define PEAK_FLOPS_PER_THREAD (2.0 * 16.0 * 12.0 * (double)PEAK_ITERATIONS)
+
+/* Twelve independent accumulators in named variables (an array would live on the stack across
+ * the timer calls); the empty asm keeps each FMA inside the timed loop without adding work. */
+#define FMA_STEP(fma, x)                                                                       \
+    do {                                                                                       \
+        x = fma(x, a, b);                                                                      \
+        __asm__ volatile("" : "+v"(x));                                                        \
+    } while (0)
+#define FMA_TWELVE(fma)                                                                        \
+    do {                                                                                       \
+        FMA_STEP(fma, c0);                                                                     \
+        FMA_STEP(fma, c1);                                                                     \
+        FMA_STEP(fma, c2);                                                                     \
+        FMA_STEP(fma, c3);                                                                     \
+        FMA_STEP(fma, c4);                                                                     \
+        FMA_STEP(fma, c5);                                                                     \
+        FMA_STEP(fma, c6);                                                                     \
+        FMA_STEP(fma, c7);                                                                     \
+        FMA_STEP(fma, c8);                                                                     \
+        FMA_STEP(fma, c9);                                                                     \
+        FMA_STEP(fma, c10);                                                                    \
+        FMA_STEP(fma, c11);                                                                    \
+    } while (0)
 
 __attribute__((target("avx512f"))) static double fma_loop_avx512(void)
 {
-    __m512 acc[12];
-    for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i * 1e-3f);
     __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+    __m512 c0 = b, c1 = b, c2 = b, c3 = b, c4 = b, c5 = b, c6 = b, c7 = b, c8 = b, c9 = b,
+           c10 = b, c11 = b;
     double t = now_seconds();
-    for (long it = 0; it < PEAK_ITERATIONS; it++)
-        for (int i = 0; i < 12; i++) {
-            acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-            /* keeps every FMA inside the timed region (the compiler may not sink or fold it) */
-            __asm__ volatile("" : "+v"(acc[i]));
-        }
+    for (long it = 0; it < PEAK_ITERATIONS; it++) FMA_TWELVE(_mm512_fmadd_ps);
     t = now_seconds() - t;
-    float sink = 0;
-    for (int i = 0; i < 12; i++) sink += _mm512_reduce_add_ps(acc[i]);
-    if (sink == 12345.0f) fputs("", stderr); /* keeps the loop alive */
+    __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
+                               _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7)));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)));
+    if (_mm512_reduce_add_ps(sum) == 12345.0f) fputs("", stderr); /* uses the results */
     return 2.0 * 16.0 * 12.0 * (double)PEAK_ITERATIONS / t;
 }
 
 __attribute__((target("avx2,fma"))) static double fma_loop_avx2(void)
 {
-    __m256 acc[12];
-    for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_ps((float)i * 1e-3f);
     __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+    __m256 c0 = b, c1 = b, c2 = b, c3 = b, c4 = b, c5 = b, c6 = b, c7 = b, c8 = b, c9 = b,
+           c10 = b, c11 = b;
     double t = now_seconds();
-    for (long it = 0; it < PEAK_ITERATIONS; it++)
-        for (int i = 0; i < 12; i++) {
-            acc[i] = _mm256_fmadd_ps(acc[i], a, b);
-            __asm__ volatile("" : "+v"(acc[i]));
-        }
+    for (long it = 0; it < PEAK_ITERATIONS; it++) FMA_TWELVE(_mm256_fmadd_ps);
     t = now_seconds() - t;
-    float lanes[8], sink = 0;
-    for (int i = 0; i < 12; i++) {
-        _mm256_storeu_ps(lanes, acc[i]);
-        for (int l = 0; l < 8; l++) sink += lanes[l];
-    }
-    if (sink == 12345.0f) fputs("", stderr);
+    __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                               _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)));
+    sum = _mm256_add_ps(sum, _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+    float lanes[8], total = 0;
+    _mm256_storeu_ps(lanes, sum);
+    for (int l = 0; l < 8; l++) total += lanes[l];
+    if (total == 12345.0f) fputs("", stderr);
     return 2.0 * 8.0 * 12.0 * (double)PEAK_ITERATIONS / t;
 }
 
@@ -104,20 +122,22 @@ static void *peak_thread(void *arg)
     return NULL;
 }
 
-/* FLOP/s of `threads` threads running the FMA loop together. */
+/* FLOP/s of `threads` threads running the FMA loop together: total FLOPs over the wall time from
+ * the first start to the last finish (summing per-thread rates would overstate a machine whose
+ * cores cannot all run at once, e.g. a throttled virtual machine). */
 static double measure_peak(int threads)
 {
     pthread_t tids[256];
     double rates[256] = {0};
     if (threads > 256) threads = 256;
+    double t = now_seconds();
     for (int i = 1; i < threads; i++) pthread_create(&tids[i], NULL, peak_thread, &rates[i]);
     peak_thread(&rates[0]);
-    double total = rates[0];
-    for (int i = 1; i < threads; i++) {
-        pthread_join(tids[i], NULL);
-        total += rates[i];
-    }
-    return total;
+    for (int i = 1; i < threads; i++) pthread_join(tids[i], NULL);
+    t = now_seconds() - t;
+    double per_thread = __builtin_cpu_supports("avx512f") ? PEAK_FLOPS_PER_THREAD
+                                                           : PEAK_FLOPS_PER_THREAD / 2.0;
+    return rates[0] > 0 ? (double)threads * per_thread / t : 0.0;
 }
 
 /* ---- texts of exact token counts ---- */

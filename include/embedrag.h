@@ -67,7 +67,7 @@ void embedrag_model_close(embedrag_model *model);
 
 /* Facts about an open model. String pointers stay valid until the model is closed. */
 typedef struct embedrag_model_info {
-    const char *name;       /* the checkpoint's _name_or_path, or the directory's name */
+    const char *name;       /* the model directory's name */
     int dimension;          /* the pooled vector's width (before any Matryoshka truncation) */
     int max_tokens;         /* the most tokens per text, [CLS] and [SEP] included */
     int layers;             /* encoder layers */

@@ -137,7 +137,8 @@ static void test_attention(int len, int d)
     int h = d * 2; /* two heads side by side, we test the first */
     size_t ld = 3 * (size_t)h;
     float *qkv = malloc(sizeof(float) * (size_t)len * ld), *out = malloc(sizeof(float) * (size_t)len * h);
-    float *scores = malloc(sizeof(float) * len), *kt = malloc(sizeof(float) * (size_t)len * d);
+    float *scores = malloc(sizeof(float) * CPU_ATTENTION_SCORES(len));
+    float *kt = malloc(sizeof(float) * CPU_ATTENTION_KT(len, d));
     fill(qkv, (size_t)len * ld);
     for (size_t i = 0; i < (size_t)len * ld; i++) qkv[i] *= 4.0f; /* peaky softmax */
     float scale = 1.0f / sqrtf((float)d);
@@ -182,5 +183,8 @@ int main(void)
     test_attention(17, 32);
     test_attention(128, 64);
     test_attention(5, 24);
+    test_attention(200, 32);
+    test_attention(33, 128);
+    test_attention(64, 16);
     return check_finish("test_kernels");
 }

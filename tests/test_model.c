@@ -370,7 +370,7 @@ static void test_real_model_loads_with_expected_config_and_values(void)
     CHECK(c.pooling_include_prompt, "include_prompt defaults to true");
     CHECK(c.activation == MODEL_ACT_GELU, "activation %d", (int)c.activation);
     CHECK(c.layer_norm_eps == 1e-12f, "eps %g", (double)c.layer_norm_eps);
-    CHECK(c.name && strcmp(c.name, "nreimers/MiniLM-L6-H384-uncased") == 0, "name %s", c.name);
+    CHECK(c.name && strcmp(c.name, "all-MiniLM-L6-v2") == 0, "name (the directory's) %s", c.name);
     CHECK(c.prompt_count == 0 && c.default_prompt_name == NULL, "no prompts expected");
 
     model_weights w;

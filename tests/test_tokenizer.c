@@ -150,6 +150,9 @@ static void test_parity(void)
     cJSON *header = cJSON_Parse(line);
     const cJSON *configs = cJSON_GetObjectItemCaseSensitive(header, "configs");
     CHECK(cJSON_IsObject(configs), "%s: first line has no configs", path);
+    const cJSON *version = cJSON_GetObjectItemCaseSensitive(header, "tokenizers");
+    printf("parity: reference is Hugging Face tokenizers %s\n",
+           cJSON_IsString(version) ? version->valuestring : "?");
 
     const char *names[MAX_CONFIGS];
     tok_tokenizer *toks[MAX_CONFIGS] = {0};

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Times the peers embedrag is measured against, on this CPU: sentence-transformers on PyTorch
-(fp32) and ONNX Runtime (fp32, CPUExecutionProvider) on the same BERT checkpoint, for a 16-token
-query's latency and for throughput at fixed batch sizes and text lengths. Each peer runs in its
-own child process so its peak RSS and thread settings are its own. See bench/peers/README.md.
+(fp32) and ONNX Runtime (fp32, CPUExecutionProvider, plain and with its BERT fusions) on the same
+checkpoint: a 16-token query's latency, and throughput at fixed batch sizes and text lengths.
+See bench/peers/README.md.
 
     python bench/peers/run_peers.py --model models/all-MiniLM-L6-v2 --json peers.json
     python bench/peers/run_peers.py --model models/all-MiniLM-L6-v2 --make-texts DIR
+
+Each peer lives in its own worker process (its own peak RSS, thread pools and allocator), and the
+peers take turns in slices of about half a second within every measurement, because the shared
+development VM's CPU capacity changes from minute to minute: measured one after the other, peers
+would be compared across different machines.
 """
 
 import argparse
@@ -35,15 +40,24 @@ BATCHES = [1, 2, 10, 50, 100, 1000]
 THROUGHPUT_FILES = ["t50", "t128"]
 LATENCY_RUNS = 200
 LATENCY_WARMUP = 20
-# Each throughput cell runs for about this long after its warm-up, at least MIN_REPS times; the
-# largest batch runs fewer times (one batch of 1000 x 128 tokens takes seconds on 2 cores), so a
-# whole run stays under ~10 minutes on the 2-core development machine.
+LATENCY_SLICE = 20  # queries a peer runs before the next peer's turn
+# Each throughput cell gives every peer about CELL_BUDGET_S of timed calls, at least MIN_REPS,
+# in turns of about SLICE_S. The largest batch gets MIN_REPS_LARGEST calls and no warm-up (it
+# follows a warm 100-batch of the same length; one call of 1000 x 128 tokens takes seconds here),
+# so a whole run of three peers stays under ~10 minutes on the 2-core development machine.
 CELL_BUDGET_S = 3.0
+SLICE_S = 0.5
 MIN_REPS = 3
 MIN_REPS_LARGEST = 2
 MAX_REPS = 500
-CHECK_TEXTS = 8  # texts both peers embed, to confirm they compute the same thing
+CHECK_TEXTS = 8  # texts every peer embeds, to confirm they compute the same thing
 ONNX_OPSET = 18
+
+ENGINE_NAMES = {
+    "torch": "sentence-transformers (PyTorch fp32)",
+    "onnxruntime": "ONNX Runtime fp32",
+    "onnxruntime-fused": "ONNX Runtime fp32, BERT fusions",
+}
 
 
 # ---------------------------------------------------------------- texts of exact token counts
@@ -125,88 +139,14 @@ def read_texts(texts_dir):
     return out
 
 
-# ---------------------------------------------------------------- measuring (in a child process)
+# ---------------------------------------------------------------- peers (in worker processes)
+#
+# Each returns (encode, tokens_of, stages, info): encode(list of texts) -> embeddings; tokens_of
+# (text) -> its token count after truncation; stages, a dict where encode leaves the seconds of
+# each stage of its last call (or None); info, versions and settings for the report.
 
 
-def percentile(sorted_values, q):
-    # Linear interpolation between closest ranks (numpy's default), without importing numpy here.
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def batch_of(texts, n):
-    return [texts[i % len(texts)] for i in range(n)]
-
-
-def measure_engine(encode, texts, tokens_of, stage_times=None):
-    """Latency of one 16-token query and throughput per (text file, batch size).
-
-    `encode(list_of_texts)` returns embeddings; `stage_times`, when given, is a dict in which the
-    encoder leaves the seconds each stage of its last call took, for the model-only figure.
-    """
-    result = {}
-    queries = texts["q16"]
-    for i in range(LATENCY_WARMUP):
-        encode([queries[i % len(queries)]])
-    latencies = []
-    for i in range(LATENCY_RUNS):
-        q = [queries[(LATENCY_WARMUP + i) % len(queries)]]
-        t0 = time.perf_counter()
-        encode(q)
-        latencies.append(time.perf_counter() - t0)
-    latencies.sort()
-    result["query_latency_ms"] = {
-        "tokens": TEXT_FILES["q16"],
-        "runs": LATENCY_RUNS,
-        "p50": 1e3 * percentile(latencies, 0.50),
-        "p99": 1e3 * percentile(latencies, 0.99),
-        "min": 1e3 * latencies[0],
-    }
-
-    cells = []
-    for name in THROUGHPUT_FILES:
-        for batch in BATCHES:
-            items = batch_of(texts[name], batch)
-            tokens = sum(tokens_of(t) for t in items)
-            largest = batch == max(BATCHES)
-            if not largest:
-                encode(items)  # warm-up; the largest batch follows a warm 100-batch of its length
-            times, stages = [], []
-            started = time.perf_counter()
-            min_reps = MIN_REPS_LARGEST if largest else MIN_REPS
-            while len(times) < min_reps or (time.perf_counter() - started < CELL_BUDGET_S and len(times) < MAX_REPS):
-                t0 = time.perf_counter()
-                encode(items)
-                times.append(time.perf_counter() - t0)
-                if stage_times is not None:
-                    stages.append(dict(stage_times))
-            times.sort()
-            median = percentile(times, 0.5)
-            cell = {
-                "texts": name,
-                "batch": batch,
-                "tokens": tokens,
-                "reps": len(times),
-                "median_s": median,
-                "min_s": times[0],
-                "tokens_per_s": tokens / median,
-            }
-            if stages:
-                # Medians per stage, like the end-to-end figure, so the two compare.
-                for stage in sorted(stages[0]):
-                    cell[stage + "_median_s"] = percentile(sorted(x[stage] for x in stages), 0.5)
-                if "model_median_s" in cell:
-                    cell["model_only_tokens_per_s"] = tokens / cell["model_median_s"]
-            cells.append(cell)
-            print("  %-6s batch %4d: %9.0f tokens/s (%d reps)" % (name, batch, cell["tokens_per_s"], len(times)),
-                  file=sys.stderr, flush=True)
-    result["throughput"] = cells
-    return result
-
-
-def child_torch(args, texts):
+def setup_torch(args):
     import torch
 
     torch.set_num_threads(args.threads)
@@ -216,7 +156,7 @@ def child_torch(args, texts):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(args.model, device="cpu", local_files_only=True)
-    model.to(torch.float32)  # fp32 even for an F16 checkpoint (exact upcast)
+    model.to(torch.float32)  # fp32 even for an F16 checkpoint (the upcast is exact)
     model.eval()
     tok = model.tokenizer
 
@@ -227,15 +167,230 @@ def child_torch(args, texts):
         # batch_size = len(items): each timed call is one forward pass of that batch.
         return model.encode(items, batch_size=len(items), convert_to_numpy=True, show_progress_bar=False)
 
-    result = measure_engine(encode, texts, tokens_of)
-    result["check"] = encode(texts["t50"][:CHECK_TEXTS]).tolist()
-    result["versions"] = {
-        "sentence_transformers": sentence_transformers.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+    info = {
+        "versions": {"sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "settings": "SentenceTransformer.encode(batch_size=len(texts)), fp32, torch.set_num_threads(%d)"
+                    % args.threads,
     }
-    result["settings"] = "SentenceTransformer.encode, fp32, torch.set_num_threads(%d)" % args.threads
-    return result
+    return encode, tokens_of, None, info
+
+
+def setup_onnxruntime(args):
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
+    tok = load_tokenizer(args.model, max_length=max_seq_length(args.model))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch, as ST does
+    stages = {}
+
+    def encode(items):
+        # Tokenize, run, mean-pool over real tokens, L2-normalize: what sentence-transformers does.
+        t0 = time.perf_counter()
+        encodings = tok.encode_batch(items)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        t1 = time.perf_counter()
+        hidden = session.run(["last_hidden_state"], {
+            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        t2 = time.perf_counter()
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        t3 = time.perf_counter()
+        stages["tokenize"] = t1 - t0
+        stages["model"] = t2 - t1
+        stages["pool"] = t3 - t2
+        return pooled
+
+    def tokens_of(text):
+        return len(tok.encode(text).ids)
+
+    info = {
+        "versions": {"onnxruntime": ort.__version__},
+        "settings": "CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads=%d, inter_op_num_threads=1; "
+                    "tokenizers + numpy mean pooling; %s" % (args.threads, os.path.basename(args.onnx)),
+    }
+    return encode, tokens_of, stages, info
+
+
+SETUPS = {"torch": setup_torch, "onnxruntime": setup_onnxruntime, "onnxruntime-fused": setup_onnxruntime}
+
+
+def batch_of(texts, n):
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def worker_main(args):
+    """Serves timing requests, one JSON line in, one JSON line out, until stdin closes."""
+    # Libraries print progress to stdout; only our replies may go there, so everything else
+    # (Python and C level) is sent to stderr and replies use a saved copy of the original fd.
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    texts = read_texts(args.texts)
+    encode, tokens_of, stages, info = SETUPS[args.child](args)
+    reply.write(json.dumps({"ready": True}) + "\n")
+    reply.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        out = {}
+        if cmd["op"] == "latency":
+            queries = texts["q16"]
+            times = []
+            for i in range(cmd["start"], cmd["start"] + cmd["count"]):
+                q = [queries[i % len(queries)]]
+                t0 = time.perf_counter()
+                encode(q)
+                times.append(time.perf_counter() - t0)
+            out["times"] = times
+        elif cmd["op"] == "cell":
+            items = batch_of(texts[cmd["texts"]], cmd["batch"])
+            if cmd["warmup"]:
+                encode(items)
+            times, stage_list = [], []
+            for _ in range(cmd["reps"]):
+                t0 = time.perf_counter()
+                encode(items)
+                times.append(time.perf_counter() - t0)
+                if stages is not None:
+                    stage_list.append(dict(stages))
+            out["times"] = times
+            out["stages"] = stage_list
+            if cmd.get("count_tokens"):
+                out["tokens"] = sum(tokens_of(t) for t in items)
+        elif cmd["op"] == "check":
+            out["vectors"] = [[float(x) for x in row] for row in encode(texts["t50"][:CHECK_TEXTS])]
+        elif cmd["op"] == "finish":
+            out = dict(info)
+            out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+        reply.write(json.dumps(out) + "\n")
+        reply.flush()
+    return 0
+
+
+class Worker:
+    """A peer in its own interpreter, driven over a pipe."""
+
+    def __init__(self, args, engine, texts_dir, onnx=None):
+        env = dict(os.environ)
+        # Pin every thread pool the peer might use to the count we give ours.
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
+            env[var] = str(args.threads)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--model", args.model,
+               "--texts", texts_dir, "--threads", str(args.threads)] + (["--onnx", onnx] if onnx else [])
+        self.engine = engine
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # {"ready": true} once the model is loaded
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("peers: the %s worker exited (status %s)" % (self.engine, self.proc.wait()))
+        return json.loads(line)
+
+    def ask(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+def percentile(sorted_values, q):
+    # Linear interpolation between closest ranks (numpy's default), without importing numpy here.
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def measure_latency(workers):
+    times = {k: [] for k in workers}
+    for k, w in workers.items():
+        w.ask(op="latency", start=0, count=LATENCY_WARMUP)
+    for s in range(0, LATENCY_RUNS, LATENCY_SLICE):
+        for k, w in workers.items():
+            times[k] += w.ask(op="latency", start=LATENCY_WARMUP + s, count=LATENCY_SLICE)["times"]
+    out = {}
+    for k, t in times.items():
+        t.sort()
+        out[k] = {"tokens": TEXT_FILES["q16"], "runs": len(t), "p50": 1e3 * percentile(t, 0.5),
+                  "p99": 1e3 * percentile(t, 0.99), "min": 1e3 * t[0]}
+    return out
+
+
+def measure_cell(workers, name, batch):
+    """One (texts, batch) cell for every peer, the peers taking turns."""
+    largest = batch == max(BATCHES)
+    min_reps = MIN_REPS_LARGEST if largest else MIN_REPS
+    times = {k: [] for k in workers}
+    stages = {k: [] for k in workers}
+    tokens = {}
+    per_slice = {}
+    for k, w in workers.items():
+        r = w.ask(op="cell", texts=name, batch=batch, reps=1, warmup=not largest, count_tokens=True)
+        times[k] += r["times"]
+        stages[k] += r["stages"]
+        tokens[k] = r["tokens"]
+        per_slice[k] = max(1, int(SLICE_S / max(r["times"][0], 1e-6)))
+
+    def wants_more(k):
+        n = len(times[k])
+        return n < min_reps or (not largest and sum(times[k]) < CELL_BUDGET_S and n < MAX_REPS)
+
+    while any(wants_more(k) for k in workers):
+        for k, w in workers.items():
+            if wants_more(k):
+                reps = min(per_slice[k], MAX_REPS - len(times[k]))
+                r = w.ask(op="cell", texts=name, batch=batch, reps=max(reps, 1), warmup=False)
+                times[k] += r["times"]
+                stages[k] += r["stages"]
+
+    out = {}
+    for k in workers:
+        t = sorted(times[k])
+        cell = {"texts": name, "batch": batch, "tokens": tokens[k], "reps": len(t), "median_s": percentile(t, 0.5),
+                "min_s": t[0], "tokens_per_s": tokens[k] / percentile(t, 0.5)}
+        if stages[k]:
+            # Medians per stage, like the end-to-end figure, so the two compare.
+            for stage in sorted(stages[k][0]):
+                cell[stage + "_median_s"] = percentile(sorted(x[stage] for x in stages[k]), 0.5)
+            cell["model_only_tokens_per_s"] = tokens[k] / cell["model_median_s"]
+        out[k] = cell
+    print("  %-5s batch %4d: %s" % (name, batch, "  ".join(
+        "%s %.0f" % (k, c["tokens_per_s"]) for k, c in out.items())), file=sys.stderr, flush=True)
+    return out
+
+
+def run_export(args, texts_dir):
+    """The ONNX export, in a child of its own so torch's memory never counts against a peer."""
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "export", "--model", args.model,
+               "--texts", texts_dir, "--onnx-cache", args.onnx_cache, "--json", out]
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)
+
+
+
+# ---------------------------------------------------------------- ONNX export
 
 
 def onnx_paths(args):
@@ -256,7 +411,7 @@ def onnx_paths(args):
     return os.path.join(folder, "model.onnx"), os.path.join(folder, "model-fused.onnx")
 
 
-def child_export(args, texts):
+def child_export(args):
     """Exports the BertModel (last_hidden_state) to ONNX with dynamic batch and sequence axes, and
     a copy with ONNX Runtime's BERT fusions applied.
 
@@ -321,79 +476,6 @@ def child_export(args, texts):
     }
 
 
-def child_onnxruntime(args, texts):
-    import numpy as np
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
-    limit = max_seq_length(args.model)
-    tok = load_tokenizer(args.model, max_length=limit)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch, as ST does
-    stages = {}
-
-    def encode(items):
-        # Tokenize, run, mean-pool over real tokens, L2-normalize: what sentence-transformers does.
-        t0 = time.perf_counter()
-        encodings = tok.encode_batch(items)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        t1 = time.perf_counter()
-        hidden = session.run(["last_hidden_state"], {
-            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
-        t2 = time.perf_counter()
-        weights = mask[:, :, None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        t3 = time.perf_counter()
-        stages["tokenize"] = t1 - t0
-        stages["model"] = t2 - t1
-        stages["pool"] = t3 - t2
-        return pooled
-
-    def tokens_of(text):
-        return len(tok.encode(text).ids)
-
-    result = measure_engine(encode, texts, tokens_of, stages)
-    result["check"] = encode(texts["t50"][:CHECK_TEXTS]).tolist()
-    result["versions"] = {"onnxruntime": ort.__version__}
-    result["settings"] = ("CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads=%d; tokenizers + numpy "
-                          "mean pooling; %s" % (args.threads, os.path.basename(args.onnx)))
-    return result
-
-
-CHILDREN = {"export": child_export, "torch": child_torch, "onnxruntime": child_onnxruntime,
-            "onnxruntime-fused": child_onnxruntime}
-ENGINE_NAMES = {
-    "torch": "sentence-transformers (PyTorch fp32)",
-    "onnxruntime": "ONNX Runtime fp32",
-    "onnxruntime-fused": "ONNX Runtime fp32, BERT fusions",
-}
-
-
-def run_child(args, engine, texts_dir, onnx=None):
-    """Runs one engine in a fresh interpreter; returns its result dict."""
-    env = dict(os.environ)
-    # Pin every thread pool the peer might use to the same count we give ours.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
-        env[var] = str(args.threads)
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--model", args.model,
-               "--texts", texts_dir, "--threads", str(args.threads), "--onnx-cache", args.onnx_cache,
-               "--json", out] + (["--onnx", onnx] if onnx else [])
-        subprocess.run(cmd, env=env, check=True)
-        with open(out) as f:
-            return json.load(f)
-    finally:
-        os.unlink(out)
-
-
 # ---------------------------------------------------------------- is the machine all ours?
 
 # One thread's SGEMM rate for a second: run once alone, then `threads` copies at once. On a
@@ -447,23 +529,23 @@ def machine_info():
 
 
 def print_table(report):
-    cells = [(name, b) for name in THROUGHPUT_FILES for b in BATCHES]
     print("model %s, %d threads, %s" % (report["model"], report["threads"], report["machine"]["cpu"]))
     print("%-38s %8s %8s %8s" % ("peer", "q16 p50", "q16 p99", "RSS MiB"))
     for key, result in report["engines"].items():
         lat = result["query_latency_ms"]
         print("%-38s %6.2fms %6.2fms %8.0f" % (ENGINE_NAMES[key], lat["p50"], lat["p99"], result["peak_rss_mib"]))
     print("\nthroughput, tokens/s (end to end; ONNX Runtime model-only in parentheses)")
-    print("%-8s %6s " % ("texts", "batch") + " ".join("%22s" % k for k in report["engines"]))
-    for name, batch in cells:
-        row = "%-8s %6d " % (name, batch)
-        for result in report["engines"].values():
-            cell = next(c for c in result["throughput"] if c["texts"] == name and c["batch"] == batch)
-            text = "%.0f" % cell["tokens_per_s"]
-            if "model_only_tokens_per_s" in cell:
-                text += " (%.0f)" % cell["model_only_tokens_per_s"]
-            row += "%22s " % text
-        print(row)
+    print("%-6s %6s " % ("texts", "batch") + " ".join("%20s" % k for k in report["engines"]))
+    for name in THROUGHPUT_FILES:
+        for batch in BATCHES:
+            row = "%-6s %6d " % (name, batch)
+            for result in report["engines"].values():
+                cell = next(c for c in result["throughput"] if c["texts"] == name and c["batch"] == batch)
+                text = "%.0f" % cell["tokens_per_s"]
+                if "model_only_tokens_per_s" in cell:
+                    text += " (%.0f)" % cell["model_only_tokens_per_s"]
+                row += "%20s " % text
+            print(row)
 
 
 def main():
@@ -474,73 +556,89 @@ def main():
     parser.add_argument("--stsb", default=DEFAULT_STSB, help="STS Benchmark CSV the texts are built from")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the full results here")
-    parser.add_argument("--engines", default="torch,onnxruntime,onnxruntime-fused",
+    parser.add_argument("--engines", default=",".join(ENGINE_NAMES),
                         help="comma-separated, from: " + ", ".join(ENGINE_NAMES))
     parser.add_argument("--onnx-cache", default=DEFAULT_ONNX_CACHE)
-    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
-    # The exported file, handed to the ONNX Runtime child so that it never imports torch (which
+    parser.add_argument("--child", choices=["export"] + sorted(SETUPS), help=argparse.SUPPRESS)
+    # The exported file, handed to an ONNX Runtime worker so that it never imports torch (which
     # would count in its peak RSS).
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = os.path.abspath(args.model)
-    engines = args.engines.split(",")
-    unknown = [e for e in engines if e not in ENGINE_NAMES]
-    if unknown:
-        parser.error("unknown engine(s) %s; choose from %s" % (", ".join(unknown), ", ".join(ENGINE_NAMES)))
 
-    if args.child:
-        texts = read_texts(args.texts)
-        result = CHILDREN[args.child](args, texts)
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    if args.child == "export":
         with open(args.json, "w") as f:
-            json.dump(result, f)
+            json.dump(child_export(args), f)
         return 0
+    if args.child:
+        return worker_main(args)
 
     if args.make_texts:
         make_texts(args.model, args.make_texts, args.stsb)
         print("wrote %s" % ", ".join(os.path.join(args.make_texts, n + ".txt") for n in TEXT_FILES))
         return 0
 
+    engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINE_NAMES]
+    if unknown:
+        parser.error("unknown engine(s) %s; choose from %s" % (", ".join(unknown), ", ".join(ENGINE_NAMES)))
+
     tmp_texts = None
     texts_dir = args.texts
     if not texts_dir:
         tmp_texts = tempfile.mkdtemp(prefix="peers-texts-")
         texts_dir = make_texts(args.model, tmp_texts, args.stsb)
+    workers = {}
     try:
         report = {
-            "model": os.path.relpath(args.model, REPO) if args.model.startswith(REPO) else args.model,
+            "model": os.path.relpath(args.model, REPO) if args.model.startswith(REPO + os.sep) else args.model,
             "threads": args.threads,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(),
-            "texts": {n: {"tokens": t, "lines": len(v)} for (n, t), v in
-                      zip(TEXT_FILES.items(), read_texts(texts_dir).values())},
-            "engines": {},
+            "texts": {n: {"tokens": TEXT_FILES[n], "lines": len(v)} for n, v in read_texts(texts_dir).items()},
+            "schedule": "peers take turns within each measurement (slices of ~%.1f s)" % SLICE_S,
             "core_probes": [],
+            "engines": {},
         }
         started = time.perf_counter()
+        onnx = {}
+        if any(e.startswith("onnxruntime") for e in engines):
+            print("peers: ONNX export", file=sys.stderr, flush=True)
+            export = run_export(args, texts_dir)
+            onnx = {"onnxruntime": export["onnx"], "onnxruntime-fused": export["onnx_fused"]}
+            report["onnx_export"] = dict(export, onnx=os.path.relpath(export["onnx"], REPO),
+                                         onnx_fused=os.path.relpath(export["onnx_fused"], REPO))
+        report["core_probes"].append(core_probe(args.threads, "start"))
         for engine in engines:
-            print("peers: %s" % ENGINE_NAMES[engine], file=sys.stderr, flush=True)
-            onnx = None
-            if engine.startswith("onnxruntime"):
-                if "onnx_export" not in report:
-                    export = run_child(args, "export", texts_dir)
-                    report["onnx_export"] = dict(export)
-                    for key in ("onnx", "onnx_fused"):
-                        report["onnx_export"][key] = os.path.relpath(export[key], REPO)
-                onnx = export["onnx_fused" if engine.endswith("fused") else "onnx"]
-            report["core_probes"].append(core_probe(args.threads, "before " + engine))
-            report["engines"][engine] = run_child(args, engine, texts_dir, onnx)
-        report["core_probes"].append(core_probe(args.threads, "at the end"))
+            print("peers: loading %s" % ENGINE_NAMES[engine], file=sys.stderr, flush=True)
+            workers[engine] = Worker(args, engine, texts_dir, onnx.get(engine))
+
+        print("peers: query latency", file=sys.stderr, flush=True)
+        latency = measure_latency(workers)
+        cells = {k: [] for k in workers}
+        for name in THROUGHPUT_FILES:
+            report["core_probes"].append(core_probe(args.threads, "before " + name))
+            print("peers: throughput, %s" % name, file=sys.stderr, flush=True)
+            for batch in BATCHES:
+                for k, cell in measure_cell(workers, name, batch).items():
+                    cells[k].append(cell)
+        checks = {k: w.ask(op="check")["vectors"] for k, w in workers.items()}
+        for k, w in workers.items():
+            report["engines"][k] = dict(w.ask(op="finish"), query_latency_ms=latency[k], throughput=cells[k])
+            w.close()
+        report["core_probes"].append(core_probe(args.threads, "end"))
         report["wall_s"] = time.perf_counter() - started
     finally:
+        for w in workers.values():
+            w.close()
         if tmp_texts:
             shutil.rmtree(tmp_texts, ignore_errors=True)
 
-    checks = [r.pop("check") for r in report["engines"].values()]
-    if len(checks) >= 2:
+    vectors = list(checks.values())
+    if len(vectors) >= 2:
         # The peers must embed the same texts to the same vectors, or the comparison is moot.
         report["max_abs_diff_between_peers"] = max(
-            abs(a - b) for other in checks[1:] for ra, rb in zip(checks[0], other) for a, b in zip(ra, rb))
+            abs(a - b) for other in vectors[1:] for ra, rb in zip(vectors[0], other) for a, b in zip(ra, rb))
     print_table(report)
     if "max_abs_diff_between_peers" in report:
         print("\nmax |difference| between the peers' embeddings: %.2e" % report["max_abs_diff_between_peers"])

@@ -611,7 +611,10 @@ int model_config_load(const char *dir, model_config *out)
     free(text);
     if (rc) goto free_path;
 
-    if (!out->name) {
+    /* The directory names the model the user chose; a sentence-transformers checkpoint's
+     * _name_or_path usually names the base model it was trained from instead. */
+    {
+        free(out->name);
         out->name = cfg_base_name(dir);
         if (!out->name) {
             rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);

@@ -706,7 +706,7 @@ static void encode_segment(encoder *e, const unsigned char *s, size_t n)
         return;
     }
     normalize_to_buffer(e, s, n);
-    if (e->status) return;
+    if (e->status || e->buffer_length == 0) return; /* (the buffer may not exist yet) */
     const unsigned char *b = e->buffer;
     size_t length = e->buffer_length, position = 0, scan = 0, start, end;
     int32_t id;

@@ -32,7 +32,8 @@ int tok_open_vocab_buffer(const char *vocab, size_t length, const tok_options *o
 void tok_close(tok_tokenizer *tokenizer);
 
 /* Tokenizes `prefix` (may be NULL) followed by `text` (len bytes of UTF-8, may hold NUL bytes,
- * which cleanup drops like other control characters) and writes [CLS] ids [SEP].
+ * which cleanup drops like other control characters) and writes [CLS] ids [SEP]. Added tokens
+ * written in the text (such as "[SEP]" or "[MASK]") become their ids, as in the reference.
  * At most `max_tokens` ids are produced (>= 2): the word-piece ids are cut so that [CLS] and
  * [SEP] still fit, as Hugging Face truncation does. `ids` must hold max_tokens entries.
  * Returns the number of ids written, or a negative status (EMBEDRAG_ERR_INVALID_UTF8 naming the
@@ -42,7 +43,8 @@ void tok_close(tok_tokenizer *tokenizer);
 int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *text, size_t len,
                int32_t *ids, int max_tokens, int *untruncated);
 
-/* Number of ids `prefix` alone contributes (without [CLS]/[SEP]). */
+/* Number of ids `prefix` alone contributes (without [CLS]/[SEP]; sentence-transformers'
+ * prompt_length is this plus one, for [CLS]). A negative status for invalid UTF-8. */
 int tok_count(const tok_tokenizer *tokenizer, const char *prefix);
 
 /* The vocabulary string of `id`, or NULL when out of range. */

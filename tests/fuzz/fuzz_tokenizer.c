@@ -4,13 +4,6 @@
  * prefix behaves like text glued in front. Build: CC=clang cmake -DEMBEDRAG_FUZZ=ON. */
 #include "tokenizer/tokenizer.h"
 
-/* The library is compiled without libFuzzer's coverage instrumentation (only this file gets
- * -fsanitize=fuzzer), which would leave the fuzzer blind. Compiling the tokenizer's sources
- * into this target instead gives it the coverage feedback; the linker then takes no tokenizer
- * object from the library, as every tok_ symbol is already defined here. */
-#include "tokenizer/tokenizer.c"
-#include "tokenizer/tokenizer_unicode.c"
-
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

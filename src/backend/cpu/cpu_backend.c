@@ -70,8 +70,8 @@ static int reserve(cpu_backend *b, int tokens, int max_len)
         int d = c->hidden_size / c->num_heads;
         free(b->scores);
         free(b->kt);
-        b->scores = malloc((size_t)n * (size_t)max_len * sizeof(float));
-        b->kt = malloc((size_t)n * (size_t)max_len * (size_t)d * sizeof(float));
+        b->scores = malloc((size_t)n * CPU_ATTENTION_SCORES(max_len) * sizeof(float));
+        b->kt = malloc((size_t)n * CPU_ATTENTION_KT(max_len, d) * sizeof(float));
         if (!b->scores || !b->kt) {
             free(b->scores);
             free(b->kt);
@@ -183,8 +183,8 @@ static void attention_worker(void *ctx, int task, int thread)
     const float *q = b->qkv + (size_t)start * ld + (size_t)head * (size_t)d;
     float *out = b->ctx + (size_t)start * (size_t)h + (size_t)head * (size_t)d;
     cpu_attention_head(q, q + h, q + 2 * h, ld, len, d, 1.0f / sqrtf((float)d), out, (size_t)h,
-                       b->scores + (size_t)thread * (size_t)b->capacity_len,
-                       b->kt + (size_t)thread * (size_t)b->capacity_len * (size_t)d);
+                       b->scores + (size_t)thread * CPU_ATTENTION_SCORES(b->capacity_len),
+                       b->kt + (size_t)thread * CPU_ATTENTION_KT(b->capacity_len, d));
 }
 
 /* ---- the forward pass ---- */

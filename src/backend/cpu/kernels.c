@@ -25,7 +25,13 @@
 /* Lanes of the fixed-order reductions (one AVX-512 register of floats). */
 #define REDUCE_LANES 16
 
+#if defined(__clang__)
+/* clang 14 emits no resolver for target_clones functions called only from other files; the clang
+ * build (used for sanitizers and fuzzing) takes the baseline versions, same results. */
+#define CLONES
+#else
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #define AVX512_TARGET __attribute__((target("avx512f,avx512dq,fma")))
 
 /* ---- instruction-set choice (computed once, read-only afterwards) ---- */
@@ -407,11 +413,107 @@ static inline void weighted_values(float *out, const float *scores, const float 
     for (int dd = 0; dd < d; dd++) out[dd] *= inv_sum;
 }
 
-CLONES void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
-                        float scale, float *out, size_t ldo, float *scores, float *kt)
+/* e^x on 16 lanes, the same method as exp_approx: 2^n applied with scalef. */
+AVX512_TARGET static inline __m512 exp_avx512(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(int remaining)
+{
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
+
+/* Attention for head widths that are multiples of 16 (up to ATTENTION_MAX_WIDTH): keys are
+ * transposed into kt with rows padded to 16 lanes; scores use four independent accumulators
+ * (four key blocks), the weighted sum of values splits even and odd keys into two chains, so the
+ * loops run at FMA throughput rather than latency. Orders depend only on len and d. */
+#define ATTENTION_MAX_WIDTH 128
+AVX512_TARGET static void attention_head_avx512(const float *q, const float *k, const float *v,
+                                                size_t ld, int len, int d, float scale, float *out,
+                                                size_t ldo, float *scores, float *kt)
+{
+    size_t padded = (size_t)((len + 15) & ~15);
+    for (int dd = 0; dd < d; dd++) {
+        float *row = kt + (size_t)dd * padded;
+        for (int j = 0; j < len; j++) row[j] = k[(size_t)j * ld + (size_t)dd];
+        for (size_t j = (size_t)len; j < padded; j++) row[j] = 0.0f;
+    }
+    int blocks = d / 16;
+    for (int i = 0; i < len; i++) {
+        const float *qi = q + (size_t)i * ld;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < len; j += 64) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                             _mm512_setzero_ps()};
+            int chunks = (len - j + 15) / 16;
+            if (chunks > 4) chunks = 4;
+            for (int dd = 0; dd < d; dd++) {
+                __m512 qd = _mm512_set1_ps(qi[dd] * scale);
+                const float *krow = kt + (size_t)dd * padded + (size_t)j;
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++)
+                    if (c < chunks) acc[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(krow + 16 * c), acc[c]);
+            }
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                if (c < chunks) {
+                    _mm512_storeu_ps(scores + j + 16 * c, acc[c]);
+                    vmax = _mm512_mask_max_ps(vmax, tail_mask(len - j - 16 * c), vmax, acc[c]);
+                }
+        }
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int j = 0; j < len; j += 16) {
+            __m512 e = _mm512_maskz_mov_ps(tail_mask(len - j),
+                                           exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), m)));
+            _mm512_storeu_ps(scores + j, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+        __m512 even[ATTENTION_MAX_WIDTH / 16], odd[ATTENTION_MAX_WIDTH / 16];
+        for (int b = 0; b < blocks; b++) even[b] = odd[b] = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 1 < len; j += 2) {
+            __m512 p0 = _mm512_set1_ps(scores[j]), p1 = _mm512_set1_ps(scores[j + 1]);
+            const float *v0 = v + (size_t)j * ld, *v1 = v0 + ld;
+            for (int b = 0; b < blocks; b++) {
+                even[b] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * b), even[b]);
+                odd[b] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * b), odd[b]);
+            }
+        }
+        if (j < len) {
+            __m512 p0 = _mm512_set1_ps(scores[j]);
+            for (int b = 0; b < blocks; b++)
+                even[b] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + (size_t)j * ld + 16 * b), even[b]);
+        }
+        float *o = out + (size_t)i * ldo;
+        for (int b = 0; b < blocks; b++)
+            _mm512_storeu_ps(o + 16 * b, _mm512_mul_ps(_mm512_add_ps(even[b], odd[b]), inv));
+    }
+}
+
+CLONES static void attention_head_generic(const float *q, const float *k, const float *v,
+                                          size_t ld, int len, int d, float scale, float *out,
+                                          size_t ldo, float *scores, float *kt)
 {
     for (int j = 0; j < len; j++)
-        for (int dd = 0; dd < d; dd++) kt[(size_t)dd * (size_t)len + (size_t)j] = k[(size_t)j * ld + (size_t)dd];
+        for (int dd = 0; dd < d; dd++)
+            kt[(size_t)dd * (size_t)len + (size_t)j] = k[(size_t)j * ld + (size_t)dd];
     for (int i = 0; i < len; i++) {
         scores_row(scores, q + (size_t)i * ld, kt, len, d, scale);
         float m = max_fixed(scores, len);
@@ -419,4 +521,13 @@ CLONES void cpu_attention_head(const float *q, const float *k, const float *v, s
         float s = sum_fixed(scores, len);
         weighted_values(out + (size_t)i * ldo, scores, v, ld, len, d, 1.0f / s);
     }
+}
+
+void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
+                        float scale, float *out, size_t ldo, float *scores, float *kt)
+{
+    if (isa() == ISA_AVX512 && d % 16 == 0 && d <= ATTENTION_MAX_WIDTH)
+        attention_head_avx512(q, k, v, ld, len, d, scale, out, ldo, scores, kt);
+    else
+        attention_head_generic(q, k, v, ld, len, d, scale, out, ldo, scores, kt);
 }

@@ -60,8 +60,10 @@ void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const f
                     float eps);
 
 /* Attention of one head of one sequence: q, k, v rows of `len` tokens with row stride `ld` and
- * head width d; writes `len` rows of d floats to out (stride ldo). `scores` holds len floats and
- * `kt` holds d*len floats of scratch. */
+ * head width d; writes `len` rows of d floats to out (stride ldo). Scratch: `scores` holds
+ * CPU_ATTENTION_SCORES(len) floats and `kt` CPU_ATTENTION_KT(len, d) floats. */
+#define CPU_ATTENTION_SCORES(len) ((size_t)(len) + 16)
+#define CPU_ATTENTION_KT(len, d) (((size_t)(len) + 16) * (size_t)(d))
 void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
                         float scale, float *out, size_t ldo, float *scores, float *kt);
 
