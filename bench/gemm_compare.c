@@ -25,9 +25,11 @@ static void run(int which, int m, int n, int k, const float *A, const float *W,
                 const cpu_packed *packed, float *C)
 {
     if (which == OURS) {
+        static float scratch[112 * 1536];
         cpu_gemm_plan plan = cpu_gemm_plan_make(m, packed, 1);
         for (int t = 0; t < cpu_gemm_plan_tasks(&plan); t++)
-            cpu_gemm_task(&plan, t, A, (size_t)k, packed, CPU_EPILOGUE_BIAS, NULL, C, (size_t)n);
+            cpu_gemm_task(&plan, t, A, (size_t)k, packed, CPU_EPILOGUE_BIAS, NULL, C, (size_t)n,
+                          scratch);
     } else if (which == OPENBLAS) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, A, k, W, k, 0.0f, C,
                     n);

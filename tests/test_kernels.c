@@ -30,8 +30,10 @@ static void gemm_all(int m, const float *A, const cpu_packed *p, cpu_epilogue e,
                      float *C, int threads)
 {
     cpu_gemm_plan plan = cpu_gemm_plan_make(m, p, threads);
+    float *scratch = malloc(sizeof(float) * cpu_gemm_scratch_floats(p->k));
     for (int t = cpu_gemm_plan_tasks(&plan) - 1; t >= 0; t--)
-        cpu_gemm_task(&plan, t, A, (size_t)p->k, p, e, R, C, (size_t)p->n);
+        cpu_gemm_task(&plan, t, A, (size_t)p->k, p, e, R, C, (size_t)p->n, scratch);
+    free(scratch);
 }
 
 static double gelu_reference(double x)

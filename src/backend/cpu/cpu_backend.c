@@ -34,6 +34,9 @@ typedef struct cpu_backend {
     /* Per-thread attention scratch, sized for the longest sequence seen so far. */
     int capacity_len;
     float *scores, *kt;
+    /* Per-thread GEMM scratch (row interleaving), sized for the widest inner dimension. */
+    float *gemm_scratch;
+    size_t gemm_scratch_floats;
 } cpu_backend;
 
 static void free_activations(cpu_backend *b)
@@ -95,12 +98,15 @@ typedef struct gemm_job {
     const float *R;
     float *C;
     size_t ldc;
+    float *scratch;
+    size_t scratch_floats;
 } gemm_job;
 
 static void gemm_worker(void *ctx, int task, int thread)
 {
     gemm_job *j = ctx;
-    cpu_gemm_task(&j->plan, task, j->A, j->lda, j->packed, j->epilogue, j->R, j->C, j->ldc);
+    cpu_gemm_task(&j->plan, task, j->A, j->lda, j->packed, j->epilogue, j->R, j->C, j->ldc,
+                  j->scratch + (size_t)thread * j->scratch_floats);
 }
 
 static void gemm(cpu_backend *b, int m, const float *A, const cpu_packed *packed,
@@ -112,7 +118,9 @@ static void gemm(cpu_backend *b, int m, const float *A, const cpu_packed *packed
                   .epilogue = epilogue,
                   .R = R,
                   .C = C,
-                  .ldc = (size_t)packed->n};
+                  .ldc = (size_t)packed->n,
+                  .scratch = b->gemm_scratch,
+                  .scratch_floats = b->gemm_scratch_floats};
     j.plan = cpu_gemm_plan_make(m, packed, pool_threads(b->threads));
     pool_run(b->threads, cpu_gemm_plan_tasks(&j.plan), gemm_worker, &j);
 }
@@ -280,6 +288,7 @@ static void cpu_destroy(backend *self)
     free_activations(b);
     free(b->scores);
     free(b->kt);
+    free(b->gemm_scratch);
     pool_destroy(b->threads);
     free(b);
 }
@@ -325,8 +334,13 @@ int cpu_backend_create(const model_config *config, model_weights *weights, int t
     b->weights = weights;
     int rc = pool_create(threads, &b->threads);
     if (rc) goto destroy;
+    int widest = config->intermediate_size > config->hidden_size ? config->intermediate_size
+                                                                  : config->hidden_size;
+    b->gemm_scratch_floats = cpu_gemm_scratch_floats(widest);
+    b->gemm_scratch = malloc((size_t)pool_threads(b->threads) * b->gemm_scratch_floats *
+                             sizeof(float));
     b->layers = calloc((size_t)config->num_layers, sizeof *b->layers);
-    if (!b->layers) {
+    if (!b->layers || !b->gemm_scratch) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
         goto destroy;
     }

@@ -202,12 +202,66 @@ cpu_gemm_plan cpu_gemm_plan_make(int m, const cpu_packed *packed, int threads)
     return plan;
 }
 
+/* e^x on 16 lanes, the same method as exp_approx: 2^n applied with scalef. */
+AVX512_TARGET static inline __m512 exp_avx512(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The activations of apply_activation on 16 lanes, same formulas. */
+AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epilogue)
+{
+    if (epilogue == CPU_EPILOGUE_BIAS_GELU) {
+        __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678f));
+        __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, _mm512_set1_ps(1.0f)));
+        __m512 poly = _mm512_set1_ps(1.061405429f);
+        poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+        poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+        poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+        poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+        poly = _mm512_mul_ps(poly, t);
+        __m512 q = _mm512_mul_ps(poly, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(),
+                                                                _mm512_mul_ps(z, z))));
+        __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+        __m512 one_plus_erf = _mm512_mask_sub_ps(q, positive, _mm512_set1_ps(2.0f), q);
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), one_plus_erf);
+    }
+    if (epilogue == CPU_EPILOGUE_BIAS_GELU_TANH) {
+        __m512 y = _mm512_mul_ps(
+            _mm512_set1_ps(0.7978845608f),
+            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-15.0f)), _mm512_set1_ps(15.0f));
+        __m512 e = exp_avx512(_mm512_add_ps(y, y));
+        __m512 th = _mm512_div_ps(_mm512_sub_ps(e, _mm512_set1_ps(1.0f)),
+                                  _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
+                             _mm512_add_ps(_mm512_set1_ps(1.0f), th));
+    }
+    if (epilogue == CPU_EPILOGUE_BIAS_RELU) return _mm512_max_ps(x, _mm512_setzero_ps());
+    return x;
+}
+
 /* One micro-tile: `rows` rows x one panel, the whole k, accumulated in registers; then bias and
  * residual. Each output element is sum_kk A[r][kk] * W[col][kk] in kk order, with fused
  * multiply-adds, then + bias (+ residual): the same for any `rows`. */
 AVX512_TARGET static inline __attribute__((always_inline)) void
-tile_avx512(const int rows, int k, const float *A, size_t lda, const float *panel,
-            const float *bias, int cols, const float *R, float *C, size_t ldc)
+tile_avx512(const int rows, int k, const float *ap, const float *panel, const float *bias,
+            int cols, cpu_epilogue epilogue, const float *R, float *C, size_t ldc)
 {
     __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
 #pragma GCC unroll 14
@@ -220,7 +274,7 @@ tile_avx512(const int rows, int k, const float *A, size_t lda, const float *pane
         __m512 b1 = _mm512_load_ps(panel + (size_t)kk * CPU_PANEL_WIDTH + 16);
 #pragma GCC unroll 14
         for (int r = 0; r < rows; r++) {
-            __m512 a = _mm512_set1_ps(A[(size_t)r * lda + (size_t)kk]);
+            __m512 a = _mm512_set1_ps(ap[(size_t)kk * (size_t)rows + (size_t)r]);
             c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
             c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
         }
@@ -237,19 +291,24 @@ tile_avx512(const int rows, int k, const float *A, size_t lda, const float *pane
             v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, R + (size_t)r * ldc));
             v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, R + (size_t)r * ldc + 16));
         }
+        if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
+            v0 = activation_avx512(v0, epilogue);
+            v1 = activation_avx512(v1, epilogue);
+        }
         _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, v0);
         _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, v1);
     }
 }
 
-AVX512_TARGET static void tile_avx512_dispatch(int rows, int k, const float *A, size_t lda,
+AVX512_TARGET static void tile_avx512_dispatch(int rows, int k, const float *ap,
                                                const float *panel, const float *bias, int cols,
-                                               const float *R, float *C, size_t ldc)
+                                               cpu_epilogue epilogue, const float *R, float *C,
+                                               size_t ldc)
 {
     switch (rows) {
 #define TILE_CASE(n)                                                                            \
     case n:                                                                                    \
-        tile_avx512(n, k, A, lda, panel, bias, cols, R, C, ldc);                               \
+        tile_avx512(n, k, ap, panel, bias, cols, epilogue, R, C, ldc);                               \
         break;
         TILE_CASE(1)
         TILE_CASE(2)
@@ -292,9 +351,14 @@ static void tile_generic(int rows, int k, const float *A, size_t lda, const floa
     }
 }
 
+size_t cpu_gemm_scratch_floats(int k)
+{
+    return (size_t)GEMM_BLOCK_ROWS * (size_t)k;
+}
+
 void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
                    const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
-                   size_t ldc)
+                   size_t ldc, float *scratch)
 {
     int block = task / plan->panel_groups, group = task % plan->panel_groups;
     int row0 = block * plan->rows_per_block;
@@ -302,29 +366,47 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
     int p0 = group * plan->panels_per_group;
     int p1 = p0 + plan->panels_per_group;
     if (p1 > packed->panels) p1 = packed->panels;
+    int k = packed->k;
     int use_avx512 = isa() == ISA_AVX512;
     const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
     /* Split the block's rows into near-equal micro-tiles (16 rows -> 8 + 8, not 14 + 2): the
      * grouping never changes a result, only how well the registers are used. */
     int tiles = (rows + GEMM_TILE_ROWS - 1) / GEMM_TILE_ROWS;
+    if (use_avx512) {
+        /* Interleave each tile's rows (scratch[kk * rows + r]) once for all panels: the kernel
+         * then broadcasts from one pointer at fixed offsets instead of needing a register per
+         * row, which spilled in the inner loop. */
+        float *dst = scratch;
+        for (int t = 0, r = row0; t < tiles; t++) {
+            int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
+            for (int i = 0; i < tr; i++) {
+                const float *src = A + (size_t)(r + i) * lda;
+                for (int kk = 0; kk < k; kk++) dst[(size_t)kk * (size_t)tr + (size_t)i] = src[kk];
+            }
+            dst += (size_t)tr * (size_t)k;
+            r += tr;
+        }
+    }
     for (int p = p0; p < p1; p++) {
-        const float *panel = packed->data + (size_t)p * (size_t)packed->k * CPU_PANEL_WIDTH;
+        const float *panel = packed->data + (size_t)p * (size_t)k * CPU_PANEL_WIDTH;
         int col0 = p * CPU_PANEL_WIDTH;
         int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
-        int r = row0;
-        for (int t = 0; t < tiles; t++) {
+        const float *ap = scratch;
+        for (int t = 0, r = row0; t < tiles; t++) {
             int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
-            const float *a = A + (size_t)r * lda;
             float *c = C + (size_t)r * ldc + (size_t)col0;
             const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
-            if (use_avx512)
-                tile_avx512_dispatch(tr, packed->k, a, lda, panel, packed->bias + col0, cols, res,
-                                     c, ldc);
-            else
-                tile_generic(tr, packed->k, a, lda, panel, packed->bias + col0, cols, res, c,
-                             ldc);
-            if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
-                for (int i = 0; i < tr; i++) apply_activation(c + (size_t)i * ldc, cols, epilogue);
+            if (use_avx512) {
+                tile_avx512_dispatch(tr, k, ap, panel, packed->bias + col0, cols, epilogue, res, c,
+                                     ldc);
+                ap += (size_t)tr * (size_t)k;
+            } else {
+                tile_generic(tr, k, A + (size_t)r * lda, lda, panel, packed->bias + col0, cols,
+                             res, c, ldc);
+                if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
+                    for (int i = 0; i < tr; i++)
+                        apply_activation(c + (size_t)i * ldc, cols, epilogue);
+            }
             r += tr;
         }
     }
@@ -411,26 +493,6 @@ static inline void weighted_values(float *out, const float *scores, const float 
         for (int dd = 0; dd < d; dd++) out[dd] += p * vrow[dd];
     }
     for (int dd = 0; dd < d; dd++) out[dd] *= inv_sum;
-}
-
-/* e^x on 16 lanes, the same method as exp_approx: 2^n applied with scalef. */
-AVX512_TARGET static inline __m512 exp_avx512(__m512 x)
-{
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 static inline __mmask16 tail_mask(int remaining)

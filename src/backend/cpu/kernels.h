@@ -49,11 +49,15 @@ static inline int cpu_gemm_plan_tasks(const cpu_gemm_plan *plan)
     return plan->row_blocks * plan->panel_groups;
 }
 
+/* Floats of per-thread scratch cpu_gemm_task needs for inner dimension k. */
+size_t cpu_gemm_scratch_floats(int k);
+
 /* Computes task `task` of the plan: rows of A [m x k] (row stride lda) times the packed weights,
- * written to C (row stride ldc) with the epilogue; R is the residual (stride ldc) or NULL. */
+ * written to C (row stride ldc) with the epilogue; R is the residual (stride ldc) or NULL.
+ * `scratch` holds cpu_gemm_scratch_floats(k) floats owned by the calling thread. */
 void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
                    const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
-                   size_t ldc);
+                   size_t ldc, float *scratch);
 
 /* y = LayerNorm(x) * gamma + beta over one row of n floats (x and y may alias). */
 void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const float *beta,
