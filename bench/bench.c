@@ -59,32 +59,32 @@ static double now_seconds(void)
 
 /* Twelve independent accumulators in named variables (an array would live on the stack across
  * the timer calls); the empty asm keeps each FMA inside the timed loop without adding work. */
-#define FMA_STEP(fma, x)                                                                       \
-    do {                                                                                       \
-        x = fma(x, a, b);                                                                      \
-        __asm__ volatile("" : "+v"(x));                                                        \
+#define FMA_STEP(fma, x)                                                                           \
+    do {                                                                                           \
+        x = fma(x, a, b);                                                                          \
+        __asm__ volatile("" : "+v"(x));                                                            \
     } while (0)
-#define FMA_TWELVE(fma)                                                                        \
-    do {                                                                                       \
-        FMA_STEP(fma, c0);                                                                     \
-        FMA_STEP(fma, c1);                                                                     \
-        FMA_STEP(fma, c2);                                                                     \
-        FMA_STEP(fma, c3);                                                                     \
-        FMA_STEP(fma, c4);                                                                     \
-        FMA_STEP(fma, c5);                                                                     \
-        FMA_STEP(fma, c6);                                                                     \
-        FMA_STEP(fma, c7);                                                                     \
-        FMA_STEP(fma, c8);                                                                     \
-        FMA_STEP(fma, c9);                                                                     \
-        FMA_STEP(fma, c10);                                                                    \
-        FMA_STEP(fma, c11);                                                                    \
+#define FMA_TWELVE(fma)                                                                            \
+    do {                                                                                           \
+        FMA_STEP(fma, c0);                                                                         \
+        FMA_STEP(fma, c1);                                                                         \
+        FMA_STEP(fma, c2);                                                                         \
+        FMA_STEP(fma, c3);                                                                         \
+        FMA_STEP(fma, c4);                                                                         \
+        FMA_STEP(fma, c5);                                                                         \
+        FMA_STEP(fma, c6);                                                                         \
+        FMA_STEP(fma, c7);                                                                         \
+        FMA_STEP(fma, c8);                                                                         \
+        FMA_STEP(fma, c9);                                                                         \
+        FMA_STEP(fma, c10);                                                                        \
+        FMA_STEP(fma, c11);                                                                        \
     } while (0)
 
 __attribute__((target("avx512f"))) static double fma_loop_avx512(void)
 {
     __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
-    __m512 c0 = b, c1 = b, c2 = b, c3 = b, c4 = b, c5 = b, c6 = b, c7 = b, c8 = b, c9 = b,
-           c10 = b, c11 = b;
+    __m512 c0 = b, c1 = b, c2 = b, c3 = b, c4 = b, c5 = b, c6 = b, c7 = b, c8 = b, c9 = b, c10 = b,
+           c11 = b;
     double t = now_seconds();
     for (long it = 0; it < PEAK_ITERATIONS; it++) FMA_TWELVE(_mm512_fmadd_ps);
     t = now_seconds() - t;
@@ -98,8 +98,8 @@ __attribute__((target("avx512f"))) static double fma_loop_avx512(void)
 __attribute__((target("avx2,fma"))) static double fma_loop_avx2(void)
 {
     __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-    __m256 c0 = b, c1 = b, c2 = b, c3 = b, c4 = b, c5 = b, c6 = b, c7 = b, c8 = b, c9 = b,
-           c10 = b, c11 = b;
+    __m256 c0 = b, c1 = b, c2 = b, c3 = b, c4 = b, c5 = b, c6 = b, c7 = b, c8 = b, c9 = b, c10 = b,
+           c11 = b;
     double t = now_seconds();
     for (long it = 0; it < PEAK_ITERATIONS; it++) FMA_TWELVE(_mm256_fmadd_ps);
     t = now_seconds() - t;
@@ -135,8 +135,8 @@ static double measure_peak(int threads)
     peak_thread(&rates[0]);
     for (int i = 1; i < threads; i++) pthread_join(tids[i], NULL);
     t = now_seconds() - t;
-    double per_thread = __builtin_cpu_supports("avx512f") ? PEAK_FLOPS_PER_THREAD
-                                                           : PEAK_FLOPS_PER_THREAD / 2.0;
+    double per_thread =
+        __builtin_cpu_supports("avx512f") ? PEAK_FLOPS_PER_THREAD : PEAK_FLOPS_PER_THREAD / 2.0;
     return rates[0] > 0 ? (double)threads * per_thread / t : 0.0;
 }
 
@@ -295,8 +295,7 @@ static int time_point(embedrag_model *model, const text_set *set, int batch, dou
     reps = 0;
     t0 = now_seconds();
     do {
-        if (engine_embed_tokens(model, ids, offsets, batch, NULL, &params, vectors) != 0)
-            goto done;
+        if (engine_embed_tokens(model, ids, offsets, batch, NULL, &params, vectors) != 0) goto done;
         reps++;
     } while ((t = now_seconds() - t0) < min_seconds);
     out->model_s = t / reps;
@@ -340,14 +339,30 @@ int cli_bench(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
-        case 'm': model_option = optarg; break;
-        case 't': if (cli_parse_int("--threads", optarg, 1, &threads)) return 2; break;
-        case 'd': data = optarg; break;
-        case 'D': dump = optarg; break;
-        case 'Q': quick = 1; break;
-        case 'j': json = 1; break;
-        case 'h': fputs(bench_usage, stdout); return 0;
-        default: fputs(bench_usage, stderr); return 2;
+        case 'm':
+            model_option = optarg;
+            break;
+        case 't':
+            if (cli_parse_int("--threads", optarg, 1, &threads)) return 2;
+            break;
+        case 'd':
+            data = optarg;
+            break;
+        case 'D':
+            dump = optarg;
+            break;
+        case 'Q':
+            quick = 1;
+            break;
+        case 'j':
+            json = 1;
+            break;
+        case 'h':
+            fputs(bench_usage, stdout);
+            return 0;
+        default:
+            fputs(bench_usage, stderr);
+            return 2;
         }
     }
     const char *dir = cli_model_dir(model_option);

@@ -31,8 +31,7 @@ static void run(int which, int m, int n, int k, const float *A, const float *W,
             cpu_gemm_task(&plan, t, A, (size_t)k, packed, CPU_EPILOGUE_BIAS, NULL, C, (size_t)n,
                           scratch);
     } else if (which == OPENBLAS) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, A, k, W, k, 0.0f, C,
-                    n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, A, k, W, k, 0.0f, C, n);
     } else {
         dnnl_sgemm('N', 'T', m, n, k, 1.0f, A, k, W, k, 0.0f, C, n);
     }
@@ -40,20 +39,22 @@ static void run(int which, int m, int n, int k, const float *A, const float *W,
 
 int main(void)
 {
-    static const int shapes[][3] = {{1, 384, 384},      {16, 384, 1152},  {16, 1536, 384},
-                                    {16, 384, 1536},    {128, 384, 1152}, {128, 1536, 384},
-                                    {2048, 384, 1152},  {2048, 384, 1536}, {2048, 1536, 384}};
+    static const int shapes[][3] = {{1, 384, 384},     {16, 384, 1152},   {16, 1536, 384},
+                                    {16, 384, 1536},   {128, 384, 1152},  {128, 1536, 384},
+                                    {2048, 384, 1152}, {2048, 384, 1536}, {2048, 1536, 384}};
     static const char *const names[] = {"embedrag", "OpenBLAS", "oneDNN"};
     printf("%5s %5s %5s  %10s %10s %10s   (GFLOP/s, one thread)\n", "M", "K", "N", names[0],
            names[1], names[2]);
     int invariant[3] = {1, 1, 1};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int m = shapes[s][0], k = shapes[s][1], n = shapes[s][2];
-        float *A = malloc(sizeof(float) * (size_t)m * k), *W = malloc(sizeof(float) * (size_t)n * k);
+        float *A = malloc(sizeof(float) * (size_t)m * k),
+              *W = malloc(sizeof(float) * (size_t)n * k);
         float *C = malloc(sizeof(float) * (size_t)m * n), *one = malloc(sizeof(float) * (size_t)n);
         float *bias = calloc((size_t)n, sizeof(float));
         for (size_t i = 0; i < (size_t)m * k; i++) A[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
-        for (size_t i = 0; i < (size_t)n * k; i++) W[i] = (float)((i * 104729) % 1000) * 1e-3f - 0.5f;
+        for (size_t i = 0; i < (size_t)n * k; i++)
+            W[i] = (float)((i * 104729) % 1000) * 1e-3f - 0.5f;
         cpu_packed packed;
         const float *ws[1] = {W}, *bs[1] = {bias};
         cpu_pack(&packed, 1, ws, bs, &n, k);

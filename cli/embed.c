@@ -38,7 +38,8 @@ enum { FORMAT_JSON, FORMAT_TSV, FORMAT_F32 };
 
 static int write_vectors(FILE *out, int format, const float *v, size_t n, int dim)
 {
-    if (format == FORMAT_F32) return fwrite(v, sizeof(float), n * (size_t)dim, out) == n * (size_t)dim ? 0 : -1;
+    if (format == FORMAT_F32)
+        return fwrite(v, sizeof(float), n * (size_t)dim, out) == n * (size_t)dim ? 0 : -1;
     for (size_t i = 0; i < n; i++) {
         const float *row = v + i * (size_t)dim;
         if (format == FORMAT_JSON) fputc('[', out);
@@ -63,13 +64,13 @@ static double seconds_now(void)
 int cli_embed(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"model", required_argument, NULL, 'm'},    {"input", required_argument, NULL, 'i'},
-        {"output", required_argument, NULL, 'o'},   {"format", required_argument, NULL, 'f'},
-        {"prompt", required_argument, NULL, 'p'},   {"prompt-text", required_argument, NULL, 'P'},
-        {"no-normalize", no_argument, NULL, 'N'},   {"dimensions", required_argument, NULL, 'd'},
-        {"no-truncate", no_argument, NULL, 'T'},    {"batch-tokens", required_argument, NULL, 'b'},
-        {"threads", required_argument, NULL, 't'},  {"quiet", no_argument, NULL, 'q'},
-        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
+        {"model", required_argument, NULL, 'm'},   {"input", required_argument, NULL, 'i'},
+        {"output", required_argument, NULL, 'o'},  {"format", required_argument, NULL, 'f'},
+        {"prompt", required_argument, NULL, 'p'},  {"prompt-text", required_argument, NULL, 'P'},
+        {"no-normalize", no_argument, NULL, 'N'},  {"dimensions", required_argument, NULL, 'd'},
+        {"no-truncate", no_argument, NULL, 'T'},   {"batch-tokens", required_argument, NULL, 'b'},
+        {"threads", required_argument, NULL, 't'}, {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
     const char *model_option = NULL, *input_path = NULL, *output_path = NULL;
     int format = FORMAT_JSON, threads = 0, quiet = 0;
     embedrag_embed_params params = embedrag_embed_default_params();
@@ -77,32 +78,64 @@ int cli_embed(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
-        case 'm': model_option = optarg; break;
-        case 'i': input_path = optarg; break;
-        case 'o': output_path = optarg; break;
+        case 'm':
+            model_option = optarg;
+            break;
+        case 'i':
+            input_path = optarg;
+            break;
+        case 'o':
+            output_path = optarg;
+            break;
         case 'f':
-            if (!strcmp(optarg, "json")) format = FORMAT_JSON;
-            else if (!strcmp(optarg, "tsv")) format = FORMAT_TSV;
-            else if (!strcmp(optarg, "f32")) format = FORMAT_F32;
+            if (!strcmp(optarg, "json"))
+                format = FORMAT_JSON;
+            else if (!strcmp(optarg, "tsv"))
+                format = FORMAT_TSV;
+            else if (!strcmp(optarg, "f32"))
+                format = FORMAT_F32;
             else {
-                fprintf(stderr, "embedrag embed: --format takes json, tsv or f32 (got '%s')\n", optarg);
+                fprintf(stderr, "embedrag embed: --format takes json, tsv or f32 (got '%s')\n",
+                        optarg);
                 return 2;
             }
             break;
-        case 'p': params.prompt_name = optarg; break;
-        case 'P': params.prompt = optarg; break;
-        case 'N': params.normalize = false; break;
-        case 'd': if (cli_parse_int("--dimensions", optarg, 1, &params.dimensions)) return 2; break;
-        case 'T': params.truncate = false; break;
-        case 'b': if (cli_parse_int("--batch-tokens", optarg, 1, &params.batch_tokens)) return 2; break;
-        case 't': if (cli_parse_int("--threads", optarg, 1, &threads)) return 2; break;
-        case 'q': quiet = 1; break;
-        case 'h': fputs(embed_usage, stdout); return 0;
-        default: fputs(embed_usage, stderr); return 2;
+        case 'p':
+            params.prompt_name = optarg;
+            break;
+        case 'P':
+            params.prompt = optarg;
+            break;
+        case 'N':
+            params.normalize = false;
+            break;
+        case 'd':
+            if (cli_parse_int("--dimensions", optarg, 1, &params.dimensions)) return 2;
+            break;
+        case 'T':
+            params.truncate = false;
+            break;
+        case 'b':
+            if (cli_parse_int("--batch-tokens", optarg, 1, &params.batch_tokens)) return 2;
+            break;
+        case 't':
+            if (cli_parse_int("--threads", optarg, 1, &threads)) return 2;
+            break;
+        case 'q':
+            quiet = 1;
+            break;
+        case 'h':
+            fputs(embed_usage, stdout);
+            return 0;
+        default:
+            fputs(embed_usage, stderr);
+            return 2;
         }
     }
     if (optind < argc) {
-        fprintf(stderr, "embedrag embed: unexpected argument '%s' (texts come from stdin or --input)\n", argv[optind]);
+        fprintf(stderr,
+                "embedrag embed: unexpected argument '%s' (texts come from stdin or --input)\n",
+                argv[optind]);
         return 2;
     }
     FILE *in = stdin, *out = stdout;
@@ -143,7 +176,8 @@ int cli_embed(int argc, char **argv)
         while (n < EMBED_CHUNK_LINES && (len = cli_read_line(in, &texts[n], &capacities[n])) >= 0)
             lengths[n++] = (size_t)len;
         if (ferror(in)) {
-            fprintf(stderr, "embedrag embed: error reading %s\n", input_path ? input_path : "stdin");
+            fprintf(stderr, "embedrag embed: error reading %s\n",
+                    input_path ? input_path : "stdin");
             goto free_buffers;
         }
         if (n == 0) break;
@@ -155,7 +189,8 @@ int cli_embed(int argc, char **argv)
             if (sscanf(msg, "text %zu: %n", &index, &used) == 1 && used > 0)
                 fprintf(stderr, "embedrag embed: line %zu: %s\n", done + index + 1, msg + used);
             else if (sscanf(msg, "text %zu %n", &index, &used) == 1 && used > 0)
-                fprintf(stderr, "embedrag embed: line %zu: text %s\n", done + index + 1, msg + used);
+                fprintf(stderr, "embedrag embed: line %zu: text %s\n", done + index + 1,
+                        msg + used);
             else
                 fprintf(stderr, "embedrag embed: %s\n", msg);
             goto free_buffers;
@@ -167,7 +202,8 @@ int cli_embed(int argc, char **argv)
         done += n;
         if (progress) {
             double t = seconds_now() - start;
-            fprintf(stderr, "\rembedded %zu texts (%.0f texts/s)", done, t > 0 ? (double)done / t : 0.0);
+            fprintf(stderr, "\rembedded %zu texts (%.0f texts/s)", done,
+                    t > 0 ? (double)done / t : 0.0);
         }
         if (n < EMBED_CHUNK_LINES) break;
     }

@@ -22,9 +22,15 @@ int cli_info(int argc, char **argv)
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
-        case 'm': model_option = optarg; break;
-        case 'h': fputs(info_usage, stdout); return 0;
-        default: fputs(info_usage, stderr); return 2;
+        case 'm':
+            model_option = optarg;
+            break;
+        case 'h':
+            fputs(info_usage, stdout);
+            return 0;
+        default:
+            fputs(info_usage, stderr);
+            return 2;
         }
     }
     const char *dir = cli_model_dir(model_option);

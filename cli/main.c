@@ -22,8 +22,8 @@ static const char usage[] =
     "  info       print facts about a model as JSON\n"
     "  bench      measure latency and throughput, print JSON\n"
     "\n"
-    "Each command takes --help. The model is --model DIR, else $EMBEDRAG_MODEL, else\n"
-    EMBEDRAG_DEFAULT_MODEL_DIR " (fetched by scripts/fetch-models.sh).\n";
+    "Each command takes --help. The model is --model DIR, else $EMBEDRAG_MODEL, "
+    "else\n" EMBEDRAG_DEFAULT_MODEL_DIR " (fetched by scripts/fetch-models.sh).\n";
 
 const char *cli_model_dir(const char *option)
 {

@@ -23,24 +23,40 @@ static const char tokenize_usage[] =
 
 int cli_tokenize(int argc, char **argv)
 {
-    static const struct option options[] = {
-        {"model", required_argument, NULL, 'm'},   {"input", required_argument, NULL, 'i'},
-        {"prompt", required_argument, NULL, 'p'},  {"prompt-text", required_argument, NULL, 'P'},
-        {"no-truncate", no_argument, NULL, 'T'},   {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
+    static const struct option options[] = {{"model", required_argument, NULL, 'm'},
+                                            {"input", required_argument, NULL, 'i'},
+                                            {"prompt", required_argument, NULL, 'p'},
+                                            {"prompt-text", required_argument, NULL, 'P'},
+                                            {"no-truncate", no_argument, NULL, 'T'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
     const char *model_option = NULL, *input_path = NULL;
     embedrag_embed_params params = embedrag_embed_default_params();
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
-        case 'm': model_option = optarg; break;
-        case 'i': input_path = optarg; break;
-        case 'p': params.prompt_name = optarg; break;
-        case 'P': params.prompt = optarg; break;
-        case 'T': params.truncate = false; break;
-        case 'h': fputs(tokenize_usage, stdout); return 0;
-        default: fputs(tokenize_usage, stderr); return 2;
+        case 'm':
+            model_option = optarg;
+            break;
+        case 'i':
+            input_path = optarg;
+            break;
+        case 'p':
+            params.prompt_name = optarg;
+            break;
+        case 'P':
+            params.prompt = optarg;
+            break;
+        case 'T':
+            params.truncate = false;
+            break;
+        case 'h':
+            fputs(tokenize_usage, stdout);
+            return 0;
+        default:
+            fputs(tokenize_usage, stderr);
+            return 2;
         }
     }
     if (optind < argc) {
@@ -68,7 +84,8 @@ int cli_tokenize(int argc, char **argv)
         size_t count = 0;
         if (embedrag_tokenize(model, line, (size_t)len, &params, ids, (size_t)info.max_tokens,
                               &count) != 0) {
-            fprintf(stderr, "embedrag tokenize: line %zu: %s\n", line_number, embedrag_last_error());
+            fprintf(stderr, "embedrag tokenize: line %zu: %s\n", line_number,
+                    embedrag_last_error());
             goto close_model;
         }
         cJSON *obj = cJSON_CreateObject(), *id_array = cJSON_AddArrayToObject(obj, "ids"),

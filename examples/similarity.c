@@ -43,7 +43,8 @@ int main(int argc, char **argv)
         for (size_t j = 0; j < n; j++) {
             double dot = 0;
             for (int k = 0; k < dim; k++)
-                dot += (double)vectors[i * (size_t)dim + (size_t)k] * vectors[j * (size_t)dim + (size_t)k];
+                dot += (double)vectors[i * (size_t)dim + (size_t)k] *
+                       vectors[j * (size_t)dim + (size_t)k];
             printf(" %5.3f ", dot);
         }
         printf("\n");

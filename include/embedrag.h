@@ -58,8 +58,7 @@ embedrag_model_params embedrag_model_default_params(void);
  * against the config. On success *out is a model the caller frees with embedrag_model_close; on
  * failure *out is NULL and embedrag_last_error() names the file and what is wrong. `params` may
  * be NULL for defaults. Thread-safe (distinct calls do not share state). */
-int embedrag_model_open(const char *dir, const embedrag_model_params *params,
-                        embedrag_model **out);
+int embedrag_model_open(const char *dir, const embedrag_model_params *params, embedrag_model **out);
 
 /* Frees the model and everything it owns. close(NULL) is a no-op. Not to be called while
  * another thread uses the model. */
@@ -67,17 +66,17 @@ void embedrag_model_close(embedrag_model *model);
 
 /* Facts about an open model. String pointers stay valid until the model is closed. */
 typedef struct embedrag_model_info {
-    const char *name;       /* the model directory's name */
-    int dimension;          /* the pooled vector's width (before any Matryoshka truncation) */
-    int max_tokens;         /* the most tokens per text, [CLS] and [SEP] included */
-    int layers;             /* encoder layers */
-    int hidden;             /* hidden width */
-    int heads;              /* attention heads */
-    int vocab_size;         /* vocabulary entries */
+    const char *name; /* the model directory's name */
+    int dimension;    /* the pooled vector's width (before any Matryoshka truncation) */
+    int max_tokens;   /* the most tokens per text, [CLS] and [SEP] included */
+    int layers;       /* encoder layers */
+    int hidden;       /* hidden width */
+    int heads;        /* attention heads */
+    int vocab_size;   /* vocabulary entries */
     embedrag_pooling pooling;
-    bool normalize;         /* whether the model's pipeline L2-normalizes (modules.json) */
-    bool lowercase;         /* whether the tokenizer lowercases (uncased model) */
-    int prompt_count;       /* prompts named in config_sentence_transformers.json */
+    bool normalize;                  /* whether the model's pipeline L2-normalizes (modules.json) */
+    bool lowercase;                  /* whether the tokenizer lowercases (uncased model) */
+    int prompt_count;                /* prompts named in config_sentence_transformers.json */
     const char *default_prompt_name; /* NULL when the model names none */
     int intermediate;                /* feed-forward width */
 } embedrag_model_info;
@@ -98,8 +97,8 @@ typedef struct embedrag_embed_params {
     const char *prompt;      /* literal text to prepend; overrides prompt_name; NULL for none */
     bool normalize;          /* L2-normalize the output vectors (default true) */
     int dimensions;          /* keep the first N components (Matryoshka); 0 = all */
-    bool truncate; /* cut texts at the model's max_tokens (default true); if false, a longer text
-                      is an EMBEDRAG_ERR_TOO_LONG error */
+    bool truncate;    /* cut texts at the model's max_tokens (default true); if false, a longer text
+                         is an EMBEDRAG_ERR_TOO_LONG error */
     int batch_tokens; /* the most tokens in one forward pass (bounds memory); 0 = default */
 } embedrag_embed_params;
 
@@ -116,8 +115,8 @@ int embedrag_embed_dimension(const embedrag_model *model, const embedrag_embed_p
  * and the message names the text's index and, for invalid UTF-8, the byte offset. `params` may
  * be NULL for defaults. Calls on one model are serialized by an internal lock; distinct models
  * run in parallel. */
-int embedrag_embed(embedrag_model *model, const char *const *texts, const size_t *lengths,
-                   size_t n, const embedrag_embed_params *params, float *out);
+int embedrag_embed(embedrag_model *model, const char *const *texts, const size_t *lengths, size_t n,
+                   const embedrag_embed_params *params, float *out);
 
 /* Tokenizes one text exactly as embedrag_embed would (prompt, [CLS]/[SEP], truncation).
  * Writes at most `capacity` ids into `ids` and the full count into *count (which may exceed

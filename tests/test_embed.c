@@ -54,7 +54,8 @@ static int load_fixture(const char *name, fixture *fx)
     fx->prompt_names = calloc((size_t)cap, sizeof *fx->prompt_names);
     for (char *line = strtok(jsonl, "\n"); line && fx->n < cap; line = strtok(NULL, "\n")) {
         cJSON *o = cJSON_Parse(line);
-        cJSON *text = cJSON_GetObjectItem(o, "text"), *prompt = cJSON_GetObjectItem(o, "prompt_name");
+        cJSON *text = cJSON_GetObjectItem(o, "text"),
+              *prompt = cJSON_GetObjectItem(o, "prompt_name");
         if (!cJSON_IsString(text)) {
             cJSON_Delete(o);
             free(jsonl);

@@ -60,10 +60,14 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) {
             double s = 0;
-            for (int kk = 0; kk < k; kk++) s += (double)A[(size_t)i * k + kk] * W[(size_t)j * k + kk];
+            for (int kk = 0; kk < k; kk++)
+                s += (double)A[(size_t)i * k + kk] * W[(size_t)j * k + kk];
             s += b[j];
             if (e == CPU_EPILOGUE_BIAS_RESIDUAL) s += R[(size_t)i * n + j];
             if (e == CPU_EPILOGUE_BIAS_GELU) s = gelu_reference(s);
+            if (e == CPU_EPILOGUE_BIAS_GELU_TANH)
+                s = 0.5 * s * (1.0 + tanh(sqrt(2.0 / M_PI) * (s + 0.044715 * s * s * s)));
+            if (e == CPU_EPILOGUE_BIAS_RELU) s = s > 0 ? s : 0;
             double d = fabs(s - C[(size_t)i * n + j]);
             if (d > worst) worst = d;
         }
@@ -78,9 +82,11 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
     free(C);
 }
 
-static void test_gemm_rows_are_batch_invariant(void)
+/* n = 800 gives 25 panels: one thread covers them all and interleaves rows, eight threads split
+ * them and do not; both must agree bit for bit. */
+static void test_gemm_rows_are_batch_invariant(int n)
 {
-    const int n = 72, k = 200, m_max = 300;
+    const int k = 200, m_max = 300;
     float *A = malloc(sizeof(float) * m_max * k), *W = malloc(sizeof(float) * n * k);
     float *b = malloc(sizeof(float) * n);
     float *alone = malloc(sizeof(float) * n), *C = malloc(sizeof(float) * m_max * n);
@@ -138,7 +144,8 @@ static void test_attention(int len, int d)
 {
     int h = d * 2; /* two heads side by side, we test the first */
     size_t ld = 3 * (size_t)h;
-    float *qkv = malloc(sizeof(float) * (size_t)len * ld), *out = malloc(sizeof(float) * (size_t)len * h);
+    float *qkv = malloc(sizeof(float) * (size_t)len * ld),
+          *out = malloc(sizeof(float) * (size_t)len * h);
     float *scores = malloc(sizeof(float) * CPU_ATTENTION_SCORES(len));
     float *kt = malloc(sizeof(float) * CPU_ATTENTION_KT(len, d));
     fill(qkv, (size_t)len * ld);
@@ -179,7 +186,12 @@ int main(void)
     test_gemm_matches_reference(37, 100, 97, CPU_EPILOGUE_BIAS_RESIDUAL);
     test_gemm_matches_reference(130, 1536, 384, CPU_EPILOGUE_BIAS_GELU);
     test_gemm_matches_reference(20, 384, 1536, CPU_EPILOGUE_BIAS_RESIDUAL);
-    test_gemm_rows_are_batch_invariant();
+    test_gemm_rows_are_batch_invariant(72);
+    test_gemm_rows_are_batch_invariant(800);
+    test_gemm_matches_reference(200, 800, 384, CPU_EPILOGUE_BIAS_GELU);
+    test_gemm_matches_reference(3, 800, 64, CPU_EPILOGUE_BIAS_RESIDUAL);
+    test_gemm_matches_reference(50, 100, 384, CPU_EPILOGUE_BIAS_GELU_TANH);
+    test_gemm_matches_reference(50, 100, 384, CPU_EPILOGUE_BIAS_RELU);
     test_layer_norm();
     test_attention(1, 32);
     test_attention(17, 32);

@@ -162,14 +162,15 @@ static void run_model(const char *name, const pairs *ps)
     double *cosines = calloc((size_t)ps->n, sizeof(double));
     for (int i = 0; i < ps->n; i++) {
         double s = 0;
-        for (int j = 0; j < dim; j++) s += (double)va[(size_t)i * dim + j] * vb[(size_t)i * dim + j];
+        for (int j = 0; j < dim; j++)
+            s += (double)va[(size_t)i * dim + j] * vb[(size_t)i * dim + j];
         cosines[i] = s; /* vectors are normalized */
     }
     double ours = spearman(ps->score, cosines, ps->n), ref = reference_spearman(name);
     printf("%s: STS-B Spearman %.6f, sentence-transformers %.6f\n", name, ours, ref);
     CHECK(!isnan(ref), "missing tests/fixtures/%s/stsb.json", name);
-    CHECK(fabs(ours - ref) <= SPEARMAN_TOLERANCE, "%s: Spearman %.6f vs reference %.6f", name,
-          ours, ref);
+    CHECK(fabs(ours - ref) <= SPEARMAN_TOLERANCE, "%s: Spearman %.6f vs reference %.6f", name, ours,
+          ref);
     free(cosines);
     free(va);
     free(vb);

@@ -170,8 +170,8 @@ def setup_torch(args):
     info = {
         "versions": {"sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "settings": "SentenceTransformer.encode(batch_size=len(texts)), fp32, torch.set_num_threads(%d)"
-                    % args.threads,
+        "settings": "SentenceTransformer.encode(batch_size=len(texts)), fp32, torch.set_num_threads(%d)%s"
+                    % (args.threads, ", OMP_WAIT_POLICY=PASSIVE" if args.no_spin else ""),
     }
     return encode, tokens_of, None, info
 
@@ -185,6 +185,8 @@ def setup_onnxruntime(args):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if args.no_spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
     tok = load_tokenizer(args.model, max_length=max_seq_length(args.model))
     tok.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch, as ST does
@@ -214,8 +216,9 @@ def setup_onnxruntime(args):
 
     info = {
         "versions": {"onnxruntime": ort.__version__},
-        "settings": "CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads=%d, inter_op_num_threads=1; "
-                    "tokenizers + numpy mean pooling; %s" % (args.threads, os.path.basename(args.onnx)),
+        "settings": "CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads=%d, inter_op_num_threads=1%s; "
+                    "tokenizers + numpy mean pooling; %s" % (
+                        args.threads, ", allow_spinning=0" if args.no_spin else "", os.path.basename(args.onnx)),
     }
     return encode, tokens_of, stages, info
 
@@ -283,8 +286,11 @@ class Worker:
         # Pin every thread pool the peer might use to the count we give ours.
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
             env[var] = str(args.threads)
+        if args.no_spin:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"  # libgomp's idle threads sleep instead of spinning
         cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--model", args.model,
                "--texts", texts_dir, "--threads", str(args.threads)] + (["--onnx", onnx] if onnx else [])
+        cmd += ["--no-spin"] if args.no_spin else []
         self.engine = engine
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._read()  # {"ready": true} once the model is loaded
@@ -529,7 +535,8 @@ def machine_info():
 
 
 def print_table(report):
-    print("model %s, %d threads, %s" % (report["model"], report["threads"], report["machine"]["cpu"]))
+    print("model %s, %d threads%s, %s" % (report["model"], report["threads"],
+                                          ", no spin-waiting" if report["no_spin"] else "", report["machine"]["cpu"]))
     print("%-38s %8s %8s %8s" % ("peer", "q16 p50", "q16 p99", "RSS MiB"))
     for key, result in report["engines"].items():
         lat = result["query_latency_ms"]
@@ -559,6 +566,9 @@ def main():
     parser.add_argument("--engines", default=",".join(ENGINE_NAMES),
                         help="comma-separated, from: " + ", ".join(ENGINE_NAMES))
     parser.add_argument("--onnx-cache", default=DEFAULT_ONNX_CACHE)
+    parser.add_argument("--no-spin", action="store_true",
+                        help="idle worker threads sleep instead of spin-waiting (OMP_WAIT_POLICY=PASSIVE, "
+                             "ONNX Runtime allow_spinning=0): steadier when the cores are shared")
     parser.add_argument("--child", choices=["export"] + sorted(SETUPS), help=argparse.SUPPRESS)
     # The exported file, handed to an ONNX Runtime worker so that it never imports torch (which
     # would count in its peak RSS).
@@ -597,6 +607,7 @@ def main():
             "machine": machine_info(),
             "texts": {n: {"tokens": TEXT_FILES[n], "lines": len(v)} for n, v in read_texts(texts_dir).items()},
             "schedule": "peers take turns within each measurement (slices of ~%.1f s)" % SLICE_S,
+            "no_spin": args.no_spin,
             "core_probes": [],
             "engines": {},
         }

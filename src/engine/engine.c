@@ -53,8 +53,7 @@ embedrag_embed_params embedrag_embed_default_params(void)
     return p;
 }
 
-int embedrag_model_open(const char *dir, const embedrag_model_params *params,
-                        embedrag_model **out)
+int embedrag_model_open(const char *dir, const embedrag_model_params *params, embedrag_model **out)
 {
     if (!out) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: out is NULL");
     *out = NULL;
@@ -124,12 +123,10 @@ int embedrag_model_get_info(const embedrag_model *m, embedrag_model_info *info)
     return 0;
 }
 
-int embedrag_model_get_prompt(const embedrag_model *m, int i, const char **name,
-                              const char **text)
+int embedrag_model_get_prompt(const embedrag_model *m, int i, const char **name, const char **text)
 {
     if (!m || i < 0 || i >= m->config.prompt_count)
-        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_get_prompt: no prompt %d",
-                       i);
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_get_prompt: no prompt %d", i);
     if (name) *name = m->config.prompts[i].name;
     if (text) *text = m->config.prompts[i].text;
     return 0;
@@ -190,7 +187,8 @@ static int check_params(const embedrag_model *m, const embedrag_embed_params *p)
 
 int embedrag_embed_dimension(const embedrag_model *m, const embedrag_embed_params *params)
 {
-    if (!m) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_embed_dimension: model is NULL");
+    if (!m)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_embed_dimension: model is NULL");
     embedrag_embed_params defaults = embedrag_embed_default_params();
     if (!params) params = &defaults;
     int rc = check_params(m, params);
@@ -340,8 +338,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
     int dim = embedrag_embed_dimension(m, params);
     int max_tokens = m->config.max_seq_length;
     int skip = 0;
-    if (!m->config.pooling_include_prompt && prompt[0])
-        skip = 1 + tok_count(m->tokenizer, prompt);
+    if (!m->config.pooling_include_prompt && prompt[0]) skip = 1 + tok_count(m->tokenizer, prompt);
 
     size_t window = n < ENGINE_WINDOW_TEXTS ? n : ENGINE_WINDOW_TEXTS;
     int32_t *ids = malloc((window ? window : 1) * (size_t)max_tokens * sizeof *ids);

@@ -241,7 +241,8 @@ static int cpu_encode(backend *self, const backend_batch *batch, float *out)
     }
     for (int t = 0; t < tokens; t++)
         if (batch->ids[t] < 0 || batch->ids[t] >= c->vocab_size)
-            return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "token id %d out of range", batch->ids[t]);
+            return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "token id %d out of range",
+                           batch->ids[t]);
     int rc = reserve(b, tokens, max_len);
     if (rc) return rc;
 
@@ -307,7 +308,8 @@ static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *o
     if (!rc) rc = cpu_pack(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h);
     if (!rc) rc = cpu_pack(&out->out, 1, &w->out_w, &w->out_b, &h, inter);
     if (rc) return rc;
-    size_t hh = (size_t)h * (size_t)h * sizeof(float), hi = (size_t)h * (size_t)inter * sizeof(float);
+    size_t hh = (size_t)h * (size_t)h * sizeof(float),
+           hi = (size_t)h * (size_t)inter * sizeof(float);
     model_weights_release(b->weights, w->query_w, hh);
     model_weights_release(b->weights, w->key_w, hh);
     model_weights_release(b->weights, w->value_w, hh);
@@ -335,10 +337,10 @@ int cpu_backend_create(const model_config *config, model_weights *weights, int t
     int rc = pool_create(threads, &b->threads);
     if (rc) goto destroy;
     int widest = config->intermediate_size > config->hidden_size ? config->intermediate_size
-                                                                  : config->hidden_size;
+                                                                 : config->hidden_size;
     b->gemm_scratch_floats = cpu_gemm_scratch_floats(widest);
-    b->gemm_scratch = malloc((size_t)pool_threads(b->threads) * b->gemm_scratch_floats *
-                             sizeof(float));
+    b->gemm_scratch =
+        malloc((size_t)pool_threads(b->threads) * b->gemm_scratch_floats * sizeof(float));
     b->layers = calloc((size_t)config->num_layers, sizeof *b->layers);
     if (!b->layers || !b->gemm_scratch) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");

@@ -22,6 +22,9 @@
 /* Rows per parallel task: 8 micro-tiles, so the A block (112 x k floats) stays in L2 while
  * the panels stream past it. */
 #define GEMM_BLOCK_ROWS (GEMM_TILE_ROWS * 8)
+/* Panels a task must cover before interleaving its rows is worth the copy (profiled: at 12
+ * panels, N = 384, the copy took as long as a quarter of the multiply). */
+#define GEMM_INTERLEAVE_MIN_PANELS 24
 /* Lanes of the fixed-order reductions (one AVX-512 register of floats). */
 #define REDUCE_LANES 16
 
@@ -227,16 +230,16 @@ AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epil
 {
     if (epilogue == CPU_EPILOGUE_BIAS_GELU) {
         __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678f));
-        __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                 _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, _mm512_set1_ps(1.0f)));
+        __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f),
+                                                                       z, _mm512_set1_ps(1.0f)));
         __m512 poly = _mm512_set1_ps(1.061405429f);
         poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
         poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
         poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
         poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
         poly = _mm512_mul_ps(poly, t);
-        __m512 q = _mm512_mul_ps(poly, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(),
-                                                                _mm512_mul_ps(z, z))));
+        __m512 q = _mm512_mul_ps(
+            poly, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z))));
         __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
         __m512 one_plus_erf = _mm512_mask_sub_ps(q, positive, _mm512_set1_ps(2.0f), q);
         return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), one_plus_erf);
@@ -260,8 +263,9 @@ AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epil
  * residual. Each output element is sum_kk A[r][kk] * W[col][kk] in kk order, with fused
  * multiply-adds, then + bias (+ residual): the same for any `rows`. */
 AVX512_TARGET static inline __attribute__((always_inline)) void
-tile_avx512(const int rows, int k, const float *ap, const float *panel, const float *bias,
-            int cols, cpu_epilogue epilogue, const float *R, float *C, size_t ldc)
+tile_avx512(const int rows, const bool interleaved, int k, const float *ap, size_t lda,
+            const float *panel, const float *bias, int cols, cpu_epilogue epilogue, const float *R,
+            float *C, size_t ldc)
 {
     __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
 #pragma GCC unroll 14
@@ -274,14 +278,15 @@ tile_avx512(const int rows, int k, const float *ap, const float *panel, const fl
         __m512 b1 = _mm512_load_ps(panel + (size_t)kk * CPU_PANEL_WIDTH + 16);
 #pragma GCC unroll 14
         for (int r = 0; r < rows; r++) {
-            __m512 a = _mm512_set1_ps(ap[(size_t)kk * (size_t)rows + (size_t)r]);
+            __m512 a = _mm512_set1_ps(interleaved ? ap[(size_t)kk * (size_t)rows + (size_t)r]
+                                                  : ap[(size_t)r * lda + (size_t)kk]);
             c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
             c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
         }
     }
     __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
     __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
-    __mmask16 m1 = cols >= 32 ? (__mmask16)0xFFFF
+    __mmask16 m1 = cols >= 32   ? (__mmask16)0xFFFF
                    : cols <= 16 ? (__mmask16)0
                                 : (__mmask16)((1u << (cols - 16)) - 1u);
 #pragma GCC unroll 14
@@ -300,15 +305,18 @@ tile_avx512(const int rows, int k, const float *ap, const float *panel, const fl
     }
 }
 
-AVX512_TARGET static void tile_avx512_dispatch(int rows, int k, const float *ap,
-                                               const float *panel, const float *bias, int cols,
-                                               cpu_epilogue epilogue, const float *R, float *C,
-                                               size_t ldc)
+AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, int k, const float *ap,
+                                               size_t lda, const float *panel, const float *bias,
+                                               int cols, cpu_epilogue epilogue, const float *R,
+                                               float *C, size_t ldc)
 {
     switch (rows) {
-#define TILE_CASE(n)                                                                            \
-    case n:                                                                                    \
-        tile_avx512(n, k, ap, panel, bias, cols, epilogue, R, C, ldc);                               \
+#define TILE_CASE(n)                                                                               \
+    case n:                                                                                        \
+        if (interleaved)                                                                           \
+            tile_avx512(n, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);              \
+        else                                                                                       \
+            tile_avx512(n, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);             \
         break;
         TILE_CASE(1)
         TILE_CASE(2)
@@ -368,21 +376,24 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
     if (p1 > packed->panels) p1 = packed->panels;
     int k = packed->k;
     int use_avx512 = isa() == ISA_AVX512;
+    /* Interleaving the rows costs a strided copy of the block; it pays off only when many panels
+     * reuse it. Both ways compute the same sums in the same order. */
+    bool interleave = use_avx512 && p1 - p0 >= GEMM_INTERLEAVE_MIN_PANELS;
     const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
     /* Split the block's rows into near-equal micro-tiles (16 rows -> 8 + 8, not 14 + 2): the
      * grouping never changes a result, only how well the registers are used. */
     int tiles = (rows + GEMM_TILE_ROWS - 1) / GEMM_TILE_ROWS;
-    if (use_avx512) {
+    if (interleave) {
         /* Interleave each tile's rows (scratch[kk * rows + r]) once for all panels: the kernel
          * then broadcasts from one pointer at fixed offsets instead of needing a register per
          * row, which spilled in the inner loop. */
         float *dst = scratch;
         for (int t = 0, r = row0; t < tiles; t++) {
             int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
-            for (int i = 0; i < tr; i++) {
-                const float *src = A + (size_t)(r + i) * lda;
-                for (int kk = 0; kk < k; kk++) dst[(size_t)kk * (size_t)tr + (size_t)i] = src[kk];
-            }
+            const float *src = A + (size_t)r * lda;
+            for (int kk = 0; kk < k; kk++) /* sequential writes; tr sequential read streams */
+                for (int i = 0; i < tr; i++)
+                    dst[(size_t)kk * (size_t)tr + (size_t)i] = src[(size_t)i * lda + (size_t)kk];
             dst += (size_t)tr * (size_t)k;
             r += tr;
         }
@@ -396,13 +407,16 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
             int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
             float *c = C + (size_t)r * ldc + (size_t)col0;
             const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
-            if (use_avx512) {
-                tile_avx512_dispatch(tr, k, ap, panel, packed->bias + col0, cols, epilogue, res, c,
-                                     ldc);
+            if (interleave) {
+                tile_avx512_dispatch(tr, true, k, ap, 0, panel, packed->bias + col0, cols, epilogue,
+                                     res, c, ldc);
                 ap += (size_t)tr * (size_t)k;
+            } else if (use_avx512) {
+                tile_avx512_dispatch(tr, false, k, A + (size_t)r * lda, lda, panel,
+                                     packed->bias + col0, cols, epilogue, res, c, ldc);
             } else {
-                tile_generic(tr, k, A + (size_t)r * lda, lda, panel, packed->bias + col0, cols,
-                             res, c, ldc);
+                tile_generic(tr, k, A + (size_t)r * lda, lda, panel, packed->bias + col0, cols, res,
+                             c, ldc);
                 if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
                     for (int i = 0; i < tr; i++)
                         apply_activation(c + (size_t)i * ldc, cols, epilogue);
@@ -529,7 +543,8 @@ AVX512_TARGET static void attention_head_avx512(const float *q, const float *k, 
                 const float *krow = kt + (size_t)dd * padded + (size_t)j;
 #pragma GCC unroll 4
                 for (int c = 0; c < 4; c++)
-                    if (c < chunks) acc[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(krow + 16 * c), acc[c]);
+                    if (c < chunks)
+                        acc[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(krow + 16 * c), acc[c]);
             }
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
@@ -541,8 +556,8 @@ AVX512_TARGET static void attention_head_avx512(const float *q, const float *k, 
         __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
         __m512 vsum = _mm512_setzero_ps();
         for (int j = 0; j < len; j += 16) {
-            __m512 e = _mm512_maskz_mov_ps(tail_mask(len - j),
-                                           exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), m)));
+            __m512 e = _mm512_maskz_mov_ps(
+                tail_mask(len - j), exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), m)));
             _mm512_storeu_ps(scores + j, e);
             vsum = _mm512_add_ps(vsum, e);
         }
@@ -561,7 +576,8 @@ AVX512_TARGET static void attention_head_avx512(const float *q, const float *k, 
         if (j < len) {
             __m512 p0 = _mm512_set1_ps(scores[j]);
             for (int b = 0; b < blocks; b++)
-                even[b] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + (size_t)j * ld + 16 * b), even[b]);
+                even[b] =
+                    _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + (size_t)j * ld + 16 * b), even[b]);
         }
         float *o = out + (size_t)i * ldo;
         for (int b = 0; b < blocks; b++)
@@ -569,9 +585,123 @@ AVX512_TARGET static void attention_head_avx512(const float *q, const float *k, 
     }
 }
 
-CLONES static void attention_head_generic(const float *q, const float *k, const float *v,
-                                          size_t ld, int len, int d, float scale, float *out,
-                                          size_t ldo, float *scores, float *kt)
+/* Attention for `rows` consecutive query rows at once (rows <= 4) and a head width of
+ * 16 * BLOCKS: every key and value vector loaded is used by all the rows, which the one-row loop
+ * above could not do (it was bound by loads). Each row's sums run in the same order whatever
+ * `rows` is, so grouping never changes a result. */
+#define ATTENTION_GROUP_ROWS 4
+AVX512_TARGET static inline __attribute__((always_inline)) void
+attention_rows_avx512(const int rows, const int blocks, const float *q, const float *v, size_t ld,
+                      int len, float scale, float *out, size_t ldo, float *scores, const float *kt,
+                      size_t padded)
+{
+    const int d = 16 * blocks;
+    for (int j = 0; j < len; j += 64) {
+        int chunks = (len - j + 15) / 16;
+        if (chunks > 4) chunks = 4;
+        __m512 acc[ATTENTION_GROUP_ROWS][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int dd = 0; dd < d; dd++) {
+            const float *krow = kt + (size_t)dd * padded + (size_t)j;
+            __m512 kv[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                kv[c] = c < chunks ? _mm512_loadu_ps(krow + 16 * c) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; r++) {
+                __m512 qd = _mm512_set1_ps(q[(size_t)r * ld + (size_t)dd] * scale);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++)
+                    if (c < chunks) acc[r][c] = _mm512_fmadd_ps(qd, kv[c], acc[r][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                if (c < chunks)
+                    _mm512_storeu_ps(scores + (size_t)r * padded + j + 16 * c, acc[r][c]);
+    }
+    __m512 inv[ATTENTION_GROUP_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) {
+        float *sr = scores + (size_t)r * padded;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < len; j += 16)
+            vmax = _mm512_mask_max_ps(vmax, tail_mask(len - j), vmax, _mm512_loadu_ps(sr + j));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int j = 0; j < len; j += 16) {
+            __m512 e = _mm512_maskz_mov_ps(tail_mask(len - j),
+                                           exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m)));
+            _mm512_storeu_ps(sr + j, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        inv[r] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    }
+    __m512 o[ATTENTION_GROUP_ROWS][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int b = 0; b < blocks; b++) o[r][b] = _mm512_setzero_ps();
+    for (int j = 0; j < len; j++) {
+        const float *vj = v + (size_t)j * ld;
+        __m512 vv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < blocks; b++) vv[b] = _mm512_loadu_ps(vj + 16 * b);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            __m512 p = _mm512_set1_ps(scores[(size_t)r * padded + (size_t)j]);
+#pragma GCC unroll 4
+            for (int b = 0; b < blocks; b++) o[r][b] = _mm512_fmadd_ps(p, vv[b], o[r][b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int b = 0; b < blocks; b++)
+            _mm512_storeu_ps(out + (size_t)r * ldo + 16 * b, _mm512_mul_ps(o[r][b], inv[r]));
+}
+
+/* Head widths 32 and 64 (BERT-small and -base shapes): transposed keys, then query rows in
+ * groups of four. */
+AVX512_TARGET static void attention_grouped_avx512(const float *q, const float *k, const float *v,
+                                                   size_t ld, int len, int d, float scale,
+                                                   float *out, size_t ldo, float *scores, float *kt)
+{
+    size_t padded = (size_t)((len + 15) & ~15);
+    for (int dd = 0; dd < d; dd++) {
+        float *row = kt + (size_t)dd * padded;
+        for (int j = 0; j < len; j++) row[j] = k[(size_t)j * ld + (size_t)dd];
+        for (size_t j = (size_t)len; j < padded; j++) row[j] = 0.0f;
+    }
+    for (int i = 0; i < len; i += ATTENTION_GROUP_ROWS) {
+        int rows = len - i < ATTENTION_GROUP_ROWS ? len - i : ATTENTION_GROUP_ROWS;
+        const float *qi = q + (size_t)i * ld;
+        float *oi = out + (size_t)i * ldo;
+#define ATTENTION_CASE(r, b)                                                                       \
+    if (rows == r && d == 16 * b) {                                                                \
+        attention_rows_avx512(r, b, qi, v, ld, len, scale, oi, ldo, scores, kt, padded);           \
+        continue;                                                                                  \
+    }
+        ATTENTION_CASE(4, 2)
+        ATTENTION_CASE(3, 2)
+        ATTENTION_CASE(2, 2)
+        ATTENTION_CASE(1, 2)
+        ATTENTION_CASE(4, 4)
+        ATTENTION_CASE(3, 4)
+        ATTENTION_CASE(2, 4)
+        ATTENTION_CASE(1, 4)
+#undef ATTENTION_CASE
+    }
+}
+
+CLONES static void attention_head_generic(const float *q, const float *k, const float *v, size_t ld,
+                                          int len, int d, float scale, float *out, size_t ldo,
+                                          float *scores, float *kt)
 {
     for (int j = 0; j < len; j++)
         for (int dd = 0; dd < d; dd++)
@@ -588,7 +718,9 @@ CLONES static void attention_head_generic(const float *q, const float *k, const 
 void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
                         float scale, float *out, size_t ldo, float *scores, float *kt)
 {
-    if (isa() == ISA_AVX512 && d % 16 == 0 && d <= ATTENTION_MAX_WIDTH)
+    if (isa() == ISA_AVX512 && (d == 32 || d == 64))
+        attention_grouped_avx512(q, k, v, ld, len, d, scale, out, ldo, scores, kt);
+    else if (isa() == ISA_AVX512 && d % 16 == 0 && d <= ATTENTION_MAX_WIDTH)
         attention_head_avx512(q, k, v, ld, len, d, scale, out, ldo, scores, kt);
     else
         attention_head_generic(q, k, v, ld, len, d, scale, out, ldo, scores, kt);

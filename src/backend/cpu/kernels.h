@@ -28,11 +28,11 @@ int cpu_pack(cpu_packed *out, int count, const float *const *weights, const floa
 void cpu_packed_free(cpu_packed *packed);
 
 typedef enum cpu_epilogue {
-    CPU_EPILOGUE_BIAS,          /* C = A W^T + b */
-    CPU_EPILOGUE_BIAS_GELU,     /* C = gelu(A W^T + b), exact erf form */
-    CPU_EPILOGUE_BIAS_GELU_TANH,/* C = gelu_tanh(A W^T + b) */
-    CPU_EPILOGUE_BIAS_RELU,     /* C = relu(A W^T + b) */
-    CPU_EPILOGUE_BIAS_RESIDUAL, /* C = A W^T + b + R (R has C's shape and stride) */
+    CPU_EPILOGUE_BIAS,           /* C = A W^T + b */
+    CPU_EPILOGUE_BIAS_GELU,      /* C = gelu(A W^T + b), exact erf form */
+    CPU_EPILOGUE_BIAS_GELU_TANH, /* C = gelu_tanh(A W^T + b) */
+    CPU_EPILOGUE_BIAS_RELU,      /* C = relu(A W^T + b) */
+    CPU_EPILOGUE_BIAS_RESIDUAL,  /* C = A W^T + b + R (R has C's shape and stride) */
 } cpu_epilogue;
 
 /* The unit of parallel work of a GEMM: a block of rows times a group of panels. */
@@ -66,7 +66,7 @@ void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const f
 /* Attention of one head of one sequence: q, k, v rows of `len` tokens with row stride `ld` and
  * head width d; writes `len` rows of d floats to out (stride ldo). Scratch: `scores` holds
  * CPU_ATTENTION_SCORES(len) floats and `kt` CPU_ATTENTION_KT(len, d) floats. */
-#define CPU_ATTENTION_SCORES(len) ((size_t)(len) + 16)
+#define CPU_ATTENTION_SCORES(len) (4 * ((size_t)(len) + 16))
 #define CPU_ATTENTION_KT(len, d) (((size_t)(len) + 16) * (size_t)(d))
 void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
                         float scale, float *out, size_t ldo, float *scores, float *kt);
