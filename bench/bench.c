@@ -41,6 +41,7 @@ static const char bench_usage[] =
     "  --data FILE        sentences to build texts from (default: " EMBEDRAG_BENCH_DATA ")\n"
     "  --dump-texts DIR   also write the texts used (q16.txt, t50.txt, t128.txt) for the peers\n"
     "  --quick            fewer repetitions and no batch 1000 (a smoke run)\n"
+    "  --query-only       measure only the single-query latency\n"
     "  --json             print JSON instead of a table\n"
     "  -h, --help         this help\n";
 
@@ -333,9 +334,10 @@ int cli_bench(int argc, char **argv)
         {"model", required_argument, NULL, 'm'}, {"threads", required_argument, NULL, 't'},
         {"data", required_argument, NULL, 'd'},  {"dump-texts", required_argument, NULL, 'D'},
         {"quick", no_argument, NULL, 'Q'},       {"json", no_argument, NULL, 'j'},
+        {"query-only", no_argument, NULL, 'O'},
         {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0}};
     const char *model_option = NULL, *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
-    int threads = 0, quick = 0, json = 0, c;
+    int threads = 0, quick = 0, json = 0, query_only = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
@@ -356,6 +358,9 @@ int cli_bench(int argc, char **argv)
             break;
         case 'j':
             json = 1;
+            break;
+        case 'O':
+            query_only = 1;
             break;
         case 'h':
             fputs(bench_usage, stdout);
@@ -416,7 +421,7 @@ int cli_bench(int argc, char **argv)
     double p50 = percentile(latencies, runs, 0.50), p99 = percentile(latencies, runs, 0.99);
 
     static const int batches[] = {1, 2, 10, 50, 100, 1000};
-    int n_batches = quick ? 5 : 6;
+    int n_batches = query_only ? 0 : quick ? 5 : 6;
     point points[12];
     int n_points = 0;
     const text_set *sets[2] = {&t50, &t128};

@@ -16,6 +16,13 @@ extern "C" {
 #define EMBEDRAG_VERSION_MINOR 1
 #define EMBEDRAG_VERSION_PATCH 0
 
+/* The library is built with hidden visibility; only what this header declares is exported. */
+#if defined(__GNUC__)
+#define EMBEDRAG_API __attribute__((visibility("default")))
+#else
+#define EMBEDRAG_API
+#endif
+
 /* Status codes. Action functions return EMBEDRAG_OK (0) or one of the negative codes below; the
  * message with context (file, field, text index, byte offset) is then in embedrag_last_error(). */
 typedef enum embedrag_status {
@@ -39,11 +46,11 @@ typedef enum embedrag_pooling {
 typedef struct embedrag_model embedrag_model;
 
 /* Returns the library version as "MAJOR.MINOR.PATCH"; a static string. Thread-safe. */
-const char *embedrag_version(void);
+EMBEDRAG_API const char *embedrag_version(void);
 
 /* Returns the message describing the last failure on the calling thread (thread-local storage,
  * valid until the next embedrag call on this thread); "" if there was none. Thread-safe. */
-const char *embedrag_last_error(void);
+EMBEDRAG_API const char *embedrag_last_error(void);
 
 /* Parameters for embedrag_model_open. Obtain defaults with embedrag_model_default_params() and
  * adjust fields; new fields are added at the end with defaults that keep old behaviour. */
@@ -51,18 +58,19 @@ typedef struct embedrag_model_params {
     int threads; /* worker threads for the forward pass; 0 = one per online core */
 } embedrag_model_params;
 
-embedrag_model_params embedrag_model_default_params(void);
+EMBEDRAG_API embedrag_model_params embedrag_model_default_params(void);
 
 /* Opens the Hugging Face model directory `dir` (config.json, model.safetensors, tokenizer.json or
  * vocab.txt, and sentence-transformers' files where present) and validates every tensor's shape
  * against the config. On success *out is a model the caller frees with embedrag_model_close; on
  * failure *out is NULL and embedrag_last_error() names the file and what is wrong. `params` may
  * be NULL for defaults. Thread-safe (distinct calls do not share state). */
-int embedrag_model_open(const char *dir, const embedrag_model_params *params, embedrag_model **out);
+EMBEDRAG_API int embedrag_model_open(const char *dir, const embedrag_model_params *params,
+                                     embedrag_model **out);
 
 /* Frees the model and everything it owns. close(NULL) is a no-op. Not to be called while
  * another thread uses the model. */
-void embedrag_model_close(embedrag_model *model);
+EMBEDRAG_API void embedrag_model_close(embedrag_model *model);
 
 /* Facts about an open model. String pointers stay valid until the model is closed. */
 typedef struct embedrag_model_info {
@@ -82,13 +90,13 @@ typedef struct embedrag_model_info {
 } embedrag_model_info;
 
 /* Fills *info. Returns 0, or EMBEDRAG_ERR_INVALID_ARGUMENT for NULL arguments. Thread-safe. */
-int embedrag_model_get_info(const embedrag_model *model, embedrag_model_info *info);
+EMBEDRAG_API int embedrag_model_get_info(const embedrag_model *model, embedrag_model_info *info);
 
 /* The i-th prompt's name and text (0 <= i < prompt_count), e.g. "query" and "query: ".
  * Returns 0 or EMBEDRAG_ERR_INVALID_ARGUMENT. The strings stay valid until the model is closed.
  * Thread-safe. */
-int embedrag_model_get_prompt(const embedrag_model *model, int i, const char **name,
-                              const char **text);
+EMBEDRAG_API int embedrag_model_get_prompt(const embedrag_model *model, int i, const char **name,
+                                           const char **text);
 
 /* Options for one embedding or tokenizing call. Obtain defaults with
  * embedrag_embed_default_params() and adjust fields. */
@@ -102,11 +110,12 @@ typedef struct embedrag_embed_params {
     int batch_tokens; /* the most tokens in one forward pass (bounds memory); 0 = default */
 } embedrag_embed_params;
 
-embedrag_embed_params embedrag_embed_default_params(void);
+EMBEDRAG_API embedrag_embed_params embedrag_embed_default_params(void);
 
 /* The width of the vectors embedrag_embed writes with these params (the model's dimension, or
  * `dimensions` when smaller). Returns a negative code for bad params. Thread-safe. */
-int embedrag_embed_dimension(const embedrag_model *model, const embedrag_embed_params *params);
+EMBEDRAG_API int embedrag_embed_dimension(const embedrag_model *model,
+                                          const embedrag_embed_params *params);
 
 /* Embeds n texts. texts[i] is UTF-8 of lengths[i] bytes (lengths may be NULL: then each text is
  * NUL-terminated). Writes n rows of embedrag_embed_dimension() floats, row-major, into `out`,
@@ -115,19 +124,20 @@ int embedrag_embed_dimension(const embedrag_model *model, const embedrag_embed_p
  * and the message names the text's index and, for invalid UTF-8, the byte offset. `params` may
  * be NULL for defaults. Calls on one model are serialized by an internal lock; distinct models
  * run in parallel. */
-int embedrag_embed(embedrag_model *model, const char *const *texts, const size_t *lengths, size_t n,
-                   const embedrag_embed_params *params, float *out);
+EMBEDRAG_API int embedrag_embed(embedrag_model *model, const char *const *texts,
+                                const size_t *lengths, size_t n,
+                                const embedrag_embed_params *params, float *out);
 
 /* Tokenizes one text exactly as embedrag_embed would (prompt, [CLS]/[SEP], truncation).
  * Writes at most `capacity` ids into `ids` and the full count into *count (which may exceed
  * capacity: call again with a larger buffer). Thread-safe. */
-int embedrag_tokenize(const embedrag_model *model, const char *text, size_t length,
-                      const embedrag_embed_params *params, int32_t *ids, size_t capacity,
-                      size_t *count);
+EMBEDRAG_API int embedrag_tokenize(const embedrag_model *model, const char *text, size_t length,
+                                   const embedrag_embed_params *params, int32_t *ids,
+                                   size_t capacity, size_t *count);
 
 /* The vocabulary entry for a token id, or NULL if out of range. The string stays valid until
  * the model is closed. Thread-safe. */
-const char *embedrag_token_text(const embedrag_model *model, int32_t id);
+EMBEDRAG_API const char *embedrag_token_text(const embedrag_model *model, int32_t id);
 
 #ifdef __cplusplus
 }
