@@ -124,7 +124,7 @@ free_copy:
 }
 
 /* Renders a JSON value compactly for an error message, cut to fit `buf`. */
-static const char *cfg_json_text(const cJSON *item, char *buf, size_t size)
+const char *model_json_text(const cJSON *item, char *buf, size_t size)
 {
     char *s = cJSON_PrintUnformatted(item);
     snprintf(buf, size, "%s", s ? s : "?");
@@ -148,7 +148,7 @@ static int cfg_get_int(const cJSON *object, const char *filename, const char *fi
     if (!(v >= 1 && v <= max) || v != floor(v)) {
         char text[64];
         return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected an integer from 1 to %d",
-                       filename, field, cfg_json_text(item, text, sizeof text), max);
+                       filename, field, model_json_text(item, text, sizeof text), max);
     }
     *out = (int)v;
     return 0;
@@ -164,7 +164,7 @@ static int cfg_get_string(const cJSON *object, const char *filename, const char 
     if (!cJSON_IsString(item)) {
         char text[64];
         return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected a string", filename, field,
-                       cfg_json_text(item, text, sizeof text));
+                       model_json_text(item, text, sizeof text));
     }
     *out = item->valuestring;
     return 0;
@@ -178,7 +178,7 @@ static int cfg_get_bool(const cJSON *object, const char *filename, const char *f
     if (!cJSON_IsBool(item)) {
         char text[64];
         return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected true or false", filename, field,
-                       cfg_json_text(item, text, sizeof text));
+                       model_json_text(item, text, sizeof text));
     }
     *out = cJSON_IsTrue(item);
     return 0;
@@ -213,7 +213,7 @@ static int cfg_check_architecture(const cJSON *root, const char *filename)
             char text[64];
             return err_set(EMBEDRAG_ERR_UNSUPPORTED,
                            "%s: architecture %s is not supported (embedrag runs BERT models)",
-                           filename, cfg_json_text(arch, text, sizeof text));
+                           filename, model_json_text(arch, text, sizeof text));
         }
     }
     return 0;
@@ -305,7 +305,7 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
             char text[64];
             rc = err_set(EMBEDRAG_ERR_FORMAT,
                          "%s: layer_norm_eps is %s, expected a number in (0, 1)", filename,
-                         cfg_json_text(eps, text, sizeof text));
+                         model_json_text(eps, text, sizeof text));
             goto free_root;
         }
         out->layer_norm_eps = (float)eps->valuedouble;
@@ -515,7 +515,7 @@ static int cfg_parse_prompts(const cJSON *root, const char *path, model_config *
     if (prompts && !cJSON_IsNull(prompts)) {
         if (!cJSON_IsObject(prompts))
             return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompts is %s, expected an object", path,
-                           cfg_json_text(prompts, text, sizeof text));
+                           model_json_text(prompts, text, sizeof text));
         int count = cJSON_GetArraySize(prompts);
         if (count > MODEL_MAX_PROMPTS)
             return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompts has %d entries, at most %d", path,
@@ -527,7 +527,7 @@ static int cfg_parse_prompts(const cJSON *root, const char *path, model_config *
         {
             if (!cJSON_IsString(prompt))
                 return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompt '%s' is %s, expected a string",
-                               path, prompt->string, cfg_json_text(prompt, text, sizeof text));
+                               path, prompt->string, model_json_text(prompt, text, sizeof text));
             for (int i = 0; i < config->prompt_count; i++)
                 if (strcmp(config->prompts[i].name, prompt->string) == 0)
                     return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompt '%s' appears twice", path,

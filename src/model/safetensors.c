@@ -62,14 +62,6 @@ static bool st_json_uint(const cJSON *item, double max, uint64_t *out)
     return true;
 }
 
-/* Renders a JSON value compactly for an error message, cut to fit `buf`. */
-static const char *st_json_text(const cJSON *item, char *buf, size_t size)
-{
-    char *s = cJSON_PrintUnformatted(item);
-    snprintf(buf, size, "%s", s ? s : "?");
-    free(s);
-    return buf;
-}
 
 static void st_free_tensors(st_tensor *tensors, int count)
 {
@@ -84,7 +76,7 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
     char text[64];
     if (!cJSON_IsObject(entry))
         return err_set(EMBEDRAG_ERR_FORMAT, "%s: tensor '%s': header entry is %s, not an object",
-                       name, entry->string, st_json_text(entry, text, sizeof text));
+                       name, entry->string, model_json_text(entry, text, sizeof text));
 
     const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(entry, "dtype");
     if (!cJSON_IsString(dtype))
@@ -122,7 +114,7 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
         if (!st_json_uint(dim, ST_MAX_EXACT_INTEGER, &v))
             return err_set(EMBEDRAG_ERR_FORMAT,
                            "%s: tensor '%s': shape entry %d is %s, not a non-negative integer",
-                           name, entry->string, t->ndim, st_json_text(dim, text, sizeof text));
+                           name, entry->string, t->ndim, model_json_text(dim, text, sizeof text));
         t->shape[t->ndim++] = (int64_t)v;
         /* Keep multiplying after an overflow only to find a zero dimension, which makes the
          * tensor empty and the product well defined again. */
@@ -144,7 +136,7 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
                        "%s: tensor '%s': data_offsets is %s, expected [begin, end] with two "
                        "non-negative integers",
                        name, entry->string,
-                       offsets ? st_json_text(offsets, text, sizeof text) : "missing");
+                       offsets ? model_json_text(offsets, text, sizeof text) : "missing");
     if (end < begin)
         return err_set(EMBEDRAG_ERR_FORMAT,
                        "%s: tensor '%s': data_offsets [%llu, %llu] end before they begin", name,
@@ -160,12 +152,12 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
         if (overflow || __builtin_mul_overflow(elements, (uint64_t)element_size, &nbytes))
             return err_set(EMBEDRAG_ERR_FORMAT,
                            "%s: tensor '%s': shape %s overflows a 64-bit byte count", name,
-                           entry->string, st_json_text(shape, text, sizeof text));
+                           entry->string, model_json_text(shape, text, sizeof text));
         if (nbytes != end - begin)
             return err_set(EMBEDRAG_ERR_FORMAT,
                            "%s: tensor '%s': shape %s of %s needs %llu bytes, data_offsets "
                            "[%llu, %llu] hold %llu",
-                           name, entry->string, st_json_text(shape, text, sizeof text),
+                           name, entry->string, model_json_text(shape, text, sizeof text),
                            t->dtype_name, (unsigned long long)nbytes, (unsigned long long)begin,
                            (unsigned long long)end, (unsigned long long)(end - begin));
     }
