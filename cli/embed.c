@@ -29,7 +29,7 @@ static const char embed_usage[] =
     "  --no-normalize       do not L2-normalize the vectors\n"
     "  --dimensions N       keep the first N components (Matryoshka), then normalize\n"
     "  --no-truncate        fail on texts longer than the model's limit instead of cutting\n"
-    "  --batch-tokens N     most tokens per forward pass (default 4096)\n"
+    "  --batch-tokens N     most tokens per forward pass (default 2048)\n"
     "  --threads N          worker threads (default: all cores)\n"
     "  --quiet              no progress on stderr\n"
     "  -h, --help           this help\n";
