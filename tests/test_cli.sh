@@ -61,6 +61,19 @@ check "tokenize tokens" grep -q '"tokens":\["\[CLS\]","hello",",","world","!","\
 check "info reports 6 layers" grep -q '"layers":[[:space:]]*6' "$tmp/info.json"
 check "info reports mean pooling" grep -q '"pooling":[[:space:]]*"mean"' "$tmp/info.json"
 
+# A full disk: the write error is reported and the exit status is non-zero.
+"$cli" embed --model "$model" --input "$tmp/in.txt" >/dev/full 2>"$tmp/err.txt"
+check "writing to a full disk exits non-zero" test $? -ne 0
+check "the error says why" grep -qi "no space" "$tmp/err.txt"
+
+# A 10 MB line is cut to the model's limit, not a crash.
+python3 -c "import sys; sys.stdout.write('word ' * 2000000 + '\n')" >"$tmp/huge.txt"
+"$cli" embed --model "$model" --input "$tmp/huge.txt" --format f32 >"$tmp/huge.f32"
+check "10 MB line embeds" test "$(stat -c %s "$tmp/huge.f32")" -eq $((384 * 4))
+"$cli" embed --model "$model" --input "$tmp/huge.txt" --no-truncate >/dev/null 2>"$tmp/err.txt"
+check "10 MB line without truncation is refused" test $? -ne 0
+check "refusal names line 1 and the limit" grep -q "line 1: .*at most 256" "$tmp/err.txt"
+
 # Streaming: many lines through one process, output line count matches.
 python3 -c "
 for i in range(3000): print('line number', i, 'of a longer stream')" >"$tmp/many.txt"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every CPU benchmark recorded in BENCHMARKS.md, in one go on one machine: the GEMM choice
+# (bench/gemm_compare.sh), `embedrag bench --json` for both model shapes, and the peers
+# (bench/peers/run_peers.py: embedrag through libembedrag.so, sentence-transformers on PyTorch,
+# ONNX Runtime) interleaved on the same texts. Results go to OUT_DIR (default bench-results/).
+# Needs the peers' venv: python3 -m venv .venv && .venv/bin/pip install -r bench/peers/requirements.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench-results}
+python=${PYTHON:-.venv/bin/python}
+threads=${THREADS:-2}
+mkdir -p "$out"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$(nproc)" >/dev/null
+scripts/fetch-models.sh
+(date -u; git rev-parse HEAD; lscpu | grep -E 'Model name|^Model:|^CPU\(s\)|L3') >"$out/machine.txt"
+bench/gemm_compare.sh | tee "$out/gemm.txt"
+for model in all-MiniLM-L6-v2 minilm-l12-stacked; do
+    build/embedrag bench --model "models/$model" --threads "$threads" --json \
+        --dump-texts "$out/texts-$model" | tee "$out/bench-$model.json"
+    "$python" bench/peers/run_peers.py --model "models/$model" --threads "$threads" \
+        --texts "$out/texts-$model" --json "$out/peers-$model.json" | tee "$out/peers-$model.txt"
+done
