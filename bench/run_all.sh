@@ -3,10 +3,14 @@
 # (bench/gemm_compare.sh), `embedrag bench --json` for both model shapes, and the peers
 # (bench/peers/run_peers.py: embedrag through libembedrag.so, sentence-transformers on PyTorch,
 # ONNX Runtime) interleaved on the same texts. Results go to OUT_DIR (default bench-results/).
-# Needs the peers' venv: python3 -m venv .venv && .venv/bin/pip install -r bench/peers/requirements.txt
+# The peers are installed from PyPI into .venv by bench/peers/setup.sh (skipped when PYTHON names
+# another interpreter that has them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench-results}
+if [ -z "${PYTHON:-}" ]; then
+    bench/peers/setup.sh
+fi
 python=${PYTHON:-.venv/bin/python}
 threads=${THREADS:-2}
 mkdir -p "$out"
