@@ -86,7 +86,7 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
  * them and do not; both must agree bit for bit. */
 static void test_gemm_rows_are_batch_invariant(int n)
 {
-    const int k = 200, m_max = 300;
+    const int k = 300, m_max = 300; /* k spans two of the GEMM's k slices */
     float *A = malloc(sizeof(float) * m_max * k), *W = malloc(sizeof(float) * n * k);
     float *b = malloc(sizeof(float) * n);
     float *alone = malloc(sizeof(float) * n), *C = malloc(sizeof(float) * m_max * n);
