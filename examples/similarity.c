@@ -35,17 +35,17 @@ int main(int argc, char **argv)
         return 1;
     }
     for (size_t i = 0; i < n; i++) printf("[%zu] %s\n", i, texts[i]);
-    printf("\n    ");
-    for (size_t j = 0; j < n; j++) printf("  [%zu] ", j);
+    printf("\n     ");
+    for (size_t j = 0; j < n; j++) printf("   [%2zu]", j);
     printf("\n");
     for (size_t i = 0; i < n; i++) {
-        printf("[%zu] ", i);
+        printf("[%2zu] ", i);
         for (size_t j = 0; j < n; j++) {
             double dot = 0;
             for (int k = 0; k < dim; k++)
                 dot += (double)vectors[i * (size_t)dim + (size_t)k] *
                        vectors[j * (size_t)dim + (size_t)k];
-            printf(" %5.3f ", dot);
+            printf(" %6.3f", dot);
         }
         printf("\n");
     }
