@@ -57,7 +57,7 @@ int main(void)
             W[i] = (float)((i * 104729) % 1000) * 1e-3f - 0.5f;
         cpu_packed packed;
         const float *ws[1] = {W}, *bs[1] = {bias};
-        cpu_pack(&packed, 1, ws, bs, &n, k);
+        cpu_pack(&packed, 1, ws, bs, &n, k, false);
         printf("%5d %5d %5d ", m, k, n);
         for (int which = 0; which < 3; which++) {
             int reps = m <= 128 ? 300 : 10;

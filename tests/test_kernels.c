@@ -6,6 +6,7 @@
 #include "check.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -22,6 +23,17 @@ static float uniform(void)
 static void fill(float *x, size_t n)
 {
     for (size_t i = 0; i < n; i++) x[i] = uniform();
+}
+
+/* When set, GEMM weights are packed as half precision; the tests then draw weights that half
+ * precision holds exactly (multiples of 1/1024 below 1), as an F16 checkpoint's are. */
+static bool half;
+
+static void fill_weights(float *x, size_t n)
+{
+    fill(x, n);
+    if (half)
+        for (size_t i = 0; i < n; i++) x[i] = roundf(x[i] * 1024.0f) / 1024.0f;
 }
 
 /* Runs every task of the plan in order (the thread split never changes results; the pool test
@@ -49,12 +61,12 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
     float *R = malloc(sizeof(float) * (size_t)m * (size_t)n);
     float *C = malloc(sizeof(float) * (size_t)m * (size_t)n);
     fill(A, (size_t)m * (size_t)k);
-    fill(W, (size_t)n * (size_t)k);
+    fill_weights(W, (size_t)n * (size_t)k);
     fill(b, (size_t)n);
     fill(R, (size_t)m * (size_t)n);
     cpu_packed p;
     const float *ws[1] = {W}, *bs[1] = {b};
-    CHECK(cpu_pack(&p, 1, ws, bs, &n, k) == 0, "pack");
+    CHECK(cpu_pack(&p, 1, ws, bs, &n, k, half) == 0, "pack");
     gemm_all(m, A, &p, e, R, C, 2);
     double worst = 0;
     for (int i = 0; i < m; i++)
@@ -91,12 +103,12 @@ static void test_gemm_rows_are_batch_invariant(int n)
     float *b = malloc(sizeof(float) * n);
     float *alone = malloc(sizeof(float) * n), *C = malloc(sizeof(float) * m_max * n);
     fill(A, (size_t)m_max * k);
-    fill(W, (size_t)n * k);
+    fill_weights(W, (size_t)n * k);
     fill(b, n);
     cpu_packed p;
     const float *ws[1] = {W}, *bs[1] = {b};
     int nn = n;
-    CHECK(cpu_pack(&p, 1, ws, bs, &nn, k) == 0, "pack");
+    CHECK(cpu_pack(&p, 1, ws, bs, &nn, k, half) == 0, "pack");
     int mismatches = 0;
     static const int ms[] = {1, 2, 13, 14, 15, 16, 29, 111, 112, 113, 300};
     static const int threads[] = {1, 2, 3, 8};
@@ -178,9 +190,8 @@ static void test_attention(int len, int d)
     free(kt);
 }
 
-int main(void)
+static void test_gemm_kernels(void)
 {
-    printf("kernels: %s\n", cpu_kernels_isa());
     test_gemm_matches_reference(1, 384, 384, CPU_EPILOGUE_BIAS);
     test_gemm_matches_reference(16, 1152, 384, CPU_EPILOGUE_BIAS);
     test_gemm_matches_reference(37, 100, 97, CPU_EPILOGUE_BIAS_RESIDUAL);
@@ -192,6 +203,16 @@ int main(void)
     test_gemm_matches_reference(3, 800, 64, CPU_EPILOGUE_BIAS_RESIDUAL);
     test_gemm_matches_reference(50, 100, 384, CPU_EPILOGUE_BIAS_GELU_TANH);
     test_gemm_matches_reference(50, 100, 384, CPU_EPILOGUE_BIAS_RELU);
+}
+
+int main(void)
+{
+    printf("kernels: %s\n", cpu_kernels_isa());
+    for (int h = 0; h < 2; h++) {
+        half = h == 1;
+        test_gemm_kernels();
+    }
+    half = false;
     test_layer_norm();
     test_attention(1, 32);
     test_attention(17, 32);

@@ -112,6 +112,7 @@ typedef struct model_weights {
     const float *type_emb;     /* [type_vocab x H]; row 0 is used (token type ids are 0) */
     const float *emb_ln_w, *emb_ln_b;
     model_layer_weights *layers; /* num_layers entries */
+    bool layer_matrices_f16;     /* every encoder weight matrix is stored as F16 in the file */
     void **owned;                /* buffers converted from F16/BF16 or realigned */
     int owned_count;
 } model_weights;

@@ -32,6 +32,7 @@ typedef struct wt_context {
     const char *path;   /* model.safetensors path, for messages */
     const char *prefix; /* "" or e.g. "bert." */
     model_weights *weights;
+    int layer_matrices, layer_matrices_f16; /* 2-D encoder tensors seen, and how many were F16 */
 } wt_context;
 
 static void wt_format_shape(const int64_t *shape, int ndim, char *buf, size_t size)
@@ -142,6 +143,10 @@ static int wt_tensor(wt_context *ctx, const char *name, const char *alternative,
         return err_set(EMBEDRAG_ERR_UNSUPPORTED,
                        "%s: tensor '%s' has dtype %s; embedrag reads F32, F16 and BF16", ctx->path,
                        t->name, t->dtype_name);
+    if (expected_ndim == 2 && strncmp(name, "encoder.", 8) == 0) {
+        ctx->layer_matrices++;
+        ctx->layer_matrices_f16 += t->dtype == ST_F16;
+    }
     return wt_view(ctx, t, out);
 }
 
@@ -209,7 +214,7 @@ int model_weights_load(const char *dir, const model_config *config, model_weight
         goto free_weights;
     }
 
-    wt_context ctx = {out->file, path, prefix, out};
+    wt_context ctx = {.file = out->file, .path = path, .prefix = prefix, .weights = out};
     const int64_t h = config->hidden_size;
     if ((rc = wt_tensor(&ctx, WT_WORD_EMBEDDINGS, NULL, config->vocab_size, h, &out->word_emb)) ||
         (rc = wt_tensor(&ctx, "embeddings.position_embeddings.weight", NULL,
@@ -236,6 +241,8 @@ int model_weights_load(const char *dir, const model_config *config, model_weight
                      extra, layers);
         goto free_weights;
     }
+    out->layer_matrices_f16 =
+        ctx.layer_matrices > 0 && ctx.layer_matrices == ctx.layer_matrices_f16;
     free(path);
     return 0;
 

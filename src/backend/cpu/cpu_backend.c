@@ -303,10 +303,12 @@ static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *o
     const float *qkv_w[3] = {w->query_w, w->key_w, w->value_w};
     const float *qkv_b[3] = {w->query_b, w->key_b, w->value_b};
     int qkv_rows[3] = {h, h, h};
-    int rc = cpu_pack(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h);
-    if (!rc) rc = cpu_pack(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h);
-    if (!rc) rc = cpu_pack(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h);
-    if (!rc) rc = cpu_pack(&out->out, 1, &w->out_w, &w->out_b, &h, inter);
+    /* Half-precision files keep half-precision weights: exact, and half the bytes per pass. */
+    bool half = b->weights->layer_matrices_f16;
+    int rc = cpu_pack(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h, half);
+    if (!rc) rc = cpu_pack(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h, half);
+    if (!rc) rc = cpu_pack(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h, half);
+    if (!rc) rc = cpu_pack(&out->out, 1, &w->out_w, &w->out_b, &h, inter, half);
     if (rc) return rc;
     size_t hh = (size_t)h * (size_t)h * sizeof(float),
            hi = (size_t)h * (size_t)inter * sizeof(float);

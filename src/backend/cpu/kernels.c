@@ -68,36 +68,52 @@ const char *cpu_kernels_isa(void)
 
 /* ---- packing ---- */
 
+/* fp32 -> IEEE half, rounding to nearest (exact for values that came from half precision). */
+__attribute__((target("f16c"))) static uint16_t to_half(float x)
+{
+    return (uint16_t)_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+}
+
 int cpu_pack(cpu_packed *out, int count, const float *const *weights, const float *const *biases,
-             const int *rows, int k)
+             const int *rows, int k, bool half)
 {
     memset(out, 0, sizeof *out);
+    half = half && isa() == ISA_AVX512 && __builtin_cpu_supports("f16c");
     int n = 0;
     for (int i = 0; i < count; i++) n += rows[i];
     int panels = (n + CPU_PANEL_WIDTH - 1) / CPU_PANEL_WIDTH;
-    size_t floats = (size_t)panels * (size_t)k * CPU_PANEL_WIDTH;
-    float *data = aligned_alloc(64, floats * sizeof(float));
+    size_t elements = (size_t)panels * (size_t)k * CPU_PANEL_WIDTH;
+    size_t element_size = half ? sizeof(uint16_t) : sizeof(float);
+    void *data = aligned_alloc(64, (elements * element_size + 63) / 64 * 64);
     float *bias = calloc((size_t)panels * CPU_PANEL_WIDTH, sizeof(float));
     if (!data || !bias) {
         free(data);
         free(bias);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory packing a %d x %d weight", n, k);
     }
-    memset(data, 0, floats * sizeof(float));
+    memset(data, 0, elements * element_size);
     int col = 0;
     for (int i = 0; i < count; i++) {
         for (int r = 0; r < rows[i]; r++, col++) {
             const float *src = weights[i] + (size_t)r * (size_t)k;
-            float *panel = data + (size_t)(col / CPU_PANEL_WIDTH) * (size_t)k * CPU_PANEL_WIDTH;
-            int j = col % CPU_PANEL_WIDTH;
-            for (int kk = 0; kk < k; kk++) panel[(size_t)kk * CPU_PANEL_WIDTH + j] = src[kk];
+            size_t base = (size_t)(col / CPU_PANEL_WIDTH) * (size_t)k * CPU_PANEL_WIDTH +
+                          (size_t)(col % CPU_PANEL_WIDTH);
+            if (half)
+                for (int kk = 0; kk < k; kk++)
+                    ((uint16_t *)data)[base + (size_t)kk * CPU_PANEL_WIDTH] = to_half(src[kk]);
+            else
+                for (int kk = 0; kk < k; kk++)
+                    ((float *)data)[base + (size_t)kk * CPU_PANEL_WIDTH] = src[kk];
             bias[col] = biases[i] ? biases[i][r] : 0.0f;
         }
     }
     out->n = n;
     out->k = k;
     out->panels = panels;
-    out->data = data;
+    if (half)
+        out->data16 = data;
+    else
+        out->data = data;
     out->bias = bias;
     return 0;
 }
@@ -106,6 +122,7 @@ void cpu_packed_free(cpu_packed *packed)
 {
     if (!packed) return;
     free(packed->data);
+    free(packed->data16);
     free(packed->bias);
     memset(packed, 0, sizeof *packed);
 }
@@ -263,9 +280,9 @@ AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epil
  * residual. Each output element is sum_kk A[r][kk] * W[col][kk] in kk order, with fused
  * multiply-adds, then + bias (+ residual): the same for any `rows`. */
 AVX512_TARGET static inline __attribute__((always_inline)) void
-tile_avx512(const int rows, const bool interleaved, int k, const float *ap, size_t lda,
-            const float *panel, const float *bias, int cols, cpu_epilogue epilogue, const float *R,
-            float *C, size_t ldc)
+tile_avx512(const int rows, const bool interleaved, const bool half, int k, const float *ap,
+            size_t lda, const void *panel_data, const float *bias, int cols, cpu_epilogue epilogue,
+            const float *R, float *C, size_t ldc)
 {
     __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
 #pragma GCC unroll 14
@@ -274,8 +291,16 @@ tile_avx512(const int rows, const bool interleaved, int k, const float *ap, size
         c1[r] = _mm512_setzero_ps();
     }
     for (int kk = 0; kk < k; kk++) {
-        __m512 b0 = _mm512_load_ps(panel + (size_t)kk * CPU_PANEL_WIDTH);
-        __m512 b1 = _mm512_load_ps(panel + (size_t)kk * CPU_PANEL_WIDTH + 16);
+        __m512 b0, b1;
+        if (half) {
+            const uint16_t *p16 = (const uint16_t *)panel_data + (size_t)kk * CPU_PANEL_WIDTH;
+            b0 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p16));
+            b1 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p16 + 16)));
+        } else {
+            const float *p32 = (const float *)panel_data + (size_t)kk * CPU_PANEL_WIDTH;
+            b0 = _mm512_load_ps(p32);
+            b1 = _mm512_load_ps(p32 + 16);
+        }
 #pragma GCC unroll 14
         for (int r = 0; r < rows; r++) {
             __m512 a = _mm512_set1_ps(interleaved ? ap[(size_t)kk * (size_t)rows + (size_t)r]
@@ -305,18 +330,22 @@ tile_avx512(const int rows, const bool interleaved, int k, const float *ap, size
     }
 }
 
-AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, int k, const float *ap,
-                                               size_t lda, const float *panel, const float *bias,
-                                               int cols, cpu_epilogue epilogue, const float *R,
-                                               float *C, size_t ldc)
+AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool half, int k,
+                                               const float *ap, size_t lda, const void *panel,
+                                               const float *bias, int cols, cpu_epilogue epilogue,
+                                               const float *R, float *C, size_t ldc)
 {
     switch (rows) {
 #define TILE_CASE(n)                                                                               \
     case n:                                                                                        \
-        if (interleaved)                                                                           \
-            tile_avx512(n, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);              \
+        if (interleaved && half)                                                                   \
+            tile_avx512(n, true, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);        \
+        else if (interleaved)                                                                      \
+            tile_avx512(n, true, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);       \
+        else if (half)                                                                             \
+            tile_avx512(n, false, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);       \
         else                                                                                       \
-            tile_avx512(n, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);             \
+            tile_avx512(n, false, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);      \
         break;
         TILE_CASE(1)
         TILE_CASE(2)
@@ -399,7 +428,10 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
         }
     }
     for (int p = p0; p < p1; p++) {
-        const float *panel = packed->data + (size_t)p * (size_t)k * CPU_PANEL_WIDTH;
+        bool half = packed->data16 != NULL;
+        size_t offset = (size_t)p * (size_t)k * CPU_PANEL_WIDTH;
+        const void *panel =
+            half ? (const void *)(packed->data16 + offset) : (const void *)(packed->data + offset);
         int col0 = p * CPU_PANEL_WIDTH;
         int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
         const float *ap = scratch;
@@ -408,15 +440,15 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
             float *c = C + (size_t)r * ldc + (size_t)col0;
             const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
             if (interleave) {
-                tile_avx512_dispatch(tr, true, k, ap, 0, panel, packed->bias + col0, cols, epilogue,
-                                     res, c, ldc);
+                tile_avx512_dispatch(tr, true, half, k, ap, 0, panel, packed->bias + col0, cols,
+                                     epilogue, res, c, ldc);
                 ap += (size_t)tr * (size_t)k;
             } else if (use_avx512) {
-                tile_avx512_dispatch(tr, false, k, A + (size_t)r * lda, lda, panel,
+                tile_avx512_dispatch(tr, false, half, k, A + (size_t)r * lda, lda, panel,
                                      packed->bias + col0, cols, epilogue, res, c, ldc);
             } else {
-                tile_generic(tr, k, A + (size_t)r * lda, lda, panel, packed->bias + col0, cols, res,
-                             c, ldc);
+                tile_generic(tr, k, A + (size_t)r * lda, lda, (const float *)panel,
+                             packed->bias + col0, cols, res, c, ldc);
                 if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
                     for (int i = 0; i < tr; i++)
                         apply_activation(c + (size_t)i * ldc, cols, epilogue);

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* Columns per packed panel: two AVX-512 registers of floats. */
 #define CPU_PANEL_WIDTH 32
@@ -17,14 +18,17 @@
 typedef struct cpu_packed {
     int n, k;
     int panels;
-    float *data; /* panels * k * CPU_PANEL_WIDTH floats, 64-byte aligned */
-    float *bias; /* n floats */
+    float *data;      /* panels * k * CPU_PANEL_WIDTH floats, 64-byte aligned; or NULL */
+    uint16_t *data16; /* the same as IEEE half-precision bits, when packed as half */
+    float *bias;      /* n floats */
 } cpu_packed;
 
 /* Packs `count` matrices stacked along n (e.g. query, key, value into one [3H x H] GEMM).
- * Returns 0 or a negative status. */
+ * With `half`, and when the AVX-512 kernels run, the weights are kept as IEEE half precision
+ * (widened to fp32 inside the kernel): meant for checkpoints stored as F16, whose values it
+ * holds exactly, halving the bytes every forward pass streams. Returns 0 or a negative status. */
 int cpu_pack(cpu_packed *out, int count, const float *const *weights, const float *const *biases,
-             const int *rows, int k);
+             const int *rows, int k, bool half);
 void cpu_packed_free(cpu_packed *packed);
 
 typedef enum cpu_epilogue {
