@@ -39,7 +39,7 @@
 
 /* ---- instruction-set choice (computed once, read-only afterwards) ---- */
 
-enum { ISA_GENERIC, ISA_AVX512 };
+enum { ISA_GENERIC, ISA_AVX2, ISA_AVX512 };
 static int kernel_isa = -1;
 static pthread_once_t kernel_isa_once = PTHREAD_ONCE_INIT;
 
@@ -47,10 +47,16 @@ static void choose_isa(void)
 {
     const char *forced = getenv("EMBEDRAG_CPU_ISA");
     __builtin_cpu_init();
+    bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
     if (forced && strcmp(forced, "generic") == 0)
         kernel_isa = ISA_GENERIC;
-    else if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
+    else if (forced && strcmp(forced, "avx2") == 0 && avx2)
+        kernel_isa = ISA_AVX2;
+    else if (avx512)
         kernel_isa = ISA_AVX512;
+    else if (avx2)
+        kernel_isa = ISA_AVX2;
     else
         kernel_isa = ISA_GENERIC;
 }
@@ -63,7 +69,7 @@ static int isa(void)
 
 const char *cpu_kernels_isa(void)
 {
-    return isa() == ISA_AVX512 ? "avx512" : "generic";
+    return isa() == ISA_AVX512 ? "avx512" : isa() == ISA_AVX2 ? "avx2" : "generic";
 }
 
 /* ---- packing ---- */
@@ -78,7 +84,8 @@ int cpu_pack(cpu_packed *out, int count, const float *const *weights, const floa
              const int *rows, int k, bool half)
 {
     memset(out, 0, sizeof *out);
-    half = half && isa() == ISA_AVX512 && __builtin_cpu_supports("f16c");
+    /* Every AVX-512 CPU has F16C (and clang 14 cannot test for it by name). */
+    half = half && isa() == ISA_AVX512;
     int n = 0;
     for (int i = 0; i < count; i++) n += rows[i];
     int panels = (n + CPU_PANEL_WIDTH - 1) / CPU_PANEL_WIDTH;
@@ -367,6 +374,55 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
     }
 }
 
+/* The AVX2 tile (CPUs without AVX-512): two rows x one panel in 8 of the 16 ymm registers, the
+ * four weight vectors loaded once per k for both rows. Same per-element order as the AVX-512
+ * tile (fused multiply-adds along k, then bias and residual); activations follow in a pass. */
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+AVX2_TARGET static inline __attribute__((always_inline)) void
+tile_avx2_rows(const int rows, int k, const float *A, size_t lda, const float *panel,
+               const float *bias, int cols, const float *R, float *C, size_t ldc)
+{
+    __m256 acc[2][4];
+#pragma GCC unroll 2
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_ps();
+    for (int kk = 0; kk < k; kk++) {
+        const float *b = panel + (size_t)kk * CPU_PANEL_WIDTH;
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), b2 = _mm256_load_ps(b + 16),
+               b3 = _mm256_load_ps(b + 24);
+#pragma GCC unroll 2
+        for (int r = 0; r < rows; r++) {
+            __m256 a = _mm256_broadcast_ss(A + (size_t)r * lda + (size_t)kk);
+            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
+            acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < rows; r++) {
+        float out[CPU_PANEL_WIDTH];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++)
+            _mm256_storeu_ps(out + 8 * q, _mm256_add_ps(acc[r][q], _mm256_loadu_ps(bias + 8 * q)));
+        float *c = C + (size_t)r * ldc;
+        for (int j = 0; j < cols; j++) c[j] = R ? out[j] + R[(size_t)r * ldc + (size_t)j] : out[j];
+    }
+}
+
+AVX2_TARGET static void tile_avx2(int rows, int k, const float *A, size_t lda, const float *panel,
+                                  const float *bias, int cols, const float *R, float *C, size_t ldc)
+{
+    int r = 0;
+    for (; r + 2 <= rows; r += 2)
+        tile_avx2_rows(2, k, A + (size_t)r * lda, lda, panel, bias, cols,
+                       R ? R + (size_t)r * ldc : NULL, C + (size_t)r * ldc, ldc);
+    if (r < rows)
+        tile_avx2_rows(1, k, A + (size_t)r * lda, lda, panel, bias, cols,
+                       R ? R + (size_t)r * ldc : NULL, C + (size_t)r * ldc, ldc);
+}
+
 /* The portable tile: same loop order, plain multiply and add (no fused multiply-add, since
  * ISO C mode does not contract), one row at a time. */
 static void tile_generic(int rows, int k, const float *A, size_t lda, const float *panel,
@@ -447,8 +503,9 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
                 tile_avx512_dispatch(tr, false, half, k, A + (size_t)r * lda, lda, panel,
                                      packed->bias + col0, cols, epilogue, res, c, ldc);
             } else {
-                tile_generic(tr, k, A + (size_t)r * lda, lda, (const float *)panel,
-                             packed->bias + col0, cols, res, c, ldc);
+                (isa() == ISA_AVX2 ? tile_avx2 : tile_generic)(
+                    tr, k, A + (size_t)r * lda, lda, (const float *)panel, packed->bias + col0,
+                    cols, res, c, ldc);
                 if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
                     for (int i = 0; i < tr; i++)
                         apply_activation(c + (size_t)i * ldc, cols, epilogue);
