@@ -330,12 +330,15 @@ static double flops_per_token(const embedrag_model_info *info, int intermediate,
 
 int cli_bench(int argc, char **argv)
 {
-    static const struct option options[] = {
-        {"model", required_argument, NULL, 'm'}, {"threads", required_argument, NULL, 't'},
-        {"data", required_argument, NULL, 'd'},  {"dump-texts", required_argument, NULL, 'D'},
-        {"quick", no_argument, NULL, 'Q'},       {"json", no_argument, NULL, 'j'},
-        {"query-only", no_argument, NULL, 'O'},
-        {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0}};
+    static const struct option options[] = {{"model", required_argument, NULL, 'm'},
+                                            {"threads", required_argument, NULL, 't'},
+                                            {"data", required_argument, NULL, 'd'},
+                                            {"dump-texts", required_argument, NULL, 'D'},
+                                            {"quick", no_argument, NULL, 'Q'},
+                                            {"json", no_argument, NULL, 'j'},
+                                            {"query-only", no_argument, NULL, 'O'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
     const char *model_option = NULL, *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
     int threads = 0, quick = 0, json = 0, query_only = 0, c;
     optind = 1;

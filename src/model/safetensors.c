@@ -62,7 +62,6 @@ static bool st_json_uint(const cJSON *item, double max, uint64_t *out)
     return true;
 }
 
-
 static void st_free_tensors(st_tensor *tensors, int count)
 {
     for (int i = 0; i < count; i++) free(tensors[i].name);
