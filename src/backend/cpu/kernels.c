@@ -342,6 +342,20 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
                                                const float *bias, int cols, cpu_epilogue epilogue,
                                                const float *R, float *C, size_t ldc)
 {
+#ifdef EMBEDRAG_LIGHT_KERNELS
+    /* Sanitizer and fuzz builds: one instance per variant with the row count at run time. The
+     * 56 specialized instances below took clang over ten minutes and 11 GB to instrument; the
+     * arithmetic is the same. */
+    if (interleaved && half)
+        tile_avx512(rows, true, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+    else if (interleaved)
+        tile_avx512(rows, true, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+    else if (half)
+        tile_avx512(rows, false, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+    else
+        tile_avx512(rows, false, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+}
+#else
     switch (rows) {
 #define TILE_CASE(n)                                                                               \
     case n:                                                                                        \
@@ -373,6 +387,7 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
         break;
     }
 }
+#endif
 
 /* The AVX2 tile (CPUs without AVX-512): two rows x one panel in 8 of the 16 ymm registers, the
  * four weight vectors loaded once per k for both rows. Same per-element order as the AVX-512
