@@ -98,7 +98,7 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
  * them and do not; both must agree bit for bit. */
 static void test_gemm_rows_are_batch_invariant(int n)
 {
-    const int k = 300, m_max = 300; /* k spans two of the GEMM's k slices */
+    const int k = 700, m_max = 300; /* k spans several of the GEMM's k slices */
     float *A = malloc(sizeof(float) * m_max * k), *W = malloc(sizeof(float) * n * k);
     float *b = malloc(sizeof(float) * n);
     float *alone = malloc(sizeof(float) * n), *C = malloc(sizeof(float) * m_max * n);
@@ -109,6 +109,9 @@ static void test_gemm_rows_are_batch_invariant(int n)
     const float *ws[1] = {W}, *bs[1] = {b};
     int nn = n;
     CHECK(cpu_pack(&p, 1, ws, bs, &nn, k, half) == 0, "pack");
+    if (strcmp(cpu_kernels_isa(), "avx512") == 0)
+        CHECK(p.slice_k < k, "k = %d fits one slice (%d): the test would not cover slicing", k,
+              p.slice_k);
     int mismatches = 0;
     static const int ms[] = {1, 2, 13, 14, 15, 16, 29, 111, 112, 113, 300};
     static const int threads[] = {1, 2, 3, 8};

@@ -25,6 +25,15 @@
 /* Panels a task must cover before interleaving its rows is worth the copy (profiled: at 12
  * panels, N = 384, the copy took as long as a quarter of the multiply). */
 #define GEMM_INTERLEAVE_MIN_PANELS 24
+/* Bytes of one k slice of all panels: a task sweeps a slice once per micro-tile, so it should
+ * stay in L2 (2 MB per core here) beside the A block. Measured one thread, 2048 x 384 x 1152:
+ * slicing plus tile-outer order took the GEMM from 104 to 157-163 GFLOP/s (bench/gemm_compare). */
+#define GEMM_SLICE_BYTES (1024 * 1024)
+/* Slice bounds in k rows: long enough to amortize loading and storing the partial sums. */
+#define GEMM_SLICE_MIN_K 64
+#define GEMM_SLICE_MAX_K 384
+/* Distance, in k steps, at which the micro-tile prefetches the panel stream into L1. */
+#define GEMM_PREFETCH_K 8
 /* Lanes of the fixed-order reductions (one AVX-512 register of floats). */
 #define REDUCE_LANES 16
 
@@ -89,6 +98,16 @@ int cpu_pack(cpu_packed *out, int count, const float *const *weights, const floa
     int n = 0;
     for (int i = 0; i < count; i++) n += rows[i];
     int panels = (n + CPU_PANEL_WIDTH - 1) / CPU_PANEL_WIDTH;
+    /* Only the AVX-512 tile continues partial sums across slices; the others take k whole. */
+    int slice_k = k;
+    if (isa() == ISA_AVX512) {
+        size_t row_bytes = (size_t)panels * CPU_PANEL_WIDTH * (half ? 2 : 4);
+        size_t fit = GEMM_SLICE_BYTES / row_bytes / 16 * 16;
+        slice_k = fit < GEMM_SLICE_MIN_K   ? GEMM_SLICE_MIN_K
+                  : fit > GEMM_SLICE_MAX_K ? GEMM_SLICE_MAX_K
+                                           : (int)fit;
+        if (slice_k > k) slice_k = k;
+    }
     size_t elements = (size_t)panels * (size_t)k * CPU_PANEL_WIDTH;
     size_t element_size = half ? sizeof(uint16_t) : sizeof(float);
     void *data = aligned_alloc(64, (elements * element_size + 63) / 64 * 64);
@@ -103,20 +122,26 @@ int cpu_pack(cpu_packed *out, int count, const float *const *weights, const floa
     for (int i = 0; i < count; i++) {
         for (int r = 0; r < rows[i]; r++, col++) {
             const float *src = weights[i] + (size_t)r * (size_t)k;
-            size_t base = (size_t)(col / CPU_PANEL_WIDTH) * (size_t)k * CPU_PANEL_WIDTH +
-                          (size_t)(col % CPU_PANEL_WIDTH);
-            if (half)
-                for (int kk = 0; kk < k; kk++)
-                    ((uint16_t *)data)[base + (size_t)kk * CPU_PANEL_WIDTH] = to_half(src[kk]);
-            else
-                for (int kk = 0; kk < k; kk++)
-                    ((float *)data)[base + (size_t)kk * CPU_PANEL_WIDTH] = src[kk];
+            for (int ks = 0; ks < k; ks += slice_k) {
+                int kn = k - ks < slice_k ? k - ks : slice_k;
+                size_t base = (size_t)ks * (size_t)panels * CPU_PANEL_WIDTH +
+                              (size_t)(col / CPU_PANEL_WIDTH) * (size_t)kn * CPU_PANEL_WIDTH +
+                              (size_t)(col % CPU_PANEL_WIDTH);
+                if (half)
+                    for (int kk = 0; kk < kn; kk++)
+                        ((uint16_t *)data)[base + (size_t)kk * CPU_PANEL_WIDTH] =
+                            to_half(src[ks + kk]);
+                else
+                    for (int kk = 0; kk < kn; kk++)
+                        ((float *)data)[base + (size_t)kk * CPU_PANEL_WIDTH] = src[ks + kk];
+            }
             bias[col] = biases[i] ? biases[i][r] : 0.0f;
         }
     }
     out->n = n;
     out->k = k;
     out->panels = panels;
+    out->slice_k = slice_k;
     if (half)
         out->data16 = data;
     else
@@ -283,28 +308,47 @@ AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epil
     return x;
 }
 
-/* One micro-tile: `rows` rows x one panel, the whole k, accumulated in registers; then bias and
- * residual. Each output element is sum_kk A[r][kk] * W[col][kk] in kk order, with fused
- * multiply-adds, then + bias (+ residual): the same for any `rows`. */
+/* One micro-tile: `rows` rows x one panel over one k slice of kn steps, accumulated in
+ * registers. The first slice starts from zero, later ones continue from the partial sums left in
+ * C; the last adds bias and residual and applies the activation. Each output element is
+ * sum_kk A[r][kk] * W[col][kk] in kk order, with fused multiply-adds, then + bias (+ residual):
+ * the same for any `rows` and any slicing (a float stored and reloaded is unchanged). */
 AVX512_TARGET static inline __attribute__((always_inline)) void
-tile_avx512(const int rows, const bool interleaved, const bool half, int k, const float *ap,
-            size_t lda, const void *panel_data, const float *bias, int cols, cpu_epilogue epilogue,
-            const float *R, float *C, size_t ldc)
+tile_avx512(const int rows, const bool interleaved, const bool half, bool first, bool last, int kn,
+            const float *ap, size_t lda, const void *panel_data, const float *bias, int cols,
+            cpu_epilogue epilogue, const float *R, float *C, size_t ldc)
 {
+    __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+    __mmask16 m1 = cols >= 32   ? (__mmask16)0xFFFF
+                   : cols <= 16 ? (__mmask16)0
+                                : (__mmask16)((1u << (cols - 16)) - 1u);
     __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
+    if (first) {
 #pragma GCC unroll 14
-    for (int r = 0; r < rows; r++) {
-        c0[r] = _mm512_setzero_ps();
-        c1[r] = _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            c0[r] = _mm512_setzero_ps();
+            c1[r] = _mm512_setzero_ps();
+        }
+    } else {
+#pragma GCC unroll 14
+        for (int r = 0; r < rows; r++) {
+            c0[r] = _mm512_maskz_loadu_ps(m0, C + (size_t)r * ldc);
+            c1[r] = _mm512_maskz_loadu_ps(m1, C + (size_t)r * ldc + 16);
+        }
     }
-    for (int kk = 0; kk < k; kk++) {
+    for (int kk = 0; kk < kn; kk++) {
         __m512 b0, b1;
+        /* Prefetching past the panel's end reaches the next panel of the slice, which is what
+         * runs next. */
         if (half) {
             const uint16_t *p16 = (const uint16_t *)panel_data + (size_t)kk * CPU_PANEL_WIDTH;
+            _mm_prefetch((const char *)(p16 + GEMM_PREFETCH_K * CPU_PANEL_WIDTH), _MM_HINT_T0);
             b0 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p16));
             b1 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p16 + 16)));
         } else {
             const float *p32 = (const float *)panel_data + (size_t)kk * CPU_PANEL_WIDTH;
+            _mm_prefetch((const char *)(p32 + GEMM_PREFETCH_K * CPU_PANEL_WIDTH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p32 + GEMM_PREFETCH_K * CPU_PANEL_WIDTH + 16), _MM_HINT_T0);
             b0 = _mm512_load_ps(p32);
             b1 = _mm512_load_ps(p32 + 16);
         }
@@ -316,11 +360,15 @@ tile_avx512(const int rows, const bool interleaved, const bool half, int k, cons
             c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
         }
     }
+    if (!last) {
+#pragma GCC unroll 14
+        for (int r = 0; r < rows; r++) {
+            _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, c0[r]);
+            _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, c1[r]);
+        }
+        return;
+    }
     __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
-    __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
-    __mmask16 m1 = cols >= 32   ? (__mmask16)0xFFFF
-                   : cols <= 16 ? (__mmask16)0
-                                : (__mmask16)((1u << (cols - 16)) - 1u);
 #pragma GCC unroll 14
     for (int r = 0; r < rows; r++) {
         __m512 v0 = _mm512_add_ps(c0[r], bias0), v1 = _mm512_add_ps(c1[r], bias1);
@@ -337,36 +385,45 @@ tile_avx512(const int rows, const bool interleaved, const bool half, int k, cons
     }
 }
 
-AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool half, int k,
-                                               const float *ap, size_t lda, const void *panel,
-                                               const float *bias, int cols, cpu_epilogue epilogue,
-                                               const float *R, float *C, size_t ldc)
+AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool half, bool first,
+                                               bool last, int k, const float *ap, size_t lda,
+                                               const void *panel, const float *bias, int cols,
+                                               cpu_epilogue epilogue, const float *R, float *C,
+                                               size_t ldc)
 {
 #ifdef EMBEDRAG_LIGHT_KERNELS
     /* Sanitizer and fuzz builds: one instance per variant with the row count at run time. The
      * 56 specialized instances below took clang over ten minutes and 11 GB to instrument; the
      * arithmetic is the same. */
     if (interleaved && half)
-        tile_avx512(rows, true, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+        tile_avx512(rows, true, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
+                    ldc);
     else if (interleaved)
-        tile_avx512(rows, true, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+        tile_avx512(rows, true, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
+                    ldc);
     else if (half)
-        tile_avx512(rows, false, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+        tile_avx512(rows, false, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
+                    ldc);
     else
-        tile_avx512(rows, false, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);
+        tile_avx512(rows, false, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
+                    ldc);
 }
 #else
     switch (rows) {
 #define TILE_CASE(n)                                                                               \
     case n:                                                                                        \
         if (interleaved && half)                                                                   \
-            tile_avx512(n, true, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);        \
+            tile_avx512(n, true, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C, \
+                        ldc);                                                                      \
         else if (interleaved)                                                                      \
-            tile_avx512(n, true, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);       \
+            tile_avx512(n, true, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R,   \
+                        C, ldc);                                                                   \
         else if (half)                                                                             \
-            tile_avx512(n, false, true, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);       \
+            tile_avx512(n, false, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R,   \
+                        C, ldc);                                                                   \
         else                                                                                       \
-            tile_avx512(n, false, false, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc);      \
+            tile_avx512(n, false, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R,  \
+                        C, ldc);                                                                   \
         break;
         TILE_CASE(1)
         TILE_CASE(2)
@@ -475,56 +532,72 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
     int p1 = p0 + plan->panels_per_group;
     if (p1 > packed->panels) p1 = packed->panels;
     int k = packed->k;
-    int use_avx512 = isa() == ISA_AVX512;
-    /* Interleaving the rows costs a strided copy of the block; it pays off only when many panels
-     * reuse it. Both ways compute the same sums in the same order. */
-    bool interleave = use_avx512 && p1 - p0 >= GEMM_INTERLEAVE_MIN_PANELS;
     const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
+    bool half = packed->data16 != NULL;
     /* Split the block's rows into near-equal micro-tiles (16 rows -> 8 + 8, not 14 + 2): the
      * grouping never changes a result, only how well the registers are used. */
     int tiles = (rows + GEMM_TILE_ROWS - 1) / GEMM_TILE_ROWS;
-    if (interleave) {
-        /* Interleave each tile's rows (scratch[kk * rows + r]) once for all panels: the kernel
-         * then broadcasts from one pointer at fixed offsets instead of needing a register per
-         * row, which spilled in the inner loop. */
-        float *dst = scratch;
-        for (int t = 0, r = row0; t < tiles; t++) {
-            int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
-            const float *src = A + (size_t)r * lda;
-            for (int kk = 0; kk < k; kk++) /* sequential writes; tr sequential read streams */
-                for (int i = 0; i < tr; i++)
-                    dst[(size_t)kk * (size_t)tr + (size_t)i] = src[(size_t)i * lda + (size_t)kk];
-            dst += (size_t)tr * (size_t)k;
-            r += tr;
+    if (isa() != ISA_AVX512) {
+        /* One slice of the whole k (see cpu_pack); activations follow in a pass. */
+        for (int p = p0; p < p1; p++) {
+            const float *panel = packed->data + (size_t)p * (size_t)k * CPU_PANEL_WIDTH;
+            int col0 = p * CPU_PANEL_WIDTH;
+            int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
+            float *c = C + (size_t)row0 * ldc + (size_t)col0;
+            (isa() == ISA_AVX2 ? tile_avx2 : tile_generic)(
+                rows, k, A + (size_t)row0 * lda, lda, panel, packed->bias + col0, cols,
+                residual ? residual + (size_t)row0 * ldc + (size_t)col0 : NULL, c, ldc);
+            if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
+                for (int i = 0; i < rows; i++)
+                    apply_activation(c + (size_t)i * ldc, cols, epilogue);
         }
+        return;
     }
-    for (int p = p0; p < p1; p++) {
-        bool half = packed->data16 != NULL;
-        size_t offset = (size_t)p * (size_t)k * CPU_PANEL_WIDTH;
-        const void *panel =
-            half ? (const void *)(packed->data16 + offset) : (const void *)(packed->data + offset);
-        int col0 = p * CPU_PANEL_WIDTH;
-        int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
+    /* Interleaving the rows costs a strided copy of the block; it pays off only when many panels
+     * reuse it. Both ways compute the same sums in the same order. */
+    bool interleave = p1 - p0 >= GEMM_INTERLEAVE_MIN_PANELS;
+    for (int ks = 0; ks < k; ks += packed->slice_k) {
+        int kn = k - ks < packed->slice_k ? k - ks : packed->slice_k;
+        bool first = ks == 0, last = ks + kn == k;
+        if (interleave) {
+            /* Interleave each tile's rows of this slice (scratch[kk * rows + r]) once for all
+             * panels: the kernel then broadcasts from one pointer at fixed offsets instead of
+             * needing a register per row, which spilled in the inner loop. */
+            float *dst = scratch;
+            for (int t = 0, r = row0; t < tiles; t++) {
+                int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
+                const float *src = A + (size_t)r * lda + (size_t)ks;
+                for (int kk = 0; kk < kn; kk++) /* sequential writes; tr sequential read streams */
+                    for (int i = 0; i < tr; i++)
+                        dst[(size_t)kk * (size_t)tr + (size_t)i] =
+                            src[(size_t)i * lda + (size_t)kk];
+                dst += (size_t)tr * (size_t)kn;
+                r += tr;
+            }
+        }
+        /* Tile by tile, sweeping the slice's panels: the tile's rows stay in L1 while the slice
+         * (contiguous, see cpu_pack) streams from L2 in order, helped by the prefetch. */
+        size_t slice = (size_t)ks * (size_t)packed->panels * CPU_PANEL_WIDTH;
         const float *ap = scratch;
         for (int t = 0, r = row0; t < tiles; t++) {
             int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
-            float *c = C + (size_t)r * ldc + (size_t)col0;
-            const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
-            if (interleave) {
-                tile_avx512_dispatch(tr, true, half, k, ap, 0, panel, packed->bias + col0, cols,
-                                     epilogue, res, c, ldc);
-                ap += (size_t)tr * (size_t)k;
-            } else if (use_avx512) {
-                tile_avx512_dispatch(tr, false, half, k, A + (size_t)r * lda, lda, panel,
-                                     packed->bias + col0, cols, epilogue, res, c, ldc);
-            } else {
-                (isa() == ISA_AVX2 ? tile_avx2 : tile_generic)(
-                    tr, k, A + (size_t)r * lda, lda, (const float *)panel, packed->bias + col0,
-                    cols, res, c, ldc);
-                if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL)
-                    for (int i = 0; i < tr; i++)
-                        apply_activation(c + (size_t)i * ldc, cols, epilogue);
+            for (int p = p0; p < p1; p++) {
+                size_t offset = slice + (size_t)p * (size_t)kn * CPU_PANEL_WIDTH;
+                const void *panel = half ? (const void *)(packed->data16 + offset)
+                                         : (const void *)(packed->data + offset);
+                int col0 = p * CPU_PANEL_WIDTH;
+                int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
+                float *c = C + (size_t)r * ldc + (size_t)col0;
+                const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
+                if (interleave)
+                    tile_avx512_dispatch(tr, true, half, first, last, kn, ap, 0, panel,
+                                         packed->bias + col0, cols, epilogue, res, c, ldc);
+                else
+                    tile_avx512_dispatch(tr, false, half, first, last, kn,
+                                         A + (size_t)r * lda + (size_t)ks, lda, panel,
+                                         packed->bias + col0, cols, epilogue, res, c, ldc);
             }
+            if (interleave) ap += (size_t)tr * (size_t)kn;
             r += tr;
         }
     }

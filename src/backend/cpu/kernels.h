@@ -13,11 +13,15 @@
 #define CPU_PANEL_WIDTH 32
 
 /* A weight matrix W [n x k] (PyTorch Linear layout: out x in) repacked into panels of
- * CPU_PANEL_WIDTH output columns, each stored k-major: panel[p][kk][j] = W[p*32 + j][kk], zero
- * beyond n. The bias (n floats) is copied alongside. */
+ * CPU_PANEL_WIDTH output columns, each stored k-major, and cut along k into slices of slice_k
+ * rows stored one after another: slice s holds every panel's rows ks = s * slice_k .. ks + kn,
+ * panel after panel, so data[ks * panels * 32 + p * kn * 32 + (kk - ks) * 32 + j] =
+ * W[p*32 + j][kk], zero beyond n. A GEMM then walks one slice of all panels as one contiguous
+ * stream small enough to stay in L2. The bias (n floats) is copied alongside. */
 typedef struct cpu_packed {
     int n, k;
     int panels;
+    int slice_k;
     float *data;      /* panels * k * CPU_PANEL_WIDTH floats, 64-byte aligned; or NULL */
     uint16_t *data16; /* the same as IEEE half-precision bits, when packed as half */
     float *bias;      /* n floats */
