@@ -24,7 +24,9 @@
 #define GEMM_BLOCK_ROWS (GEMM_TILE_ROWS * 8)
 /* Panels a task must cover before interleaving its rows is worth the copy (profiled: at 12
  * panels, N = 384, the copy took as long as a quarter of the multiply). */
-#define GEMM_INTERLEAVE_MIN_PANELS 24
+#ifndef GEMM_INTERLEAVE_MIN_PANELS
+#define GEMM_INTERLEAVE_MIN_PANELS 8
+#endif
 /* Bytes of one k slice of all panels: a task sweeps a slice once per micro-tile, so it should
  * stay in L2 (2 MB per core here) beside the A block. Measured one thread, 2048 x 384 x 1152:
  * slicing plus tile-outer order took the GEMM from 104 to 157-163 GFLOP/s (bench/gemm_compare). */
@@ -242,15 +244,17 @@ cpu_gemm_plan cpu_gemm_plan_make(int m, const cpu_packed *packed, int threads)
     plan.m = m;
     plan.rows_per_block = GEMM_BLOCK_ROWS;
     plan.row_blocks = (m + GEMM_BLOCK_ROWS - 1) / GEMM_BLOCK_ROWS;
-    /* Enough tasks that threads finish together (dynamic scheduling evens out the rest), but
-     * no more than needed: each panel group re-reads the A block. */
-    int want = 4 * threads;
-    int groups = (want + plan.row_blocks - 1) / plan.row_blocks;
-    if (threads == 1) groups = 1;
+    /* With few row blocks (a query, a small batch), split the panels into near-equal groups, a
+     * whole number per thread: with equal tasks the threads finish together (measured: unequal
+     * groups of 4 and 5 panels left one thread idle for 10% of a query's GEMM). Each group
+     * re-reads the A block, so no more groups than that. */
+    int groups = 1;
+    if (threads > 1 && plan.row_blocks < 2 * threads) {
+        int per_thread = (2 * threads + plan.row_blocks - 1) / plan.row_blocks / threads;
+        groups = threads * (per_thread < 1 ? 1 : per_thread);
+    }
     if (groups > packed->panels) groups = packed->panels;
-    if (groups < 1) groups = 1;
-    plan.panels_per_group = (packed->panels + groups - 1) / groups;
-    plan.panel_groups = (packed->panels + plan.panels_per_group - 1) / plan.panels_per_group;
+    plan.panel_groups = groups;
     return plan;
 }
 
@@ -316,7 +320,8 @@ AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epil
 AVX512_TARGET static inline __attribute__((always_inline)) void
 tile_avx512(const int rows, const bool interleaved, const bool half, bool first, bool last, int kn,
             const float *ap, size_t lda, const void *panel_data, const float *bias, int cols,
-            cpu_epilogue epilogue, const float *R, float *C, size_t ldc)
+            cpu_epilogue epilogue, const float *R, float *C, size_t ldc, const char *ahead,
+            int ahead_step)
 {
     __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
     __mmask16 m1 = cols >= 32   ? (__mmask16)0xFFFF
@@ -338,6 +343,9 @@ tile_avx512(const int rows, const bool interleaved, const bool half, bool first,
     }
     for (int kk = 0; kk < kn; kk++) {
         __m512 b0, b1;
+        /* `ahead` is weight data a later tile reads first: fetched into L2 now, so the stream
+         * from L3 overlaps this tile's arithmetic. */
+        if (ahead) _mm_prefetch(ahead + (size_t)kk * (size_t)ahead_step, _MM_HINT_T1);
         /* Prefetching past the panel's end reaches the next panel of the slice, which is what
          * runs next. */
         if (half) {
@@ -389,41 +397,34 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
                                                bool last, int k, const float *ap, size_t lda,
                                                const void *panel, const float *bias, int cols,
                                                cpu_epilogue epilogue, const float *R, float *C,
-                                               size_t ldc)
+                                               size_t ldc, const char *ahead, int ahead_step)
 {
+#define TILE_ARGS first, last, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc, ahead, ahead_step
 #ifdef EMBEDRAG_LIGHT_KERNELS
     /* Sanitizer and fuzz builds: one instance per variant with the row count at run time. The
      * 56 specialized instances below took clang over ten minutes and 11 GB to instrument; the
      * arithmetic is the same. */
     if (interleaved && half)
-        tile_avx512(rows, true, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
-                    ldc);
+        tile_avx512(rows, true, true, TILE_ARGS);
     else if (interleaved)
-        tile_avx512(rows, true, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
-                    ldc);
+        tile_avx512(rows, true, false, TILE_ARGS);
     else if (half)
-        tile_avx512(rows, false, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
-                    ldc);
+        tile_avx512(rows, false, true, TILE_ARGS);
     else
-        tile_avx512(rows, false, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C,
-                    ldc);
+        tile_avx512(rows, false, false, TILE_ARGS);
 }
 #else
     switch (rows) {
 #define TILE_CASE(n)                                                                               \
     case n:                                                                                        \
         if (interleaved && half)                                                                   \
-            tile_avx512(n, true, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R, C, \
-                        ldc);                                                                      \
+            tile_avx512(n, true, true, TILE_ARGS);                                                 \
         else if (interleaved)                                                                      \
-            tile_avx512(n, true, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R,   \
-                        C, ldc);                                                                   \
+            tile_avx512(n, true, false, TILE_ARGS);                                                \
         else if (half)                                                                             \
-            tile_avx512(n, false, true, first, last, k, ap, lda, panel, bias, cols, epilogue, R,   \
-                        C, ldc);                                                                   \
+            tile_avx512(n, false, true, TILE_ARGS);                                                \
         else                                                                                       \
-            tile_avx512(n, false, false, first, last, k, ap, lda, panel, bias, cols, epilogue, R,  \
-                        C, ldc);                                                                   \
+            tile_avx512(n, false, false, TILE_ARGS);                                               \
         break;
         TILE_CASE(1)
         TILE_CASE(2)
@@ -445,6 +446,7 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
     }
 }
 #endif
+#undef TILE_ARGS
 
 /* The AVX2 tile (CPUs without AVX-512): two rows x one panel in 8 of the 16 ymm registers, the
  * four weight vectors loaded once per k for both rows. Same per-element order as the AVX-512
@@ -528,9 +530,8 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
     int block = task / plan->panel_groups, group = task % plan->panel_groups;
     int row0 = block * plan->rows_per_block;
     int rows = plan->m - row0 < plan->rows_per_block ? plan->m - row0 : plan->rows_per_block;
-    int p0 = group * plan->panels_per_group;
-    int p1 = p0 + plan->panels_per_group;
-    if (p1 > packed->panels) p1 = packed->panels;
+    int p0 = (int)((long)group * packed->panels / plan->panel_groups);
+    int p1 = (int)((long)(group + 1) * packed->panels / plan->panel_groups);
     int k = packed->k;
     const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
     bool half = packed->data16 != NULL;
@@ -575,29 +576,66 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
                 r += tr;
             }
         }
+        size_t slice = (size_t)ks * (size_t)packed->panels * CPU_PANEL_WIDTH;
+        size_t element = half ? sizeof(uint16_t) : sizeof(float);
+        const char *base = half ? (const char *)packed->data16 : (const char *)packed->data;
+        if (tiles <= 2) {
+            /* Few rows (a query): every weight is used by at most two tiles, so the GEMM streams
+             * the weights from L3 at their first use. Panel by panel, each tile prefetches its
+             * share of the next panel (of this slice, or the first of the next) into L2, so
+             * the stream runs during the arithmetic instead of stalling the first tile. */
+            size_t next_slice = slice + (size_t)kn * (size_t)packed->panels * CPU_PANEL_WIDTH;
+            int next_kn = k - ks - kn < packed->slice_k ? k - ks - kn : packed->slice_k;
+            for (int p = p0; p < p1; p++) {
+                size_t offset = slice + (size_t)p * (size_t)kn * CPU_PANEL_WIDTH;
+                const char *ahead = NULL;
+                size_t ahead_bytes = 0;
+                if (p + 1 < p1) {
+                    ahead = base + (offset + (size_t)kn * CPU_PANEL_WIDTH) * element;
+                    ahead_bytes = (size_t)kn * CPU_PANEL_WIDTH * element;
+                } else if (!last) {
+                    ahead = base +
+                            (next_slice + (size_t)p0 * (size_t)next_kn * CPU_PANEL_WIDTH) * element;
+                    ahead_bytes = (size_t)next_kn * CPU_PANEL_WIDTH * element;
+                }
+                /* One prefetch per k step of each tile covers the next panel in `tiles` parts. */
+                int step = (int)((ahead_bytes / (size_t)tiles + (size_t)kn - 1) / (size_t)kn);
+                int col0 = p * CPU_PANEL_WIDTH;
+                int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
+                const float *ap = scratch;
+                for (int t = 0, r = row0; t < tiles; t++) {
+                    int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
+                    float *c = C + (size_t)r * ldc + (size_t)col0;
+                    const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
+                    const char *tile_ahead =
+                        ahead ? ahead + (size_t)t * (size_t)step * (size_t)kn : NULL;
+                    tile_avx512_dispatch(tr, interleave, half, first, last, kn,
+                                         interleave ? ap : A + (size_t)r * lda + (size_t)ks, lda,
+                                         base + offset * element, packed->bias + col0, cols,
+                                         epilogue, res, c, ldc, tile_ahead, step);
+                    ap += (size_t)tr * (size_t)kn;
+                    r += tr;
+                }
+            }
+            continue;
+        }
         /* Tile by tile, sweeping the slice's panels: the tile's rows stay in L1 while the slice
          * (contiguous, see cpu_pack) streams from L2 in order, helped by the prefetch. */
-        size_t slice = (size_t)ks * (size_t)packed->panels * CPU_PANEL_WIDTH;
         const float *ap = scratch;
         for (int t = 0, r = row0; t < tiles; t++) {
             int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
             for (int p = p0; p < p1; p++) {
                 size_t offset = slice + (size_t)p * (size_t)kn * CPU_PANEL_WIDTH;
-                const void *panel = half ? (const void *)(packed->data16 + offset)
-                                         : (const void *)(packed->data + offset);
                 int col0 = p * CPU_PANEL_WIDTH;
                 int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
                 float *c = C + (size_t)r * ldc + (size_t)col0;
                 const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
-                if (interleave)
-                    tile_avx512_dispatch(tr, true, half, first, last, kn, ap, 0, panel,
-                                         packed->bias + col0, cols, epilogue, res, c, ldc);
-                else
-                    tile_avx512_dispatch(tr, false, half, first, last, kn,
-                                         A + (size_t)r * lda + (size_t)ks, lda, panel,
-                                         packed->bias + col0, cols, epilogue, res, c, ldc);
+                tile_avx512_dispatch(tr, interleave, half, first, last, kn,
+                                     interleave ? ap : A + (size_t)r * lda + (size_t)ks, lda,
+                                     base + offset * element, packed->bias + col0, cols, epilogue,
+                                     res, c, ldc, NULL, 0);
             }
-            if (interleave) ap += (size_t)tr * (size_t)kn;
+            ap += (size_t)tr * (size_t)kn;
             r += tr;
         }
     }

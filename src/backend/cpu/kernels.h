@@ -46,8 +46,8 @@ typedef enum cpu_epilogue {
 /* The unit of parallel work of a GEMM: a block of rows times a group of panels. */
 typedef struct cpu_gemm_plan {
     int m;
-    int row_blocks, panel_groups;
-    int rows_per_block, panels_per_group;
+    int row_blocks, panel_groups; /* group g covers panels [g P / G, (g + 1) P / G) */
+    int rows_per_block;
 } cpu_gemm_plan;
 
 /* Splits an [m x packed->n] GEMM into tasks so `threads` threads have enough to share. */
