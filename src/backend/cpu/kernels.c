@@ -242,8 +242,13 @@ cpu_gemm_plan cpu_gemm_plan_make(int m, const cpu_packed *packed, int threads)
 {
     cpu_gemm_plan plan;
     plan.m = m;
-    plan.rows_per_block = GEMM_BLOCK_ROWS;
-    plan.row_blocks = (m + GEMM_BLOCK_ROWS - 1) / GEMM_BLOCK_ROWS;
+    /* Near-equal row blocks of at most GEMM_BLOCK_ROWS, a whole number per thread when there
+     * are several per thread (2048 rows made 18 full blocks and one of 32: one thread ran 10
+     * blocks, the other 9). Rows never depend on the blocking, only the speed does. */
+    int blocks = (m + GEMM_BLOCK_ROWS - 1) / GEMM_BLOCK_ROWS;
+    if (threads > 1 && blocks > threads) blocks = (blocks + threads - 1) / threads * threads;
+    plan.rows_per_block = (m + blocks - 1) / blocks;
+    plan.row_blocks = (m + plan.rows_per_block - 1) / plan.rows_per_block;
     /* With few row blocks (a query, a small batch), split the panels into near-equal groups, a
      * whole number per thread: with equal tasks the threads finish together (measured: unequal
      * groups of 4 and 5 panels left one thread idle for 10% of a query's GEMM). Each group
