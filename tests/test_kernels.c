@@ -162,11 +162,11 @@ static void test_attention(int len, int d)
     float *qkv = malloc(sizeof(float) * (size_t)len * ld),
           *out = malloc(sizeof(float) * (size_t)len * h);
     float *scores = malloc(sizeof(float) * CPU_ATTENTION_SCORES(len));
-    float *kt = malloc(sizeof(float) * CPU_ATTENTION_KT(len, d));
+    float *head = malloc(sizeof(float) * CPU_ATTENTION_HEAD(len, d));
     fill(qkv, (size_t)len * ld);
     for (size_t i = 0; i < (size_t)len * ld; i++) qkv[i] *= 4.0f; /* peaky softmax */
     float scale = 1.0f / sqrtf((float)d);
-    cpu_attention_head(qkv, qkv + h, qkv + 2 * h, ld, len, d, scale, out, (size_t)h, scores, kt);
+    cpu_attention_head(qkv, qkv + h, qkv + 2 * h, ld, len, d, scale, out, (size_t)h, scores, head);
     double worst = 0;
     double *p = malloc(sizeof(double) * len);
     for (int i = 0; i < len; i++) {
@@ -190,7 +190,7 @@ static void test_attention(int len, int d)
     free(qkv);
     free(out);
     free(scores);
-    free(kt);
+    free(head);
 }
 
 static void test_gemm_kernels(void)

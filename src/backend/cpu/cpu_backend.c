@@ -33,7 +33,7 @@ typedef struct cpu_backend {
     float *x, *qkv, *ctx, *tmp, *hidden;
     /* Per-thread attention scratch, sized for the longest sequence seen so far. */
     int capacity_len;
-    float *scores, *kt;
+    float *scores, *head;
     /* Per-thread GEMM scratch (row interleaving), sized for the widest inner dimension. */
     float *gemm_scratch;
     size_t gemm_scratch_floats;
@@ -72,13 +72,13 @@ static int reserve(cpu_backend *b, int tokens, int max_len)
         int n = pool_threads(b->threads);
         int d = c->hidden_size / c->num_heads;
         free(b->scores);
-        free(b->kt);
+        free(b->head);
         b->scores = malloc((size_t)n * CPU_ATTENTION_SCORES(max_len) * sizeof(float));
-        b->kt = malloc((size_t)n * CPU_ATTENTION_KT(max_len, d) * sizeof(float));
-        if (!b->scores || !b->kt) {
+        b->head = malloc((size_t)n * CPU_ATTENTION_HEAD(max_len, d) * sizeof(float));
+        if (!b->scores || !b->head) {
             free(b->scores);
-            free(b->kt);
-            b->scores = b->kt = NULL;
+            free(b->head);
+            b->scores = b->head = NULL;
             b->capacity_len = 0;
             return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory for attention scratch");
         }
@@ -192,7 +192,7 @@ static void attention_worker(void *ctx, int task, int thread)
     float *out = b->ctx + (size_t)start * (size_t)h + (size_t)head * (size_t)d;
     cpu_attention_head(q, q + h, q + 2 * h, ld, len, d, 1.0f / sqrtf((float)d), out, (size_t)h,
                        b->scores + (size_t)thread * CPU_ATTENTION_SCORES(b->capacity_len),
-                       b->kt + (size_t)thread * CPU_ATTENTION_KT(b->capacity_len, d));
+                       b->head + (size_t)thread * CPU_ATTENTION_HEAD(b->capacity_len, d));
 }
 
 /* ---- the forward pass ---- */
@@ -288,7 +288,7 @@ static void cpu_destroy(backend *self)
     free(b->layers);
     free_activations(b);
     free(b->scores);
-    free(b->kt);
+    free(b->head);
     free(b->gemm_scratch);
     pool_destroy(b->threads);
     free(b);

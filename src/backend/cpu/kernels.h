@@ -73,11 +73,12 @@ void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const f
 
 /* Attention of one head of one sequence: q, k, v rows of `len` tokens with row stride `ld` and
  * head width d; writes `len` rows of d floats to out (stride ldo). Scratch: `scores` holds
- * CPU_ATTENTION_SCORES(len) floats and `kt` CPU_ATTENTION_KT(len, d) floats. */
+ * CPU_ATTENTION_SCORES(len) floats and `head` CPU_ATTENTION_HEAD(len, d) floats (the head's
+ * keys transposed, values and scaled queries, copied out of the strided rows). */
 #define CPU_ATTENTION_SCORES(len) (4 * ((size_t)(len) + 16))
-#define CPU_ATTENTION_KT(len, d) (((size_t)(len) + 16) * (size_t)(d))
+#define CPU_ATTENTION_HEAD(len, d) (3 * ((size_t)(len) + 16) * (size_t)(d))
 void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
-                        float scale, float *out, size_t ldo, float *scores, float *kt);
+                        float scale, float *out, size_t ldo, float *scores, float *head);
 
 /* Which instruction set the kernels use: "avx512" or "generic". Chosen once from the CPU's
  * features, overridable with EMBEDRAG_CPU_ISA=generic for testing the portable path. */
