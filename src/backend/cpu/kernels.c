@@ -27,6 +27,10 @@
 #ifndef GEMM_INTERLEAVE_MIN_PANELS
 #define GEMM_INTERLEAVE_MIN_PANELS 8
 #endif
+/* Panel groups per thread when a GEMM has few row blocks (a query). One contiguous group each
+ * measured fastest: 16-token query p50, two rounds, 1 / 2 / 3 / 4 groups per thread: 1.49 /
+ * 1.54 / 1.63 / 1.73 ms (6 layers) and 2.79 / 2.89 / 3.08 / 3.44 ms (12 layers, F16). */
+#define GEMM_GROUPS_PER_THREAD 1
 /* Bytes of one k slice of all panels: a task sweeps a slice once per micro-tile, so it should
  * stay in L2 (2 MB per core here) beside the A block. Measured one thread, 2048 x 384 x 1152:
  * slicing plus tile-outer order took the GEMM from 104 to 157-163 GFLOP/s (bench/gemm_compare). */
@@ -250,12 +254,12 @@ cpu_gemm_plan cpu_gemm_plan_make(int m, const cpu_packed *packed, int threads)
     plan.rows_per_block = (m + blocks - 1) / blocks;
     plan.row_blocks = (m + plan.rows_per_block - 1) / plan.rows_per_block;
     /* With few row blocks (a query, a small batch), split the panels into near-equal groups, a
-     * whole number per thread: with equal tasks the threads finish together (measured: unequal
-     * groups of 4 and 5 panels left one thread idle for 10% of a query's GEMM). Each group
-     * re-reads the A block, so no more groups than that. */
+     * whole number per thread, so the threads finish together. Each group re-reads the A block
+     * and starts a new weight stream, so no more groups than that. */
     int groups = 1;
     if (threads > 1 && plan.row_blocks < 2 * threads) {
-        int per_thread = (2 * threads + plan.row_blocks - 1) / plan.row_blocks / threads;
+        int per_thread =
+            (GEMM_GROUPS_PER_THREAD * threads + plan.row_blocks - 1) / plan.row_blocks / threads;
         groups = threads * (per_thread < 1 ? 1 : per_thread);
     }
     if (groups > packed->panels) groups = packed->panels;
