@@ -182,17 +182,25 @@ int cli_embed(int argc, char **argv)
         }
         if (n == 0) break;
         if (embedrag_embed(model, (const char *const *)texts, lengths, n, &params, vectors) != 0) {
-            /* The engine names the text's index within the chunk; turn it into a line number. */
+            /* A text's error names its index within this chunk: report the input line instead. */
             const char *msg = embedrag_last_error();
-            size_t index;
-            int used = 0;
-            if (sscanf(msg, "text %zu: %n", &index, &used) == 1 && used > 0)
-                fprintf(stderr, "embedrag embed: line %zu: %s\n", done + index + 1, msg + used);
-            else if (sscanf(msg, "text %zu %n", &index, &used) == 1 && used > 0)
-                fprintf(stderr, "embedrag embed: line %zu: text %s\n", done + index + 1,
-                        msg + used);
-            else
+            long index = embedrag_last_error_text();
+            if (index >= 0) {
+                /* "text 3: invalid UTF-8 ..." -> "line 7: invalid UTF-8 ...";
+                 * "text 3 has 600 tokens ..." -> "line 7: text has 600 tokens ...". */
+                char prefix[32];
+                size_t prefix_len = (size_t)snprintf(prefix, sizeof prefix, "text %ld", index);
+                const char *rest = strncmp(msg, prefix, prefix_len) == 0 ? msg + prefix_len : NULL;
+                size_t line = done + (size_t)index + 1;
+                if (rest && strncmp(rest, ": ", 2) == 0)
+                    fprintf(stderr, "embedrag embed: line %zu: %s\n", line, rest + 2);
+                else if (rest)
+                    fprintf(stderr, "embedrag embed: line %zu: text%s\n", line, rest);
+                else
+                    fprintf(stderr, "embedrag embed: line %zu: %s\n", line, msg);
+            } else {
                 fprintf(stderr, "embedrag embed: %s\n", msg);
+            }
             goto free_buffers;
         }
         if (write_vectors(out, format, vectors, n, dim) != 0) {

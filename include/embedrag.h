@@ -52,6 +52,11 @@ EMBEDRAG_API const char *embedrag_version(void);
  * valid until the next embedrag call on this thread); "" if there was none. Thread-safe. */
 EMBEDRAG_API const char *embedrag_last_error(void);
 
+/* When the last failure on the calling thread concerned one text of an embedrag_embed call (it
+ * is NULL, not valid UTF-8, or too long with truncation off), returns that text's index in the
+ * call's `texts`; otherwise -1. Valid until the next embedrag call on this thread. Thread-safe. */
+EMBEDRAG_API long embedrag_last_error_text(void);
+
 /* Parameters for embedrag_model_open. Obtain defaults with embedrag_model_default_params() and
  * adjust fields; new fields are added at the end with defaults that keep old behaviour. */
 typedef struct embedrag_model_params {

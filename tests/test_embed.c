@@ -266,11 +266,19 @@ static void test_bad_input(embedrag_model *m)
     CHECK(rc == EMBEDRAG_ERR_INVALID_UTF8, "invalid UTF-8 gives %d", rc);
     CHECK(strstr(embedrag_last_error(), "text 2") != NULL, "message names the text: %s",
           embedrag_last_error());
+    CHECK(embedrag_last_error_text() == 2, "failing text index %ld, expected 2",
+          embedrag_last_error_text());
+    const char *with_null[2] = {"fine", NULL};
+    rc = embedrag_embed(m, with_null, NULL, 2, &p, out);
+    CHECK(rc == EMBEDRAG_ERR_INVALID_ARGUMENT && embedrag_last_error_text() == 1,
+          "NULL text: %d, index %ld", rc, embedrag_last_error_text());
 
     p.prompt_name = "no-such-prompt";
     rc = embedrag_embed(m, texts, NULL, 1, &p, out);
     CHECK(rc == EMBEDRAG_ERR_INVALID_ARGUMENT && strstr(embedrag_last_error(), "no-such-prompt"),
           "unknown prompt: %d %s", rc, embedrag_last_error());
+    CHECK(embedrag_last_error_text() == -1, "an error about no text names text %ld",
+          embedrag_last_error_text());
 
     p = embedrag_embed_default_params();
     p.truncate = false;
@@ -281,6 +289,7 @@ static void test_bad_input(embedrag_model *m)
     const char *lt = long_text;
     rc = embedrag_embed(m, &lt, NULL, 1, &p, out);
     CHECK(rc == EMBEDRAG_ERR_TOO_LONG, "long text without truncation gives %d", rc);
+    CHECK(embedrag_last_error_text() == 0, "too-long text index %ld", embedrag_last_error_text());
     p.truncate = true;
     rc = embedrag_embed(m, &lt, NULL, 1, &p, out);
     CHECK(rc == 0, "long text with truncation: %s", embedrag_last_error());

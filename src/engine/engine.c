@@ -36,6 +36,11 @@ const char *embedrag_last_error(void)
     return err_get();
 }
 
+long embedrag_last_error_text(void)
+{
+    return err_text();
+}
+
 embedrag_model_params embedrag_model_default_params(void)
 {
     embedrag_model_params p = {.threads = 0};
@@ -355,6 +360,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
             const char *text = texts[base + i];
             if (!text) {
                 rc = err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "text %zu is NULL", base + i);
+                err_set_text(base + i);
                 goto free_buffers;
             }
             size_t len = lengths ? lengths[base + i] : strlen(text);
@@ -363,6 +369,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
                                  &untruncated);
             if (got < 0) {
                 rc = err_prefix(got, "text %zu: ", base + i);
+                err_set_text(base + i);
                 goto free_buffers;
             }
             if (!params->truncate && untruncated > max_tokens) {
@@ -370,6 +377,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
                              "text %zu has %d tokens; the model takes at most %d (truncation is "
                              "off)",
                              base + i, untruncated, max_tokens);
+                err_set_text(base + i);
                 goto free_buffers;
             }
             offsets[i + 1] = offsets[i] + got;

@@ -10,6 +10,7 @@
 #define ERROR_MESSAGE_CAPACITY 1024
 
 static _Thread_local char error_message[ERROR_MESSAGE_CAPACITY];
+static _Thread_local long error_text = -1;
 
 int err_set(int code, const char *fmt, ...)
 {
@@ -17,7 +18,18 @@ int err_set(int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(error_message, sizeof error_message, fmt, ap);
     va_end(ap);
+    error_text = -1;
     return code;
+}
+
+void err_set_text(size_t index)
+{
+    error_text = (long)index;
+}
+
+long err_text(void)
+{
+    return error_text;
 }
 
 int err_prefix(int code, const char *fmt, ...)
@@ -36,6 +48,7 @@ int err_prefix(int code, const char *fmt, ...)
 void err_clear(void)
 {
     error_message[0] = '\0';
+    error_text = -1;
 }
 
 const char *err_get(void)

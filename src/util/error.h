@@ -13,6 +13,13 @@ int err_set(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3))
  * returns `code`. */
 int err_prefix(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Records that the current error concerns text `index` of the call (see
+ * embedrag_last_error_text); err_set and err_clear forget it. */
+void err_set_text(size_t index);
+
+/* The text index recorded by err_set_text since the last err_set or err_clear, or -1. */
+long err_text(void);
+
 /* Clears the calling thread's message. */
 void err_clear(void);
 
