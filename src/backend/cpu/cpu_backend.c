@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Rows per task in row-wise parallel regions (embeddings, LayerNorm): small enough to share a
  * 16-token query between two threads, large enough to amortize a task claim. */
@@ -39,6 +40,23 @@ typedef struct cpu_backend {
     size_t gemm_scratch_floats;
 } cpu_backend;
 
+/* Activation buffers of 2 MiB or more are aligned to 2 MiB and marked for transparent huge
+ * pages: the GEMM reads 14 rows at once and attention one head of every row, rows 1.5-6 KB
+ * apart, so with 4 KiB pages nearly every row is a TLB miss. Where the kernel does not give huge
+ * pages the advice is ignored. */
+#define HUGE_PAGE_BYTES ((size_t)2 << 20)
+
+static void *alloc_activation(size_t bytes)
+{
+    if (bytes < HUGE_PAGE_BYTES) return malloc(bytes);
+    size_t rounded = (bytes + HUGE_PAGE_BYTES - 1) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+    void *p = aligned_alloc(HUGE_PAGE_BYTES, rounded);
+#ifdef MADV_HUGEPAGE
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 static void free_activations(cpu_backend *b)
 {
     free(b->x);
@@ -56,11 +74,11 @@ static int reserve(cpu_backend *b, int tokens, int max_len)
     if (tokens > b->capacity_tokens) {
         free_activations(b);
         size_t t = (size_t)tokens, h = (size_t)c->hidden_size;
-        b->x = malloc(t * h * sizeof(float));
-        b->qkv = malloc(t * 3 * h * sizeof(float));
-        b->ctx = malloc(t * h * sizeof(float));
-        b->tmp = malloc(t * h * sizeof(float));
-        b->hidden = malloc(t * (size_t)c->intermediate_size * sizeof(float));
+        b->x = alloc_activation(t * h * sizeof(float));
+        b->qkv = alloc_activation(t * 3 * h * sizeof(float));
+        b->ctx = alloc_activation(t * h * sizeof(float));
+        b->tmp = alloc_activation(t * h * sizeof(float));
+        b->hidden = alloc_activation(t * (size_t)c->intermediate_size * sizeof(float));
         if (!b->x || !b->qkv || !b->ctx || !b->tmp || !b->hidden) {
             free_activations(b);
             return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory for a batch of %d tokens",

@@ -851,6 +851,8 @@ AVX512_TARGET static void attention_head_avx512(const float *q, const float *k, 
  * head's values, both contiguous (row stride d). Each row's sums run in the same order whatever
  * `rows` is, so grouping never changes a result. */
 #define ATTENTION_GROUP_ROWS 4
+/* Rows ahead at which the head copy prefetches the QKV rows. */
+#define ATTENTION_PREFETCH_ROWS 6
 AVX512_TARGET static inline __attribute__((always_inline)) void
 attention_rows_avx512(const int rows, const int blocks, const float *q, const float *v, int len,
                       float *out, size_t ldo, float *scores, const float *kt, size_t padded)
@@ -943,6 +945,15 @@ AVX512_TARGET static void attention_grouped_avx512(const float *q, const float *
     int blocks = d / 16;
     for (int j = 0; j < len; j++) {
         const float *kj = k + (size_t)j * ld;
+        /* The rows are far apart (3 x hidden floats): ask for a later row's lines now, which
+         * the hardware prefetchers do not (the misses took a fifth of the attention time). */
+        if (j + ATTENTION_PREFETCH_ROWS < len)
+            for (int dd = 0; dd < d; dd += 16) {
+                size_t ahead = (size_t)(j + ATTENTION_PREFETCH_ROWS) * ld + (size_t)dd;
+                _mm_prefetch((const char *)(q + ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(k + ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(v + ahead), _MM_HINT_T0);
+            }
         for (int dd = 0; dd < d; dd++) kt[(size_t)dd * padded + (size_t)j] = kj[dd];
         for (int b = 0; b < blocks; b++) {
             __m512 vb = _mm512_loadu_ps(v + (size_t)j * ld + 16 * b);
