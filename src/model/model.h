@@ -128,6 +128,11 @@ int model_weights_load(const char *dir, const model_config *config, model_weight
  * is told its pages are not needed (they are re-read from the file if touched again). */
 void model_weights_release(model_weights *weights, const void *data, size_t nbytes);
 
+/* Maps a mapped tensor's pages in now (a no-op for converted buffers): for tables read a few rows
+ * at a time on the latency path, such as the word embeddings, where each new token would
+ * otherwise take a page fault in the middle of a query. */
+void model_weights_prefault(const model_weights *weights, const void *data, size_t nbytes);
+
 void model_weights_free(model_weights *weights);
 
 #endif

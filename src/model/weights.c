@@ -277,6 +277,26 @@ void model_weights_release(model_weights *weights, const void *data, size_t nbyt
     if (first < last) madvise((void *)first, last - first, MADV_DONTNEED);
 }
 
+void model_weights_prefault(const model_weights *weights, const void *data, size_t nbytes)
+{
+    if (!weights || !data || !nbytes || !weights->file || !weights->file->map) return;
+    uintptr_t map_begin = (uintptr_t)weights->file->map;
+    uintptr_t map_end = map_begin + weights->file->map_size;
+    uintptr_t begin = (uintptr_t)data;
+    if (begin < map_begin || begin > map_end || nbytes > map_end - begin) return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t first = begin / page * page;
+#ifdef MADV_POPULATE_READ
+    if (madvise((void *)first, begin + nbytes - first, MADV_POPULATE_READ) == 0) return;
+#endif
+    /* Older kernels: read a byte of every page. */
+    volatile const unsigned char *bytes = (const unsigned char *)data;
+    unsigned char sink = 0;
+    for (size_t offset = 0; offset < nbytes; offset += page) sink ^= bytes[offset];
+    sink ^= bytes[nbytes - 1];
+    (void)sink;
+}
+
 void model_weights_free(model_weights *weights)
 {
     if (!weights) return;

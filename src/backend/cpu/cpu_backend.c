@@ -370,6 +370,13 @@ int cpu_backend_create(const model_config *config, model_weights *weights, int t
         rc = pack_layer(b, &weights->layers[l], &b->layers[l]);
         if (rc) goto destroy;
     }
+    /* The embedding tables are read a few rows per text: map them in now rather than fault on
+     * new tokens in the middle of a query (measured: 25 us of a 1.6 ms query). */
+    size_t row_bytes = (size_t)config->hidden_size * sizeof(float);
+    model_weights_prefault(weights, weights->word_emb, (size_t)config->vocab_size * row_bytes);
+    model_weights_prefault(weights, weights->position_emb,
+                           (size_t)config->max_position_embeddings * row_bytes);
+    model_weights_prefault(weights, weights->type_emb, (size_t)config->type_vocab_size * row_bytes);
     *out = &b->base;
     return 0;
 destroy:
