@@ -733,6 +733,9 @@ static void test_config_sizes_are_validated(void)
                         F, "vocab_size");
     expect_config_error("{\"model_type\":\"bert\",\"layer_norm_eps\":0," BASE_FIELDS "}", F,
                         "layer_norm_eps");
+    /* Positive as a double but 0 as a float (found by fuzzing). */
+    expect_config_error("{\"model_type\":\"bert\",\"layer_norm_eps\":1e-52," BASE_FIELDS "}", F,
+                        "layer_norm_eps");
     expect_config_error("{\"model_type\":\"bert\",\"type_vocab_size\":0," BASE_FIELDS "}", F,
                         "type_vocab_size");
 }

@@ -300,12 +300,16 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
     out->layer_norm_eps = 1e-12f;
     const cJSON *eps = cJSON_GetObjectItemCaseSensitive(root, "layer_norm_eps");
     if (eps && !cJSON_IsNull(eps)) {
-        /* A LayerNorm epsilon of 1 or more would swamp the variance of any trained layer. */
-        if (!cJSON_IsNumber(eps) || !(eps->valuedouble > 0 && eps->valuedouble < 1)) {
+        /* A LayerNorm epsilon of 1 or more would swamp the variance of any trained layer; one
+         * that rounds to 0 in float (found by fuzzing: 1e-52) would divide by zero on a
+         * constant row. */
+        if (!cJSON_IsNumber(eps) || !(eps->valuedouble > 0 && eps->valuedouble < 1) ||
+            !((float)eps->valuedouble > 0.0f)) {
             char text[64];
             rc = err_set(EMBEDRAG_ERR_FORMAT,
-                         "%s: layer_norm_eps is %s, expected a number in (0, 1)", filename,
-                         model_json_text(eps, text, sizeof text));
+                         "%s: layer_norm_eps is %s, expected a number in (0, 1) that a float "
+                         "holds",
+                         filename, model_json_text(eps, text, sizeof text));
             goto free_root;
         }
         out->layer_norm_eps = (float)eps->valuedouble;
