@@ -38,6 +38,7 @@ static const char bench_usage[] =
     "options:\n"
     "  --model DIR        model directory (default: $EMBEDRAG_MODEL or the fetched default)\n"
     "  --threads N        worker threads (default: all cores)\n"
+    "  --precision P      fp32 (default) or bf16 (AMX-BF16 CPUs; fractions stay of the fp32 peak)\n"
     "  --data FILE        sentences to build texts from (default: " EMBEDRAG_BENCH_DATA ")\n"
     "  --dump-texts DIR   also write the texts used (q16.txt, t50.txt, t128.txt) for the peers\n"
     "  --quick            fewer repetitions and no batch 1000 (a smoke run)\n"
@@ -344,6 +345,7 @@ int cli_bench(int argc, char **argv)
 {
     static const struct option options[] = {{"model", required_argument, NULL, 'm'},
                                             {"threads", required_argument, NULL, 't'},
+                                            {"precision", required_argument, NULL, 'R'},
                                             {"data", required_argument, NULL, 'd'},
                                             {"dump-texts", required_argument, NULL, 'D'},
                                             {"quick", no_argument, NULL, 'Q'},
@@ -353,6 +355,7 @@ int cli_bench(int argc, char **argv)
                                             {NULL, 0, NULL, 0}};
     const char *model_option = NULL, *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
     int threads = 0, quick = 0, json = 0, query_only = 0, c;
+    embedrag_precision precision = EMBEDRAG_PRECISION_FP32;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
@@ -361,6 +364,9 @@ int cli_bench(int argc, char **argv)
             break;
         case 't':
             if (cli_parse_int("--threads", optarg, 1, &threads)) return 2;
+            break;
+        case 'R':
+            if (cli_parse_precision(optarg, &precision)) return 2;
             break;
         case 'd':
             data = optarg;
@@ -386,7 +392,7 @@ int cli_bench(int argc, char **argv)
         }
     }
     const char *dir = cli_model_dir(model_option);
-    embedrag_model *model = cli_open_model(dir, threads);
+    embedrag_model *model = cli_open_model(dir, threads, precision);
     if (!model) return 1;
     int status = 1;
     char *words = read_words(data);
@@ -463,6 +469,7 @@ int cli_bench(int argc, char **argv)
     cJSON_AddNumberToObject(root, "hidden", info.hidden);
     cJSON_AddNumberToObject(root, "threads", used_threads);
     cJSON_AddStringToObject(root, "cpu_kernels", engine_cpu_isa());
+    cJSON_AddStringToObject(root, "precision", cli_precision_name(info.precision));
     cJSON_AddNumberToObject(root, "fma_peak_gflops_one_thread", peak_one / 1e9);
     cJSON_AddNumberToObject(root, "fma_peak_gflops", peak_all / 1e9);
     cJSON *query = cJSON_AddObjectToObject(root, "query_16_tokens");
@@ -493,8 +500,9 @@ int cli_bench(int argc, char **argv)
         puts(text ? text : "{}");
         cJSON_free(text);
     } else {
-        printf("model %s (%d layers x %d), %d threads, kernels %s\n", info.name, info.layers,
-               info.hidden, used_threads, engine_cpu_isa());
+        printf("model %s (%d layers x %d), %d threads, kernels %s, precision %s\n", info.name,
+               info.layers, info.hidden, used_threads, engine_cpu_isa(),
+               cli_precision_name(info.precision));
         printf("fp32 FMA peak: %.1f GFLOP/s on one thread, %.1f on %d\n", peak_one / 1e9,
                peak_all / 1e9, used_threads);
         printf("16-token query, end to end: p50 %.3f ms, p99 %.3f ms\n", p50 * 1e3, p99 * 1e3);

@@ -11,8 +11,15 @@
  * fetched by scripts/fetch-models.sh into the source tree. */
 const char *cli_model_dir(const char *option);
 
-/* Opens the model or prints "embedrag: <message>" and returns NULL. */
-embedrag_model *cli_open_model(const char *dir, int threads);
+/* Opens the model or prints "embedrag: <message>" and returns NULL. When bfloat16 was asked
+ * for and the CPU cannot run it, says so on stderr (the model then runs fp32). */
+embedrag_model *cli_open_model(const char *dir, int threads, embedrag_precision precision);
+
+/* Parses --precision fp32|bf16; prints an error naming the option on failure. */
+int cli_parse_precision(const char *value, embedrag_precision *out);
+
+/* "fp32" or "bf16". */
+const char *cli_precision_name(embedrag_precision precision);
 
 /* Parses a whole non-negative decimal int option; prints an error naming the option on failure. */
 int cli_parse_int(const char *option, const char *value, int minimum, int *out);

@@ -31,6 +31,8 @@ static const char embed_usage[] =
     "  --no-truncate        fail on texts longer than the model's limit instead of cutting\n"
     "  --batch-tokens N     most tokens per forward pass (default 2048)\n"
     "  --threads N          worker threads (default: all cores)\n"
+    "  --precision P        fp32 (default, matches sentence-transformers) or bf16 (faster on\n"
+    "                       CPUs with AMX-BF16, vectors within ~1e-4 cosine distance)\n"
     "  --quiet              no progress on stderr\n"
     "  -h, --help           this help\n";
 
@@ -63,16 +65,24 @@ static double seconds_now(void)
 
 int cli_embed(int argc, char **argv)
 {
-    static const struct option options[] = {
-        {"model", required_argument, NULL, 'm'},   {"input", required_argument, NULL, 'i'},
-        {"output", required_argument, NULL, 'o'},  {"format", required_argument, NULL, 'f'},
-        {"prompt", required_argument, NULL, 'p'},  {"prompt-text", required_argument, NULL, 'P'},
-        {"no-normalize", no_argument, NULL, 'N'},  {"dimensions", required_argument, NULL, 'd'},
-        {"no-truncate", no_argument, NULL, 'T'},   {"batch-tokens", required_argument, NULL, 'b'},
-        {"threads", required_argument, NULL, 't'}, {"quiet", no_argument, NULL, 'q'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
+    static const struct option options[] = {{"model", required_argument, NULL, 'm'},
+                                            {"input", required_argument, NULL, 'i'},
+                                            {"output", required_argument, NULL, 'o'},
+                                            {"format", required_argument, NULL, 'f'},
+                                            {"prompt", required_argument, NULL, 'p'},
+                                            {"prompt-text", required_argument, NULL, 'P'},
+                                            {"no-normalize", no_argument, NULL, 'N'},
+                                            {"dimensions", required_argument, NULL, 'd'},
+                                            {"no-truncate", no_argument, NULL, 'T'},
+                                            {"batch-tokens", required_argument, NULL, 'b'},
+                                            {"threads", required_argument, NULL, 't'},
+                                            {"quiet", no_argument, NULL, 'q'},
+                                            {"precision", required_argument, NULL, 'R'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
     const char *model_option = NULL, *input_path = NULL, *output_path = NULL;
     int format = FORMAT_JSON, threads = 0, quiet = 0;
+    embedrag_precision precision = EMBEDRAG_PRECISION_FP32;
     embedrag_embed_params params = embedrag_embed_default_params();
     int c;
     optind = 1;
@@ -124,6 +134,9 @@ int cli_embed(int argc, char **argv)
         case 'q':
             quiet = 1;
             break;
+        case 'R':
+            if (cli_parse_precision(optarg, &precision)) return 2;
+            break;
         case 'h':
             fputs(embed_usage, stdout);
             return 0;
@@ -144,7 +157,7 @@ int cli_embed(int argc, char **argv)
         return 1;
     }
     const char *dir = cli_model_dir(model_option);
-    embedrag_model *model = cli_open_model(dir, threads);
+    embedrag_model *model = cli_open_model(dir, threads, precision);
     int status = 1;
     char **texts = NULL;
     size_t *lengths = NULL, *capacities = NULL;

@@ -8,22 +8,28 @@
 #include <getopt.h>
 #include <stdlib.h>
 
-static const char info_usage[] = "usage: embedrag info [--model DIR]\n"
-                                 "\n"
-                                 "Prints facts about the model as JSON.\n";
+static const char info_usage[] =
+    "usage: embedrag info [--model DIR] [--precision fp32|bf16]\n"
+    "\n"
+    "Prints facts about the model as JSON, with the precision it would run in.\n";
 
 int cli_info(int argc, char **argv)
 {
     static const struct option options[] = {{"model", required_argument, NULL, 'm'},
+                                            {"precision", required_argument, NULL, 'R'},
                                             {"help", no_argument, NULL, 'h'},
                                             {NULL, 0, NULL, 0}};
     const char *model_option = NULL;
+    embedrag_precision precision = EMBEDRAG_PRECISION_FP32;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         switch (c) {
         case 'm':
             model_option = optarg;
+            break;
+        case 'R':
+            if (cli_parse_precision(optarg, &precision)) return 2;
             break;
         case 'h':
             fputs(info_usage, stdout);
@@ -34,7 +40,7 @@ int cli_info(int argc, char **argv)
         }
     }
     const char *dir = cli_model_dir(model_option);
-    embedrag_model *model = cli_open_model(dir, 1);
+    embedrag_model *model = cli_open_model(dir, 1, precision);
     if (!model) return 1;
     embedrag_model_info info;
     embedrag_model_get_info(model, &info);
@@ -63,6 +69,7 @@ int cli_info(int argc, char **argv)
         cJSON_AddNullToObject(obj, "default_prompt_name");
     cJSON_AddStringToObject(obj, "backend", engine_backend_name(model));
     cJSON_AddStringToObject(obj, "cpu_kernels", engine_cpu_isa());
+    cJSON_AddStringToObject(obj, "precision", cli_precision_name(info.precision));
     cJSON_AddStringToObject(obj, "version", embedrag_version());
     char *json = cJSON_Print(obj);
     puts(json ? json : "{}");

@@ -14,7 +14,7 @@
 static const char usage[] =
     "usage: embedrag <command> [options]\n"
     "\n"
-    "Sentence embeddings with BERT-family models (CPU, fp32).\n"
+    "Sentence embeddings with BERT-family models (CPU; fp32, or bf16 on AMX CPUs).\n"
     "\n"
     "commands:\n"
     "  embed      embed one text per line (stdin or --input) and print one vector per line\n"
@@ -33,16 +33,41 @@ const char *cli_model_dir(const char *option)
     return EMBEDRAG_DEFAULT_MODEL_DIR;
 }
 
-embedrag_model *cli_open_model(const char *dir, int threads)
+embedrag_model *cli_open_model(const char *dir, int threads, embedrag_precision precision)
 {
     embedrag_model_params params = embedrag_model_default_params();
     params.threads = threads;
+    params.precision = precision;
     embedrag_model *model = NULL;
     if (embedrag_model_open(dir, &params, &model) != 0) {
         fprintf(stderr, "embedrag: cannot open model %s: %s\n", dir, embedrag_last_error());
         return NULL;
     }
+    embedrag_model_info info;
+    embedrag_model_get_info(model, &info);
+    if (info.precision != precision)
+        fprintf(stderr,
+                "embedrag: this CPU cannot run %s (it needs AMX-BF16); running %s instead\n",
+                cli_precision_name(precision), cli_precision_name(info.precision));
     return model;
+}
+
+int cli_parse_precision(const char *value, embedrag_precision *out)
+{
+    if (!strcmp(value, "fp32"))
+        *out = EMBEDRAG_PRECISION_FP32;
+    else if (!strcmp(value, "bf16"))
+        *out = EMBEDRAG_PRECISION_BF16;
+    else {
+        fprintf(stderr, "embedrag: --precision takes fp32 or bf16 (got '%s')\n", value);
+        return -1;
+    }
+    return 0;
+}
+
+const char *cli_precision_name(embedrag_precision precision)
+{
+    return precision == EMBEDRAG_PRECISION_BF16 ? "bf16" : "fp32";
 }
 
 int cli_parse_int(const char *option, const char *value, int minimum, int *out)

@@ -68,7 +68,7 @@ int cli_tokenize(int argc, char **argv)
         perror(input_path);
         return 1;
     }
-    embedrag_model *model = cli_open_model(cli_model_dir(model_option), 1);
+    embedrag_model *model = cli_open_model(cli_model_dir(model_option), 1, EMBEDRAG_PRECISION_FP32);
     int status = 1;
     char *line = NULL;
     size_t capacity = 0, line_number = 0;

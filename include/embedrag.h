@@ -57,10 +57,24 @@ EMBEDRAG_API const char *embedrag_last_error(void);
  * call's `texts`; otherwise -1. Valid until the next embedrag call on this thread. Thread-safe. */
 EMBEDRAG_API long embedrag_last_error_text(void);
 
+/* The arithmetic of the forward pass's matrix products. */
+typedef enum embedrag_precision {
+    /* fp32 throughout (the default): matches sentence-transformers within float rounding. */
+    EMBEDRAG_PRECISION_FP32 = 0,
+    /* Opt-in, for CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids): the weights and each
+     * product's inputs are rounded to bfloat16, sums stay fp32; everything else (attention,
+     * LayerNorm, GELU, pooling) stays fp32. Several times the bulk throughput; vectors differ
+     * from fp32 by a cosine distance around 1e-4 (BENCHMARKS.md has the measured figures) and
+     * are still identical alone or in any batch. Where the CPU cannot run it, the model opens
+     * in fp32 and embedrag_model_info.precision says so. */
+    EMBEDRAG_PRECISION_BF16 = 1,
+} embedrag_precision;
+
 /* Parameters for embedrag_model_open. Obtain defaults with embedrag_model_default_params() and
  * adjust fields; new fields are added at the end with defaults that keep old behaviour. */
 typedef struct embedrag_model_params {
-    int threads; /* worker threads for the forward pass; 0 = one per online core */
+    int threads;                  /* worker threads for the forward pass; 0 = one per online core */
+    embedrag_precision precision; /* requested; default EMBEDRAG_PRECISION_FP32 */
 } embedrag_model_params;
 
 EMBEDRAG_API embedrag_model_params embedrag_model_default_params(void);
@@ -92,6 +106,7 @@ typedef struct embedrag_model_info {
     int prompt_count;                /* prompts named in config_sentence_transformers.json */
     const char *default_prompt_name; /* NULL when the model names none */
     int intermediate;                /* feed-forward width */
+    embedrag_precision precision;    /* what the model runs in (see embedrag_precision) */
 } embedrag_model_info;
 
 /* Fills *info. Returns 0, or EMBEDRAG_ERR_INVALID_ARGUMENT for NULL arguments. Thread-safe. */

@@ -28,6 +28,31 @@ static void fill(float *x, size_t n)
 /* When set, GEMM weights are packed as half precision; the tests then draw weights that half
  * precision holds exactly (multiples of 1/1024 below 1), as an F16 checkpoint's are. */
 static bool half;
+/* When set, weights are packed for the bfloat16 AMX GEMM, and the reference rounds A and W to
+ * bfloat16 (nearest even) before summing exactly: the GEMM must then agree up to its fp32
+ * summation. */
+static bool bf16;
+
+static double round_bf16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    uint32_t lsb = (u >> 16) & 1u;
+    u = (u + 0x7FFFu + lsb) & 0xFFFF0000u;
+    float r;
+    memcpy(&r, &u, sizeof r);
+    return r;
+}
+
+static double operand(float x)
+{
+    return bf16 ? round_bf16(x) : (double)x;
+}
+
+static int pack(cpu_packed *p, const float *const *ws, const float *const *bs, int *n, int k)
+{
+    return bf16 ? cpu_pack_bf16(p, 1, ws, bs, n, k) : cpu_pack(p, 1, ws, bs, n, k, half);
+}
 
 static void fill_weights(float *x, size_t n)
 {
@@ -66,14 +91,14 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
     fill(R, (size_t)m * (size_t)n);
     cpu_packed p;
     const float *ws[1] = {W}, *bs[1] = {b};
-    CHECK(cpu_pack(&p, 1, ws, bs, &n, k, half) == 0, "pack");
+    CHECK(pack(&p, ws, bs, &n, k) == 0, "pack");
     gemm_all(m, A, &p, e, R, C, 2);
     double worst = 0;
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) {
             double s = 0;
             for (int kk = 0; kk < k; kk++)
-                s += (double)A[(size_t)i * k + kk] * W[(size_t)j * k + kk];
+                s += operand(A[(size_t)i * k + kk]) * operand(W[(size_t)j * k + kk]);
             s += b[j];
             if (e == CPU_EPILOGUE_BIAS_RESIDUAL) s += R[(size_t)i * n + j];
             if (e == CPU_EPILOGUE_BIAS_GELU) s = gelu_reference(s);
@@ -108,8 +133,8 @@ static void test_gemm_rows_are_batch_invariant(int n)
     cpu_packed p;
     const float *ws[1] = {W}, *bs[1] = {b};
     int nn = n;
-    CHECK(cpu_pack(&p, 1, ws, bs, &nn, k, half) == 0, "pack");
-    if (strcmp(cpu_kernels_isa(), "avx512") == 0)
+    CHECK(pack(&p, ws, bs, &nn, k) == 0, "pack");
+    if (strcmp(cpu_kernels_isa(), "avx512") == 0 && !bf16)
         CHECK(p.slice_k < k, "k = %d fits one slice (%d): the test would not cover slicing", k,
               p.slice_k);
     int mismatches = 0;
@@ -216,6 +241,21 @@ int main(void)
         test_gemm_kernels();
     }
     half = false;
+    if (cpu_amx_available()) {
+        printf("bfloat16 GEMM on AMX: tested\n");
+        bf16 = true;
+        test_gemm_kernels();
+        bf16 = false;
+    } else {
+        /* Nothing to run the bf16 GEMM on: packing for it must refuse, not pack for a crash. */
+        printf("bfloat16 GEMM: this CPU has no AMX-BF16; checking that packing refuses\n");
+        float w[64 * 32] = {0}, b[64] = {0};
+        const float *ws[1] = {w}, *bs[1] = {b};
+        int n = 64;
+        cpu_packed p;
+        CHECK(cpu_pack_bf16(&p, 1, ws, bs, &n, 32) != 0 && p.data_amx == NULL,
+              "cpu_pack_bf16 packed without AMX");
+    }
     test_layer_norm();
     test_attention(1, 32);
     test_attention(17, 32);

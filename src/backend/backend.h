@@ -6,6 +6,8 @@
 
 #include "model/model.h"
 
+#include "embedrag.h"
+
 #include <stdint.h>
 
 /* Sequences packed back to back without padding: sequence i is ids[offsets[i] .. offsets[i+1]),
@@ -23,14 +25,16 @@ typedef struct backend backend;
 
 struct backend {
     const char *name;
+    embedrag_precision precision; /* the arithmetic it runs (not just what was asked for) */
     /* Writes count rows of hidden_size floats to out: each sequence's pooled vector. */
     int (*encode)(backend *self, const backend_batch *batch, float *out);
     void (*destroy)(backend *self);
 };
 
 /* The CPU backend: repacks the GEMM weights (then releases their mapped pages), keeps the
- * embeddings mapped, and runs on `threads` threads (0 = one per core). */
+ * embeddings mapped, and runs on `threads` threads (0 = one per core). It runs `precision` when
+ * the CPU can (bfloat16 needs AMX), otherwise fp32. */
 int cpu_backend_create(const model_config *config, model_weights *weights, int threads,
-                       backend **out);
+                       embedrag_precision precision, backend **out);
 
 #endif

@@ -43,7 +43,7 @@ long embedrag_last_error_text(void)
 
 embedrag_model_params embedrag_model_default_params(void)
 {
-    embedrag_model_params p = {.threads = 0};
+    embedrag_model_params p = {.threads = 0, .precision = EMBEDRAG_PRECISION_FP32};
     return p;
 }
 
@@ -80,7 +80,13 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     }
     rc = model_weights_load(dir, &m->config, &m->weights);
     if (rc) goto close_tokenizer;
-    rc = cpu_backend_create(&m->config, &m->weights, params->threads, &m->cpu);
+    if (params->precision != EMBEDRAG_PRECISION_FP32 &&
+        params->precision != EMBEDRAG_PRECISION_BF16) {
+        rc = err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: unknown precision %d",
+                     (int)params->precision);
+        goto free_weights;
+    }
+    rc = cpu_backend_create(&m->config, &m->weights, params->threads, params->precision, &m->cpu);
     if (rc) goto free_weights;
     pthread_mutex_init(&m->lock, NULL);
     *out = m;
@@ -125,6 +131,7 @@ int embedrag_model_get_info(const embedrag_model *m, embedrag_model_info *info)
     info->prompt_count = c->prompt_count;
     info->default_prompt_name = c->default_prompt_name;
     info->intermediate = c->intermediate_size;
+    info->precision = m->cpu->precision;
     return 0;
 }
 

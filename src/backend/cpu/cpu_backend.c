@@ -323,10 +323,18 @@ static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *o
     int qkv_rows[3] = {h, h, h};
     /* Half-precision files keep half-precision weights: exact, and half the bytes per pass. */
     bool half = b->weights->layer_matrices_f16;
-    int rc = cpu_pack(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h, half);
-    if (!rc) rc = cpu_pack(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h, half);
-    if (!rc) rc = cpu_pack(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h, half);
-    if (!rc) rc = cpu_pack(&out->out, 1, &w->out_w, &w->out_b, &h, inter, half);
+    int rc;
+    if (b->base.precision == EMBEDRAG_PRECISION_BF16) {
+        rc = cpu_pack_bf16(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h);
+        if (!rc) rc = cpu_pack_bf16(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h);
+        if (!rc) rc = cpu_pack_bf16(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h);
+        if (!rc) rc = cpu_pack_bf16(&out->out, 1, &w->out_w, &w->out_b, &h, inter);
+    } else {
+        rc = cpu_pack(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h, half);
+        if (!rc) rc = cpu_pack(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h, half);
+        if (!rc) rc = cpu_pack(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h, half);
+        if (!rc) rc = cpu_pack(&out->out, 1, &w->out_w, &w->out_b, &h, inter, half);
+    }
     if (rc) return rc;
     size_t hh = (size_t)h * (size_t)h * sizeof(float),
            hi = (size_t)h * (size_t)inter * sizeof(float);
@@ -344,12 +352,15 @@ static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *o
 }
 
 int cpu_backend_create(const model_config *config, model_weights *weights, int threads,
-                       backend **out)
+                       embedrag_precision precision, backend **out)
 {
     *out = NULL;
     cpu_backend *b = calloc(1, sizeof *b);
     if (!b) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
     b->base.name = "cpu";
+    b->base.precision = precision == EMBEDRAG_PRECISION_BF16 && cpu_amx_available()
+                            ? EMBEDRAG_PRECISION_BF16
+                            : EMBEDRAG_PRECISION_FP32;
     b->base.encode = cpu_encode;
     b->base.destroy = cpu_destroy;
     b->config = config;

@@ -9,12 +9,15 @@
 
 #include "util/error.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* Rows per micro-tile of the AVX-512 GEMM: 14 rows x 2 registers = 28 accumulators, leaving
  * registers for the two weight vectors and the broadcast. */
@@ -84,6 +87,14 @@ static int isa(void)
 const char *cpu_kernels_isa(void)
 {
     return isa() == ISA_AVX512 ? "avx512" : isa() == ISA_AVX2 ? "avx2" : "generic";
+}
+
+/* The first `remaining` of 16 lanes (none when remaining <= 0). */
+static inline __mmask16 tail_mask(int remaining)
+{
+    return remaining >= 16  ? (__mmask16)0xFFFF
+           : remaining <= 0 ? (__mmask16)0
+                            : (__mmask16)((1u << remaining) - 1u);
 }
 
 /* ---- packing ---- */
@@ -160,8 +171,102 @@ void cpu_packed_free(cpu_packed *packed)
     if (!packed) return;
     free(packed->data);
     free(packed->data16);
+    free(packed->data_amx);
     free(packed->bias);
     memset(packed, 0, sizeof *packed);
+}
+
+/* ---- bfloat16 on AMX: detection and packing ---- */
+
+/* Linux's interface for AMX state (arch/x86/include/uapi/asm/prctl.h): a process must ask for
+ * the tile data state before its first tile instruction, or that instruction faults. */
+#define EMBEDRAG_ARCH_REQ_XCOMP_PERM 0x1023
+#define EMBEDRAG_XFEATURE_XTILEDATA 18
+
+static bool amx_ok;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void detect_amx(void)
+{
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    unsigned a, b, c, d;
+    if (isa() != ISA_AVX512 || __get_cpuid_max(0, NULL) < 7) return;
+    __cpuid_count(7, 0, a, b, c, d);
+    bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+    __cpuid_count(7, 1, a, b, c, d);
+    bool avx512_bf16 = a & (1u << 5);
+    __cpuid(1, a, b, c, d);
+    bool osxsave = c & (1u << 27);
+    if (!amx_bf16 || !amx_tile || !avx512_bf16 || !osxsave) return;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return; /* the OS does not manage tile state */
+    if (syscall(SYS_arch_prctl, EMBEDRAG_ARCH_REQ_XCOMP_PERM, EMBEDRAG_XFEATURE_XTILEDATA) != 0)
+        return;
+    amx_ok = true;
+#endif
+}
+
+bool cpu_amx_available(void)
+{
+    pthread_once(&amx_once, detect_amx);
+    return amx_ok;
+}
+
+/* fp32 -> bfloat16, rounding to nearest even (what the AMX path does to activations too); NaN
+ * stays a quiet NaN. */
+static uint16_t to_bf16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Elements of one AMX weight block: two tiles of 16 k pairs x 16 columns x 2. */
+#define AMX_BLOCK_ELEMENTS 1024
+
+int cpu_pack_bf16(cpu_packed *out, int count, const float *const *weights,
+                  const float *const *biases, const int *rows, int k)
+{
+    memset(out, 0, sizeof *out);
+    if (!cpu_amx_available())
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED, "this CPU cannot run the bfloat16 (AMX) GEMM");
+    int n = 0;
+    for (int i = 0; i < count; i++) n += rows[i];
+    int panels = (n + CPU_PANEL_WIDTH - 1) / CPU_PANEL_WIDTH;
+    int k_pad = (k + 31) / 32 * 32, blocks = k_pad / 32;
+    size_t elements = (size_t)panels * (size_t)blocks * AMX_BLOCK_ELEMENTS;
+    uint16_t *data = aligned_alloc(64, elements * sizeof(uint16_t));
+    float *bias = calloc((size_t)panels * CPU_PANEL_WIDTH, sizeof(float));
+    if (!data || !bias) {
+        free(data);
+        free(bias);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory packing a %d x %d weight", n, k);
+    }
+    memset(data, 0, elements * sizeof(uint16_t));
+    int col = 0;
+    for (int i = 0; i < count; i++)
+        for (int r = 0; r < rows[i]; r++, col++) {
+            const float *src = weights[i] + (size_t)r * (size_t)k;
+            int p = col / CPU_PANEL_WIDTH, t = col % CPU_PANEL_WIDTH / 16, j = col % 16;
+            for (int kk = 0; kk < k; kk++) {
+                int kb = kk / 32, kp = kk % 32 / 2, e = kk % 2;
+                size_t at = (((size_t)p * (size_t)blocks + (size_t)kb) * 2 + (size_t)t) * 512 +
+                            (size_t)kp * 32 + (size_t)j * 2 + (size_t)e;
+                data[at] = to_bf16(src[kk]);
+            }
+            bias[col] = biases[i] ? biases[i][r] : 0.0f;
+        }
+    out->n = n;
+    out->k = k;
+    out->panels = panels;
+    out->slice_k = k;
+    out->k_pad = k_pad;
+    out->data_amx = data;
+    out->bias = bias;
+    return 0;
 }
 
 /* ---- element-wise math, written so GCC can vectorize loops that call it ---- */
@@ -528,7 +633,9 @@ static void tile_generic(int rows, int k, const float *A, size_t lda, const floa
 
 size_t cpu_gemm_scratch_floats(int k)
 {
-    return (size_t)GEMM_BLOCK_ROWS * (size_t)k;
+    /* Interleaved fp32 rows, or (AMX) bf16 rows padded to a multiple of 32 columns. */
+    size_t k_pad_half = (size_t)((k + 31) / 32 * 32) / 2;
+    return (size_t)GEMM_BLOCK_ROWS * ((size_t)k > k_pad_half ? (size_t)k : k_pad_half);
 }
 
 /* dst[kk * tr + i] = src[i * lda + kk] for tr <= 16 rows and kn steps: 16 steps at a time, the
@@ -572,10 +679,127 @@ AVX512_TARGET static void interleave_rows_avx512(float *dst, const float *src, s
     }
 }
 
+/* ---- bfloat16 GEMM on AMX ---- */
+
+#define AMX_TARGET                                                                                 \
+    __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512bf16,fma")))
+
+/* The tile configuration (palette 1): every tile 16 rows of 64 bytes. Tiles 0-3 hold a 32 x 32
+ * block of fp32 sums, 4-5 two 16-row blocks of A (32 bf16 each), 6-7 the weight tiles. */
+typedef struct amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* One task of a GEMM against cpu_pack_bf16 weights: the block's rows are rounded to bfloat16
+ * into scratch (zero-padded to 16 rows and k_pad columns), then for each 32-row pair of tiles and
+ * each panel, the k blocks accumulate in tiles, which are stored to a buffer for the fp32
+ * epilogue. An output element's sum depends only on its own row of A and the weights. */
+AMX_TARGET static void gemm_task_amx(const cpu_gemm_plan *plan, int task, const float *A,
+                                     size_t lda, const cpu_packed *packed, cpu_epilogue epilogue,
+                                     const float *R, float *C, size_t ldc, uint16_t *a16)
+{
+    int block = task / plan->panel_groups, group = task % plan->panel_groups;
+    int row0 = block * plan->rows_per_block;
+    int rows = plan->m - row0 < plan->rows_per_block ? plan->m - row0 : plan->rows_per_block;
+    int p0 = (int)((long)group * packed->panels / plan->panel_groups);
+    int p1 = (int)((long)(group + 1) * packed->panels / plan->panel_groups);
+    int k = packed->k, k_pad = packed->k_pad, blocks = k_pad / 32;
+    int rows16 = (rows + 15) / 16 * 16;
+    const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
+    for (int r = 0; r < rows16; r++) {
+        uint16_t *dst = a16 + (size_t)r * (size_t)k_pad;
+        const float *src = r < rows ? A + (size_t)(row0 + r) * lda : NULL;
+        for (int kk = 0; kk < k_pad; kk += 32) {
+            __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+            if (src) {
+                lo = _mm512_maskz_loadu_ps(tail_mask(k - kk), src + kk);
+                hi = _mm512_maskz_loadu_ps(tail_mask(k - kk - 16), src + kk + 16);
+            }
+            _mm512_storeu_si512(dst + kk, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+    amx_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+    }
+    /* Loaded per task: other code on this thread (oneDNN, say) may use tiles in between. */
+    _tile_loadconfig(&config);
+    float sums[32 * 32] __attribute__((aligned(64)));
+    size_t stride = (size_t)k_pad * sizeof(uint16_t);
+    for (int r = 0; r < rows; r += 32) {
+        int rn = rows - r < 32 ? rows - r : 32;
+        const char *a0 = (const char *)(a16 + (size_t)r * (size_t)k_pad);
+        const char *a1 = a0 + 16 * stride;
+        for (int p = p0; p < p1; p++) {
+            const uint16_t *w = packed->data_amx + (size_t)p * (size_t)blocks * AMX_BLOCK_ELEMENTS;
+            _tile_zero(0);
+            _tile_zero(1);
+            if (rn > 16) {
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int kb = 0; kb < blocks; kb++) {
+                    const uint16_t *wb = w + (size_t)kb * AMX_BLOCK_ELEMENTS;
+                    _tile_loadd(4, a0 + kb * 64, stride);
+                    _tile_loadd(5, a1 + kb * 64, stride);
+                    _tile_loadd(6, wb, 64);
+                    _tile_loadd(7, wb + 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(2, sums + 16 * 32, 128);
+                _tile_stored(3, sums + 16 * 32 + 16, 128);
+            } else {
+                for (int kb = 0; kb < blocks; kb++) {
+                    const uint16_t *wb = w + (size_t)kb * AMX_BLOCK_ELEMENTS;
+                    _tile_loadd(4, a0 + kb * 64, stride);
+                    _tile_loadd(6, wb, 64);
+                    _tile_loadd(7, wb + 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+            }
+            _tile_stored(0, sums, 128);
+            _tile_stored(1, sums + 16, 128);
+            int col0 = p * CPU_PANEL_WIDTH;
+            int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
+            __mmask16 m0 = tail_mask(cols), m1 = tail_mask(cols - 16);
+            __m512 bias0 = _mm512_loadu_ps(packed->bias + col0);
+            __m512 bias1 = _mm512_loadu_ps(packed->bias + col0 + 16);
+            for (int i = 0; i < rn; i++) {
+                size_t at = (size_t)(row0 + r + i) * ldc + (size_t)col0;
+                __m512 v0 = _mm512_add_ps(_mm512_load_ps(sums + i * 32), bias0);
+                __m512 v1 = _mm512_add_ps(_mm512_load_ps(sums + i * 32 + 16), bias1);
+                if (residual) {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, residual + at));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, residual + at + 16));
+                }
+                if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
+                    v0 = activation_avx512(v0, epilogue);
+                    v1 = activation_avx512(v1, epilogue);
+                }
+                _mm512_mask_storeu_ps(C + at, m0, v0);
+                _mm512_mask_storeu_ps(C + at + 16, m1, v1);
+            }
+        }
+    }
+    _tile_release();
+}
+
 void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
                    const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
                    size_t ldc, float *scratch)
 {
+    if (packed->data_amx) {
+        gemm_task_amx(plan, task, A, lda, packed, epilogue, R, C, ldc, (uint16_t *)scratch);
+        return;
+    }
     int block = task / plan->panel_groups, group = task % plan->panel_groups;
     int row0 = block * plan->rows_per_block;
     int rows = plan->m - row0 < plan->rows_per_block ? plan->m - row0 : plan->rows_per_block;
@@ -767,11 +991,6 @@ static inline void weighted_values(float *out, const float *scores, const float 
         for (int dd = 0; dd < d; dd++) out[dd] += p * vrow[dd];
     }
     for (int dd = 0; dd < d; dd++) out[dd] *= inv_sum;
-}
-
-static inline __mmask16 tail_mask(int remaining)
-{
-    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
 
 /* Attention for head widths that are multiples of 16 (up to ATTENTION_MAX_WIDTH): keys are

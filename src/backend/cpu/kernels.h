@@ -25,6 +25,10 @@ typedef struct cpu_packed {
     float *data;      /* panels * k * CPU_PANEL_WIDTH floats, 64-byte aligned; or NULL */
     uint16_t *data16; /* the same as IEEE half-precision bits, when packed as half */
     float *bias;      /* n floats */
+    /* Packed by cpu_pack_bf16 instead: bfloat16 weights in AMX tile layout (see there), k
+     * padded with zeros to k_pad, a multiple of 32; data and data16 are then NULL. */
+    uint16_t *data_amx;
+    int k_pad;
 } cpu_packed;
 
 /* Packs `count` matrices stacked along n (e.g. query, key, value into one [3H x H] GEMM).
@@ -34,6 +38,19 @@ typedef struct cpu_packed {
 int cpu_pack(cpu_packed *out, int count, const float *const *weights, const float *const *biases,
              const int *rows, int k, bool half);
 void cpu_packed_free(cpu_packed *packed);
+
+/* Whether the bfloat16 GEMM can run here: a CPU with AMX-BF16 and AVX512-BF16, AVX-512 kernels
+ * in use, and the kernel's permission for AMX state (asked for once, process-wide). */
+bool cpu_amx_available(void);
+
+/* Packs like cpu_pack, but rounds the weights to bfloat16 (to nearest even) in the layout the
+ * AMX tile multiply reads: for panel p (32 columns) and k block kb (32 steps), two 1 KiB tiles
+ * (columns 0-15, 16-31), each 16 rows of k pairs: data_amx[((p * KB + kb) * 2 + t) * 512 +
+ * kp * 32 + j * 2 + e] = bf16(W[p*32 + t*16 + j][kb*32 + 2*kp + e]). A GEMM against it rounds
+ * A's rows to bfloat16 too and sums the products in fp32 on AMX: not exact against the fp32
+ * path, but each output still depends only on its own row. Only when cpu_amx_available(). */
+int cpu_pack_bf16(cpu_packed *out, int count, const float *const *weights,
+                  const float *const *biases, const int *rows, int k);
 
 typedef enum cpu_epilogue {
     CPU_EPILOGUE_BIAS,           /* C = A W^T + b */
