@@ -14,7 +14,19 @@ DEFAULT_LIBRARY = os.path.join(REPO, "build", "libembedrag.so")
 
 
 class _ModelParams(ctypes.Structure):
-    _fields_ = [("threads", ctypes.c_int)]
+    _fields_ = [("threads", ctypes.c_int), ("precision", ctypes.c_int)]
+
+
+class _ModelInfo(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("dimension", ctypes.c_int), ("max_tokens", ctypes.c_int),
+                ("layers", ctypes.c_int), ("hidden", ctypes.c_int), ("heads", ctypes.c_int),
+                ("vocab_size", ctypes.c_int), ("pooling", ctypes.c_int), ("normalize", ctypes.c_bool),
+                ("lowercase", ctypes.c_bool), ("prompt_count", ctypes.c_int),
+                ("default_prompt_name", ctypes.c_char_p), ("intermediate", ctypes.c_int),
+                ("precision", ctypes.c_int)]
+
+
+PRECISIONS = {"fp32": 0, "bf16": 1}
 
 
 class _EmbedParams(ctypes.Structure):
@@ -39,11 +51,20 @@ def setup_embedrag(args):
     lib.embedrag_tokenize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_EmbedParams),
                                       ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
 
+    lib.embedrag_model_get_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(_ModelInfo)]
+
+    precision = "bf16" if args.child.endswith("-bf16") else "fp32"
     params = lib.embedrag_model_default_params()
     params.threads = args.threads
+    params.precision = PRECISIONS[precision]
     model = ctypes.c_void_p()
     if lib.embedrag_model_open(args.model.encode(), ctypes.byref(params), ctypes.byref(model)) != 0:
         raise RuntimeError("embedrag: " + lib.embedrag_last_error().decode())
+    info = _ModelInfo()
+    lib.embedrag_model_get_info(model, ctypes.byref(info))
+    if info.precision != PRECISIONS[precision]:
+        # Timing the fp32 fallback under the bf16 label would misreport both.
+        raise RuntimeError("embedrag: this CPU cannot run %s (it needs AMX-BF16)" % precision)
     embed_params = lib.embedrag_embed_default_params()
     dim = lib.embedrag_embed_dimension(model, ctypes.byref(embed_params))
 
@@ -66,6 +87,6 @@ def setup_embedrag(args):
 
     info = {
         "versions": {"embedrag": lib.embedrag_version().decode()},
-        "settings": "libembedrag.so through ctypes, fp32, %d threads, default token budget" % args.threads,
+        "settings": "libembedrag.so through ctypes, %s, %d threads, default token budget" % (precision, args.threads),
     }
     return encode, tokens_of, None, info

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times the peers embedrag is measured against, on this CPU: sentence-transformers on PyTorch
-(fp32) and ONNX Runtime (fp32, CPUExecutionProvider, plain and with its BERT fusions) on the same
-checkpoint: a 16-token query's latency, and throughput at fixed batch sizes and text lengths.
+(fp32, and bf16 autocast) and ONNX Runtime (fp32, CPUExecutionProvider, plain and with its BERT
+fusions) on the same checkpoint, beside embedrag in fp32 and bf16: a 16-token query's latency, and
+throughput at fixed batch sizes and text lengths.
 See bench/peers/README.md.
 
     python bench/peers/run_peers.py --model models/all-MiniLM-L6-v2 --json peers.json
@@ -61,7 +62,12 @@ ENGINE_NAMES = {
     "torch": "sentence-transformers (PyTorch fp32)",
     "onnxruntime": "ONNX Runtime fp32",
     "onnxruntime-fused": "ONNX Runtime fp32, BERT fusions",
+    "embedrag-bf16": "embedrag (libembedrag.so, bf16 on AMX)",
+    "torch-bf16": "sentence-transformers (PyTorch bf16 autocast)",
 }
+# Engines that round to bfloat16: they are compared with the fp32 ones by cosine, not bits, and
+# run only where the CPU has AMX-BF16 (otherwise both would fall back to slower paths).
+BF16_ENGINES = {"embedrag-bf16", "torch-bf16"}
 
 
 # ---------------------------------------------------------------- texts of exact token counts
@@ -163,19 +169,27 @@ def setup_torch(args):
     model.to(torch.float32)  # fp32 even for an F16 checkpoint (the upcast is exact)
     model.eval()
     tok = model.tokenizer
+    bf16 = args.child == "torch-bf16"
 
     def tokens_of(text):
         return len(tok(text, truncation=True, max_length=model.max_seq_length)["input_ids"])
 
     def encode(items):
         # batch_size = len(items): each timed call is one forward pass of that batch.
-        return model.encode(items, batch_size=len(items), convert_to_numpy=True, show_progress_bar=False)
+        if not bf16:
+            return model.encode(items, batch_size=len(items), convert_to_numpy=True, show_progress_bar=False)
+        # PyTorch's own mixed precision: linear layers and matmuls in bfloat16 (oneDNN, AMX where
+        # present), LayerNorm and softmax in fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.encode(items, batch_size=len(items), convert_to_tensor=True, show_progress_bar=False)
+        return out.float().numpy()
 
     info = {
         "versions": {"sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "settings": "SentenceTransformer.encode(batch_size=len(texts)), fp32, torch.set_num_threads(%d)%s"
-                    % (args.threads, ", OMP_WAIT_POLICY=PASSIVE" if args.no_spin else ""),
+        "settings": "SentenceTransformer.encode(batch_size=len(texts)), %s, torch.set_num_threads(%d)%s"
+                    % ("torch.autocast(cpu, bfloat16)" if bf16 else "fp32", args.threads,
+                       ", OMP_WAIT_POLICY=PASSIVE" if args.no_spin else ""),
     }
     return encode, tokens_of, None, info
 
@@ -235,7 +249,7 @@ def setup_embedrag(args):
 
 
 SETUPS = {"embedrag": setup_embedrag, "torch": setup_torch, "onnxruntime": setup_onnxruntime,
-          "onnxruntime-fused": setup_onnxruntime}
+          "onnxruntime-fused": setup_onnxruntime, "embedrag-bf16": setup_embedrag, "torch-bf16": setup_torch}
 
 
 def batch_of(texts, n):
@@ -570,6 +584,16 @@ def print_table(report):
             print(row)
 
 
+def default_engines():
+    """Every engine, less the bf16 ones where the CPU has no AMX-BF16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            amx = " amx_bf16" in f.read()
+    except OSError:
+        amx = False
+    return [e for e in ENGINE_NAMES if amx or e not in BF16_ENGINES]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face / sentence-transformers model directory")
@@ -578,8 +602,9 @@ def main():
     parser.add_argument("--stsb", default=DEFAULT_STSB, help="STS Benchmark CSV the texts are built from")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the full results here")
-    parser.add_argument("--engines", default=",".join(ENGINE_NAMES),
-                        help="comma-separated, from: " + ", ".join(ENGINE_NAMES))
+    parser.add_argument("--engines", default=None,
+                        help="comma-separated, from: " + ", ".join(ENGINE_NAMES) +
+                        " (default: all; the bf16 ones only where the CPU has AMX-BF16)")
     parser.add_argument("--onnx-cache", default=DEFAULT_ONNX_CACHE)
     parser.add_argument("--no-spin", action="store_true",
                         help="idle worker threads sleep instead of spin-waiting (OMP_WAIT_POLICY=PASSIVE, "
@@ -603,7 +628,7 @@ def main():
         print("wrote %s" % ", ".join(os.path.join(args.make_texts, n + ".txt") for n in TEXT_FILES))
         return 0
 
-    engines = args.engines.split(",")
+    engines = args.engines.split(",") if args.engines else default_engines()
     unknown = [e for e in engines if e not in ENGINE_NAMES]
     if unknown:
         parser.error("unknown engine(s) %s; choose from %s" % (", ".join(unknown), ", ".join(ENGINE_NAMES)))
@@ -660,14 +685,22 @@ def main():
         if tmp_texts:
             shutil.rmtree(tmp_texts, ignore_errors=True)
 
-    vectors = list(checks.values())
+    vectors = [v for k, v in checks.items() if k not in BF16_ENGINES]
     if len(vectors) >= 2:
         # The peers must embed the same texts to the same vectors, or the comparison is moot.
         report["max_abs_diff_between_peers"] = max(
             abs(a - b) for other in vectors[1:] for ra, rb in zip(vectors[0], other) for a, b in zip(ra, rb))
+    if vectors:
+        # bfloat16 engines: their worst cosine to the first fp32 engine's vectors.
+        def cos(a, b):
+            return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+        report["bf16_worst_cosine_to_fp32"] = {
+            k: min(cos(a, b) for a, b in zip(vectors[0], v)) for k, v in checks.items() if k in BF16_ENGINES}
     print_table(report)
     if "max_abs_diff_between_peers" in report:
         print("\nmax |difference| between the peers' embeddings: %.2e" % report["max_abs_diff_between_peers"])
+    for k, c in report.get("bf16_worst_cosine_to_fp32", {}).items():
+        print("%s: worst cosine to fp32 %.6f" % (ENGINE_NAMES[k], c))
     print("core scaling during the run (%d threads; 1.0 per independent core): %s" % (
         args.threads, ", ".join("%.2f" % p["scaling"] for p in report["core_probes"])))
     print("wall time %.0f s" % report["wall_s"])
