@@ -692,6 +692,43 @@ typedef struct amx_config {
     uint8_t rows[16];
 } amx_config;
 
+/* A stored 32 x 32 block of sums waiting for its epilogue (bias, residual, activation). */
+typedef struct amx_epilogue {
+    const float *sums; /* NULL: nothing pending */
+    int row, rows, col0, cols, done;
+    const float *bias;
+    cpu_epilogue epilogue;
+    const float *residual;
+    float *C;
+    size_t ldc;
+} amx_epilogue;
+
+/* Finishes the pending block's rows up to part / parts of them. */
+AMX_TARGET static inline void amx_epilogue_part(amx_epilogue *e, int part, int parts)
+{
+    if (!e->sums) return;
+    int end = (int)((long)e->rows * part / parts);
+    __mmask16 m0 = tail_mask(e->cols), m1 = tail_mask(e->cols - 16);
+    __m512 bias0 = _mm512_loadu_ps(e->bias), bias1 = _mm512_loadu_ps(e->bias + 16);
+    for (int i = e->done; i < end; i++) {
+        size_t at = (size_t)(e->row + i) * e->ldc + (size_t)e->col0;
+        __m512 v0 = _mm512_add_ps(_mm512_load_ps(e->sums + i * 32), bias0);
+        __m512 v1 = _mm512_add_ps(_mm512_load_ps(e->sums + i * 32 + 16), bias1);
+        if (e->residual) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, e->residual + at));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, e->residual + at + 16));
+        }
+        if (e->epilogue != CPU_EPILOGUE_BIAS && e->epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
+            v0 = activation_avx512(v0, e->epilogue);
+            v1 = activation_avx512(v1, e->epilogue);
+        }
+        _mm512_mask_storeu_ps(e->C + at, m0, v0);
+        _mm512_mask_storeu_ps(e->C + at + 16, m1, v1);
+    }
+    if (end > e->done) e->done = end;
+    if (e->done == e->rows) e->sums = NULL;
+}
+
 /* One task of a GEMM against cpu_pack_bf16 weights: the block's rows are rounded to bfloat16
  * into scratch (zero-padded to 16 rows and k_pad columns), then for each 32-row pair of tiles and
  * each panel, the k blocks accumulate in tiles, which are stored to a buffer for the fp32
@@ -729,14 +766,20 @@ AMX_TARGET static void gemm_task_amx(const cpu_gemm_plan *plan, int task, const 
     }
     /* Loaded per task: other code on this thread (oneDNN, say) may use tiles in between. */
     _tile_loadconfig(&config);
-    float sums[32 * 32] __attribute__((aligned(64)));
+    /* Two buffers: the fp32 epilogue of one panel (bias, residual, GELU: as long as the tile
+     * multiplies themselves) runs in pieces between the next panel's tile instructions, so the
+     * vector units and the tile unit work at the same time. */
+    float sums[2][32 * 32] __attribute__((aligned(64)));
     size_t stride = (size_t)k_pad * sizeof(uint16_t);
+    amx_epilogue pending = {.epilogue = epilogue, .residual = residual, .C = C, .ldc = ldc};
     for (int r = 0; r < rows; r += 32) {
         int rn = rows - r < 32 ? rows - r : 32;
         const char *a0 = (const char *)(a16 + (size_t)r * (size_t)k_pad);
         const char *a1 = a0 + 16 * stride;
         for (int p = p0; p < p1; p++) {
             const uint16_t *w = packed->data_amx + (size_t)p * (size_t)blocks * AMX_BLOCK_ELEMENTS;
+            /* The other buffer than the pending block's, which the loop below finishes. */
+            float *out = sums[pending.sums == sums[0] ? 1 : 0];
             _tile_zero(0);
             _tile_zero(1);
             if (rn > 16) {
@@ -752,9 +795,10 @@ AMX_TARGET static void gemm_task_amx(const cpu_gemm_plan *plan, int task, const 
                     _tile_dpbf16ps(1, 4, 7);
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
+                    amx_epilogue_part(&pending, kb + 1, blocks);
                 }
-                _tile_stored(2, sums + 16 * 32, 128);
-                _tile_stored(3, sums + 16 * 32 + 16, 128);
+                _tile_stored(2, out + 16 * 32, 128);
+                _tile_stored(3, out + 16 * 32 + 16, 128);
             } else {
                 for (int kb = 0; kb < blocks; kb++) {
                     const uint16_t *wb = w + (size_t)kb * AMX_BLOCK_ELEMENTS;
@@ -763,32 +807,22 @@ AMX_TARGET static void gemm_task_amx(const cpu_gemm_plan *plan, int task, const 
                     _tile_loadd(7, wb + 512, 64);
                     _tile_dpbf16ps(0, 4, 6);
                     _tile_dpbf16ps(1, 4, 7);
+                    amx_epilogue_part(&pending, kb + 1, blocks);
                 }
             }
-            _tile_stored(0, sums, 128);
-            _tile_stored(1, sums + 16, 128);
-            int col0 = p * CPU_PANEL_WIDTH;
-            int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
-            __mmask16 m0 = tail_mask(cols), m1 = tail_mask(cols - 16);
-            __m512 bias0 = _mm512_loadu_ps(packed->bias + col0);
-            __m512 bias1 = _mm512_loadu_ps(packed->bias + col0 + 16);
-            for (int i = 0; i < rn; i++) {
-                size_t at = (size_t)(row0 + r + i) * ldc + (size_t)col0;
-                __m512 v0 = _mm512_add_ps(_mm512_load_ps(sums + i * 32), bias0);
-                __m512 v1 = _mm512_add_ps(_mm512_load_ps(sums + i * 32 + 16), bias1);
-                if (residual) {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, residual + at));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, residual + at + 16));
-                }
-                if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
-                    v0 = activation_avx512(v0, epilogue);
-                    v1 = activation_avx512(v1, epilogue);
-                }
-                _mm512_mask_storeu_ps(C + at, m0, v0);
-                _mm512_mask_storeu_ps(C + at + 16, m1, v1);
-            }
+            _tile_stored(0, out, 128);
+            _tile_stored(1, out + 16, 128);
+            pending.sums = out;
+            pending.row = row0 + r;
+            pending.rows = rn;
+            pending.col0 = p * CPU_PANEL_WIDTH;
+            pending.cols = packed->n - pending.col0 < CPU_PANEL_WIDTH ? packed->n - pending.col0
+                                                                      : CPU_PANEL_WIDTH;
+            pending.bias = packed->bias + pending.col0;
+            pending.done = 0;
         }
     }
+    amx_epilogue_part(&pending, 1, 1);
     _tile_release();
 }
 
