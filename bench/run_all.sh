@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every CPU benchmark recorded in BENCHMARKS.md, in one go on one machine: the GEMM choice
-# (bench/gemm_compare.sh), `embedrag bench --json` for both model shapes, and the peers
+# (bench/gemm_compare.sh), `embedrag bench --json` for both model shapes (and in bf16 where the
+# CPU has AMX-BF16), and the peers
 # (bench/peers/run_peers.py: embedrag through libembedrag.so, sentence-transformers on PyTorch,
 # ONNX Runtime) interleaved on the same texts. Results go to OUT_DIR (default bench-results/).
 # The peers are installed from PyPI into .venv by bench/peers/setup.sh (skipped when PYTHON names
@@ -22,6 +23,10 @@ bench/gemm_compare.sh | tee "$out/gemm.txt"
 for model in all-MiniLM-L6-v2 minilm-l12-stacked; do
     build/embedrag bench --model "models/$model" --threads "$threads" --json \
         --dump-texts "$out/texts-$model" | tee "$out/bench-$model.json"
+    if grep -q ' amx_bf16' /proc/cpuinfo; then
+        build/embedrag bench --model "models/$model" --threads "$threads" --json \
+            --precision bf16 | tee "$out/bench-$model-bf16.json"
+    fi
     "$python" bench/peers/run_peers.py --model "models/$model" --threads "$threads" \
         --texts "$out/texts-$model" --json "$out/peers-$model.json" | tee "$out/peers-$model.txt"
 done
