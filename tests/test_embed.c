@@ -359,6 +359,15 @@ static double compare_models(embedrag_model *a, embedrag_model *b, const fixture
  * elsewhere the model must say it runs fp32 and give exactly the fp32 vectors. */
 static void test_bf16(const char *name, embedrag_model *fp32, const fixture *fx)
 {
+    /* A precision the library does not know is refused before any file is read. */
+    embedrag_model_params bad = embedrag_model_default_params();
+    bad.precision = (embedrag_precision)7;
+    embedrag_model *none = (embedrag_model *)&bad;
+    int rc = embedrag_model_open("/nonexistent", &bad, &none);
+    CHECK(rc == EMBEDRAG_ERR_INVALID_ARGUMENT && none == NULL &&
+              strstr(embedrag_last_error(), "precision 7") != NULL,
+          "unknown precision: rc %d, %s", rc, embedrag_last_error());
+
     embedrag_model *b2 = open_model(name, 2, EMBEDRAG_PRECISION_BF16),
                    *b1 = open_model(name, 1, EMBEDRAG_PRECISION_BF16);
     if (!b1 || !b2) goto close;

@@ -65,6 +65,10 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     if (!dir) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: dir is NULL");
     embedrag_model_params defaults = embedrag_model_default_params();
     if (!params) params = &defaults;
+    if (params->precision != EMBEDRAG_PRECISION_FP32 &&
+        params->precision != EMBEDRAG_PRECISION_BF16)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: unknown precision %d",
+                       (int)params->precision);
     err_clear();
     embedrag_model *m = calloc(1, sizeof *m);
     if (!m) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", dir);
@@ -80,12 +84,6 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     }
     rc = model_weights_load(dir, &m->config, &m->weights);
     if (rc) goto close_tokenizer;
-    if (params->precision != EMBEDRAG_PRECISION_FP32 &&
-        params->precision != EMBEDRAG_PRECISION_BF16) {
-        rc = err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: unknown precision %d",
-                     (int)params->precision);
-        goto free_weights;
-    }
     rc = cpu_backend_create(&m->config, &m->weights, params->threads, params->precision, &m->cpu);
     if (rc) goto free_weights;
     pthread_mutex_init(&m->lock, NULL);

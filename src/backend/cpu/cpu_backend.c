@@ -312,6 +312,16 @@ static void cpu_destroy(backend *self)
     free(b);
 }
 
+/* Packs one GEMM's weights for the backend's precision. Half-precision files keep half-precision
+ * weights in fp32 mode: exact, and half the bytes per pass. */
+static int pack_matrix(const cpu_backend *b, cpu_packed *out, int count, const float *const *w,
+                       const float *const *bias, const int *rows, int k)
+{
+    if (b->base.precision == EMBEDRAG_PRECISION_BF16)
+        return cpu_pack_bf16(out, count, w, bias, rows, k);
+    return cpu_pack(out, count, w, bias, rows, k, b->weights->layer_matrices_f16);
+}
+
 /* Packs one layer's four GEMMs, then lets the kernel drop the mapped pages just copied (the
  * packed copy replaces them, so resident memory stays near the model file's size). */
 static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *out)
@@ -321,20 +331,10 @@ static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *o
     const float *qkv_w[3] = {w->query_w, w->key_w, w->value_w};
     const float *qkv_b[3] = {w->query_b, w->key_b, w->value_b};
     int qkv_rows[3] = {h, h, h};
-    /* Half-precision files keep half-precision weights: exact, and half the bytes per pass. */
-    bool half = b->weights->layer_matrices_f16;
-    int rc;
-    if (b->base.precision == EMBEDRAG_PRECISION_BF16) {
-        rc = cpu_pack_bf16(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h);
-        if (!rc) rc = cpu_pack_bf16(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h);
-        if (!rc) rc = cpu_pack_bf16(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h);
-        if (!rc) rc = cpu_pack_bf16(&out->out, 1, &w->out_w, &w->out_b, &h, inter);
-    } else {
-        rc = cpu_pack(&out->qkv, 3, qkv_w, qkv_b, qkv_rows, h, half);
-        if (!rc) rc = cpu_pack(&out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h, half);
-        if (!rc) rc = cpu_pack(&out->inter, 1, &w->inter_w, &w->inter_b, &inter, h, half);
-        if (!rc) rc = cpu_pack(&out->out, 1, &w->out_w, &w->out_b, &h, inter, half);
-    }
+    int rc = pack_matrix(b, &out->qkv, 3, qkv_w, qkv_b, qkv_rows, h);
+    if (!rc) rc = pack_matrix(b, &out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h);
+    if (!rc) rc = pack_matrix(b, &out->inter, 1, &w->inter_w, &w->inter_b, &inter, h);
+    if (!rc) rc = pack_matrix(b, &out->out, 1, &w->out_w, &w->out_b, &h, inter);
     if (rc) return rc;
     size_t hh = (size_t)h * (size_t)h * sizeof(float),
            hi = (size_t)h * (size_t)inter * sizeof(float);
