@@ -425,6 +425,26 @@ AVX512_TARGET static inline __m512 activation_avx512(__m512 x, cpu_epilogue epil
     return x;
 }
 
+/* The end of one output row's 32 columns: sums + bias (+ residual row R), the activation, then
+ * a masked store. Shared by the fp32 tile and the AMX epilogue. */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+finish_row(__m512 v0, __m512 v1, __m512 bias0, __m512 bias1, const float *R, float *C, __mmask16 m0,
+           __mmask16 m1, cpu_epilogue epilogue)
+{
+    v0 = _mm512_add_ps(v0, bias0);
+    v1 = _mm512_add_ps(v1, bias1);
+    if (R) {
+        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, R));
+        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, R + 16));
+    }
+    if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
+        v0 = activation_avx512(v0, epilogue);
+        v1 = activation_avx512(v1, epilogue);
+    }
+    _mm512_mask_storeu_ps(C, m0, v0);
+    _mm512_mask_storeu_ps(C + 16, m1, v1);
+}
+
 /* One micro-tile: `rows` rows x one panel over one k slice of kn steps, accumulated in
  * registers. The first slice starts from zero, later ones continue from the partial sums left in
  * C; the last adds bias and residual and applies the activation. Each output element is
@@ -436,10 +456,7 @@ tile_avx512(const int rows, const bool interleaved, const bool half, bool first,
             cpu_epilogue epilogue, const float *R, float *C, size_t ldc, const char *ahead,
             int ahead_step)
 {
-    __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
-    __mmask16 m1 = cols >= 32   ? (__mmask16)0xFFFF
-                   : cols <= 16 ? (__mmask16)0
-                                : (__mmask16)((1u << (cols - 16)) - 1u);
+    __mmask16 m0 = tail_mask(cols), m1 = tail_mask(cols - 16);
     __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
     if (first) {
 #pragma GCC unroll 14
@@ -491,19 +508,9 @@ tile_avx512(const int rows, const bool interleaved, const bool half, bool first,
     }
     __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
 #pragma GCC unroll 14
-    for (int r = 0; r < rows; r++) {
-        __m512 v0 = _mm512_add_ps(c0[r], bias0), v1 = _mm512_add_ps(c1[r], bias1);
-        if (R) {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, R + (size_t)r * ldc));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, R + (size_t)r * ldc + 16));
-        }
-        if (epilogue != CPU_EPILOGUE_BIAS && epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
-            v0 = activation_avx512(v0, epilogue);
-            v1 = activation_avx512(v1, epilogue);
-        }
-        _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, v0);
-        _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, v1);
-    }
+    for (int r = 0; r < rows; r++)
+        finish_row(c0[r], c1[r], bias0, bias1, R ? R + (size_t)r * ldc : NULL, C + (size_t)r * ldc,
+                   m0, m1, epilogue);
 }
 
 AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool half, bool first,
@@ -708,24 +715,15 @@ AMX_TARGET static inline void amx_epilogue_part(amx_epilogue *e, int part, int p
 {
     if (!e->sums) return;
     int end = (int)((long)e->rows * part / parts);
+    if (end <= e->done) return;
     __mmask16 m0 = tail_mask(e->cols), m1 = tail_mask(e->cols - 16);
     __m512 bias0 = _mm512_loadu_ps(e->bias), bias1 = _mm512_loadu_ps(e->bias + 16);
     for (int i = e->done; i < end; i++) {
         size_t at = (size_t)(e->row + i) * e->ldc + (size_t)e->col0;
-        __m512 v0 = _mm512_add_ps(_mm512_load_ps(e->sums + i * 32), bias0);
-        __m512 v1 = _mm512_add_ps(_mm512_load_ps(e->sums + i * 32 + 16), bias1);
-        if (e->residual) {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, e->residual + at));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, e->residual + at + 16));
-        }
-        if (e->epilogue != CPU_EPILOGUE_BIAS && e->epilogue != CPU_EPILOGUE_BIAS_RESIDUAL) {
-            v0 = activation_avx512(v0, e->epilogue);
-            v1 = activation_avx512(v1, e->epilogue);
-        }
-        _mm512_mask_storeu_ps(e->C + at, m0, v0);
-        _mm512_mask_storeu_ps(e->C + at + 16, m1, v1);
+        finish_row(_mm512_load_ps(e->sums + i * 32), _mm512_load_ps(e->sums + i * 32 + 16), bias0,
+                   bias1, e->residual ? e->residual + at : NULL, e->C + at, m0, m1, e->epilogue);
     }
-    if (end > e->done) e->done = end;
+    e->done = end;
     if (e->done == e->rows) e->sums = NULL;
 }
 
