@@ -1,6 +1,7 @@
-/* Fork-join pool (see threadpool.h). Each pool_run bumps a generation counter that workers watch;
- * tasks are claimed with an atomic counter so uneven tasks balance themselves, and since every
- * task computes its outputs the same way whoever runs it, results never depend on scheduling. */
+/* Fork-join pool (see threadpool.h). Each threadpool_run bumps a generation counter that workers
+ * watch; tasks are claimed with an atomic counter so uneven tasks balance themselves, and since
+ * every task computes its outputs the same way whoever runs it, results never depend on scheduling.
+ */
 #include "util/threadpool.h"
 
 #include "util/error.h"
@@ -15,12 +16,12 @@
  * takes ~40-140 cycles, so this is roughly 50-150 microseconds, enough to bridge the gaps between
  * a query's parallel regions, short enough that an idle engine or an oversubscribed machine (a
  * worker spinning on a core another process needs) does not lose much. */
-#define POOL_SPIN_ITERATIONS 4000
+#define THREADPOOL_SPIN_ITERATIONS 4000
 /* The caller waiting for workers spins this long, then yields its core at each check, in case a
  * worker it waits for is not running (more runnable threads than cores). */
-#define POOL_WAIT_SPIN_ITERATIONS 4000
+#define THREADPOOL_WAIT_SPIN_ITERATIONS 4000
 
-struct pool {
+struct threadpool {
     int threads;
     pthread_t *workers;
     pthread_mutex_t lock;
@@ -29,13 +30,13 @@ struct pool {
     atomic_int next_task;
     atomic_int pending; /* workers that have not finished the current generation */
     int n_tasks;
-    pool_fn fn;
+    threadpool_fn fn;
     void *ctx;
     atomic_bool stop;
 };
 
 typedef struct worker_arg {
-    pool *p;
+    threadpool *p;
     int index;
 } worker_arg;
 
@@ -46,7 +47,7 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static void run_tasks(pool *p, int thread)
+static void run_tasks(threadpool *p, int thread)
 {
     for (;;) {
         int task = atomic_fetch_add_explicit(&p->next_task, 1, memory_order_relaxed);
@@ -58,7 +59,7 @@ static void run_tasks(pool *p, int thread)
 static void *worker_main(void *arg)
 {
     worker_arg *wa = arg;
-    pool *p = wa->p;
+    threadpool *p = wa->p;
     int index = wa->index;
     free(wa);
     unsigned seen = 0;
@@ -67,7 +68,7 @@ static void *worker_main(void *arg)
         int spins = 0;
         while ((gen = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen &&
                !atomic_load(&p->stop)) {
-            if (++spins < POOL_SPIN_ITERATIONS) {
+            if (++spins < THREADPOOL_SPIN_ITERATIONS) {
                 cpu_relax();
                 continue;
             }
@@ -83,17 +84,17 @@ static void *worker_main(void *arg)
     }
 }
 
-int pool_online_cores(void)
+int threadpool_online_cores(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
 }
 
-int pool_create(int threads, pool **out)
+int threadpool_create(int threads, threadpool **out)
 {
     *out = NULL;
-    if (threads <= 0) threads = pool_online_cores();
-    pool *p = calloc(1, sizeof *p);
+    if (threads <= 0) threads = threadpool_online_cores();
+    threadpool *p = calloc(1, sizeof *p);
     if (!p) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the thread pool");
     p->threads = threads;
     pthread_mutex_init(&p->lock, NULL);
@@ -114,7 +115,7 @@ int pool_create(int threads, pool **out)
     *out = p;
     return 0;
 stop_workers:
-    pool_destroy(p);
+    threadpool_destroy(p);
     return err_set(EMBEDRAG_ERR_NO_MEMORY, "could not start %d worker threads", threads - 1);
 free_pool:
     pthread_mutex_destroy(&p->lock);
@@ -123,7 +124,7 @@ free_pool:
     return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the thread pool");
 }
 
-void pool_destroy(pool *p)
+void threadpool_destroy(threadpool *p)
 {
     if (!p) return;
     pthread_mutex_lock(&p->lock);
@@ -137,12 +138,12 @@ void pool_destroy(pool *p)
     free(p);
 }
 
-int pool_threads(const pool *p)
+int threadpool_threads(const threadpool *p)
 {
     return p->threads;
 }
 
-void pool_run(pool *p, int n_tasks, pool_fn fn, void *ctx)
+void threadpool_run(threadpool *p, int n_tasks, threadpool_fn fn, void *ctx)
 {
     if (n_tasks <= 0) return;
     if (p->threads == 1 || n_tasks == 1) {
@@ -160,7 +161,7 @@ void pool_run(pool *p, int n_tasks, pool_fn fn, void *ctx)
     pthread_mutex_unlock(&p->lock);
     run_tasks(p, 0);
     for (int spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++) {
-        if (spins < POOL_WAIT_SPIN_ITERATIONS)
+        if (spins < THREADPOOL_WAIT_SPIN_ITERATIONS)
             cpu_relax();
         else
             sched_yield();

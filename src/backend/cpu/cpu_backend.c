@@ -27,7 +27,7 @@ typedef struct cpu_backend {
     backend base;
     const model_config *config;
     model_weights *weights;
-    pool *threads;
+    threadpool *threads;
     cpu_layer *layers;
     /* Activations, sized for the largest batch seen so far. */
     int capacity_tokens;
@@ -87,7 +87,7 @@ static int reserve(cpu_backend *b, int tokens, int max_len)
         b->capacity_tokens = tokens;
     }
     if (max_len > b->capacity_len) {
-        int n = pool_threads(b->threads);
+        int n = threadpool_threads(b->threads);
         int d = c->hidden_size / c->num_heads;
         free(b->scores);
         free(b->head);
@@ -139,8 +139,8 @@ static void gemm(cpu_backend *b, int m, const float *A, const cpu_packed *packed
                   .ldc = (size_t)packed->n,
                   .scratch = b->gemm_scratch,
                   .scratch_floats = b->gemm_scratch_floats};
-    j.plan = cpu_gemm_plan_make(m, packed, pool_threads(b->threads));
-    pool_run(b->threads, cpu_gemm_plan_tasks(&j.plan), gemm_worker, &j);
+    j.plan = cpu_gemm_plan_make(m, packed, threadpool_threads(b->threads));
+    threadpool_run(b->threads, cpu_gemm_plan_tasks(&j.plan), gemm_worker, &j);
 }
 
 typedef struct rows_job {
@@ -187,9 +187,9 @@ static void layer_norm_worker(void *ctx, int task, int thread)
     }
 }
 
-static void rows_run(cpu_backend *b, rows_job *j, pool_fn fn)
+static void rows_run(cpu_backend *b, rows_job *j, threadpool_fn fn)
 {
-    pool_run(b->threads, (j->tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK, fn, j);
+    threadpool_run(b->threads, (j->tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK, fn, j);
 }
 
 typedef struct attention_job {
@@ -274,7 +274,7 @@ static int cpu_encode(backend *self, const backend_batch *batch, float *out)
     for (int l = 0; l < c->num_layers; l++) {
         const cpu_layer *layer = &b->layers[l];
         gemm(b, tokens, b->x, &layer->qkv, CPU_EPILOGUE_BIAS, NULL, b->qkv);
-        pool_run(b->threads, batch->count * c->num_heads, attention_worker, &attention);
+        threadpool_run(b->threads, batch->count * c->num_heads, attention_worker, &attention);
         gemm(b, tokens, b->ctx, &layer->attn_out, CPU_EPILOGUE_BIAS_RESIDUAL, b->x, b->tmp);
         rows.x = b->tmp;
         rows.gamma = layer->attn_ln_w;
@@ -308,7 +308,7 @@ static void cpu_destroy(backend *self)
     free(b->scores);
     free(b->head);
     free(b->gemm_scratch);
-    pool_destroy(b->threads);
+    threadpool_destroy(b->threads);
     free(b);
 }
 
@@ -365,13 +365,13 @@ int cpu_backend_create(const model_config *config, model_weights *weights, int t
     b->base.destroy = cpu_destroy;
     b->config = config;
     b->weights = weights;
-    int rc = pool_create(threads, &b->threads);
+    int rc = threadpool_create(threads, &b->threads);
     if (rc) goto destroy;
     int widest = config->intermediate_size > config->hidden_size ? config->intermediate_size
                                                                  : config->hidden_size;
     b->gemm_scratch_floats = cpu_gemm_scratch_floats(widest);
     b->gemm_scratch =
-        malloc((size_t)pool_threads(b->threads) * b->gemm_scratch_floats * sizeof(float));
+        malloc((size_t)threadpool_threads(b->threads) * b->gemm_scratch_floats * sizeof(float));
     b->layers = calloc((size_t)config->num_layers, sizeof *b->layers);
     if (!b->layers || !b->gemm_scratch) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
