@@ -1,12 +1,14 @@
 /* `embedrag embed`: one text per input line, one vector per output line (JSON array, TSV, or
  * raw little-endian float32). Texts are embedded in chunks so memory stays flat however long the
- * input is; a bad line stops the run with its line number and a non-zero exit. */
+ * input is. A bad line (invalid UTF-8, too long without truncation) either stops the run after
+ * every earlier line's vector is written and flushed, with its line number and a non-zero exit,
+ * or, with --on-error skip, gets a placeholder row so output lines stay aligned with input
+ * lines, and is counted. */
 #include "cli.h"
 
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 /* Lines embedded per call: enough for full token-budget batches, small enough that a chunk's
@@ -18,8 +20,7 @@ static const char embed_usage[] =
     "\n"
     "Embeds one text per line and prints one vector per line, in input order.\n"
     "\n"
-    "options:\n"
-    "  --model DIR          model directory (default: $EMBEDRAG_MODEL or the fetched default)\n"
+    "options:\n" CLI_MODEL_OPTIONS_HELP
     "  --input FILE         read texts from FILE instead of stdin\n"
     "  --output FILE        write vectors to FILE instead of stdout\n"
     "  --format FMT         json (default: one JSON array per line), tsv, or f32 (raw\n"
@@ -29,21 +30,30 @@ static const char embed_usage[] =
     "  --no-normalize       do not L2-normalize the vectors\n"
     "  --dimensions N       keep the first N components (Matryoshka), then normalize\n"
     "  --no-truncate        fail on texts longer than the model's limit instead of cutting\n"
+    "  --on-error MODE      stop (default): a bad line (invalid UTF-8, too long) ends the run\n"
+    "                       after the vectors of the lines before it; skip: write `null` (json),\n"
+    "                       an empty line (tsv) or NaNs (f32) in its place, go on, and count\n"
+    "                       the skipped lines on stderr\n"
     "  --batch-tokens N     most tokens per forward pass (default 2048)\n"
-    "  --threads N          worker threads (default: all cores)\n"
-    "  --precision P        fp32 (default, matches sentence-transformers) or bf16 (~3x faster\n"
-    "                       on CPUs with AMX-BF16; cosine to fp32 >= 0.9999 for nearly all texts)\n"
     "  --quiet              no progress on stderr\n"
     "  -h, --help           this help\n";
 
 enum { FORMAT_JSON, FORMAT_TSV, FORMAT_F32 };
 
-static int write_vectors(FILE *out, int format, const float *v, size_t n, int dim)
+/* Writes n rows; a row whose status is non-zero (a skipped line) is written as `null` (json), an
+ * empty line (tsv) or the NaNs the library filled it with (f32), so that output line i is always
+ * input line i. */
+static int write_vectors(FILE *out, int format, const float *v, const int *statuses, size_t n,
+                         int dim)
 {
     if (format == FORMAT_F32)
         return fwrite(v, sizeof(float), n * (size_t)dim, out) == n * (size_t)dim ? 0 : -1;
     for (size_t i = 0; i < n; i++) {
         const float *row = v + i * (size_t)dim;
+        if (statuses[i]) {
+            fputs(format == FORMAT_JSON ? "null\n" : "\n", out);
+            continue;
+        }
         if (format == FORMAT_JSON) fputc('[', out);
         for (int j = 0; j < dim; j++) {
             /* %.9g round-trips every float32 exactly. */
@@ -56,48 +66,75 @@ static int write_vectors(FILE *out, int format, const float *v, size_t n, int di
     return ferror(out) ? -1 : 0;
 }
 
-static double seconds_now(void)
+/* The reason a line was not embedded, for people: "invalid UTF-8 at byte offset 4". The
+ * library's message names the text's index within the chunk ("text 3: invalid UTF-8 ...",
+ * "text 3 has 600 tokens ..."); the line number replaces it. */
+static void report_line(size_t line, long index, const char *message)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+    char prefix[32];
+    size_t prefix_len = (size_t)snprintf(prefix, sizeof prefix, "text %ld", index);
+    const char *rest = strncmp(message, prefix, prefix_len) == 0 ? message + prefix_len : NULL;
+    if (rest && strncmp(rest, ": ", 2) == 0)
+        fprintf(stderr, "embedrag embed: line %zu: %s\n", line, rest + 2);
+    else if (rest)
+        fprintf(stderr, "embedrag embed: line %zu: text%s\n", line, rest);
+    else
+        fprintf(stderr, "embedrag embed: line %zu: %s\n", line, message);
 }
+
+/* Lines skipped with --on-error skip, by reason. */
+typedef struct skip_counts {
+    size_t invalid_utf8, too_long, first_line;
+} skip_counts;
 
 int cli_embed(int argc, char **argv)
 {
-    static const struct option options[] = {{"model", required_argument, NULL, 'm'},
-                                            {"input", required_argument, NULL, 'i'},
-                                            {"output", required_argument, NULL, 'o'},
-                                            {"format", required_argument, NULL, 'f'},
-                                            {"prompt", required_argument, NULL, 'p'},
-                                            {"prompt-text", required_argument, NULL, 'P'},
-                                            {"no-normalize", no_argument, NULL, 'N'},
-                                            {"dimensions", required_argument, NULL, 'd'},
-                                            {"no-truncate", no_argument, NULL, 'T'},
-                                            {"batch-tokens", required_argument, NULL, 'b'},
-                                            {"threads", required_argument, NULL, 't'},
-                                            {"quiet", no_argument, NULL, 'q'},
-                                            {"precision", required_argument, NULL, 'R'},
-                                            {"help", no_argument, NULL, 'h'},
-                                            {NULL, 0, NULL, 0}};
-    const char *model_option = NULL, *input_path = NULL, *output_path = NULL;
-    int format = FORMAT_JSON, threads = 0, quiet = 0;
-    embedrag_precision precision = EMBEDRAG_PRECISION_FP32;
+    enum {
+        OPTION_INPUT = 0x200,
+        OPTION_OUTPUT,
+        OPTION_FORMAT,
+        OPTION_PROMPT,
+        OPTION_PROMPT_TEXT,
+        OPTION_NO_NORMALIZE,
+        OPTION_DIMENSIONS,
+        OPTION_NO_TRUNCATE,
+        OPTION_ON_ERROR,
+        OPTION_BATCH_TOKENS,
+        OPTION_QUIET,
+    };
+    static const struct option options[] = {
+        CLI_MODEL_OPTIONS,
+        {"input", required_argument, NULL, OPTION_INPUT},
+        {"output", required_argument, NULL, OPTION_OUTPUT},
+        {"format", required_argument, NULL, OPTION_FORMAT},
+        {"prompt", required_argument, NULL, OPTION_PROMPT},
+        {"prompt-text", required_argument, NULL, OPTION_PROMPT_TEXT},
+        {"no-normalize", no_argument, NULL, OPTION_NO_NORMALIZE},
+        {"dimensions", required_argument, NULL, OPTION_DIMENSIONS},
+        {"no-truncate", no_argument, NULL, OPTION_NO_TRUNCATE},
+        {"on-error", required_argument, NULL, OPTION_ON_ERROR},
+        {"batch-tokens", required_argument, NULL, OPTION_BATCH_TOKENS},
+        {"quiet", no_argument, NULL, OPTION_QUIET},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    cli_model_options model_options = cli_model_defaults();
+    const char *input_path = NULL, *output_path = NULL;
+    int format = FORMAT_JSON, quiet = 0, skip_bad = 0;
     embedrag_embed_params params = embedrag_embed_default_params();
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        int shared = cli_model_option(c, optarg, &model_options);
+        if (shared < 0) return 2;
+        if (shared) continue;
         switch (c) {
-        case 'm':
-            model_option = optarg;
-            break;
-        case 'i':
+        case OPTION_INPUT:
             input_path = optarg;
             break;
-        case 'o':
+        case OPTION_OUTPUT:
             output_path = optarg;
             break;
-        case 'f':
+        case OPTION_FORMAT:
             if (!strcmp(optarg, "json"))
                 format = FORMAT_JSON;
             else if (!strcmp(optarg, "tsv"))
@@ -110,32 +147,35 @@ int cli_embed(int argc, char **argv)
                 return 2;
             }
             break;
-        case 'p':
+        case OPTION_PROMPT:
             params.prompt_name = optarg;
             break;
-        case 'P':
+        case OPTION_PROMPT_TEXT:
             params.prompt = optarg;
             break;
-        case 'N':
+        case OPTION_NO_NORMALIZE:
             params.normalize = false;
             break;
-        case 'd':
+        case OPTION_DIMENSIONS:
             if (cli_parse_int("--dimensions", optarg, 1, &params.dimensions)) return 2;
             break;
-        case 'T':
+        case OPTION_NO_TRUNCATE:
             params.truncate = false;
             break;
-        case 'b':
+        case OPTION_ON_ERROR:
+            if (!strcmp(optarg, "stop") || !strcmp(optarg, "skip")) {
+                skip_bad = !strcmp(optarg, "skip");
+            } else {
+                fprintf(stderr, "embedrag embed: --on-error takes stop or skip (got '%s')\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case OPTION_BATCH_TOKENS:
             if (cli_parse_int("--batch-tokens", optarg, 1, &params.batch_tokens)) return 2;
             break;
-        case 't':
-            if (cli_parse_int("--threads", optarg, 1, &threads)) return 2;
-            break;
-        case 'q':
+        case OPTION_QUIET:
             quiet = 1;
-            break;
-        case 'R':
-            if (cli_parse_precision(optarg, &precision)) return 2;
             break;
         case 'h':
             fputs(embed_usage, stdout);
@@ -151,17 +191,19 @@ int cli_embed(int argc, char **argv)
                 argv[optind]);
         return 2;
     }
+    params.device = model_options.device;
     FILE *in = stdin, *out = stdout;
     if (input_path && !(in = fopen(input_path, "rb"))) {
         perror(input_path);
         return 1;
     }
-    const char *dir = cli_model_dir(model_option);
-    embedrag_model *model = cli_open_model(dir, threads, precision);
+    embedrag_model *model = cli_open_model(&model_options);
     int status = 1;
     char **texts = NULL;
     size_t *lengths = NULL, *capacities = NULL;
     float *vectors = NULL;
+    int *statuses = NULL;
+    skip_counts skipped = {0};
     if (!model) goto close_input;
     int dim = embedrag_embed_dimension(model, &params);
     if (dim < 0) {
@@ -176,12 +218,15 @@ int cli_embed(int argc, char **argv)
     lengths = calloc(EMBED_CHUNK_LINES, sizeof *lengths);
     capacities = calloc(EMBED_CHUNK_LINES, sizeof *capacities);
     vectors = malloc((size_t)EMBED_CHUNK_LINES * (size_t)dim * sizeof *vectors);
-    if (!texts || !lengths || !capacities || !vectors) {
+    statuses = calloc(EMBED_CHUNK_LINES, sizeof *statuses);
+    if (!texts || !lengths || !capacities || !vectors || !statuses) {
         fprintf(stderr, "embedrag embed: out of memory\n");
         goto free_buffers;
     }
+    /* Each chunk is embedded with per-line statuses, so a bad line never costs the good ones. */
+    params.statuses = statuses;
     int progress = !quiet && isatty(STDERR_FILENO);
-    double start = seconds_now();
+    double start = cli_seconds();
     size_t done = 0;
     for (;;) {
         size_t n = 0;
@@ -195,34 +240,40 @@ int cli_embed(int argc, char **argv)
         }
         if (n == 0) break;
         if (embedrag_embed(model, (const char *const *)texts, lengths, n, &params, vectors) != 0) {
-            /* A text's error names its index within this chunk: report the input line instead. */
-            const char *msg = embedrag_last_error();
-            long index = embedrag_last_error_text();
-            if (index >= 0) {
-                /* "text 3: invalid UTF-8 ..." -> "line 7: invalid UTF-8 ...";
-                 * "text 3 has 600 tokens ..." -> "line 7: text has 600 tokens ...". */
-                char prefix[32];
-                size_t prefix_len = (size_t)snprintf(prefix, sizeof prefix, "text %ld", index);
-                const char *rest = strncmp(msg, prefix, prefix_len) == 0 ? msg + prefix_len : NULL;
-                size_t line = done + (size_t)index + 1;
-                if (rest && strncmp(rest, ": ", 2) == 0)
-                    fprintf(stderr, "embedrag embed: line %zu: %s\n", line, rest + 2);
-                else if (rest)
-                    fprintf(stderr, "embedrag embed: line %zu: text%s\n", line, rest);
-                else
-                    fprintf(stderr, "embedrag embed: line %zu: %s\n", line, msg);
-            } else {
-                fprintf(stderr, "embedrag embed: %s\n", msg);
-            }
+            fprintf(stderr, "embedrag embed: %s\n", embedrag_last_error());
             goto free_buffers;
         }
-        if (write_vectors(out, format, vectors, n, dim) != 0) {
+        /* Stop mode: the lines before the first bad one are written, then the error. */
+        size_t good = n, first_bad = n;
+        for (size_t i = 0; i < n && first_bad == n; i++)
+            if (statuses[i]) first_bad = i;
+        if (!skip_bad) good = first_bad;
+        if (write_vectors(out, format, vectors, statuses, good, dim) != 0) {
             perror(output_path ? output_path : "stdout");
             goto free_buffers;
         }
+        if (first_bad < n) {
+            /* The library describes the first bad text of the call; in skip mode only the first
+             * of the run is shown, the summary counts the rest. */
+            if (!skip_bad || skipped.invalid_utf8 + skipped.too_long == 0)
+                report_line(done + first_bad + 1, embedrag_last_error_index(),
+                            embedrag_last_error());
+            if (!skip_bad) {
+                if (fflush(out) != 0) perror(output_path ? output_path : "stdout");
+                goto free_buffers;
+            }
+            for (size_t i = first_bad; i < n; i++) {
+                if (!statuses[i]) continue;
+                if (skipped.invalid_utf8 + skipped.too_long == 0) skipped.first_line = done + i + 1;
+                if (statuses[i] == EMBEDRAG_ERR_TOO_LONG)
+                    skipped.too_long++;
+                else
+                    skipped.invalid_utf8++;
+            }
+        }
         done += n;
         if (progress) {
-            double t = seconds_now() - start;
+            double t = cli_seconds() - start;
             fprintf(stderr, "\rembedded %zu texts (%.0f texts/s)", done,
                     t > 0 ? (double)done / t : 0.0);
         }
@@ -233,6 +284,12 @@ int cli_embed(int argc, char **argv)
         perror(output_path ? output_path : "stdout");
         goto free_buffers;
     }
+    if (skipped.invalid_utf8 + skipped.too_long > 0)
+        fprintf(stderr,
+                "embedrag embed: skipped %zu of %zu lines (%zu invalid UTF-8, %zu too long); "
+                "the first was line %zu\n",
+                skipped.invalid_utf8 + skipped.too_long, done, skipped.invalid_utf8,
+                skipped.too_long, skipped.first_line);
     status = 0;
 free_buffers:
     if (texts)
@@ -241,6 +298,7 @@ free_buffers:
     free(lengths);
     free(capacities);
     free(vectors);
+    free(statuses);
     if (out != stdout && fclose(out) != 0 && status == 0) {
         perror(output_path);
         status = 1;

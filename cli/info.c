@@ -2,35 +2,32 @@
  * would run it, as JSON for scripts. */
 #include "cli.h"
 
-#include "engine/engine.h"
-
 #include <cjson/cJSON.h>
 #include <getopt.h>
 #include <stdlib.h>
 
 static const char info_usage[] =
-    "usage: embedrag info [--model DIR] [--precision fp32|bf16]\n"
+    "usage: embedrag info [options]\n"
     "\n"
-    "Prints facts about the model as JSON, with the precision it would run in.\n";
+    "Prints facts about the model as JSON: its shape, pooling, limits and prompts, and each\n"
+    "backend that would run it (device, kernels, precision), or why there is no GPU.\n"
+    "\n"
+    "options:\n" CLI_MODEL_OPTIONS_HELP "  -h, --help           this help\n";
 
 int cli_info(int argc, char **argv)
 {
-    static const struct option options[] = {{"model", required_argument, NULL, 'm'},
-                                            {"precision", required_argument, NULL, 'R'},
-                                            {"help", no_argument, NULL, 'h'},
-                                            {NULL, 0, NULL, 0}};
-    const char *model_option = NULL;
-    embedrag_precision precision = EMBEDRAG_PRECISION_FP32;
+    static const struct option options[] = {
+        CLI_MODEL_OPTIONS, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    cli_model_options model_options = cli_model_defaults();
+    /* One thread is enough to describe a model. */
+    model_options.threads = 1;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        int shared = cli_model_option(c, optarg, &model_options);
+        if (shared < 0) return 2;
+        if (shared) continue;
         switch (c) {
-        case 'm':
-            model_option = optarg;
-            break;
-        case 'R':
-            if (cli_parse_precision(optarg, &precision)) return 2;
-            break;
         case 'h':
             fputs(info_usage, stdout);
             return 0;
@@ -39,8 +36,8 @@ int cli_info(int argc, char **argv)
             return 2;
         }
     }
-    const char *dir = cli_model_dir(model_option);
-    embedrag_model *model = cli_open_model(dir, 1, precision);
+    const char *dir = cli_model_dir(model_options.dir);
+    embedrag_model *model = cli_open_model(&model_options);
     if (!model) return 1;
     embedrag_model_info info;
     embedrag_model_get_info(model, &info);
@@ -67,9 +64,28 @@ int cli_info(int argc, char **argv)
         cJSON_AddStringToObject(obj, "default_prompt_name", info.default_prompt_name);
     else
         cJSON_AddNullToObject(obj, "default_prompt_name");
-    cJSON_AddStringToObject(obj, "backend", engine_backend_name(model));
-    cJSON_AddStringToObject(obj, "cpu_kernels", engine_cpu_isa());
+    embedrag_backend_info cpu;
+    embedrag_model_get_backend(model, 0, &cpu);
+    cJSON_AddStringToObject(obj, "cpu_kernels", cpu.kernels);
     cJSON_AddStringToObject(obj, "precision", cli_precision_name(info.precision));
+    cJSON *backends = cJSON_AddArrayToObject(obj, "backends");
+    for (int i = 0; i < info.backend_count; i++) {
+        embedrag_backend_info b;
+        embedrag_model_get_backend(model, i, &b);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", b.name);
+        cJSON_AddStringToObject(o, "device", b.device);
+        cJSON_AddStringToObject(o, "kernels", b.kernels);
+        cJSON_AddStringToObject(o, "precision", cli_precision_name(b.precision));
+        cJSON_AddNumberToObject(o, "batch_tokens", b.batch_tokens);
+        cJSON_AddNumberToObject(o, "max_batch_tokens", b.max_batch_tokens);
+        cJSON_AddItemToArray(backends, o);
+    }
+    const char *no_gpu = embedrag_model_gpu_unavailable(model);
+    if (no_gpu)
+        cJSON_AddStringToObject(obj, "gpu_unavailable", no_gpu);
+    else
+        cJSON_AddNullToObject(obj, "gpu_unavailable");
     cJSON_AddStringToObject(obj, "version", embedrag_version());
     char *json = cJSON_Print(obj);
     puts(json ? json : "{}");

@@ -68,7 +68,11 @@ int cli_tokenize(int argc, char **argv)
         perror(input_path);
         return 1;
     }
-    embedrag_model *model = cli_open_model(cli_model_dir(model_option), 1, EMBEDRAG_PRECISION_FP32);
+    cli_model_options model_options = cli_model_defaults();
+    model_options.dir = model_option;
+    model_options.threads = 1;
+    model_options.device = EMBEDRAG_DEVICE_CPU; /* tokenizing needs no GPU */
+    embedrag_model *model = cli_open_model(&model_options);
     int status = 1;
     char *line = NULL;
     size_t capacity = 0, line_number = 0;

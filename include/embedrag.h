@@ -24,17 +24,28 @@ extern "C" {
 #endif
 
 /* Status codes. Action functions return EMBEDRAG_OK (0) or one of the negative codes below; the
- * message with context (file, field, text index, byte offset) is then in embedrag_last_error(). */
+ * message with context (file, field, text index, byte offset) is then in embedrag_last_error()
+ * on the calling thread, and embedrag_status_text() names the code itself. */
 typedef enum embedrag_status {
     EMBEDRAG_OK = 0,
     EMBEDRAG_ERR_INVALID_ARGUMENT = -1, /* a NULL where a value is required, a bad option */
     EMBEDRAG_ERR_IO = -2,               /* a file could not be opened, read or mapped */
     EMBEDRAG_ERR_FORMAT = -3,           /* a model file is malformed, truncated or inconsistent */
-    EMBEDRAG_ERR_UNSUPPORTED = -4,      /* a valid model feature embedrag does not implement */
+    EMBEDRAG_ERR_UNSUPPORTED = -4, /* a valid feature (or device) this build or machine lacks */
     EMBEDRAG_ERR_NO_MEMORY = -5,
-    EMBEDRAG_ERR_INVALID_UTF8 = -6, /* a text is not valid UTF-8 */
-    EMBEDRAG_ERR_TOO_LONG = -7,     /* a text exceeds the model's limit and truncation is off */
+    EMBEDRAG_ERR_INVALID_UTF8 = -6,    /* a text is not valid UTF-8 */
+    EMBEDRAG_ERR_TOO_LONG = -7,        /* a text exceeds the model's limit and truncation is off */
+    EMBEDRAG_ERR_BUSY = -8,            /* a queue or a resource is full: try again later */
+    EMBEDRAG_ERR_NOT_FOUND = -9,       /* a named thing (document, prompt, device) does not exist */
+    EMBEDRAG_ERR_DEVICE = -10,         /* a device failed while running (a GPU error) */
+    EMBEDRAG_ERR_DATABASE = -11,       /* the document store's database failed */
+    EMBEDRAG_ERR_MODEL_MISMATCH = -12, /* data made with one model meets another */
 } embedrag_status;
+
+/* The fixed text of a status code, e.g. "invalid UTF-8" for EMBEDRAG_ERR_INVALID_UTF8 and
+ * "unknown status" for a value not listed above (as sqlite3_errstr). A static string.
+ * Thread-safe. */
+EMBEDRAG_API const char *embedrag_status_text(int status);
 
 typedef enum embedrag_pooling {
     EMBEDRAG_POOLING_MEAN = 0, /* mean of the token vectors (sentence-transformers' default) */
@@ -49,12 +60,17 @@ typedef struct embedrag_model embedrag_model;
 EMBEDRAG_API const char *embedrag_version(void);
 
 /* Returns the message describing the last failure on the calling thread (thread-local storage,
- * valid until the next embedrag call on this thread); "" if there was none. Thread-safe. */
+ * valid until the next embedrag call on this thread); "" if there was none. Thread-safe. This is
+ * where embedrag_model_open's errors go; a call's error is here even when the work failed on
+ * another thread (the engine carries it back). */
 EMBEDRAG_API const char *embedrag_last_error(void);
 
 /* When the last failure on the calling thread concerned one text of an embedrag_embed call (it
  * is NULL, not valid UTF-8, or too long with truncation off), returns that text's index in the
  * call's `texts`; otherwise -1. Valid until the next embedrag call on this thread. Thread-safe. */
+EMBEDRAG_API long embedrag_last_error_index(void);
+
+/* The former name of embedrag_last_error_index, kept while the version is 0.x. */
 EMBEDRAG_API long embedrag_last_error_text(void);
 
 /* The arithmetic of the forward pass's matrix products. */
@@ -69,13 +85,36 @@ typedef enum embedrag_precision {
      * it, the model opens in fp32 and embedrag_model_info.precision says so. An unknown value
      * is EMBEDRAG_ERR_INVALID_ARGUMENT. */
     EMBEDRAG_PRECISION_BF16 = 1,
+    /* IEEE half-precision weights and activations with fp32 sums: a GPU's fast mode (the GPU
+     * backend is coming). The CPU runs fp32 when asked for it; embedrag_model_info.precision
+     * says what runs. */
+    EMBEDRAG_PRECISION_FP16 = 2,
 } embedrag_precision;
+
+/* Where work runs. A model opens a backend per device it may use (the CPU always); each
+ * embedrag_embed call may then pick one, or leave the choice to the engine, which sends the
+ * call where it is estimated to finish first (queued work included). */
+typedef enum embedrag_device {
+    EMBEDRAG_DEVICE_AUTO = 0, /* model: the CPU plus every GPU found; call: the engine picks */
+    EMBEDRAG_DEVICE_CPU = 1,
+    EMBEDRAG_DEVICE_GPU = 2, /* model: fail unless a GPU backend opens; call: a GPU only */
+} embedrag_device;
+
+/* Which queue a call joins. Each backend serves two: latency work (a query) runs ahead of bulk
+ * work (indexing) already running, on the CPU within about one matrix product's time (a few
+ * milliseconds) rather than after the bulk call. */
+typedef enum embedrag_lane {
+    EMBEDRAG_LANE_AUTO = 0,    /* latency for calls of at most 512 tokens in all, else bulk */
+    EMBEDRAG_LANE_LATENCY = 1, /* served first; batches of up to 512 tokens */
+    EMBEDRAG_LANE_BULK = 2,    /* large token-budget batches for throughput */
+} embedrag_lane;
 
 /* Parameters for embedrag_model_open. Obtain defaults with embedrag_model_default_params() and
  * adjust fields; new fields are added at the end with defaults that keep old behaviour. */
 typedef struct embedrag_model_params {
     int threads;                  /* worker threads for the forward pass; 0 = one per online core */
     embedrag_precision precision; /* requested; default EMBEDRAG_PRECISION_FP32 */
+    embedrag_device device;       /* which backends to open; default EMBEDRAG_DEVICE_AUTO */
 } embedrag_model_params;
 
 EMBEDRAG_API embedrag_model_params embedrag_model_default_params(void);
@@ -92,6 +131,13 @@ EMBEDRAG_API int embedrag_model_open(const char *dir, const embedrag_model_param
  * another thread uses the model. */
 EMBEDRAG_API void embedrag_model_close(embedrag_model *model);
 
+/* The error of the latest failed call on this model, from whichever thread made it (as
+ * sqlite3_errmsg): copies its message into buffer (cut to size, NUL-terminated; buffer may be
+ * NULL when size is 0) and returns its status, or 0 and "" when no call on it has failed. For
+ * code that shares a model across threads and reports errors elsewhere; the calling thread's
+ * own error is embedrag_last_error(). Thread-safe. */
+EMBEDRAG_API int embedrag_model_last_error(const embedrag_model *model, char *buffer, size_t size);
+
 /* Facts about an open model. String pointers stay valid until the model is closed. */
 typedef struct embedrag_model_info {
     const char *name; /* the model directory's name */
@@ -107,11 +153,32 @@ typedef struct embedrag_model_info {
     int prompt_count;                /* prompts named in config_sentence_transformers.json */
     const char *default_prompt_name; /* NULL when the model names none */
     int intermediate;                /* feed-forward width */
-    embedrag_precision precision;    /* what the model runs in (see embedrag_precision) */
+    embedrag_precision precision;    /* what the CPU backend runs (see embedrag_precision) */
+    int backend_count;               /* backends open (embedrag_model_get_backend) */
 } embedrag_model_info;
 
 /* Fills *info. Returns 0, or EMBEDRAG_ERR_INVALID_ARGUMENT for NULL arguments. Thread-safe. */
 EMBEDRAG_API int embedrag_model_get_info(const embedrag_model *model, embedrag_model_info *info);
+
+/* One backend of an open model. Strings stay valid until the model is closed. */
+typedef struct embedrag_backend_info {
+    const char *name;             /* "cpu", "cuda:0" */
+    const char *device;           /* the hardware: "AMD EPYC (avx512, 2 threads)" */
+    const char *kernels;          /* the matrix-product kernels: "avx512", "amx-bf16", ... */
+    embedrag_device kind;         /* EMBEDRAG_DEVICE_CPU or EMBEDRAG_DEVICE_GPU */
+    embedrag_precision precision; /* what it runs */
+    int batch_tokens;             /* the bulk lane's default tokens per batch */
+    int max_batch_tokens;         /* the most tokens one batch may hold */
+} embedrag_backend_info;
+
+/* Fills *info for backend i (0 <= i < backend_count; 0 is the CPU). Returns 0 or
+ * EMBEDRAG_ERR_INVALID_ARGUMENT. Thread-safe. */
+EMBEDRAG_API int embedrag_model_get_backend(const embedrag_model *model, int i,
+                                            embedrag_backend_info *info);
+
+/* Why the model has no GPU backend ("this build of embedrag has no GPU backend ...", "no CUDA
+ * device found"), or NULL when it has one. Valid until the model is closed. Thread-safe. */
+EMBEDRAG_API const char *embedrag_model_gpu_unavailable(const embedrag_model *model);
 
 /* The i-th prompt's name and text (0 <= i < prompt_count), e.g. "query" and "query: ".
  * Returns 0 or EMBEDRAG_ERR_INVALID_ARGUMENT. The strings stay valid until the model is closed.
@@ -128,7 +195,16 @@ typedef struct embedrag_embed_params {
     int dimensions;          /* keep the first N components (Matryoshka); 0 = all */
     bool truncate;    /* cut texts at the model's max_tokens (default true); if false, a longer text
                          is an EMBEDRAG_ERR_TOO_LONG error */
-    int batch_tokens; /* the most tokens in one forward pass (bounds memory); 0 = default */
+    int batch_tokens; /* the most tokens in one forward pass (bounds memory); 0 = the backend's
+                         default; at most the backend's max_batch_tokens */
+    embedrag_device device; /* where to run; default EMBEDRAG_DEVICE_AUTO */
+    embedrag_lane lane;     /* which queue; default EMBEDRAG_LANE_AUTO */
+    /* NULL (the default): a text that cannot be embedded fails the whole call. Otherwise n
+     * entries the call fills: 0 for each text embedded, or its status (EMBEDRAG_ERR_INVALID_UTF8,
+     * EMBEDRAG_ERR_TOO_LONG, EMBEDRAG_ERR_INVALID_ARGUMENT for a NULL text); such a text's row is
+     * filled with NaN, the others are embedded, and the call returns 0; embedrag_last_error()
+     * and embedrag_last_error_index() then describe the first such text. */
+    int *statuses;
 } embedrag_embed_params;
 
 EMBEDRAG_API embedrag_embed_params embedrag_embed_default_params(void);
@@ -140,11 +216,19 @@ EMBEDRAG_API int embedrag_embed_dimension(const embedrag_model *model,
 
 /* Embeds n texts. texts[i] is UTF-8 of lengths[i] bytes (lengths may be NULL: then each text is
  * NUL-terminated). Writes n rows of embedrag_embed_dimension() floats, row-major, into `out`,
- * which the caller owns and must size. A text's vector does not depend on the other texts in the
- * call, their order, or the thread count (bit for bit). On failure nothing useful is in `out`
- * and the message names the text's index and, for invalid UTF-8, the byte offset. `params` may
- * be NULL for defaults. Calls on one model are serialized by an internal lock; distinct models
- * run in parallel. */
+ * which the caller owns and must size. On failure nothing useful is in `out` and the message
+ * names the text's index (embedrag_last_error_index) and, for invalid UTF-8, the byte offset;
+ * see params->statuses to go on past bad texts instead. `params` may be NULL for defaults.
+ *
+ * Exactness: on one backend and precision, a text's vector does not depend on the other texts
+ * in the call or in concurrent calls, their order, the lane or the thread count (bit for bit).
+ * Across backends and precisions it does: the CPU's fp32 vectors match sentence-transformers
+ * within cosine 0.99999; a GPU's fp16 or bf16 vectors are held to cosine >= 0.9995 of the CPU's,
+ * its fp32 mode to 0.99999; CPU bf16 see EMBEDRAG_PRECISION_BF16.
+ *
+ * Thread-safe: any number of threads may call it on one model. Calls join a lane (params->lane)
+ * and share its batches; a small call on the latency lane is served while a bulk call runs,
+ * between two steps of the bulk call's forward pass. */
 EMBEDRAG_API int embedrag_embed(embedrag_model *model, const char *const *texts,
                                 const size_t *lengths, size_t n,
                                 const embedrag_embed_params *params, float *out);

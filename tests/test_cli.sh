@@ -37,11 +37,40 @@ first_f32=$(od -An -tf4 -N4 -v "$tmp/out.f32" | tr -d ' ')
 check "json and f32 agree ($first_json vs $first_f32)" \
     python3 -c "import sys; a,b=map(float,sys.argv[1:]); sys.exit(abs(a-b)>1e-6)" "$first_json" "$first_f32"
 
-printf 'good\nbad \xff byte\n' >"$tmp/bad.txt"
-"$cli" embed --model "$model" --input "$tmp/bad.txt" >/dev/null 2>"$tmp/err.txt"
+printf 'good\nbad \xff byte\nalso good\n' >"$tmp/bad.txt"
+"$cli" embed --model "$model" --input "$tmp/bad.txt" >"$tmp/bad.json" 2>"$tmp/err.txt"
 check "invalid UTF-8 exits non-zero" test $? -ne 0
 check "error names line 2 and the offset" grep -q "line 2: invalid UTF-8 at byte offset 4" "$tmp/err.txt"
 check "error is one line" test "$(wc -l <"$tmp/err.txt")" -eq 1
+# The README's promise: the vectors of the lines before the bad one are written.
+check "line 1's vector is written before the error" test "$(wc -l <"$tmp/bad.json")" -eq 1
+printf 'good\n' | "$cli" embed --model "$model" >"$tmp/good.json"
+check "and it is line 1's vector" cmp -s "$tmp/good.json" "$tmp/bad.json"
+# --on-error skip: output stays aligned with the input, bad lines are counted.
+"$cli" embed --model "$model" --input "$tmp/bad.txt" --on-error skip >"$tmp/skip.json" 2>"$tmp/err.txt"
+check "skip mode exits 0" test $? -eq 0
+check "skip mode keeps one output line per input line" test "$(wc -l <"$tmp/skip.json")" -eq 3
+check "the bad line is null" test "$(sed -n 2p "$tmp/skip.json")" = null
+check "line 3 still embeds" test "$(sed -n 3p "$tmp/skip.json" | tr ',' '\n' | wc -l)" -eq 384
+check "skip mode names the first bad line" grep -q "line 2: invalid UTF-8" "$tmp/err.txt"
+check "skip mode counts what it skipped" grep -q "skipped 1 of 3 lines (1 invalid UTF-8, 0 too long)" "$tmp/err.txt"
+"$cli" embed --model "$model" --input "$tmp/bad.txt" --on-error skip --format f32 >"$tmp/skip.f32" 2>/dev/null
+check "f32 skip keeps alignment (NaN row)" test "$(stat -c %s "$tmp/skip.f32")" -eq $((3 * 384 * 4))
+check "the f32 row of the bad line is NaN" \
+    python3 -c "import struct,sys,math; d=open(sys.argv[1],'rb').read(); r=struct.unpack('384f', d[1536:3072]); sys.exit(not all(math.isnan(x) for x in r))" "$tmp/skip.f32"
+"$cli" embed --model "$model" --input "$tmp/bad.txt" --on-error maybe </dev/null >/dev/null 2>"$tmp/err.txt"
+check "bad --on-error exits 2" test $? -eq 2
+
+# Devices: asking for a GPU where there is none is one clear error; info says why.
+"$cli" embed --model "$model" --device gpu <"$tmp/in.txt" >/dev/null 2>"$tmp/err.txt"
+check "--device gpu without a GPU exits non-zero" test $? -ne 0
+check "--device gpu says why" grep -qi "gpu\|cuda" "$tmp/err.txt"
+check "--device gpu error is one line" test "$(wc -l <"$tmp/err.txt")" -eq 1
+"$cli" info --model "$model" >"$tmp/info-dev.json"
+check "info lists the CPU backend" grep -q '"name":[[:space:]]*"cpu"' "$tmp/info-dev.json"
+check "info says why there is no GPU" grep -q '"gpu_unavailable":[[:space:]]*"' "$tmp/info-dev.json"
+"$cli" embed --model "$model" --device tpu </dev/null >/dev/null 2>"$tmp/err.txt"
+check "bad --device exits 2" test $? -eq 2
 
 "$cli" embed --model "$tmp/no-such-model" </dev/null >/dev/null 2>"$tmp/err.txt"
 check "missing model exits non-zero" test $? -ne 0
@@ -76,9 +105,13 @@ check "refusal names line 1 and the limit" grep -q "line 1: .*at most 256" "$tmp
 
 # --precision: a bad value is refused; bf16 runs where the CPU has AMX-BF16, and says it runs
 # fp32 where it has not; either way `info` reports what runs and `embed` gives 384 numbers.
-"$cli" embed --model "$model" --precision fp16 </dev/null 2>"$tmp/err.txt"
+"$cli" embed --model "$model" --precision fp64 </dev/null 2>"$tmp/err.txt"
 check "bad --precision exits 2" test $? -eq 2
-check "bad --precision is named" grep -q "fp32 or bf16" "$tmp/err.txt"
+check "bad --precision is named" grep -q "fp32, bf16 or fp16" "$tmp/err.txt"
+# fp16 is a GPU precision: the CPU says it runs fp32.
+"$cli" info --model "$model" --device cpu --precision fp16 >"$tmp/info-fp16.json" 2>"$tmp/err.txt"
+check "fp16 on the CPU runs fp32" grep -q '"precision":[[:space:]]*"fp32"' "$tmp/info-fp16.json"
+check "fp16 on the CPU is announced" grep -q "runs fp16 as fp32" "$tmp/err.txt"
 "$cli" info --model "$model" --precision bf16 >"$tmp/info16.json" 2>"$tmp/err.txt"
 if grep -q ' amx_bf16' /proc/cpuinfo; then
     check "info reports bf16 on an AMX CPU" grep -q '"precision":[[:space:]]*"bf16"' "$tmp/info16.json"

@@ -298,40 +298,54 @@ static char *make_tiny_model(const char *name, const char *config, const tiny_op
     return dir;
 }
 
-static bool inside_map(const model_weights *w, const float *p)
+static bool inside_map(const model_weights *w, const model_tensor *t)
 {
     const char *base = w->file->map;
-    return (const char *)p >= base && (const char *)p < base + w->file->map_size;
+    const char *p = t->data;
+    return p >= base && p + t->nbytes <= base + w->file->map_size;
 }
 
-/* Checks that every view of a tiny model holds tiny_value(t, e) for its tensor t. */
+/* Element e of a tensor, widened to float32. */
+static float tensor_value(const model_tensor *t, size_t e)
+{
+    float v;
+    model_tensor_read_f32(t, e, 1, &v);
+    return v;
+}
+
+/* Checks that every view of a tiny model holds tiny_value(t, e) for its tensor t, and has the
+ * shape it was written with. */
 static void check_tiny_values(const model_weights *w, const char *what)
 {
     tiny_options o = {0};
     tiny_tensor tensors[128];
     int count = tiny_tensors(&o, tensors);
-    const float *views[128];
-    views[0] = w->word_emb;
-    views[1] = w->position_emb;
-    views[2] = w->type_emb;
-    views[3] = w->emb_ln_w;
-    views[4] = w->emb_ln_b;
+    const model_tensor *views[128];
+    views[0] = &w->word_emb;
+    views[1] = &w->position_emb;
+    views[2] = &w->type_emb;
+    views[3] = &w->emb_ln_w;
+    views[4] = &w->emb_ln_b;
     for (int l = 0; l < TINY_LAYERS; l++) {
         const model_layer_weights *L = &w->layers[l];
-        const float *layer_views[16] = {L->query_w,   L->query_b,   L->key_w,      L->key_b,
-                                        L->value_w,   L->value_b,   L->attn_out_w, L->attn_out_b,
-                                        L->attn_ln_w, L->attn_ln_b, L->inter_w,    L->inter_b,
-                                        L->out_w,     L->out_b,     L->out_ln_w,   L->out_ln_b};
+        const model_tensor *layer_views[16] = {
+            &L->query_w,    &L->query_b,    &L->key_w,     &L->key_b,     &L->value_w, &L->value_b,
+            &L->attn_out_w, &L->attn_out_b, &L->attn_ln_w, &L->attn_ln_b, &L->inter_w, &L->inter_b,
+            &L->out_w,      &L->out_b,      &L->out_ln_w,  &L->out_ln_b};
         memcpy(&views[5 + 16 * l], layer_views, sizeof layer_views);
     }
-    int bad = 0;
+    int bad = 0, bad_shapes = 0;
     for (int t = 0; t < count; t++) {
         size_t elements =
             (size_t)tensors[t].shape[0] * (size_t)(tensors[t].ndim == 2 ? tensors[t].shape[1] : 1);
+        if (model_tensor_elements(views[t]) != elements ||
+            views[t]->rows != (tensors[t].ndim == 2 ? tensors[t].shape[0] : 1))
+            bad_shapes++;
         for (size_t e = 0; e < elements; e++)
-            if (views[t][e] != tiny_value(t, (int)e)) bad++;
+            if (tensor_value(views[t], e) != tiny_value(t, (int)e)) bad++;
     }
     CHECK(bad == 0, "%s: %d tensor values differ from what was written", what, bad);
+    CHECK(bad_shapes == 0, "%s: %d tensors have the wrong shape", what, bad_shapes);
 }
 
 /* ---- the real model ---- */
@@ -379,33 +393,46 @@ static void test_real_model_loads_with_expected_config_and_values(void)
     if (rc == 0) {
         /* Reference values: safetensors.numpy.load_file + float.hex() in Python. */
         static const float word0[4] = {-0x1.478p-6f, -0x1.bep-9f, -0x1.e1p-7f, 0x1.7f8p-7f};
-        for (int i = 0; i < 4; i++)
-            CHECK(w.word_emb[i] == word0[i], "word_emb[0][%d] = %a, expected %a", i,
-                  (double)w.word_emb[i], (double)word0[i]);
-        CHECK(w.word_emb[101 * 384 + 1] == -0x1.f21c1p-8f, "word_emb[101][1] = %a",
-              (double)w.word_emb[101 * 384 + 1]);
-        CHECK(w.word_emb[30521 * 384 + 383] == 0x1.2b80f2p-8f, "word_emb[30521][383] = %a",
-              (double)w.word_emb[30521 * 384 + 383]);
-        CHECK(w.position_emb[511 * 384 + 1] == -0x1.1fp-7f, "position_emb[511][1] = %a",
-              (double)w.position_emb[511 * 384 + 1]);
-        CHECK(w.layers[5].out_ln_b[0] == -0x1.296e22p-5f, "layer 5 output LayerNorm bias[0] = %a",
-              (double)w.layers[5].out_ln_b[0]);
-        CHECK(w.layers[3].inter_w[1535 * 384 + 383] == 0x1.4b220ap-5f,
+        const float *words = model_tensor_f32(&w.word_emb);
+        CHECK(words != NULL, "aligned F32 word embeddings are readable in place");
+        for (int i = 0; words && i < 4; i++)
+            CHECK(words[i] == word0[i], "word_emb[0][%d] = %a, expected %a", i, (double)words[i],
+                  (double)word0[i]);
+        CHECK(tensor_value(&w.word_emb, 101 * 384 + 1) == -0x1.f21c1p-8f, "word_emb[101][1] = %a",
+              (double)tensor_value(&w.word_emb, 101 * 384 + 1));
+        CHECK(tensor_value(&w.word_emb, 30521 * 384 + 383) == 0x1.2b80f2p-8f,
+              "word_emb[30521][383] = %a", (double)tensor_value(&w.word_emb, 30521 * 384 + 383));
+        CHECK(tensor_value(&w.position_emb, 511 * 384 + 1) == -0x1.1fp-7f,
+              "position_emb[511][1] = %a", (double)tensor_value(&w.position_emb, 511 * 384 + 1));
+        CHECK(tensor_value(&w.layers[5].out_ln_b, 0) == -0x1.296e22p-5f,
+              "layer 5 output LayerNorm bias[0] = %a",
+              (double)tensor_value(&w.layers[5].out_ln_b, 0));
+        CHECK(tensor_value(&w.layers[3].inter_w, 1535 * 384 + 383) == 0x1.4b220ap-5f,
               "layer 3 intermediate weight[1535][383] = %a",
-              (double)w.layers[3].inter_w[1535 * 384 + 383]);
-        CHECK(w.layers[0].query_w[1] == 0x1.6502acp-5f, "layer 0 query weight[0][1] = %a",
-              (double)w.layers[0].query_w[1]);
-        CHECK(w.owned_count == 0, "aligned F32 needs no copies, got %d", w.owned_count);
-        CHECK(inside_map(&w, w.word_emb) && inside_map(&w, w.layers[5].out_ln_b),
-              "F32 views should point into the mapping");
+              (double)tensor_value(&w.layers[3].inter_w, 1535 * 384 + 383));
+        CHECK(tensor_value(&w.layers[0].query_w, 1) == 0x1.6502acp-5f,
+              "layer 0 query weight[0][1] = %a", (double)tensor_value(&w.layers[0].query_w, 1));
+        CHECK(w.layers[3].inter_w.rows == 1536 && w.layers[3].inter_w.cols == 384 &&
+                  w.layers[5].out_ln_b.rows == 1 && w.layers[5].out_ln_b.cols == 384,
+              "shapes: inter %lld x %lld, LayerNorm %lld x %lld",
+              (long long)w.layers[3].inter_w.rows, (long long)w.layers[3].inter_w.cols,
+              (long long)w.layers[5].out_ln_b.rows, (long long)w.layers[5].out_ln_b.cols);
+        CHECK(w.matrix_dtype == ST_F32, "matrix dtype %d", (int)w.matrix_dtype);
+        CHECK(inside_map(&w, &w.word_emb) && inside_map(&w, &w.layers[5].out_ln_b),
+              "views point into the mapping");
 
         /* Released pages come back from the file when touched again. */
-        model_weights_release(&w, w.word_emb, (size_t)30522 * 384 * sizeof(float));
-        CHECK(w.word_emb[0] == word0[0] && w.word_emb[30521 * 384 + 383] == 0x1.2b80f2p-8f,
-              "values after model_weights_release: %a", (double)w.word_emb[0]);
+        model_tensor_release(&w, &w.word_emb);
+        model_weights_release_layers(&w);
+        CHECK(words && words[0] == word0[0] && words[30521 * 384 + 383] == 0x1.2b80f2p-8f &&
+                  tensor_value(&w.layers[3].inter_w, 1535 * 384 + 383) == 0x1.4b220ap-5f,
+              "values after release: %a", words ? (double)words[0] : 0.0);
         float outside[4] = {0};
-        model_weights_release(&w, outside, sizeof outside); /* not in the mapping: no-op */
-        model_weights_release(&w, w.word_emb, 0);
+        model_tensor not_mapped = {
+            .dtype = ST_F32, .rows = 1, .cols = 4, .data = outside, .nbytes = sizeof outside};
+        model_tensor_release(&w, &not_mapped); /* not in the mapping: no-op */
+        model_tensor_prefault(&w, &not_mapped);
+        CHECK(outside[0] == 0.0f, "a foreign buffer is left alone");
         model_weights_free(&w);
         CHECK(w.file == NULL && w.layers == NULL, "model_weights_free clears the struct");
     }
@@ -1034,15 +1061,15 @@ static void test_weights_tiny_f32_model_with_prefixes(void)
         CHECK(rc == 0, "prefix '%s': %s", prefixes[i], err_get());
         if (rc == 0) {
             check_tiny_values(&w, name);
-            CHECK(w.owned_count == 0 && inside_map(&w, w.layers[1].out_ln_b),
-                  "aligned F32 stays in the mapping");
+            CHECK(inside_map(&w, &w.layers[1].out_ln_b) && model_tensor_f32(&w.layers[1].out_ln_b),
+                  "aligned F32 is read in place");
             model_weights_free(&w);
         }
         free(dir);
     }
 }
 
-static void test_weights_misaligned_f32_is_copied(void)
+static void test_weights_misaligned_f32_reads_exactly(void)
 {
     tiny_options o = {.dtype = "F32", .misaligned = true};
     char *dir = make_tiny_model("tiny-misaligned", tiny_config, &o);
@@ -1051,9 +1078,10 @@ static void test_weights_misaligned_f32_is_copied(void)
     CHECK(rc == 0, "misaligned: %s", err_get());
     if (rc == 0) {
         check_tiny_values(&w, "misaligned F32");
-        CHECK(w.owned_count == 5 + 16 * TINY_LAYERS, "owned_count %d", w.owned_count);
-        CHECK((uintptr_t)w.word_emb % 4 == 0 && !inside_map(&w, w.word_emb),
-              "copies are aligned buffers");
+        CHECK((uintptr_t)w.word_emb.data % 4 != 0 && inside_map(&w, &w.word_emb),
+              "the view is the file's misaligned bytes");
+        CHECK(model_tensor_f32(&w.word_emb) == NULL,
+              "a misaligned tensor is not offered as floats in place");
         model_weights_free(&w);
     }
     free(dir);
@@ -1090,27 +1118,25 @@ static void test_weights_f16_and_bf16_are_converted(void)
         int rc = load_tiny(dir, &w);
         CHECK(rc == 0, "%s: %s", cases[k].dtype, err_get());
         if (rc == 0) {
+            CHECK(w.word_emb.dtype == (k == 0 ? ST_F16 : ST_BF16) &&
+                      w.matrix_dtype == w.word_emb.dtype && model_tensor_f32(&w.word_emb) == NULL,
+                  "%s views keep the file's dtype", cases[k].dtype);
             for (int i = 0; i < 20; i++) {
-                float got = w.word_emb[i], want = cases[k].values[i];
+                float got = tensor_value(&w.word_emb, (size_t)i), want = cases[k].values[i];
                 bool same = isnan(want) ? isnan(got) : got == want && signbit(got) == signbit(want);
                 CHECK(same, "%s word_emb[%d] (0x%04x) = %a, expected %a", cases[k].dtype, i,
                       cases[k].bits[i], (double)got, (double)want);
             }
             /* Every other tensor holds tiny_value, exact in both formats. */
-            CHECK(w.layers[1].out_w[31] == tiny_value(5 + 16 + 12, 31) &&
-                      w.position_emb[23] == tiny_value(1, 23),
+            CHECK(tensor_value(&w.layers[1].out_w, 31) == tiny_value(5 + 16 + 12, 31) &&
+                      tensor_value(&w.position_emb, 23) == tiny_value(1, 23),
                   "%s other tensors", cases[k].dtype);
-            CHECK(w.owned_count == 5 + 16 * TINY_LAYERS, "%s owned_count %d", cases[k].dtype,
-                  w.owned_count);
-            /* A converted buffer is freed on release (once), and model_weights_free copes. */
-            const float *converted = w.layers[0].query_w;
-            int before = 0, after = 0;
-            for (int i = 0; i < w.owned_count; i++) before += w.owned[i] != NULL;
-            model_weights_release(&w, converted, 16 * sizeof(float));
-            for (int i = 0; i < w.owned_count; i++) after += w.owned[i] != NULL;
-            CHECK(after == before - 1, "%s release frees the converted buffer (%d -> %d)",
-                  cases[k].dtype, before, after);
-            CHECK(w.word_emb[2] == cases[k].values[2], "other converted buffers survive release");
+            /* Releasing drops pages, never values. */
+            model_weights_release_layers(&w);
+            model_tensor_release(&w, &w.word_emb);
+            CHECK(tensor_value(&w.word_emb, 2) == cases[k].values[2] &&
+                      tensor_value(&w.layers[1].out_w, 31) == tiny_value(5 + 16 + 12, 31),
+                  "%s values survive release", cases[k].dtype);
             model_weights_free(&w);
         }
         free(dir);
@@ -1132,8 +1158,7 @@ static void expect_weights_error(const char *name, const char *config, const tin
         CHECK(contains(err_get(), "model.safetensors") && contains(err_get(), needle) &&
                   (!needle2 || contains(err_get(), needle2)),
               "%s: message lacks '%s'/'%s': %s", name, needle, needle2 ? needle2 : "", err_get());
-        CHECK(w.file == NULL && w.layers == NULL && w.owned == NULL, "%s: weights left empty",
-              name);
+        CHECK(w.file == NULL && w.layers == NULL, "%s: weights left empty", name);
         if (rc == 0) model_weights_free(&w);
         model_config_free(&c);
     }
@@ -1224,7 +1249,7 @@ int main(void)
     test_config_modules_and_sentence_files();
     test_config_prompts();
     test_weights_tiny_f32_model_with_prefixes();
-    test_weights_misaligned_f32_is_copied();
+    test_weights_misaligned_f32_reads_exactly();
     test_weights_f16_and_bf16_are_converted();
     test_weights_errors_name_the_tensor();
 

@@ -1,10 +1,11 @@
-/* The public API (include/embedrag.h): opens a model directory, resolves prompts, tokenizes,
- * sorts texts by length and cuts them into token-budget batches for the backend, then truncates
- * (Matryoshka) and normalizes the pooled vectors and puts them back in the caller's order. */
+/* The public API (include/embedrag.h): opens a model directory into an immutable model (config,
+ * weight views, tokenizer) and the execution state around it (one backend per device, each with
+ * a latency and a bulk lane); resolves prompts, tokenizes on the caller's thread, sorts texts by
+ * length and routes each call to the lane where it should finish first. */
 #include "engine/engine.h"
 
 #include "backend/backend.h"
-#include "backend/cpu/kernels.h"
+#include "engine/lane.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -15,12 +16,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct embedrag_model {
+/* Backends one model may open: the CPU and, later, one per GPU. */
+#define ENGINE_MAX_BACKENDS 9
+
+enum { LANE_LATENCY, LANE_BULK, LANE_KINDS };
+
+/* What never changes after open, shared by every backend and thread. */
+typedef struct engine_model {
     model_config config;
     model_weights weights;
     tok_tokenizer *tokenizer;
-    backend *cpu;
-    pthread_mutex_t lock; /* serializes forward passes: the backend's buffers are shared */
+} engine_model;
+
+typedef struct engine_backend {
+    backend *backend;
+    lane *lanes[LANE_KINDS];
+} engine_backend;
+
+struct embedrag_model {
+    engine_model model;
+    engine_backend backends[ENGINE_MAX_BACKENDS];
+    int backend_count;
+    char *gpu_unavailable; /* why there is no GPU backend, or NULL */
+
+    /* The latest failure of a call on this model (embedrag_model_last_error). */
+    pthread_mutex_t error_lock;
+    int error_status;
+    char error_message[BACKEND_MESSAGE_SIZE];
 };
 
 const char *embedrag_version(void)
@@ -31,9 +53,47 @@ const char *embedrag_version(void)
         EMBEDRAG_VERSION_MINOR) "." EMBEDRAG_STRINGIFY(EMBEDRAG_VERSION_PATCH);
 }
 
+const char *embedrag_status_text(int status)
+{
+    switch (status) {
+    case EMBEDRAG_OK:
+        return "ok";
+    case EMBEDRAG_ERR_INVALID_ARGUMENT:
+        return "invalid argument";
+    case EMBEDRAG_ERR_IO:
+        return "input/output error";
+    case EMBEDRAG_ERR_FORMAT:
+        return "malformed file";
+    case EMBEDRAG_ERR_UNSUPPORTED:
+        return "not supported";
+    case EMBEDRAG_ERR_NO_MEMORY:
+        return "out of memory";
+    case EMBEDRAG_ERR_INVALID_UTF8:
+        return "invalid UTF-8";
+    case EMBEDRAG_ERR_TOO_LONG:
+        return "text too long";
+    case EMBEDRAG_ERR_BUSY:
+        return "busy";
+    case EMBEDRAG_ERR_NOT_FOUND:
+        return "not found";
+    case EMBEDRAG_ERR_DEVICE:
+        return "device failure";
+    case EMBEDRAG_ERR_DATABASE:
+        return "database error";
+    case EMBEDRAG_ERR_MODEL_MISMATCH:
+        return "model mismatch";
+    }
+    return "unknown status";
+}
+
 const char *embedrag_last_error(void)
 {
     return err_get();
+}
+
+long embedrag_last_error_index(void)
+{
+    return err_text();
 }
 
 long embedrag_last_error_text(void)
@@ -41,9 +101,32 @@ long embedrag_last_error_text(void)
     return err_text();
 }
 
+/* Records a failed call's error on the model too, and returns rc. */
+static int model_failed(const embedrag_model *m, int rc)
+{
+    embedrag_model *mutable_model = (embedrag_model *)m; /* the error record is not the model */
+    pthread_mutex_lock(&mutable_model->error_lock);
+    mutable_model->error_status = rc;
+    snprintf(mutable_model->error_message, sizeof mutable_model->error_message, "%s", err_get());
+    pthread_mutex_unlock(&mutable_model->error_lock);
+    return rc;
+}
+
+int embedrag_model_last_error(const embedrag_model *m, char *buffer, size_t size)
+{
+    if (!m) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_last_error: NULL model");
+    embedrag_model *mutable_model = (embedrag_model *)m;
+    pthread_mutex_lock(&mutable_model->error_lock);
+    int status = m->error_status;
+    if (buffer && size) snprintf(buffer, size, "%s", m->error_message);
+    pthread_mutex_unlock(&mutable_model->error_lock);
+    return status;
+}
+
 embedrag_model_params embedrag_model_default_params(void)
 {
-    embedrag_model_params p = {.threads = 0, .precision = EMBEDRAG_PRECISION_FP32};
+    embedrag_model_params p = {
+        .threads = 0, .precision = EMBEDRAG_PRECISION_FP32, .device = EMBEDRAG_DEVICE_AUTO};
     return p;
 }
 
@@ -54,8 +137,78 @@ embedrag_embed_params embedrag_embed_default_params(void)
                                .normalize = true,
                                .dimensions = 0,
                                .truncate = true,
-                               .batch_tokens = 0};
+                               .batch_tokens = 0,
+                               .device = EMBEDRAG_DEVICE_AUTO,
+                               .lane = EMBEDRAG_LANE_AUTO,
+                               .statuses = NULL};
     return p;
+}
+
+/* ---- opening ---- */
+
+static void close_backends(embedrag_model *m)
+{
+    for (int i = 0; i < m->backend_count; i++) {
+        for (int k = 0; k < LANE_KINDS; k++) lane_destroy(m->backends[i].lanes[k]);
+        backend_destroy(m->backends[i].backend);
+    }
+    m->backend_count = 0;
+}
+
+/* Creates a backend and its two lanes, appended to m->backends. */
+static int add_backend(embedrag_model *m, const backend_params *params)
+{
+    const model_config *c = &m->model.config;
+    engine_backend *e = &m->backends[m->backend_count];
+    int rc = backend_create(params, c, &m->model.weights, &e->backend);
+    if (rc) return rc;
+    int max_len = c->max_position_embeddings;
+    rc = lane_create(e->backend, BACKEND_PRIORITY_LATENCY, ENGINE_LATENCY_TOKENS, max_len,
+                     c->hidden_size, &e->lanes[LANE_LATENCY]);
+    if (!rc)
+        rc = lane_create(e->backend, BACKEND_PRIORITY_BULK, e->backend->caps.preferred_batch_tokens,
+                         max_len, c->hidden_size, &e->lanes[LANE_BULK]);
+    if (rc) {
+        for (int k = 0; k < LANE_KINDS; k++) lane_destroy(e->lanes[k]);
+        backend_destroy(e->backend);
+        memset(e, 0, sizeof *e);
+        return rc;
+    }
+    m->backend_count++;
+    return 0;
+}
+
+/* Opens the backends params->device asks for: always the CPU (the reference, and the fallback),
+ * and a GPU unless only the CPU is wanted; a GPU that cannot open is an error only when asked
+ * for explicitly. Then drops the host copies of what every backend has copied. */
+static int open_backends(embedrag_model *m, const embedrag_model_params *params)
+{
+    backend_params cpu = {
+        .kind = BACKEND_CPU, .threads = params->threads, .precision = params->precision};
+    int rc = add_backend(m, &cpu);
+    if (rc) return rc;
+    if (params->device == EMBEDRAG_DEVICE_CPU) {
+        m->gpu_unavailable = strdup("not asked for (the CPU was)");
+    } else {
+        backend_params gpu = {.kind = BACKEND_CUDA, .device = 0, .precision = params->precision};
+        rc = add_backend(m, &gpu);
+        if (rc && params->device == EMBEDRAG_DEVICE_GPU) return rc;
+        if (rc) m->gpu_unavailable = strdup(err_get());
+        err_clear();
+    }
+    if (!m->gpu_unavailable && m->backend_count == 1)
+        m->gpu_unavailable = strdup("no GPU backend opened");
+    bool embeddings_in_place = false;
+    for (int i = 0; i < m->backend_count; i++)
+        embeddings_in_place |= m->backends[i].backend->caps.reads_embeddings_in_place;
+    const model_weights *w = &m->model.weights;
+    model_weights_release_layers(w);
+    if (!embeddings_in_place) {
+        model_tensor_release(w, &w->word_emb);
+        model_tensor_release(w, &w->position_emb);
+        model_tensor_release(w, &w->type_emb);
+    }
+    return 0;
 }
 
 int embedrag_model_open(const char *dir, const embedrag_model_params *params, embedrag_model **out)
@@ -66,36 +219,45 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     embedrag_model_params defaults = embedrag_model_default_params();
     if (!params) params = &defaults;
     if (params->precision != EMBEDRAG_PRECISION_FP32 &&
-        params->precision != EMBEDRAG_PRECISION_BF16)
+        params->precision != EMBEDRAG_PRECISION_BF16 &&
+        params->precision != EMBEDRAG_PRECISION_FP16)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: unknown precision %d",
                        (int)params->precision);
+    if (params->device != EMBEDRAG_DEVICE_AUTO && params->device != EMBEDRAG_DEVICE_CPU &&
+        params->device != EMBEDRAG_DEVICE_GPU)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: unknown device %d",
+                       (int)params->device);
     err_clear();
     embedrag_model *m = calloc(1, sizeof *m);
     if (!m) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", dir);
-    int rc = model_config_load(dir, &m->config);
+    pthread_mutex_init(&m->error_lock, NULL);
+    engine_model *model = &m->model;
+    int rc = model_config_load(dir, &model->config);
     if (rc) goto free_model;
-    rc = tok_open(dir, &m->tokenizer);
+    rc = tok_open(dir, &model->tokenizer);
     if (rc) goto free_config;
-    if (tok_vocab_size(m->tokenizer) > m->config.vocab_size) {
+    if (tok_vocab_size(model->tokenizer) > model->config.vocab_size) {
         rc = err_set(EMBEDRAG_ERR_FORMAT,
                      "%s: the tokenizer has %d entries but config.json says vocab_size %d", dir,
-                     tok_vocab_size(m->tokenizer), m->config.vocab_size);
+                     tok_vocab_size(model->tokenizer), model->config.vocab_size);
         goto close_tokenizer;
     }
-    rc = model_weights_load(dir, &m->config, &m->weights);
+    rc = model_weights_load(dir, &model->config, &model->weights);
     if (rc) goto close_tokenizer;
-    rc = cpu_backend_create(&m->config, &m->weights, params->threads, params->precision, &m->cpu);
-    if (rc) goto free_weights;
-    pthread_mutex_init(&m->lock, NULL);
+    rc = open_backends(m, params);
+    if (rc) goto close_backends;
     *out = m;
     return 0;
-free_weights:
-    model_weights_free(&m->weights);
+close_backends:
+    close_backends(m);
+    free(m->gpu_unavailable);
+    model_weights_free(&model->weights);
 close_tokenizer:
-    tok_close(m->tokenizer);
+    tok_close(model->tokenizer);
 free_config:
-    model_config_free(&m->config);
+    model_config_free(&model->config);
 free_model:
+    pthread_mutex_destroy(&m->error_lock);
     free(m);
     return rc;
 }
@@ -103,19 +265,22 @@ free_model:
 void embedrag_model_close(embedrag_model *m)
 {
     if (!m) return;
-    m->cpu->destroy(m->cpu);
-    model_weights_free(&m->weights);
-    tok_close(m->tokenizer);
-    model_config_free(&m->config);
-    pthread_mutex_destroy(&m->lock);
+    close_backends(m);
+    free(m->gpu_unavailable);
+    model_weights_free(&m->model.weights);
+    tok_close(m->model.tokenizer);
+    model_config_free(&m->model.config);
+    pthread_mutex_destroy(&m->error_lock);
     free(m);
 }
+
+/* ---- facts ---- */
 
 int embedrag_model_get_info(const embedrag_model *m, embedrag_model_info *info)
 {
     if (!m || !info)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_get_info: NULL argument");
-    const model_config *c = &m->config;
+    const model_config *c = &m->model.config;
     info->name = c->name;
     info->dimension = c->hidden_size;
     info->max_tokens = c->max_seq_length;
@@ -125,66 +290,80 @@ int embedrag_model_get_info(const embedrag_model *m, embedrag_model_info *info)
     info->vocab_size = c->vocab_size;
     info->pooling = (embedrag_pooling)c->pooling;
     info->normalize = c->normalize;
-    info->lowercase = tok_get_options(m->tokenizer)->lowercase;
+    info->lowercase = tok_get_options(m->model.tokenizer)->lowercase;
     info->prompt_count = c->prompt_count;
     info->default_prompt_name = c->default_prompt_name;
     info->intermediate = c->intermediate_size;
-    info->precision = m->cpu->precision;
+    info->precision = m->backends[0].backend->caps.precision;
+    info->backend_count = m->backend_count;
     return 0;
+}
+
+int embedrag_model_get_backend(const embedrag_model *m, int i, embedrag_backend_info *info)
+{
+    if (!m || !info || i < 0 || i >= m->backend_count)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_get_backend: no backend %d",
+                       i);
+    const backend_caps *caps = &m->backends[i].backend->caps;
+    info->name = caps->name;
+    info->device = caps->device;
+    info->kernels = caps->kernels;
+    info->kind = strcmp(caps->name, "cpu") == 0 ? EMBEDRAG_DEVICE_CPU : EMBEDRAG_DEVICE_GPU;
+    info->precision = caps->precision;
+    info->batch_tokens = caps->preferred_batch_tokens;
+    info->max_batch_tokens = caps->max_batch_tokens;
+    return 0;
+}
+
+const char *embedrag_model_gpu_unavailable(const embedrag_model *m)
+{
+    return m ? m->gpu_unavailable : NULL;
 }
 
 int embedrag_model_get_prompt(const embedrag_model *m, int i, const char **name, const char **text)
 {
-    if (!m || i < 0 || i >= m->config.prompt_count)
+    if (!m || i < 0 || i >= m->model.config.prompt_count)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_get_prompt: no prompt %d", i);
-    if (name) *name = m->config.prompts[i].name;
-    if (text) *text = m->config.prompts[i].text;
+    if (name) *name = m->model.config.prompts[i].name;
+    if (text) *text = m->model.config.prompts[i].text;
     return 0;
 }
 
 const char *embedrag_token_text(const embedrag_model *m, int32_t id)
 {
-    return m ? tok_token_text(m->tokenizer, id) : NULL;
+    return m ? tok_token_text(m->model.tokenizer, id) : NULL;
 }
 
-const char *engine_backend_name(const embedrag_model *m)
-{
-    return m->cpu->name;
-}
-
-const char *engine_cpu_isa(void)
-{
-    return cpu_kernels_isa();
-}
+/* ---- parameters and prompts ---- */
 
 /* The prompt text the params ask for: a literal prompt, a named one, the model's default, or
  * none (""). */
 static int resolve_prompt(const embedrag_model *m, const embedrag_embed_params *p,
                           const char **prompt)
 {
+    const model_config *c = &m->model.config;
     *prompt = "";
     if (p->prompt) {
         *prompt = p->prompt;
         return 0;
     }
-    const char *name = p->prompt_name ? p->prompt_name : m->config.default_prompt_name;
+    const char *name = p->prompt_name ? p->prompt_name : c->default_prompt_name;
     if (!name) return 0;
-    for (int i = 0; i < m->config.prompt_count; i++)
-        if (strcmp(m->config.prompts[i].name, name) == 0) {
-            *prompt = m->config.prompts[i].text;
+    for (int i = 0; i < c->prompt_count; i++)
+        if (strcmp(c->prompts[i].name, name) == 0) {
+            *prompt = c->prompts[i].text;
             return 0;
         }
     char known[256] = "";
-    for (int i = 0; i < m->config.prompt_count; i++) {
+    for (int i = 0; i < c->prompt_count; i++) {
         size_t used = strlen(known);
-        snprintf(known + used, sizeof known - used, "%s'%s'", i ? ", " : "",
-                 m->config.prompts[i].name);
+        snprintf(known + used, sizeof known - used, "%s'%s'", i ? ", " : "", c->prompts[i].name);
     }
     return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "unknown prompt '%s' (this model has: %s)", name,
-                   m->config.prompt_count ? known : "no prompts");
+                   c->prompt_count ? known : "no prompts");
 }
 
-static int check_params(const embedrag_model *m, const embedrag_embed_params *p)
+static int check_params(const embedrag_embed_params *p)
 {
     if (p->dimensions < 0)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "dimensions must be >= 0 (got %d)",
@@ -192,7 +371,19 @@ static int check_params(const embedrag_model *m, const embedrag_embed_params *p)
     if (p->batch_tokens < 0)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "batch_tokens must be >= 0 (got %d)",
                        p->batch_tokens);
+    if (p->device != EMBEDRAG_DEVICE_AUTO && p->device != EMBEDRAG_DEVICE_CPU &&
+        p->device != EMBEDRAG_DEVICE_GPU)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "unknown device %d", (int)p->device);
+    if (p->lane != EMBEDRAG_LANE_AUTO && p->lane != EMBEDRAG_LANE_LATENCY &&
+        p->lane != EMBEDRAG_LANE_BULK)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "unknown lane %d", (int)p->lane);
     return 0;
+}
+
+static int output_dimension(const embedrag_model *m, const embedrag_embed_params *p)
+{
+    int h = m->model.config.hidden_size;
+    return p->dimensions > 0 && p->dimensions < h ? p->dimensions : h;
 }
 
 int embedrag_embed_dimension(const embedrag_model *m, const embedrag_embed_params *params)
@@ -201,10 +392,9 @@ int embedrag_embed_dimension(const embedrag_model *m, const embedrag_embed_param
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_embed_dimension: model is NULL");
     embedrag_embed_params defaults = embedrag_embed_default_params();
     if (!params) params = &defaults;
-    int rc = check_params(m, params);
-    if (rc) return rc;
-    int h = m->config.hidden_size;
-    return params->dimensions > 0 && params->dimensions < h ? params->dimensions : h;
+    int rc = check_params(params);
+    if (rc) return model_failed(m, rc);
+    return output_dimension(m, params);
 }
 
 int embedrag_tokenize(const embedrag_model *m, const char *text, size_t length,
@@ -217,21 +407,23 @@ int embedrag_tokenize(const embedrag_model *m, const char *text, size_t length,
     if (!params) params = &defaults;
     const char *prompt;
     int rc = resolve_prompt(m, params, &prompt);
-    if (rc) return rc;
-    int max_tokens = m->config.max_seq_length;
+    if (rc) return model_failed(m, rc);
+    int max_tokens = m->model.config.max_seq_length;
     int32_t *buffer = malloc((size_t)max_tokens * sizeof *buffer);
-    if (!buffer) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory tokenizing");
+    if (!buffer)
+        return model_failed(m, err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory tokenizing"));
     int untruncated = 0;
-    int n = tok_encode(m->tokenizer, prompt, text ? text : "", length, buffer, max_tokens,
+    int n = tok_encode(m->model.tokenizer, prompt, text ? text : "", length, buffer, max_tokens,
                        &untruncated);
     if (n < 0) {
         free(buffer);
-        return n;
+        return model_failed(m, n);
     }
     if (!params->truncate && untruncated > max_tokens) {
         free(buffer);
-        return err_set(EMBEDRAG_ERR_TOO_LONG, "the text has %d tokens; the model takes at most %d",
-                       untruncated, max_tokens);
+        return model_failed(m, err_set(EMBEDRAG_ERR_TOO_LONG,
+                                       "the text has %d tokens; the model takes at most %d",
+                                       untruncated, max_tokens));
     }
     memcpy(ids, buffer, (size_t)(n < (int)capacity ? n : (int)capacity) * sizeof *ids);
     *count = (size_t)n;
@@ -239,19 +431,39 @@ int embedrag_tokenize(const embedrag_model *m, const char *text, size_t length,
     return 0;
 }
 
-/* Writes the final vector: the first `dim` components, L2-normalized if asked. */
-static void finish_vector(const float *pooled, int dim, bool normalize, float *out)
+/* ---- routing ---- */
+
+static bool backend_matches(const engine_backend *e, embedrag_device device)
 {
-    if (!normalize) {
-        memcpy(out, pooled, (size_t)dim * sizeof(float));
-        return;
+    bool cpu = strcmp(e->backend->caps.name, "cpu") == 0;
+    return device == EMBEDRAG_DEVICE_AUTO || (device == EMBEDRAG_DEVICE_CPU) == cpu;
+}
+
+/* The lane where a call of this shape should finish first, among the backends the call may use
+ * (queued work counted). */
+static int route(embedrag_model *m, const embedrag_embed_params *p, int tokens, int sequences,
+                 int max_len, lane **out)
+{
+    int kind = p->lane == EMBEDRAG_LANE_LATENCY  ? LANE_LATENCY
+               : p->lane == EMBEDRAG_LANE_BULK   ? LANE_BULK
+               : tokens <= ENGINE_LATENCY_TOKENS ? LANE_LATENCY
+                                                 : LANE_BULK;
+    lane *best = NULL;
+    double best_seconds = 0.0;
+    for (int i = 0; i < m->backend_count; i++) {
+        if (!backend_matches(&m->backends[i], p->device)) continue;
+        lane *l = m->backends[i].lanes[kind];
+        double seconds = lane_cost_seconds(l, tokens, sequences, max_len);
+        if (!best || seconds < best_seconds) {
+            best = l;
+            best_seconds = seconds;
+        }
     }
-    double sum = 0.0;
-    for (int i = 0; i < dim; i++) sum += (double)pooled[i] * (double)pooled[i];
-    /* As torch.nn.functional.normalize: divide by max(norm, 1e-12). */
-    double norm = sqrt(sum);
-    float inv = (float)(1.0 / (norm > 1e-12 ? norm : 1e-12));
-    for (int i = 0; i < dim; i++) out[i] = pooled[i] * inv;
+    *out = best;
+    if (!best)
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED, "no GPU backend to run on: %s",
+                       m->gpu_unavailable ? m->gpu_unavailable : "none opened");
+    return 0;
 }
 
 typedef struct seq_ref {
@@ -266,71 +478,80 @@ static int by_length_descending(const void *a, const void *b)
     return x->index - y->index;
 }
 
-/* Runs the sequences through the backend in token-budget batches, longest first (equal lengths
- * together keep attention tasks even), and writes each finished vector to out[index]. */
-static int run_batches(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
-                       const int *pool_skip, const embedrag_embed_params *p, float *out)
+/* Runs `count` of the window's sequences (those with run[i]) longest first (equal lengths
+ * together keep attention tasks even) on the lane the router picks. */
+static int run_sequences(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
+                         const bool *run, const int *pool_skip, const embedrag_embed_params *p,
+                         float *out)
 {
-    int h = m->config.hidden_size;
-    int dim = embedrag_embed_dimension(m, p);
-    int budget = p->batch_tokens > 0 ? p->batch_tokens : ENGINE_DEFAULT_BATCH_TOKENS;
-    if (budget < m->config.max_seq_length) budget = m->config.max_seq_length;
+    seq_ref *refs = malloc((size_t)(count > 0 ? count : 1) * sizeof *refs);
+    int *order = malloc((size_t)(count > 0 ? count : 1) * sizeof *order);
     int rc = 0;
-    seq_ref *order = malloc((size_t)(count > 0 ? count : 1) * sizeof *order);
-    int32_t *batch_ids = malloc((size_t)budget * sizeof *batch_ids);
-    int *batch_offsets = malloc((size_t)(count + 1) * sizeof *batch_offsets);
-    int *batch_skip = malloc((size_t)(count > 0 ? count : 1) * sizeof *batch_skip);
-    float *pooled = malloc((size_t)(count > 0 ? count : 1) * (size_t)h * sizeof *pooled);
-    if (!order || !batch_ids || !batch_offsets || !batch_skip || !pooled) {
+    if (!refs || !order) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory batching %d texts", count);
         goto free_buffers;
     }
+    int n = 0, tokens = 0, max_len = 0;
     for (int i = 0; i < count; i++) {
-        order[i].index = i;
-        order[i].len = offsets[i + 1] - offsets[i];
+        if (run && !run[i]) continue;
+        int len = offsets[i + 1] - offsets[i];
+        refs[n++] = (seq_ref){.index = i, .len = len};
+        tokens += len;
+        max_len = len > max_len ? len : max_len;
     }
-    qsort(order, (size_t)count, sizeof *order, by_length_descending);
-    for (int first = 0; first < count;) {
-        int n = 0, tokens = 0;
-        batch_offsets[0] = 0;
-        while (first + n < count && tokens + order[first + n].len <= budget) {
-            const seq_ref *s = &order[first + n];
-            memcpy(batch_ids + tokens, ids + offsets[s->index], (size_t)s->len * sizeof *ids);
-            tokens += s->len;
-            batch_skip[n] = pool_skip ? pool_skip[s->index] : 0;
-            batch_offsets[++n] = tokens;
-        }
-        backend_batch batch = {.ids = batch_ids,
-                               .offsets = batch_offsets,
-                               .count = n,
-                               .pool_skip = pool_skip ? batch_skip : NULL};
-        rc = m->cpu->encode(m->cpu, &batch, pooled);
-        if (rc) goto free_buffers;
-        for (int i = 0; i < n; i++)
-            finish_vector(pooled + (size_t)i * (size_t)h, dim, p->normalize,
-                          out + (size_t)order[first + i].index * (size_t)dim);
-        first += n;
-    }
+    qsort(refs, (size_t)n, sizeof *refs, by_length_descending);
+    for (int i = 0; i < n; i++) order[i] = refs[i].index;
+    lane *l;
+    rc = route(m, p, tokens, n, max_len, &l);
+    if (rc) goto free_buffers;
+    engine_request request = {.ids = ids,
+                              .offsets = offsets,
+                              .pool_skip = pool_skip,
+                              .order = order,
+                              .count = n,
+                              .batch_tokens = p->batch_tokens,
+                              .out = out,
+                              .dim = output_dimension(m, p),
+                              .normalize = p->normalize};
+    rc = lane_run(l, &request);
 free_buffers:
+    free(refs);
     free(order);
-    free(batch_ids);
-    free(batch_offsets);
-    free(batch_skip);
-    free(pooled);
     return rc;
 }
 
 int engine_embed_tokens(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
                         const int *pool_skip, const embedrag_embed_params *params, float *out)
 {
+    if (!m || count < 0 || (count && (!ids || !offsets || !out)))
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "engine_embed_tokens: NULL argument");
     embedrag_embed_params defaults = embedrag_embed_default_params();
     if (!params) params = &defaults;
-    int rc = check_params(m, params);
-    if (rc) return rc;
-    pthread_mutex_lock(&m->lock);
-    rc = run_batches(m, ids, offsets, count, pool_skip, params, out);
-    pthread_mutex_unlock(&m->lock);
-    return rc;
+    int rc = check_params(params);
+    if (rc) return model_failed(m, rc);
+    const model_config *c = &m->model.config;
+    for (int s = 0; s < count; s++) {
+        int len = offsets[s + 1] - offsets[s];
+        if (len < 1 || len > c->max_position_embeddings)
+            return model_failed(m, err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                                           "sequence %d has %d tokens (the model takes 1 to %d)", s,
+                                           len, c->max_position_embeddings));
+        for (int t = offsets[s]; t < offsets[s + 1]; t++)
+            if (ids[t] < 0 || ids[t] >= c->vocab_size)
+                return model_failed(m, err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                                               "token id %d out of range (vocabulary of %d)",
+                                               ids[t], c->vocab_size));
+    }
+    rc = run_sequences(m, ids, offsets, count, NULL, pool_skip, params, out);
+    return rc ? model_failed(m, rc) : 0;
+}
+
+/* ---- embedding texts ---- */
+
+/* Fills a skipped text's row with NaN, so that it cannot pass for a vector. */
+static void fill_nan(float *row, int dim)
+{
+    for (int i = 0; i < dim; i++) row[i] = NAN;
 }
 
 int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *lengths, size_t n,
@@ -340,21 +561,28 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_embed: NULL argument");
     embedrag_embed_params defaults = embedrag_embed_default_params();
     if (!params) params = &defaults;
-    int rc = check_params(m, params);
-    if (rc) return rc;
+    int rc = check_params(params);
+    if (rc) return model_failed(m, rc);
     const char *prompt;
     rc = resolve_prompt(m, params, &prompt);
-    if (rc) return rc;
-    int dim = embedrag_embed_dimension(m, params);
-    int max_tokens = m->config.max_seq_length;
+    if (rc) return model_failed(m, rc);
+    const model_config *c = &m->model.config;
+    int dim = output_dimension(m, params);
+    int max_tokens = c->max_seq_length;
     int skip = 0;
-    if (!m->config.pooling_include_prompt && prompt[0]) skip = 1 + tok_count(m->tokenizer, prompt);
+    if (!c->pooling_include_prompt && prompt[0]) skip = 1 + tok_count(m->model.tokenizer, prompt);
 
+    /* With statuses: the first bad text's error, raised again at the end. */
+    int first_status = 0;
+    size_t first_index = 0;
+    char *first_message = NULL;
     size_t window = n < ENGINE_WINDOW_TEXTS ? n : ENGINE_WINDOW_TEXTS;
-    int32_t *ids = malloc((window ? window : 1) * (size_t)max_tokens * sizeof *ids);
-    int *offsets = malloc((window + 1) * sizeof *offsets);
-    int *skips = malloc((window ? window : 1) * sizeof *skips);
-    if (!ids || !offsets || !skips) {
+    size_t slots = window ? window : 1;
+    int32_t *ids = malloc(slots * (size_t)max_tokens * sizeof *ids);
+    int *offsets = malloc((slots + 1) * sizeof *offsets);
+    int *skips = malloc(slots * sizeof *skips);
+    bool *run = malloc(slots * sizeof *run);
+    if (!ids || !offsets || !skips || !run) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory embedding %zu texts", n);
         goto free_buffers;
     }
@@ -362,41 +590,56 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
         size_t count = n - base < window ? n - base : window;
         offsets[0] = 0;
         for (size_t i = 0; i < count; i++) {
-            const char *text = texts[base + i];
+            size_t at = base + i;
+            const char *text = texts[at];
+            int status = 0, got = 0;
             if (!text) {
-                rc = err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "text %zu is NULL", base + i);
-                err_set_text(base + i);
+                status = err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "text %zu is NULL", at);
+            } else {
+                size_t len = lengths ? lengths[at] : strlen(text);
+                int untruncated = 0;
+                got = tok_encode(m->model.tokenizer, prompt, text, len, ids + offsets[i],
+                                 max_tokens, &untruncated);
+                if (got < 0)
+                    status = err_prefix(got, "text %zu: ", at);
+                else if (!params->truncate && untruncated > max_tokens)
+                    status = err_set(EMBEDRAG_ERR_TOO_LONG,
+                                     "text %zu has %d tokens; the model takes at most %d "
+                                     "(truncation is off)",
+                                     at, untruncated, max_tokens);
+            }
+            if (status && !params->statuses) {
+                err_set_text(at);
+                rc = status;
                 goto free_buffers;
             }
-            size_t len = lengths ? lengths[base + i] : strlen(text);
-            int untruncated = 0;
-            int got = tok_encode(m->tokenizer, prompt, text, len, ids + offsets[i], max_tokens,
-                                 &untruncated);
-            if (got < 0) {
-                rc = err_prefix(got, "text %zu: ", base + i);
-                err_set_text(base + i);
-                goto free_buffers;
+            if (params->statuses) params->statuses[at] = status;
+            if (status && !first_status) {
+                first_status = status;
+                first_index = at;
+                first_message = strdup(err_get());
             }
-            if (!params->truncate && untruncated > max_tokens) {
-                rc = err_set(EMBEDRAG_ERR_TOO_LONG,
-                             "text %zu has %d tokens; the model takes at most %d (truncation is "
-                             "off)",
-                             base + i, untruncated, max_tokens);
-                err_set_text(base + i);
-                goto free_buffers;
+            if (status) {
+                fill_nan(out + at * (size_t)dim, dim);
+                got = 0;
             }
+            run[i] = status == 0;
             offsets[i + 1] = offsets[i] + got;
             skips[i] = skip;
         }
-        pthread_mutex_lock(&m->lock);
-        rc = run_batches(m, ids, offsets, (int)count, skip ? skips : NULL, params,
-                         out + base * (size_t)dim);
-        pthread_mutex_unlock(&m->lock);
+        rc = run_sequences(m, ids, offsets, (int)count, run, skip ? skips : NULL, params,
+                           out + base * (size_t)dim);
         if (rc) goto free_buffers;
+    }
+    if (first_status) {
+        err_set(first_status, "%s", first_message ? first_message : "a text failed");
+        err_set_text(first_index);
     }
 free_buffers:
     free(ids);
     free(offsets);
     free(skips);
-    return rc;
+    free(run);
+    free(first_message);
+    return rc ? model_failed(m, rc) : 0;
 }

@@ -1,7 +1,7 @@
 /* Model files: config.json and sentence-transformers' configs parsed into model_config, and
  * model.safetensors memory-mapped with every tensor located and its shape validated against the
- * config. Tensors are exposed as float32: mapped in place when stored as aligned F32, converted
- * into owned buffers when stored as F16 or BF16. */
+ * config. Tensors are exposed as views of the file's own bytes (see model_tensor); converting them
+ * is each backend's business. */
 #ifndef EMBEDRAG_MODEL_H
 #define EMBEDRAG_MODEL_H
 
@@ -94,44 +94,74 @@ void model_config_free(model_config *config);
 struct cJSON;
 const char *model_json_text(const struct cJSON *item, char *buf, size_t size);
 
-/* ---- weights ---- */
+/* ---- weights: immutable views of the file's tensors ---- */
+
+/* One tensor as stored in model.safetensors: the file's own bytes (F32, F16 or BF16,
+ * little-endian, possibly misaligned), never converted. Any number of backends read the same
+ * views, each into its own layout (packed fp32 or half on the CPU, uploaded fp16 to a GPU). */
+typedef struct model_tensor {
+    const char *name; /* as written in the file; valid while the weights are open */
+    st_dtype dtype;   /* ST_F32, ST_F16 or ST_BF16 */
+    int64_t rows;     /* 1 for a vector */
+    int64_t cols;
+    const void *data; /* inside the read-only mapping */
+    size_t nbytes;
+} model_tensor;
+
+static inline size_t model_tensor_elements(const model_tensor *t)
+{
+    return (size_t)t->rows * (size_t)t->cols;
+}
+
+/* Widens elements [first, first + count) of `t` to float32 into out (exact for every format:
+ * subnormals, infinities and NaNs included). */
+void model_tensor_read_f32(const model_tensor *t, size_t first, size_t count, float *out);
+
+/* The tensor's data as floats when it is stored as F32 at a 4-byte aligned address, else NULL
+ * (then read it with model_tensor_read_f32). */
+const float *model_tensor_f32(const model_tensor *t);
 
 typedef struct model_layer_weights {
-    const float *query_w, *query_b, *key_w, *key_b, *value_w, *value_b; /* [H x H], [H] */
-    const float *attn_out_w, *attn_out_b;                               /* [H x H], [H] */
-    const float *attn_ln_w, *attn_ln_b;                                 /* [H] */
-    const float *inter_w, *inter_b; /* [I x H], [I] (PyTorch Linear: out x in) */
-    const float *out_w, *out_b;     /* [H x I], [H] */
-    const float *out_ln_w, *out_ln_b;
+    model_tensor query_w, query_b, key_w, key_b, value_w, value_b; /* [H x H], [H] */
+    model_tensor attn_out_w, attn_out_b;                           /* [H x H], [H] */
+    model_tensor attn_ln_w, attn_ln_b;                             /* [H] */
+    model_tensor inter_w, inter_b; /* [I x H], [I] (PyTorch Linear: out x in) */
+    model_tensor out_w, out_b;     /* [H x I], [H] */
+    model_tensor out_ln_w, out_ln_b;
 } model_layer_weights;
 
 typedef struct model_weights {
     st_file *file;
-    const float *word_emb;     /* [vocab x H] */
-    const float *position_emb; /* [max_position x H] */
-    const float *type_emb;     /* [type_vocab x H]; row 0 is used (token type ids are 0) */
-    const float *emb_ln_w, *emb_ln_b;
-    model_layer_weights *layers; /* num_layers entries */
-    bool layer_matrices_f16;     /* every encoder weight matrix is stored as F16 in the file */
-    void **owned;                /* buffers converted from F16/BF16 or realigned */
-    int owned_count;
+    model_tensor word_emb;     /* [vocab x H] */
+    model_tensor position_emb; /* [max_position x H] */
+    model_tensor type_emb;     /* [type_vocab x H]; row 0 is used (token type ids are 0) */
+    model_tensor emb_ln_w, emb_ln_b;
+    model_layer_weights *layers; /* layer_count entries (config's num_layers) */
+    int layer_count;
+    /* The dtype every encoder weight matrix shares, or ST_OTHER when they differ: a backend may
+     * keep half-precision matrices as they are. */
+    st_dtype matrix_dtype;
 } model_weights;
 
 /* Maps dir/model.safetensors and finds every tensor of a BertModel, with or without a "bert."
  * (or other single) prefix, accepting LayerNorm "weight/bias" or "gamma/beta" names. Every shape
  * is checked against `config`; a missing or mis-shaped tensor is an EMBEDRAG_ERR_FORMAT error
- * naming the tensor, its shape and the expected one. */
+ * naming the tensor, its shape and the expected one. The views stay valid until
+ * model_weights_free. */
 int model_weights_load(const char *dir, const model_config *config, model_weights *out);
 
-/* Called by a backend once it has copied a tensor into its own layout: a converted (F16/BF16)
- * buffer is freed (the tensor's pointer must not be used again); for a mapped tensor the kernel
- * is told its pages are not needed (they are re-read from the file if touched again). */
-void model_weights_release(model_weights *weights, const void *data, size_t nbytes);
+/* Tells the kernel the mapped pages of `t` are not needed now: called by the engine once every
+ * backend holds its own copy. The view stays valid; touched again, its pages are re-read from
+ * the file. */
+void model_tensor_release(const model_weights *weights, const model_tensor *t);
 
-/* Maps a mapped tensor's pages in now (a no-op for converted buffers): for tables read a few rows
- * at a time on the latency path, such as the word embeddings, where each new token would
- * otherwise take a page fault in the middle of a query. */
-void model_weights_prefault(const model_weights *weights, const void *data, size_t nbytes);
+/* Releases every encoder layer's tensors (model_tensor_release). */
+void model_weights_release_layers(const model_weights *weights);
+
+/* Maps a tensor's pages in now: for tables read a few rows at a time on the latency path, such
+ * as the word embeddings, where each new token would otherwise take a page fault in the middle
+ * of a query. */
+void model_tensor_prefault(const model_weights *weights, const model_tensor *t);
 
 void model_weights_free(model_weights *weights);
 

@@ -1,6 +1,6 @@
 /* BERT weights: locates every tensor a BertModel needs in model.safetensors, checks each shape
- * against the config, and exposes float32 views: in place for aligned F32 data, converted copies
- * for F16, BF16 and misaligned F32. Backends read only these views, never the file. */
+ * against the config, and exposes immutable views of the file's bytes in their stored dtype.
+ * Backends read only these views, never the file, and convert what they read themselves. */
 #include "model/model.h"
 
 #include "util/error.h"
@@ -23,16 +23,15 @@
 
 #define WT_WORD_EMBEDDINGS "embeddings.word_embeddings.weight"
 
-/* Tensors per encoder layer, and outside the layers (the owned-buffer bound). */
+/* Tensors per encoder layer. */
 #define WT_TENSORS_PER_LAYER 16
-#define WT_EMBEDDING_TENSORS 5
 
 typedef struct wt_context {
     const st_file *file;
     const char *path;   /* model.safetensors path, for messages */
     const char *prefix; /* "" or e.g. "bert." */
     model_weights *weights;
-    int layer_matrices, layer_matrices_f16; /* 2-D encoder tensors seen, and how many were F16 */
+    int layer_matrices; /* 2-D encoder tensors seen so far */
 } wt_context;
 
 static void wt_format_shape(const int64_t *shape, int ndim, char *buf, size_t size)
@@ -78,44 +77,11 @@ static int wt_detect_prefix(const st_file *file, const char *path, char *prefix,
     return 0;
 }
 
-/* Makes a float32 view of `t`: the mapped bytes themselves when they already are aligned F32,
- * otherwise a converted buffer recorded in weights->owned. */
-static int wt_view(wt_context *ctx, const st_tensor *t, const float **out)
-{
-    if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
-        *out = t->data;
-        return 0;
-    }
-    size_t element_size = t->dtype == ST_F32 ? 4 : 2;
-    size_t count = t->nbytes / element_size;
-    float *buffer = malloc(count * sizeof *buffer + 1);
-    if (!buffer)
-        return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory converting tensor '%s'",
-                       ctx->path, t->name);
-    const unsigned char *src = t->data;
-    if (t->dtype == ST_F32) {
-        memcpy(buffer, src, t->nbytes); /* misaligned: copying realigns it */
-    } else {
-        float (*widen)(uint16_t) = t->dtype == ST_F16 ? st_f16_to_f32 : st_bf16_to_f32;
-        for (size_t i = 0; i < count; i++) {
-            uint16_t v;
-            memcpy(&v, src + 2 * i, sizeof v); /* the data may be misaligned */
-            buffer[i] = widen(v);
-        }
-    }
-    model_weights *w = ctx->weights;
-    w->owned[w->owned_count++] = buffer;
-    *out = buffer;
-    /* The mapped source pages are not needed again: drop them so a converted model does not keep
-     * both copies resident. */
-    model_weights_release(w, t->data, t->nbytes);
-    return 0;
-}
-
 /* Resolves prefix + `name` (or prefix + `alternative`, for LayerNorm's older gamma/beta names),
- * checks it has exactly the shape {d0} (d1 < 0) or {d0, d1}, and stores its float view. */
+ * checks it has exactly the shape {d0} (d1 < 0) or {d0, d1} and a float dtype, and stores its
+ * view. */
 static int wt_tensor(wt_context *ctx, const char *name, const char *alternative, int64_t d0,
-                     int64_t d1, const float **out)
+                     int64_t d1, model_tensor *out)
 {
     char full[WT_MAX_NAME];
     snprintf(full, sizeof full, "%s%s", ctx->prefix, name);
@@ -144,10 +110,19 @@ static int wt_tensor(wt_context *ctx, const char *name, const char *alternative,
                        "%s: tensor '%s' has dtype %s; embedrag reads F32, F16 and BF16", ctx->path,
                        t->name, t->dtype_name);
     if (expected_ndim == 2 && strncmp(name, "encoder.", 8) == 0) {
-        ctx->layer_matrices++;
-        ctx->layer_matrices_f16 += t->dtype == ST_F16;
+        model_weights *w = ctx->weights;
+        if (ctx->layer_matrices++ == 0)
+            w->matrix_dtype = t->dtype;
+        else if (w->matrix_dtype != t->dtype)
+            w->matrix_dtype = ST_OTHER;
     }
-    return wt_view(ctx, t, out);
+    *out = (model_tensor){.name = t->name,
+                          .dtype = t->dtype,
+                          .rows = d1 < 0 ? 1 : d0,
+                          .cols = d1 < 0 ? d0 : d1,
+                          .data = t->data,
+                          .nbytes = t->nbytes};
+    return 0;
 }
 
 static int wt_layer(wt_context *ctx, const model_config *c, int index, model_layer_weights *l)
@@ -156,7 +131,7 @@ static int wt_layer(wt_context *ctx, const model_config *c, int index, model_lay
     const struct {
         const char *name, *alternative;
         int64_t d0, d1;
-        const float **out;
+        model_tensor *out;
     } specs[WT_TENSORS_PER_LAYER] = {
         {"attention.self.query.weight", NULL, h, h, &l->query_w},
         {"attention.self.query.bias", NULL, h, -1, &l->query_b},
@@ -206,10 +181,9 @@ int model_weights_load(const char *dir, const model_config *config, model_weight
     if (rc) goto free_weights;
 
     const int layers = config->num_layers;
-    out->layers = calloc((size_t)layers + 1, sizeof *out->layers);
-    out->owned =
-        calloc((size_t)layers * WT_TENSORS_PER_LAYER + WT_EMBEDDING_TENSORS, sizeof *out->owned);
-    if (!out->layers || !out->owned) {
+    out->layers = calloc((size_t)layers, sizeof *out->layers);
+    out->layer_count = layers;
+    if (!out->layers) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
         goto free_weights;
     }
@@ -241,8 +215,6 @@ int model_weights_load(const char *dir, const model_config *config, model_weight
                      extra, layers);
         goto free_weights;
     }
-    out->layer_matrices_f16 =
-        ctx.layer_matrices > 0 && ctx.layer_matrices == ctx.layer_matrices_f16;
     free(path);
     return 0;
 
@@ -253,55 +225,82 @@ free_path:
     return rc;
 }
 
-void model_weights_release(model_weights *weights, const void *data, size_t nbytes)
+void model_tensor_read_f32(const model_tensor *t, size_t first, size_t count, float *out)
 {
-    if (!weights || !data) return;
-    /* A converted (F16/BF16) copy is ours: free it outright. */
-    for (int i = 0; i < weights->owned_count; i++)
-        if (weights->owned[i] == data) {
-            free(weights->owned[i]);
-            weights->owned[i] = NULL;
-            return;
-        }
-    if (!weights->file || !weights->file->map || !nbytes) return;
-    uintptr_t map_begin = (uintptr_t)weights->file->map;
-    uintptr_t map_end = map_begin + weights->file->map_size;
-    uintptr_t begin = (uintptr_t)data;
-    /* Converted buffers and foreign pointers are not ours to drop. */
-    if (begin < map_begin || begin > map_end || nbytes > map_end - begin) return;
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    /* Only whole pages: the partial pages at either end may hold a neighbour still in use
-     * (dropping them would be harmless for a read-only file mapping, but would cost a re-read). */
-    uintptr_t first = (begin + page - 1) / page * page;
-    uintptr_t last = (begin + nbytes) / page * page;
-    if (first < last) madvise((void *)first, last - first, MADV_DONTNEED);
+    const unsigned char *src = t->data;
+    if (t->dtype == ST_F32) {
+        memcpy(out, src + first * sizeof(float), count * sizeof(float)); /* may be misaligned */
+        return;
+    }
+    float (*widen)(uint16_t) = t->dtype == ST_F16 ? st_f16_to_f32 : st_bf16_to_f32;
+    for (size_t i = 0; i < count; i++) {
+        uint16_t v;
+        memcpy(&v, src + 2 * (first + i), sizeof v); /* the data may be misaligned */
+        out[i] = widen(v);
+    }
 }
 
-void model_weights_prefault(const model_weights *weights, const void *data, size_t nbytes)
+const float *model_tensor_f32(const model_tensor *t)
 {
-    if (!weights || !data || !nbytes || !weights->file || !weights->file->map) return;
+    return t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0 ? t->data : NULL;
+}
+
+/* The page-aligned part of [data, data + nbytes) inside the mapping: whole pages only when
+ * `inner` (the partial pages at either end may hold a neighbour still in use), else every page
+ * touched. Returns false when the range is not in the mapping. */
+static bool wt_pages(const model_weights *weights, const void *data, size_t nbytes, bool inner,
+                     uintptr_t *first, uintptr_t *last)
+{
+    if (!weights || !data || !nbytes || !weights->file || !weights->file->map) return false;
     uintptr_t map_begin = (uintptr_t)weights->file->map;
     uintptr_t map_end = map_begin + weights->file->map_size;
     uintptr_t begin = (uintptr_t)data;
-    if (begin < map_begin || begin > map_end || nbytes > map_end - begin) return;
+    if (begin < map_begin || begin > map_end || nbytes > map_end - begin) return false;
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t first = begin / page * page;
+    *first = inner ? (begin + page - 1) / page * page : begin / page * page;
+    *last = inner ? (begin + nbytes) / page * page : (begin + nbytes + page - 1) / page * page;
+    return *first < *last;
+}
+
+void model_tensor_release(const model_weights *weights, const model_tensor *t)
+{
+    uintptr_t first, last;
+    /* Dropping a neighbour's page would be harmless for a read-only file mapping, but would cost
+     * a re-read: only whole pages go. */
+    if (wt_pages(weights, t->data, t->nbytes, true, &first, &last))
+        madvise((void *)first, last - first, MADV_DONTNEED);
+}
+
+void model_weights_release_layers(const model_weights *weights)
+{
+    if (!weights || !weights->layers) return;
+    /* The layer structs hold nothing but tensors. */
+    size_t per_layer = sizeof(model_layer_weights) / sizeof(model_tensor);
+    for (int l = 0; l < weights->layer_count; l++) {
+        const model_tensor *t = (const model_tensor *)&weights->layers[l];
+        for (size_t i = 0; i < per_layer; i++) model_tensor_release(weights, &t[i]);
+    }
+}
+
+void model_tensor_prefault(const model_weights *weights, const model_tensor *t)
+{
+    uintptr_t first, last;
+    if (!wt_pages(weights, t->data, t->nbytes, false, &first, &last)) return;
 #ifdef MADV_POPULATE_READ
-    if (madvise((void *)first, begin + nbytes - first, MADV_POPULATE_READ) == 0) return;
+    if (madvise((void *)first, last - first, MADV_POPULATE_READ) == 0) return;
 #endif
     /* Older kernels: read a byte of every page. */
-    volatile const unsigned char *bytes = (const unsigned char *)data;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    volatile const unsigned char *bytes = (const unsigned char *)t->data;
     unsigned char sink = 0;
-    for (size_t offset = 0; offset < nbytes; offset += page) sink ^= bytes[offset];
-    sink ^= bytes[nbytes - 1];
+    for (size_t offset = 0; offset < t->nbytes; offset += page) sink ^= bytes[offset];
+    sink ^= bytes[t->nbytes - 1];
     (void)sink;
 }
 
 void model_weights_free(model_weights *weights)
 {
     if (!weights) return;
-    for (int i = 0; i < weights->owned_count; i++) free(weights->owned[i]);
-    free(weights->owned);
     free(weights->layers);
     st_close(weights->file);
     memset(weights, 0, sizeof *weights);

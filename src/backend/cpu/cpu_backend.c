@@ -1,6 +1,8 @@
-/* The reference backend: a BERT encoder forward pass in fp32 on the CPU over sequences packed
- * without padding (attention runs per sequence, so padding is never computed or attended), then
- * pooling. Parallel regions split work into tasks whose outputs do not depend on who runs them. */
+/* The reference backend: a BERT encoder forward pass in fp32 (or bfloat16 GEMMs where asked and
+ * possible) on the CPU over sequences packed without padding (attention runs per sequence, so
+ * padding is never computed or attended), then pooling. Parallel regions split work into tasks
+ * whose outputs do not depend on who runs them. Streams share the packed weights and the thread
+ * pool; a latency stream takes the pool from a bulk batch between two steps of its pass. */
 #include "backend/backend.h"
 
 #include "backend/cpu/kernels.h"
@@ -10,35 +12,131 @@
 #include "embedrag.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 /* Rows per task in row-wise parallel regions (embeddings, LayerNorm): small enough to share a
  * 16-token query between two threads, large enough to amortize a task claim. */
 #define ROWS_PER_TASK 8
 
+/* The bulk batch that keeps every thread busy: GEMM row blocks are 112 tokens, so 2048 tokens
+ * give each of a few threads many blocks, and activations stay near 30 MB for a 384-wide model
+ * (the intermediate activation is tokens x 1536 floats). 4096 ran 2-3% faster on 200 x 128
+ * tokens (within this machine's noise) and held 30 MB more. */
+#define CPU_PREFERRED_BATCH_TOKENS 2048
+/* The most tokens one batch may reserve: activations of ~(6 H + I) floats a token, 420 MB for a
+ * 384-wide model, a bound on what a caller's batch_tokens can make us allocate. */
+#define CPU_MAX_BATCH_TOKENS 65536
+
+/* Starting guesses of the sustained GEMM rate per thread, before any batch was measured (the
+ * FMA peaks of BENCHMARKS.md's machines are 117-238 GFLOP/s a core for AVX-512, of which bulk
+ * reaches 55-84%); bfloat16 on AMX ran about 3x fp32. The router only compares backends, and
+ * measured batches replace the guess. */
+#define CPU_GUESS_FLOPS_AVX512 1.0e11
+#define CPU_GUESS_FLOPS_AVX2 4.0e10
+#define CPU_GUESS_FLOPS_GENERIC 4.0e9
+#define CPU_GUESS_BF16_SPEEDUP 3.0
+/* Fixed cost of a batch, per layer: ~14 parallel regions of a few microseconds each. */
+#define CPU_OVERHEAD_SECONDS_PER_LAYER 2.0e-5
+/* Batches smaller than this are dominated by that overhead and do not update the rate. */
+#define CPU_RATE_MIN_TOKENS 256
+/* Weight of a new measurement in the running rate. */
+#define CPU_RATE_SMOOTHING 0.2
+
 typedef struct cpu_layer {
     cpu_packed qkv, attn_out, inter, out;
-    const float *attn_ln_w, *attn_ln_b, *out_ln_w, *out_ln_b;
+    float *attn_ln_w, *attn_ln_b, *out_ln_w, *out_ln_b; /* owned fp32 copies */
 } cpu_layer;
 
 typedef struct cpu_backend {
     backend base;
-    const model_config *config;
-    model_weights *weights;
+    const model_config *config; /* the engine's; outlives the backend */
     threadpool *threads;
     cpu_layer *layers;
-    /* Activations, sized for the largest batch seen so far. */
+    /* Embedding tables as fp32: the mapped views themselves when the file holds aligned F32,
+     * else owned widened copies (owned_tables). */
+    const float *word_emb, *position_emb, *type_emb;
+    float *owned_tables[3];
+    float *emb_ln_w, *emb_ln_b;
+    char device[160];
+
+    /* Who holds the thread pool: one stream at a time; latency streams go first. */
+    pthread_mutex_t exec_lock;
+    pthread_cond_t exec_free;
+    bool exec_busy;
+    int latency_waiting;
+    atomic_int latency_pending; /* latency_waiting, read without the lock at checkpoints */
+
+    /* Measured seconds per FLOP of completed batches (guarded by rate_lock). */
+    pthread_mutex_t rate_lock;
+    double seconds_per_flop;
+} cpu_backend;
+
+struct backend_stream {
+    cpu_backend *b;
+    bool latency;
+    /* Activations, sized by reserve. */
     int capacity_tokens;
     float *x, *qkv, *ctx, *tmp, *hidden;
-    /* Per-thread attention scratch, sized for the longest sequence seen so far. */
+    /* Per-thread attention scratch, sized for the longest sequence reserved. */
     int capacity_len;
     float *scores, *head;
     /* Per-thread GEMM scratch (row interleaving), sized for the widest inner dimension. */
     float *gemm_scratch;
     size_t gemm_scratch_floats;
-} cpu_backend;
+    /* Seconds this stream's batch has held the pool (pauses excluded). */
+    double held_seconds, held_since;
+};
+
+static double now_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* ---- who runs: one stream holds the pool, latency streams first ---- */
+
+static void exec_acquire(backend_stream *s)
+{
+    cpu_backend *b = s->b;
+    pthread_mutex_lock(&b->exec_lock);
+    if (s->latency) atomic_store(&b->latency_pending, ++b->latency_waiting);
+    while (b->exec_busy || (!s->latency && b->latency_waiting > 0))
+        pthread_cond_wait(&b->exec_free, &b->exec_lock);
+    if (s->latency) atomic_store(&b->latency_pending, --b->latency_waiting);
+    b->exec_busy = true;
+    pthread_mutex_unlock(&b->exec_lock);
+    s->held_since = now_seconds();
+}
+
+static void exec_release(backend_stream *s)
+{
+    cpu_backend *b = s->b;
+    s->held_seconds += now_seconds() - s->held_since;
+    pthread_mutex_lock(&b->exec_lock);
+    b->exec_busy = false;
+    pthread_cond_broadcast(&b->exec_free);
+    pthread_mutex_unlock(&b->exec_lock);
+}
+
+/* Between two steps of a bulk pass: when latency work waits, let it run first. The longest step
+ * of a 2048-token batch (the first feed-forward GEMM) takes ~10 ms on two cores, which bounds
+ * how long a query waits. */
+static void exec_checkpoint(backend_stream *s)
+{
+    if (s->latency || atomic_load_explicit(&s->b->latency_pending, memory_order_relaxed) == 0)
+        return;
+    exec_release(s);
+    exec_acquire(s);
+}
+
+/* ---- buffers ---- */
 
 /* Activation buffers of 2 MiB or more are aligned to 2 MiB and marked for transparent huge
  * pages: the GEMM reads 14 rows at once and attention one head of every row, rows 1.5-6 KB
@@ -57,52 +155,106 @@ static void *alloc_activation(size_t bytes)
     return p;
 }
 
-static void free_activations(cpu_backend *b)
+static void free_activations(backend_stream *s)
 {
-    free(b->x);
-    free(b->qkv);
-    free(b->ctx);
-    free(b->tmp);
-    free(b->hidden);
-    b->x = b->qkv = b->ctx = b->tmp = b->hidden = NULL;
-    b->capacity_tokens = 0;
+    free(s->x);
+    free(s->qkv);
+    free(s->ctx);
+    free(s->tmp);
+    free(s->hidden);
+    s->x = s->qkv = s->ctx = s->tmp = s->hidden = NULL;
+    s->capacity_tokens = 0;
 }
 
-static int reserve(cpu_backend *b, int tokens, int max_len)
+/* Grows the stream's buffers; on failure the old ones stay and still work. */
+static int cpu_reserve(backend_stream *s, int max_tokens, int max_sequences, int max_len)
 {
-    const model_config *c = b->config;
-    if (tokens > b->capacity_tokens) {
-        free_activations(b);
-        size_t t = (size_t)tokens, h = (size_t)c->hidden_size;
-        b->x = alloc_activation(t * h * sizeof(float));
-        b->qkv = alloc_activation(t * 3 * h * sizeof(float));
-        b->ctx = alloc_activation(t * h * sizeof(float));
-        b->tmp = alloc_activation(t * h * sizeof(float));
-        b->hidden = alloc_activation(t * (size_t)c->intermediate_size * sizeof(float));
-        if (!b->x || !b->qkv || !b->ctx || !b->tmp || !b->hidden) {
-            free_activations(b);
+    const model_config *c = s->b->config;
+    if (max_tokens > CPU_MAX_BATCH_TOKENS)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "a batch of %d tokens is more than the CPU backend takes (%d)", max_tokens,
+                       CPU_MAX_BATCH_TOKENS);
+    if (max_len > c->max_position_embeddings) max_len = c->max_position_embeddings;
+    if (max_tokens > s->capacity_tokens) {
+        backend_stream grown = {0};
+        size_t t = (size_t)max_tokens, h = (size_t)c->hidden_size;
+        grown.x = alloc_activation(t * h * sizeof(float));
+        grown.qkv = alloc_activation(t * 3 * h * sizeof(float));
+        grown.ctx = alloc_activation(t * h * sizeof(float));
+        grown.tmp = alloc_activation(t * h * sizeof(float));
+        grown.hidden = alloc_activation(t * (size_t)c->intermediate_size * sizeof(float));
+        if (!grown.x || !grown.qkv || !grown.ctx || !grown.tmp || !grown.hidden) {
+            free_activations(&grown);
             return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory for a batch of %d tokens",
-                           tokens);
+                           max_tokens);
         }
-        b->capacity_tokens = tokens;
+        free_activations(s);
+        s->x = grown.x;
+        s->qkv = grown.qkv;
+        s->ctx = grown.ctx;
+        s->tmp = grown.tmp;
+        s->hidden = grown.hidden;
+        s->capacity_tokens = max_tokens;
     }
-    if (max_len > b->capacity_len) {
-        int n = threadpool_threads(b->threads);
+    if (max_len > s->capacity_len) {
+        int n = threadpool_threads(s->b->threads);
         int d = c->hidden_size / c->num_heads;
-        free(b->scores);
-        free(b->head);
-        b->scores = malloc((size_t)n * CPU_ATTENTION_SCORES(max_len) * sizeof(float));
-        b->head = malloc((size_t)n * CPU_ATTENTION_HEAD(max_len, d) * sizeof(float));
-        if (!b->scores || !b->head) {
-            free(b->scores);
-            free(b->head);
-            b->scores = b->head = NULL;
-            b->capacity_len = 0;
+        float *scores = malloc((size_t)n * CPU_ATTENTION_SCORES(max_len) * sizeof(float));
+        float *head = malloc((size_t)n * CPU_ATTENTION_HEAD(max_len, d) * sizeof(float));
+        if (!scores || !head) {
+            free(scores);
+            free(head);
             return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory for attention scratch");
         }
-        b->capacity_len = max_len;
+        free(s->scores);
+        free(s->head);
+        s->scores = scores;
+        s->head = head;
+        s->capacity_len = max_len;
     }
+    (void)max_sequences; /* pooling writes straight to the caller's rows */
     return 0;
+}
+
+static void cpu_stream_destroy(backend_stream *s)
+{
+    if (!s) return;
+    free_activations(s);
+    free(s->scores);
+    free(s->head);
+    free(s->gemm_scratch);
+    free(s);
+}
+
+static int cpu_stream_create(backend *self, backend_priority priority, backend_stream **out)
+{
+    cpu_backend *b = (cpu_backend *)self;
+    *out = NULL;
+    backend_stream *s = calloc(1, sizeof *s);
+    if (!s) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating a CPU stream");
+    s->b = b;
+    s->latency = priority == BACKEND_PRIORITY_LATENCY;
+    const model_config *c = b->config;
+    int widest = c->intermediate_size > c->hidden_size ? c->intermediate_size : c->hidden_size;
+    s->gemm_scratch_floats = cpu_gemm_scratch_floats(widest);
+    s->gemm_scratch =
+        malloc((size_t)threadpool_threads(b->threads) * s->gemm_scratch_floats * sizeof(float));
+    if (!s->gemm_scratch) {
+        cpu_stream_destroy(s);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating a CPU stream");
+    }
+    *out = s;
+    return 0;
+}
+
+static void *cpu_host_alloc(backend *self, size_t bytes)
+{
+    return malloc(bytes ? bytes : 1);
+}
+
+static void cpu_host_free(backend *self, void *memory)
+{
+    free(memory);
 }
 
 /* ---- parallel regions ---- */
@@ -127,7 +279,7 @@ static void gemm_worker(void *ctx, int task, int thread)
                   j->scratch + (size_t)thread * j->scratch_floats);
 }
 
-static void gemm(cpu_backend *b, int m, const float *A, const cpu_packed *packed,
+static void gemm(backend_stream *s, int m, const float *A, const cpu_packed *packed,
                  cpu_epilogue epilogue, const float *R, float *C)
 {
     gemm_job j = {.A = A,
@@ -137,14 +289,15 @@ static void gemm(cpu_backend *b, int m, const float *A, const cpu_packed *packed
                   .R = R,
                   .C = C,
                   .ldc = (size_t)packed->n,
-                  .scratch = b->gemm_scratch,
-                  .scratch_floats = b->gemm_scratch_floats};
-    j.plan = cpu_gemm_plan_make(m, packed, threadpool_threads(b->threads));
-    threadpool_run(b->threads, cpu_gemm_plan_tasks(&j.plan), gemm_worker, &j);
+                  .scratch = s->gemm_scratch,
+                  .scratch_floats = s->gemm_scratch_floats};
+    j.plan = cpu_gemm_plan_make(m, packed, threadpool_threads(s->b->threads));
+    threadpool_run(s->b->threads, cpu_gemm_plan_tasks(&j.plan), gemm_worker, &j);
+    exec_checkpoint(s);
 }
 
 typedef struct rows_job {
-    cpu_backend *b;
+    const cpu_backend *b;
     const backend_batch *batch;
     int tokens;
     const float *gamma, *beta;
@@ -154,9 +307,8 @@ typedef struct rows_job {
 static void embed_worker(void *ctx, int task, int thread)
 {
     rows_job *j = ctx;
-    const model_config *c = j->b->config;
-    const model_weights *w = j->b->weights;
-    int h = c->hidden_size;
+    const cpu_backend *b = j->b;
+    int h = b->config->hidden_size;
     int t0 = task * ROWS_PER_TASK, t1 = t0 + ROWS_PER_TASK;
     if (t1 > j->tokens) t1 = j->tokens;
     /* Find the sequence of row t0 to know each token's position. */
@@ -165,12 +317,12 @@ static void embed_worker(void *ctx, int task, int thread)
     for (int t = t0; t < t1; t++) {
         while (j->batch->offsets[s + 1] <= t) s++;
         int pos = t - j->batch->offsets[s];
-        const float *word = w->word_emb + (size_t)j->batch->ids[t] * (size_t)h;
-        const float *position = w->position_emb + (size_t)pos * (size_t)h;
-        const float *type = w->type_emb; /* token type 0 */
+        const float *word = b->word_emb + (size_t)j->batch->ids[t] * (size_t)h;
+        const float *position = b->position_emb + (size_t)pos * (size_t)h;
+        const float *type = b->type_emb; /* token type 0 */
         float *row = j->x + (size_t)t * (size_t)h;
         for (int i = 0; i < h; i++) row[i] = word[i] + position[i] + type[i];
-        cpu_layer_norm(row, row, h, w->emb_ln_w, w->emb_ln_b, c->layer_norm_eps);
+        cpu_layer_norm(row, row, h, b->emb_ln_w, b->emb_ln_b, b->config->layer_norm_eps);
     }
 }
 
@@ -187,45 +339,45 @@ static void layer_norm_worker(void *ctx, int task, int thread)
     }
 }
 
-static void rows_run(cpu_backend *b, rows_job *j, threadpool_fn fn)
+static void rows_run(backend_stream *s, rows_job *j, threadpool_fn fn)
 {
-    threadpool_run(b->threads, (j->tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK, fn, j);
+    threadpool_run(s->b->threads, (j->tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK, fn, j);
 }
 
 typedef struct attention_job {
-    cpu_backend *b;
+    const backend_stream *s;
     const backend_batch *batch;
 } attention_job;
 
 static void attention_worker(void *ctx, int task, int thread)
 {
     attention_job *j = ctx;
-    cpu_backend *b = j->b;
-    const model_config *c = b->config;
+    const backend_stream *s = j->s;
+    const model_config *c = s->b->config;
     int heads = c->num_heads, h = c->hidden_size, d = h / heads;
-    int s = task / heads, head = task % heads;
-    int start = j->batch->offsets[s], len = j->batch->offsets[s + 1] - start;
+    int seq = task / heads, head = task % heads;
+    int start = j->batch->offsets[seq], len = j->batch->offsets[seq + 1] - start;
     size_t ld = 3 * (size_t)h;
-    const float *q = b->qkv + (size_t)start * ld + (size_t)head * (size_t)d;
-    float *out = b->ctx + (size_t)start * (size_t)h + (size_t)head * (size_t)d;
+    const float *q = s->qkv + (size_t)start * ld + (size_t)head * (size_t)d;
+    float *out = s->ctx + (size_t)start * (size_t)h + (size_t)head * (size_t)d;
     cpu_attention_head(q, q + h, q + 2 * h, ld, len, d, 1.0f / sqrtf((float)d), out, (size_t)h,
-                       b->scores + (size_t)thread * CPU_ATTENTION_SCORES(b->capacity_len),
-                       b->head + (size_t)thread * CPU_ATTENTION_HEAD(b->capacity_len, d));
+                       s->scores + (size_t)thread * CPU_ATTENTION_SCORES(s->capacity_len),
+                       s->head + (size_t)thread * CPU_ATTENTION_HEAD(s->capacity_len, d));
 }
 
 /* ---- the forward pass ---- */
 
-static void pool_sequence(const cpu_backend *b, const backend_batch *batch, int s, float *out)
+static void pool_sequence(const backend_stream *s, const backend_batch *batch, int seq, float *out)
 {
-    const model_config *c = b->config;
+    const model_config *c = s->b->config;
     int h = c->hidden_size;
-    int start = batch->offsets[s], end = batch->offsets[s + 1];
-    const float *x = b->x;
+    int start = batch->offsets[seq], end = batch->offsets[seq + 1];
+    const float *x = s->x;
     if (c->pooling == EMBEDRAG_POOLING_CLS) {
         memcpy(out, x + (size_t)start * (size_t)h, (size_t)h * sizeof(float));
         return;
     }
-    int skip = batch->pool_skip ? batch->pool_skip[s] : 0;
+    int skip = batch->pool_skip ? batch->pool_skip[seq] : 0;
     int first = start + skip < end ? start + skip : start; /* never pool nothing */
     if (c->pooling == EMBEDRAG_POOLING_MAX) {
         memcpy(out, x + (size_t)first * (size_t)h, (size_t)h * sizeof(float));
@@ -243,54 +395,93 @@ static void pool_sequence(const cpu_backend *b, const backend_batch *batch, int 
     for (int i = 0; i < h; i++) out[i] *= inv;
 }
 
-static int cpu_encode(backend *self, const backend_batch *batch, float *out)
+static void forward(backend_stream *s, const backend_batch *batch, float *out)
 {
-    cpu_backend *b = (cpu_backend *)self;
+    const cpu_backend *b = s->b;
     const model_config *c = b->config;
-    int tokens = batch->offsets[batch->count];
-    int max_len = 0;
-    for (int s = 0; s < batch->count; s++) {
-        int len = batch->offsets[s + 1] - batch->offsets[s];
-        if (len < 1 || len > c->max_position_embeddings)
-            return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
-                           "sequence %d has %d tokens (the model takes 1 to %d)", s, len,
-                           c->max_position_embeddings);
-        if (len > max_len) max_len = len;
-    }
-    for (int t = 0; t < tokens; t++)
-        if (batch->ids[t] < 0 || batch->ids[t] >= c->vocab_size)
-            return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "token id %d out of range",
-                           batch->ids[t]);
-    int rc = reserve(b, tokens, max_len);
-    if (rc) return rc;
-
-    rows_job rows = {.b = b, .batch = batch, .tokens = tokens, .x = b->x};
-    rows_run(b, &rows, embed_worker);
+    int tokens = batch->tokens;
+    rows_job rows = {.b = b, .batch = batch, .tokens = tokens, .x = s->x};
+    rows_run(s, &rows, embed_worker);
 
     cpu_epilogue activation = c->activation == MODEL_ACT_GELU        ? CPU_EPILOGUE_BIAS_GELU
                               : c->activation == MODEL_ACT_GELU_TANH ? CPU_EPILOGUE_BIAS_GELU_TANH
                                                                      : CPU_EPILOGUE_BIAS_RELU;
-    attention_job attention = {.b = b, .batch = batch};
+    attention_job attention = {.s = s, .batch = batch};
     for (int l = 0; l < c->num_layers; l++) {
         const cpu_layer *layer = &b->layers[l];
-        gemm(b, tokens, b->x, &layer->qkv, CPU_EPILOGUE_BIAS, NULL, b->qkv);
+        gemm(s, tokens, s->x, &layer->qkv, CPU_EPILOGUE_BIAS, NULL, s->qkv);
         threadpool_run(b->threads, batch->count * c->num_heads, attention_worker, &attention);
-        gemm(b, tokens, b->ctx, &layer->attn_out, CPU_EPILOGUE_BIAS_RESIDUAL, b->x, b->tmp);
-        rows.x = b->tmp;
+        exec_checkpoint(s);
+        gemm(s, tokens, s->ctx, &layer->attn_out, CPU_EPILOGUE_BIAS_RESIDUAL, s->x, s->tmp);
+        rows.x = s->tmp;
         rows.gamma = layer->attn_ln_w;
         rows.beta = layer->attn_ln_b;
-        rows_run(b, &rows, layer_norm_worker);
-        gemm(b, tokens, b->tmp, &layer->inter, activation, NULL, b->hidden);
-        gemm(b, tokens, b->hidden, &layer->out, CPU_EPILOGUE_BIAS_RESIDUAL, b->tmp, b->x);
-        rows.x = b->x;
+        rows_run(s, &rows, layer_norm_worker);
+        gemm(s, tokens, s->tmp, &layer->inter, activation, NULL, s->hidden);
+        gemm(s, tokens, s->hidden, &layer->out, CPU_EPILOGUE_BIAS_RESIDUAL, s->tmp, s->x);
+        rows.x = s->x;
         rows.gamma = layer->out_ln_w;
         rows.beta = layer->out_ln_b;
-        rows_run(b, &rows, layer_norm_worker);
+        rows_run(s, &rows, layer_norm_worker);
     }
-    for (int s = 0; s < batch->count; s++)
-        pool_sequence(b, batch, s, out + (size_t)s * (size_t)c->hidden_size);
+    for (int i = 0; i < batch->count; i++)
+        pool_sequence(s, batch, i, out + (size_t)i * (size_t)c->hidden_size);
+}
+
+static double cpu_estimate_seconds(backend *self, int tokens, int sequences, int max_len)
+{
+    cpu_backend *b = (cpu_backend *)self;
+    pthread_mutex_lock(&b->rate_lock);
+    double seconds_per_flop = b->seconds_per_flop;
+    pthread_mutex_unlock(&b->rate_lock);
+    return CPU_OVERHEAD_SECONDS_PER_LAYER * b->config->num_layers +
+           backend_batch_flops(b->config, tokens, sequences, max_len) * seconds_per_flop;
+}
+
+static void record_rate(cpu_backend *b, const backend_batch *batch, double seconds)
+{
+    if (batch->tokens < CPU_RATE_MIN_TOKENS) return;
+    double flops = backend_batch_flops(b->config, batch->tokens, batch->count, batch->max_len);
+    double overhead = CPU_OVERHEAD_SECONDS_PER_LAYER * b->config->num_layers;
+    if (flops <= 0 || seconds <= overhead) return;
+    double measured = (seconds - overhead) / flops;
+    pthread_mutex_lock(&b->rate_lock);
+    b->seconds_per_flop += CPU_RATE_SMOOTHING * (measured - b->seconds_per_flop);
+    pthread_mutex_unlock(&b->rate_lock);
+}
+
+/* The CPU runs the batch on the calling thread (with the pool), so the ticket is complete when
+ * submit returns. */
+static int cpu_submit(backend_stream *s, const backend_batch *batch, float *out,
+                      backend_ticket *ticket)
+{
+    ticket->done = false;
+    ticket->status = 0;
+    ticket->message[0] = '\0';
+    if (batch->tokens > s->capacity_tokens || batch->max_len > s->capacity_len)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "a batch of %d tokens (longest %d) exceeds the stream's reservation (%d "
+                       "tokens, longest %d)",
+                       batch->tokens, batch->max_len, s->capacity_tokens, s->capacity_len);
+    if (batch->count == 0) {
+        ticket->done = true;
+        return 0;
+    }
+    s->held_seconds = 0.0;
+    exec_acquire(s);
+    forward(s, batch, out);
+    exec_release(s);
+    record_rate(s->b, batch, s->held_seconds);
+    ticket->done = true;
     return 0;
 }
+
+static int cpu_wait(backend_stream *s, backend_ticket *ticket)
+{
+    return backend_ticket_status(ticket);
+}
+
+/* ---- creation ---- */
 
 static void cpu_destroy(backend *self)
 {
@@ -298,96 +489,199 @@ static void cpu_destroy(backend *self)
     if (!b) return;
     if (b->layers)
         for (int l = 0; l < b->config->num_layers; l++) {
-            cpu_packed_free(&b->layers[l].qkv);
-            cpu_packed_free(&b->layers[l].attn_out);
-            cpu_packed_free(&b->layers[l].inter);
-            cpu_packed_free(&b->layers[l].out);
+            cpu_layer *layer = &b->layers[l];
+            cpu_packed_free(&layer->qkv);
+            cpu_packed_free(&layer->attn_out);
+            cpu_packed_free(&layer->inter);
+            cpu_packed_free(&layer->out);
+            free(layer->attn_ln_w);
+            free(layer->attn_ln_b);
+            free(layer->out_ln_w);
+            free(layer->out_ln_b);
         }
     free(b->layers);
-    free_activations(b);
-    free(b->scores);
-    free(b->head);
-    free(b->gemm_scratch);
+    for (int i = 0; i < 3; i++) free(b->owned_tables[i]);
+    free(b->emb_ln_w);
+    free(b->emb_ln_b);
     threadpool_destroy(b->threads);
+    pthread_mutex_destroy(&b->exec_lock);
+    pthread_cond_destroy(&b->exec_free);
+    pthread_mutex_destroy(&b->rate_lock);
     free(b);
 }
 
-/* Packs one GEMM's weights for the backend's precision. Half-precision files keep half-precision
- * weights in fp32 mode: exact, and half the bytes per pass. */
-static int pack_matrix(const cpu_backend *b, cpu_packed *out, int count, const float *const *w,
-                       const float *const *bias, const int *rows, int k)
+/* An owned fp32 copy of a tensor (vectors: biases, LayerNorm parameters; or a whole matrix that
+ * cannot be read in place). */
+static float *copy_f32(const model_tensor *t)
 {
-    if (b->base.precision == EMBEDRAG_PRECISION_BF16)
-        return cpu_pack_bf16(out, count, w, bias, rows, k);
-    return cpu_pack(out, count, w, bias, rows, k, b->weights->layer_matrices_f16);
+    size_t n = model_tensor_elements(t);
+    float *copy = malloc((n ? n : 1) * sizeof *copy);
+    if (copy) model_tensor_read_f32(t, 0, n, copy);
+    return copy;
 }
 
-/* Packs one layer's four GEMMs, then lets the kernel drop the mapped pages just copied (the
- * packed copy replaces them, so resident memory stays near the model file's size). */
-static int pack_layer(cpu_backend *b, const model_layer_weights *w, cpu_layer *out)
+/* The tensor as floats: in place when it is aligned F32, else an owned copy in *owned. */
+static const float *read_f32(const model_tensor *t, float **owned)
 {
-    const model_config *c = b->config;
-    int h = c->hidden_size, inter = c->intermediate_size;
-    const float *qkv_w[3] = {w->query_w, w->key_w, w->value_w};
-    const float *qkv_b[3] = {w->query_b, w->key_b, w->value_b};
-    int qkv_rows[3] = {h, h, h};
-    int rc = pack_matrix(b, &out->qkv, 3, qkv_w, qkv_b, qkv_rows, h);
-    if (!rc) rc = pack_matrix(b, &out->attn_out, 1, &w->attn_out_w, &w->attn_out_b, &h, h);
-    if (!rc) rc = pack_matrix(b, &out->inter, 1, &w->inter_w, &w->inter_b, &inter, h);
-    if (!rc) rc = pack_matrix(b, &out->out, 1, &w->out_w, &w->out_b, &h, inter);
+    *owned = NULL;
+    const float *in_place = model_tensor_f32(t);
+    if (in_place) return in_place;
+    *owned = copy_f32(t);
+    return *owned;
+}
+
+/* Packs `count` weight matrices stacked along n, with their biases, for the backend's precision.
+ * Half-precision files keep half-precision weights in fp32 mode: exact, and half the bytes per
+ * pass. */
+static int pack_matrices(const cpu_backend *b, const model_weights *w, cpu_packed *out, int count,
+                         const model_tensor *const *matrices, const model_tensor *const *biases)
+{
+    const float *data[3], *bias[3];
+    float *owned[6] = {NULL};
+    int rows[3];
+    int rc = 0;
+    for (int i = 0; i < count; i++) {
+        data[i] = read_f32(matrices[i], &owned[2 * i]);
+        bias[i] = read_f32(biases[i], &owned[2 * i + 1]);
+        rows[i] = (int)matrices[i]->rows;
+        if (!data[i] || !bias[i]) {
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory reading tensor '%s'",
+                         matrices[i]->name);
+            goto free_owned;
+        }
+    }
+    int k = (int)matrices[0]->cols;
+    if (b->base.caps.precision == EMBEDRAG_PRECISION_BF16)
+        rc = cpu_pack_bf16(out, count, data, bias, rows, k);
+    else
+        rc = cpu_pack(out, count, data, bias, rows, k, w->matrix_dtype == ST_F16);
+free_owned:
+    for (int i = 0; i < 2 * count; i++) free(owned[i]);
+    return rc;
+}
+
+static int load_layer(cpu_backend *b, const model_weights *w, const model_layer_weights *l,
+                      cpu_layer *out)
+{
+    const model_tensor *qkv_w[3] = {&l->query_w, &l->key_w, &l->value_w};
+    const model_tensor *qkv_b[3] = {&l->query_b, &l->key_b, &l->value_b};
+    const model_tensor *attn_w = &l->attn_out_w, *attn_b = &l->attn_out_b;
+    const model_tensor *inter_w = &l->inter_w, *inter_b = &l->inter_b;
+    const model_tensor *out_w = &l->out_w, *out_b = &l->out_b;
+    int rc = pack_matrices(b, w, &out->qkv, 3, qkv_w, qkv_b);
+    if (!rc) rc = pack_matrices(b, w, &out->attn_out, 1, &attn_w, &attn_b);
+    if (!rc) rc = pack_matrices(b, w, &out->inter, 1, &inter_w, &inter_b);
+    if (!rc) rc = pack_matrices(b, w, &out->out, 1, &out_w, &out_b);
     if (rc) return rc;
-    size_t hh = (size_t)h * (size_t)h * sizeof(float),
-           hi = (size_t)h * (size_t)inter * sizeof(float);
-    model_weights_release(b->weights, w->query_w, hh);
-    model_weights_release(b->weights, w->key_w, hh);
-    model_weights_release(b->weights, w->value_w, hh);
-    model_weights_release(b->weights, w->attn_out_w, hh);
-    model_weights_release(b->weights, w->inter_w, hi);
-    model_weights_release(b->weights, w->out_w, hi);
-    out->attn_ln_w = w->attn_ln_w;
-    out->attn_ln_b = w->attn_ln_b;
-    out->out_ln_w = w->out_ln_w;
-    out->out_ln_b = w->out_ln_b;
+    out->attn_ln_w = copy_f32(&l->attn_ln_w);
+    out->attn_ln_b = copy_f32(&l->attn_ln_b);
+    out->out_ln_w = copy_f32(&l->out_ln_w);
+    out->out_ln_b = copy_f32(&l->out_ln_b);
+    if (!out->attn_ln_w || !out->attn_ln_b || !out->out_ln_w || !out->out_ln_b)
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory loading a layer");
     return 0;
 }
 
-int cpu_backend_create(const model_config *config, model_weights *weights, int threads,
-                       embedrag_precision precision, backend **out)
+/* The embedding tables: read in place where the file allows, and mapped in now rather than
+ * faulted on new tokens in the middle of a query (measured: 25 us of a 1.6 ms query). */
+static int load_embeddings(cpu_backend *b, const model_weights *w)
+{
+    const model_tensor *tables[3] = {&w->word_emb, &w->position_emb, &w->type_emb};
+    const float **views[3] = {&b->word_emb, &b->position_emb, &b->type_emb};
+    bool in_place = true;
+    for (int i = 0; i < 3; i++) {
+        *views[i] = read_f32(tables[i], &b->owned_tables[i]);
+        if (!*views[i])
+            return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory reading tensor '%s'",
+                           tables[i]->name);
+        if (b->owned_tables[i])
+            in_place = false;
+        else
+            model_tensor_prefault(w, tables[i]);
+    }
+    b->base.caps.reads_embeddings_in_place = in_place;
+    b->emb_ln_w = copy_f32(&w->emb_ln_w);
+    b->emb_ln_b = copy_f32(&w->emb_ln_b);
+    if (!b->emb_ln_w || !b->emb_ln_b)
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory loading the embeddings");
+    return 0;
+}
+
+/* "AMD EPYC" from /proc/cpuinfo's first "model name", or "unknown CPU". */
+static void cpu_model_name(char *out, size_t size)
+{
+    snprintf(out, size, "unknown CPU");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) != 0) continue;
+        const char *value = strchr(line, ':');
+        if (!value) break;
+        value++;
+        while (*value == ' ' || *value == '\t') value++;
+        size_t n = strcspn(value, "\n");
+        snprintf(out, size, "%.*s", (int)n, value);
+        break;
+    }
+    fclose(f);
+}
+
+static const backend_ops cpu_ops = {
+    .estimate_seconds = cpu_estimate_seconds,
+    .stream_create = cpu_stream_create,
+    .stream_destroy = cpu_stream_destroy,
+    .reserve = cpu_reserve,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_host_free,
+    .submit = cpu_submit,
+    .wait = cpu_wait,
+    .destroy = cpu_destroy,
+};
+
+int cpu_backend_create(const backend_params *params, const model_config *config,
+                       const model_weights *weights, backend **out)
 {
     *out = NULL;
     cpu_backend *b = calloc(1, sizeof *b);
     if (!b) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
-    b->base.name = "cpu";
-    b->base.precision = precision == EMBEDRAG_PRECISION_BF16 && cpu_amx_available()
-                            ? EMBEDRAG_PRECISION_BF16
-                            : EMBEDRAG_PRECISION_FP32;
-    b->base.encode = cpu_encode;
-    b->base.destroy = cpu_destroy;
+    pthread_mutex_init(&b->exec_lock, NULL);
+    pthread_cond_init(&b->exec_free, NULL);
+    pthread_mutex_init(&b->rate_lock, NULL);
+    b->base.ops = &cpu_ops;
     b->config = config;
-    b->weights = weights;
-    int rc = threadpool_create(threads, &b->threads);
+    backend_caps *caps = &b->base.caps;
+    caps->name = "cpu";
+    bool bf16 = params->precision == EMBEDRAG_PRECISION_BF16 && cpu_amx_available();
+    caps->precision = bf16 ? EMBEDRAG_PRECISION_BF16 : EMBEDRAG_PRECISION_FP32;
+    caps->kernels = bf16 ? "amx-bf16" : cpu_kernels_isa();
+    caps->preferred_batch_tokens = CPU_PREFERRED_BATCH_TOKENS;
+    caps->max_batch_tokens = CPU_MAX_BATCH_TOKENS;
+    int rc = threadpool_create(params->threads, &b->threads);
     if (rc) goto destroy;
-    int widest = config->intermediate_size > config->hidden_size ? config->intermediate_size
-                                                                 : config->hidden_size;
-    b->gemm_scratch_floats = cpu_gemm_scratch_floats(widest);
-    b->gemm_scratch =
-        malloc((size_t)threadpool_threads(b->threads) * b->gemm_scratch_floats * sizeof(float));
+    int threads = threadpool_threads(b->threads);
+    char model[96];
+    cpu_model_name(model, sizeof model);
+    snprintf(b->device, sizeof b->device, "%s (%s, %d thread%s)", model, caps->kernels, threads,
+             threads == 1 ? "" : "s");
+    caps->device = b->device;
+    double rate = strcmp(cpu_kernels_isa(), "avx512") == 0 ? CPU_GUESS_FLOPS_AVX512
+                  : strcmp(cpu_kernels_isa(), "avx2") == 0 ? CPU_GUESS_FLOPS_AVX2
+                                                           : CPU_GUESS_FLOPS_GENERIC;
+    if (bf16) rate *= CPU_GUESS_BF16_SPEEDUP;
+    b->seconds_per_flop = 1.0 / (rate * threads);
+
     b->layers = calloc((size_t)config->num_layers, sizeof *b->layers);
-    if (!b->layers || !b->gemm_scratch) {
+    if (!b->layers) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
         goto destroy;
     }
     for (int l = 0; l < config->num_layers; l++) {
-        rc = pack_layer(b, &weights->layers[l], &b->layers[l]);
+        rc = load_layer(b, weights, &weights->layers[l], &b->layers[l]);
         if (rc) goto destroy;
     }
-    /* The embedding tables are read a few rows per text: map them in now rather than fault on
-     * new tokens in the middle of a query (measured: 25 us of a 1.6 ms query). */
-    size_t row_bytes = (size_t)config->hidden_size * sizeof(float);
-    model_weights_prefault(weights, weights->word_emb, (size_t)config->vocab_size * row_bytes);
-    model_weights_prefault(weights, weights->position_emb,
-                           (size_t)config->max_position_embeddings * row_bytes);
-    model_weights_prefault(weights, weights->type_emb, (size_t)config->type_vocab_size * row_bytes);
+    rc = load_embeddings(b, weights);
+    if (rc) goto destroy;
     *out = &b->base;
     return 0;
 destroy:

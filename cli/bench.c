@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,23 +36,21 @@ static const char bench_usage[] =
     "Measures a 16-token query's latency (p50/p99) and tokens/s at batch 1, 2, 10, 50, 100 and\n"
     "1000 for 50- and 128-token texts, tokenization apart, beside the measured fp32 FMA peak.\n"
     "\n"
-    "options:\n"
-    "  --model DIR        model directory (default: $EMBEDRAG_MODEL or the fetched default)\n"
-    "  --threads N        worker threads (default: all cores)\n"
-    "  --precision P      fp32 (default) or bf16 (AMX-BF16 CPUs; fractions stay of the fp32 peak)\n"
+    "With --concurrent, also embeds 20,000 50-token texts on one thread, alone and then while\n"
+    "another thread sends a 16-token query every 10 ms, and reports the queries' latency and\n"
+    "the bulk job's slowdown.\n"
+    "\n"
+    "options:\n" CLI_MODEL_OPTIONS_HELP
+    "                     (bf16: fractions of peak stay of the fp32 peak)\n"
     "  --data FILE        sentences to build texts from (default: " EMBEDRAG_BENCH_DATA ")\n"
     "  --dump-texts DIR   also write the texts used (q16.txt, t50.txt, t128.txt) for the peers\n"
     "  --quick            fewer repetitions and no batch 1000 (a smoke run)\n"
     "  --query-only       measure only the single-query latency\n"
+    "  --concurrent       also measure queries during a bulk job (see above)\n"
     "  --json             print JSON instead of a table\n"
     "  -h, --help         this help\n";
 
-static double now_seconds(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
+#define now_seconds cli_seconds
 
 /* ---- fp32 FMA peak: independent register-only FMA chains, on every thread at once ---- */
 
@@ -333,6 +332,91 @@ done:
     return rc;
 }
 
+/* ---- a query while a bulk job runs ---- */
+
+/* Texts of the bulk job (--concurrent): 20,000 of the 50-token texts, as the architecture issue's
+ * target asks; --quick takes a tenth. */
+#define CONCURRENT_TEXTS 20000
+/* Pause between two queries of the query thread: a steady stream of queries (about 50 a second
+ * with the query time), not a flood that would take the machine from the bulk job. */
+#define CONCURRENT_QUERY_GAP_SECONDS 0.010
+#define CONCURRENT_MAX_QUERIES 100000
+
+typedef struct bulk_job {
+    embedrag_model *model;
+    const char **texts;
+    int count, dim;
+    float *vectors;
+    double seconds;
+    int rc;
+    atomic_int done;
+} bulk_job;
+
+static void *bulk_thread(void *arg)
+{
+    bulk_job *job = arg;
+    embedrag_embed_params params = embedrag_embed_default_params();
+    double t = now_seconds();
+    job->rc =
+        embedrag_embed(job->model, job->texts, NULL, (size_t)job->count, &params, job->vectors);
+    job->seconds = now_seconds() - t;
+    atomic_store(&job->done, 1);
+    return NULL;
+}
+
+typedef struct concurrent_result {
+    int texts, queries;
+    double bulk_alone_s, bulk_shared_s;
+    double query_p50, query_p99, query_max;
+} concurrent_result;
+
+/* Embeds `count` bulk texts on one thread, first alone, then again while this thread sends a
+ * 16-token query every CONCURRENT_QUERY_GAP_SECONDS and times each, through the public API. */
+static int run_concurrent(embedrag_model *model, const text_set *bulk, const text_set *queries,
+                          int count, int dim, concurrent_result *out)
+{
+    const char **texts = malloc((size_t)count * sizeof *texts);
+    float *vectors = malloc((size_t)count * (size_t)dim * sizeof *vectors);
+    double *latencies = malloc(CONCURRENT_MAX_QUERIES * sizeof *latencies);
+    float *query_vector = malloc((size_t)dim * sizeof *query_vector);
+    int rc = -1;
+    if (!texts || !vectors || !latencies || !query_vector) goto done;
+    for (int i = 0; i < count; i++) texts[i] = bulk->text[i % BENCH_TEXTS];
+    bulk_job job = {.model = model, .texts = texts, .count = count, .dim = dim, .vectors = vectors};
+    bulk_thread(&job);
+    if (job.rc) goto done;
+    out->bulk_alone_s = job.seconds;
+
+    atomic_store(&job.done, 0);
+    pthread_t tid;
+    if (pthread_create(&tid, NULL, bulk_thread, &job) != 0) goto done;
+    embedrag_embed_params params = embedrag_embed_default_params();
+    int n = 0, failed = 0;
+    while (!atomic_load(&job.done) && n < CONCURRENT_MAX_QUERIES) {
+        struct timespec gap = {0, (long)(CONCURRENT_QUERY_GAP_SECONDS * 1e9)};
+        nanosleep(&gap, NULL);
+        const char *q = queries->text[n % BENCH_TEXTS];
+        double t = now_seconds();
+        failed |= embedrag_embed(model, &q, NULL, 1, &params, query_vector) != 0;
+        latencies[n++] = now_seconds() - t;
+    }
+    pthread_join(tid, NULL);
+    if (job.rc || failed || n == 0) goto done;
+    out->texts = count;
+    out->queries = n;
+    out->bulk_shared_s = job.seconds;
+    out->query_p50 = percentile(latencies, n, 0.50);
+    out->query_p99 = percentile(latencies, n, 0.99);
+    out->query_max = latencies[n - 1]; /* sorted by percentile */
+    rc = 0;
+done:
+    free(texts);
+    free(vectors);
+    free(latencies);
+    free(query_vector);
+    return rc;
+}
+
 static double flops_per_token(const embedrag_model_info *info, int intermediate, int len)
 {
     double h = info->hidden;
@@ -343,45 +427,49 @@ static double flops_per_token(const embedrag_model_info *info, int intermediate,
 
 int cli_bench(int argc, char **argv)
 {
-    static const struct option options[] = {{"model", required_argument, NULL, 'm'},
-                                            {"threads", required_argument, NULL, 't'},
-                                            {"precision", required_argument, NULL, 'R'},
-                                            {"data", required_argument, NULL, 'd'},
-                                            {"dump-texts", required_argument, NULL, 'D'},
-                                            {"quick", no_argument, NULL, 'Q'},
-                                            {"json", no_argument, NULL, 'j'},
-                                            {"query-only", no_argument, NULL, 'O'},
+    enum {
+        OPTION_DATA = 0x200,
+        OPTION_DUMP,
+        OPTION_QUICK,
+        OPTION_JSON,
+        OPTION_QUERY_ONLY,
+        OPTION_CONCURRENT,
+    };
+    static const struct option options[] = {CLI_MODEL_OPTIONS,
+                                            {"data", required_argument, NULL, OPTION_DATA},
+                                            {"dump-texts", required_argument, NULL, OPTION_DUMP},
+                                            {"quick", no_argument, NULL, OPTION_QUICK},
+                                            {"json", no_argument, NULL, OPTION_JSON},
+                                            {"query-only", no_argument, NULL, OPTION_QUERY_ONLY},
+                                            {"concurrent", no_argument, NULL, OPTION_CONCURRENT},
                                             {"help", no_argument, NULL, 'h'},
                                             {NULL, 0, NULL, 0}};
-    const char *model_option = NULL, *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
-    int threads = 0, quick = 0, json = 0, query_only = 0, c;
-    embedrag_precision precision = EMBEDRAG_PRECISION_FP32;
+    cli_model_options model_options = cli_model_defaults();
+    const char *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
+    int quick = 0, json = 0, query_only = 0, concurrent = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        int shared = cli_model_option(c, optarg, &model_options);
+        if (shared < 0) return 2;
+        if (shared) continue;
         switch (c) {
-        case 'm':
-            model_option = optarg;
-            break;
-        case 't':
-            if (cli_parse_int("--threads", optarg, 1, &threads)) return 2;
-            break;
-        case 'R':
-            if (cli_parse_precision(optarg, &precision)) return 2;
-            break;
-        case 'd':
+        case OPTION_DATA:
             data = optarg;
             break;
-        case 'D':
+        case OPTION_DUMP:
             dump = optarg;
             break;
-        case 'Q':
+        case OPTION_QUICK:
             quick = 1;
             break;
-        case 'j':
+        case OPTION_JSON:
             json = 1;
             break;
-        case 'O':
+        case OPTION_QUERY_ONLY:
             query_only = 1;
+            break;
+        case OPTION_CONCURRENT:
+            concurrent = 1;
             break;
         case 'h':
             fputs(bench_usage, stdout);
@@ -391,8 +479,8 @@ int cli_bench(int argc, char **argv)
             return 2;
         }
     }
-    const char *dir = cli_model_dir(model_option);
-    embedrag_model *model = cli_open_model(dir, threads, precision);
+    int threads = model_options.threads;
+    embedrag_model *model = cli_open_model(&model_options);
     if (!model) return 1;
     int status = 1;
     char *words = read_words(data);
@@ -458,6 +546,13 @@ int cli_bench(int argc, char **argv)
             }
             n_points++;
         }
+    concurrent_result mixed = {0};
+    if (concurrent &&
+        run_concurrent(model, &t50, &q16, quick ? CONCURRENT_TEXTS / 10 : CONCURRENT_TEXTS, dim,
+                       &mixed) != 0) {
+        fprintf(stderr, "embedrag bench: concurrent run failed: %s\n", embedrag_last_error());
+        goto free_texts;
+    }
     update_peak(&peak_one, &peak_all, used_threads);
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
@@ -468,7 +563,10 @@ int cli_bench(int argc, char **argv)
     cJSON_AddNumberToObject(root, "layers", info.layers);
     cJSON_AddNumberToObject(root, "hidden", info.hidden);
     cJSON_AddNumberToObject(root, "threads", used_threads);
-    cJSON_AddStringToObject(root, "cpu_kernels", engine_cpu_isa());
+    embedrag_backend_info cpu;
+    embedrag_model_get_backend(model, 0, &cpu);
+    cJSON_AddStringToObject(root, "device", cpu.device);
+    cJSON_AddStringToObject(root, "cpu_kernels", cpu.kernels);
     cJSON_AddStringToObject(root, "precision", cli_precision_name(info.precision));
     cJSON_AddNumberToObject(root, "fma_peak_gflops_one_thread", peak_one / 1e9);
     cJSON_AddNumberToObject(root, "fma_peak_gflops", peak_all / 1e9);
@@ -494,6 +592,17 @@ int cli_bench(int argc, char **argv)
         cJSON_AddNumberToObject(o, "fraction_of_peak", gflops * 1e9 / peak_all);
         cJSON_AddItemToArray(arr, o);
     }
+    if (concurrent) {
+        cJSON *o = cJSON_AddObjectToObject(root, "concurrent");
+        cJSON_AddNumberToObject(o, "bulk_texts", mixed.texts);
+        cJSON_AddNumberToObject(o, "bulk_alone_s", mixed.bulk_alone_s);
+        cJSON_AddNumberToObject(o, "bulk_with_queries_s", mixed.bulk_shared_s);
+        cJSON_AddNumberToObject(o, "bulk_slowdown", mixed.bulk_shared_s / mixed.bulk_alone_s);
+        cJSON_AddNumberToObject(o, "queries", mixed.queries);
+        cJSON_AddNumberToObject(o, "query_p50_ms", mixed.query_p50 * 1e3);
+        cJSON_AddNumberToObject(o, "query_p99_ms", mixed.query_p99 * 1e3);
+        cJSON_AddNumberToObject(o, "query_max_ms", mixed.query_max * 1e3);
+    }
     cJSON_AddNumberToObject(root, "peak_rss_mb", peak_rss_mb);
     if (json) {
         char *text = cJSON_Print(root);
@@ -501,8 +610,9 @@ int cli_bench(int argc, char **argv)
         cJSON_free(text);
     } else {
         printf("model %s (%d layers x %d), %d threads, kernels %s, precision %s\n", info.name,
-               info.layers, info.hidden, used_threads, engine_cpu_isa(),
+               info.layers, info.hidden, used_threads, cpu.kernels,
                cli_precision_name(info.precision));
+        printf("device: %s\n", cpu.device);
         printf("fp32 FMA peak: %.1f GFLOP/s on one thread, %.1f on %d\n", peak_one / 1e9,
                peak_all / 1e9, used_threads);
         printf("16-token query, end to end: p50 %.3f ms, p99 %.3f ms\n", p50 * 1e3, p99 * 1e3);
@@ -517,6 +627,12 @@ int cli_bench(int argc, char **argv)
                    p->tokenize_s * 1e3, p->model_s * 1e3, p->end_to_end_s * 1e3,
                    tokens / p->model_s, 100.0 * gflops * 1e9 / peak_all);
         }
+        if (concurrent)
+            printf("%d bulk texts: %.2f s alone, %.2f s with %d queries (x%.3f); query p50 %.2f "
+                   "ms, p99 %.2f ms, max %.2f ms\n",
+                   mixed.texts, mixed.bulk_alone_s, mixed.bulk_shared_s, mixed.queries,
+                   mixed.bulk_shared_s / mixed.bulk_alone_s, mixed.query_p50 * 1e3,
+                   mixed.query_p99 * 1e3, mixed.query_max * 1e3);
         printf("peak RSS %.1f MB\n", peak_rss_mb);
     }
     cJSON_Delete(root);
