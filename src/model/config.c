@@ -5,11 +5,11 @@
 #include "model/model.h"
 
 #include "util/error.h"
+#include "util/file.h"
 
 #include "embedrag.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,64 +32,6 @@
 
 /* Config files are a few KB; a larger one is not a config file. */
 #define MODEL_MAX_CONFIG_BYTES (16u * 1024u * 1024u)
-
-/* Reads a whole file into a NUL-terminated buffer. A missing file sets *missing (when `missing`
- * is not NULL) and returns 0, so callers treat optional files uniformly. */
-static int cfg_read_file(const char *path, char **text, size_t *length, bool *missing)
-{
-    *text = NULL;
-    *length = 0;
-    if (missing) *missing = false;
-    int rc = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        if (errno == ENOENT && missing) {
-            *missing = true;
-            return 0;
-        }
-        return err_set(EMBEDRAG_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    }
-    size_t capacity = 4096, used = 0;
-    char *buf = malloc(capacity);
-    if (!buf) {
-        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
-        goto close_file;
-    }
-    for (;;) {
-        if (used + 1 >= capacity) {
-            if (capacity >= MODEL_MAX_CONFIG_BYTES) {
-                rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: larger than %u bytes; not a config file",
-                             path, MODEL_MAX_CONFIG_BYTES);
-                goto free_buf;
-            }
-            char *grown = realloc(buf, capacity * 2);
-            if (!grown) {
-                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
-                goto free_buf;
-            }
-            buf = grown;
-            capacity *= 2;
-        }
-        size_t n = fread(buf + used, 1, capacity - 1 - used, f);
-        used += n;
-        if (n == 0) break;
-    }
-    if (ferror(f)) {
-        rc = err_set(EMBEDRAG_ERR_IO, "%s: read error", path);
-        goto free_buf;
-    }
-    buf[used] = '\0';
-    fclose(f);
-    *text = buf;
-    *length = used;
-    return 0;
-
-free_buf:
-    free(buf);
-close_file:
-    fclose(f);
-    return rc;
-}
 
 /* Parses JSON text that must hold exactly one value; `filename` is for messages. */
 static int cfg_parse_json(const char *text, size_t length, const char *filename, cJSON **out)
@@ -340,31 +282,18 @@ free_root:
     return rc;
 }
 
-/* Joins a directory and a relative name; the caller frees the result. */
-static char *cfg_join(const char *dir, const char *name)
-{
-    size_t a = strlen(dir), b = strlen(name);
-    char *path = malloc(a + b + 2);
-    if (!path) return NULL;
-    memcpy(path, dir, a);
-    size_t n = a;
-    if (a && dir[a - 1] != '/') path[n++] = '/';
-    memcpy(path + n, name, b + 1);
-    return path;
-}
-
 /* Reads and parses dir/name. An absent optional file leaves *root NULL and returns 0. On return
  * *path holds the joined path (for messages) and the caller frees it. */
 static int cfg_load_json(const char *dir, const char *name, bool optional, char **path,
                          cJSON **root)
 {
     *root = NULL;
-    *path = cfg_join(dir, name);
-    if (!*path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s/%s: out of memory", dir, name);
+    int rc = file_join(dir, name, path);
+    if (rc) return rc;
     char *text;
     size_t length;
     bool missing;
-    int rc = cfg_read_file(*path, &text, &length, optional ? &missing : NULL);
+    rc = file_read(*path, MODEL_MAX_CONFIG_BYTES, &text, &length, optional ? &missing : NULL);
     if (rc || (optional && missing)) return rc;
     rc = cfg_parse_json(text, length, *path, root);
     free(text);
@@ -590,11 +519,12 @@ static int cfg_apply_optional(const char *dir, const char *name,
 /* dir/<pooling_dir>/config.json, which must exist when modules.json names the module. */
 static int cfg_load_pooling(const char *dir, const char *pooling_dir, model_config *config)
 {
-    char *name = cfg_join(pooling_dir, "config.json");
-    if (!name) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    char *name;
+    int rc = file_join(pooling_dir, "config.json", &name);
+    if (rc) return rc;
     char *path;
     cJSON *root;
-    int rc = cfg_load_json(dir, name, false, &path, &root);
+    rc = cfg_load_json(dir, name, false, &path, &root);
     if (rc == 0) rc = cfg_parse_pooling(root, path, config);
     cJSON_Delete(root);
     free(path);
@@ -605,11 +535,12 @@ static int cfg_load_pooling(const char *dir, const char *pooling_dir, model_conf
 int model_config_load(const char *dir, model_config *out)
 {
     memset(out, 0, sizeof *out);
-    char *path = cfg_join(dir, "config.json");
-    if (!path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    char *path;
+    int rc = file_join(dir, "config.json", &path);
+    if (rc) return rc;
     char *text;
     size_t length;
-    int rc = cfg_read_file(path, &text, &length, NULL);
+    rc = file_read(path, MODEL_MAX_CONFIG_BYTES, &text, &length, NULL);
     if (rc) goto free_path;
     rc = model_config_parse(text, length, path, out);
     free(text);

@@ -5,9 +5,9 @@
 #include "tokenizer/tokenizer.h"
 
 #include "util/error.h"
+#include "util/file.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +19,11 @@
 #define DEFAULT_UNK_TOKEN "[UNK]"
 #define DEFAULT_CLS_TOKEN "[CLS]"
 #define DEFAULT_SEP_TOKEN "[SEP]"
+
+/* tokenizer.json takes about 15 bytes a vocabulary entry (466 KB for BERT's 30,522), so this
+ * holds over four million entries, many times the largest multilingual vocabularies; beyond it a
+ * file is not a tokenizer file. */
+#define MAX_TOKENIZER_FILE_BYTES (64u * 1024u * 1024u)
 
 /* Ids above this are surely a corrupt file: the largest BERT vocabularies hold about 250,000
  * entries, and the reverse table is sized by the largest id. */
@@ -1094,36 +1099,6 @@ static int builder_finish(builder *b, const char *source, tok_tokenizer **out)
     return 0;
 }
 
-/* Reads a whole file. `*data` is NUL-terminated; free it. */
-static int read_file(const char *path, char **data, size_t *length)
-{
-    *data = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return err_set(EMBEDRAG_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    char *buffer = NULL;
-    size_t size = 0, capacity = 0;
-    for (;;) {
-        if (!grow((void **)&buffer, &capacity, size + 65536 + 1, 1, NULL)) {
-            free(buffer);
-            fclose(f);
-            return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory reading it", path);
-        }
-        size_t got = fread(buffer + size, 1, capacity - size - 1, f);
-        size += got;
-        if (got == 0) break;
-    }
-    int failed = ferror(f);
-    fclose(f);
-    if (failed) {
-        free(buffer);
-        return err_set(EMBEDRAG_ERR_IO, "%s: read error", path);
-    }
-    buffer[size] = '\0';
-    *data = buffer;
-    *length = size;
-    return 0;
-}
-
 static int parse_json(const char *path, const char *data, size_t length, cJSON **out)
 {
     const char *end = NULL;
@@ -1307,12 +1282,14 @@ static int parse_added_token(builder *b, const cJSON *item, int32_t id, const ch
     return add_added(b, content->valuestring, id, single_word, lstrip, rstrip, normalized);
 }
 
-static int load_tokenizer_json(builder *b, const char *path)
+/* Loads tokenizer.json; a missing file sets *missing and returns 0, so the caller can fall back
+ * to vocab.txt. */
+static int load_tokenizer_json(builder *b, const char *path, bool *missing)
 {
     char *data;
     size_t length;
-    int status = read_file(path, &data, &length);
-    if (status) return status;
+    int status = file_read(path, MAX_TOKENIZER_FILE_BYTES, &data, &length, missing);
+    if (status || *missing) return status;
     cJSON *root;
     status = parse_json(path, data, length, &root);
     free(data);
@@ -1448,14 +1425,9 @@ static int load_tokenizer_config(builder *b, const char *path)
 {
     char *data;
     size_t length;
-    FILE *probe = fopen(path, "rb");
-    if (!probe)
-        return errno == ENOENT
-                   ? 0
-                   : err_set(EMBEDRAG_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    fclose(probe);
-    int status = read_file(path, &data, &length);
-    if (status) return status;
+    bool missing;
+    int status = file_read(path, MAX_TOKENIZER_FILE_BYTES, &data, &length, &missing);
+    if (status || missing) return status; /* the file is optional */
     cJSON *config;
     status = parse_json(path, data, length, &config);
     free(data);
@@ -1495,49 +1467,45 @@ done:
     return status;
 }
 
-static int path_join(char *out, size_t size, const char *dir, const char *name)
-{
-    int n = snprintf(out, size, "%s/%s", dir, name);
-    if (n < 0 || (size_t)n >= size)
-        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "%s: path too long", dir);
-    return 0;
-}
-
 int tok_open(const char *model_dir, tok_tokenizer **out)
 {
     if (out) *out = NULL;
     if (!model_dir || !out)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "tok_open: needs a directory and *out");
-    char json_path[4096], vocab_path[4096], config_path[4096];
+    char *json_path = NULL, *vocab_path = NULL, *config_path = NULL;
     int status;
-    if ((status = path_join(json_path, sizeof json_path, model_dir, "tokenizer.json")) ||
-        (status = path_join(vocab_path, sizeof vocab_path, model_dir, "vocab.txt")) ||
-        (status = path_join(config_path, sizeof config_path, model_dir, "tokenizer_config.json")))
-        return status;
+    if ((status = file_join(model_dir, "tokenizer.json", &json_path)) ||
+        (status = file_join(model_dir, "vocab.txt", &vocab_path)) ||
+        (status = file_join(model_dir, "tokenizer_config.json", &config_path)))
+        goto free_paths;
     builder b;
-    if ((status = builder_init(&b))) return status;
+    if ((status = builder_init(&b))) goto free_paths;
 
-    FILE *probe = fopen(json_path, "rb");
-    int json_errno = errno;
-    if (probe) {
-        fclose(probe);
-        if (!(status = load_tokenizer_json(&b, json_path)))
-            status = builder_finish(&b, json_path, out);
-    } else if (json_errno != ENOENT) {
-        status = err_set(EMBEDRAG_ERR_IO, "%s: cannot open: %s", json_path, strerror(json_errno));
-    } else {
-        char *data = NULL;
-        size_t length = 0;
-        status = read_file(vocab_path, &data, &length);
-        if (status) status = err_prefix(status, "%s: no tokenizer.json, and ", model_dir);
-        if (!status && (status = load_vocab_lines(&b, data, length)))
-            status = err_prefix(status, "%s: ", vocab_path);
-        free(data);
-        if (!status && !(status = load_tokenizer_config(&b, config_path)) &&
-            !(status = add_default_specials(&b)))
-            status = builder_finish(&b, vocab_path, out);
+    bool json_missing;
+    if ((status = load_tokenizer_json(&b, json_path, &json_missing))) goto free_builder;
+    if (!json_missing) {
+        status = builder_finish(&b, json_path, out);
+        goto free_builder;
     }
+    char *data;
+    size_t length;
+    status = file_read(vocab_path, MAX_TOKENIZER_FILE_BYTES, &data, &length, NULL);
+    if (status) {
+        status = err_prefix(status, "%s: no tokenizer.json, and ", model_dir);
+        goto free_builder;
+    }
+    if ((status = load_vocab_lines(&b, data, length)))
+        status = err_prefix(status, "%s: ", vocab_path);
+    free(data);
+    if (!status && !(status = load_tokenizer_config(&b, config_path)) &&
+        !(status = add_default_specials(&b)))
+        status = builder_finish(&b, vocab_path, out);
+free_builder:
     builder_free(&b);
+free_paths:
+    free(json_path);
+    free(vocab_path);
+    free(config_path);
     return status;
 }
 
