@@ -6,6 +6,7 @@
 
 #include "util/error.h"
 #include "util/file.h"
+#include "util/json.h"
 
 #include <cjson/cJSON.h>
 #include <limits.h>
@@ -1099,14 +1100,27 @@ static int builder_finish(builder *b, const char *source, tok_tokenizer **out)
     return 0;
 }
 
-static int parse_json(const char *path, const char *data, size_t length, cJSON **out)
+/* A token id from JSON: an integer in [0, MAX_TOKEN_ID]. */
+static bool token_id_from_json(const cJSON *item, int32_t *id)
 {
-    const char *end = NULL;
-    *out = cJSON_ParseWithLengthOpts(data, length, &end, false);
-    if (!*out) {
-        size_t offset = end && end >= data ? (size_t)(end - data) : 0;
-        return err_set(EMBEDRAG_ERR_FORMAT, "%s: malformed JSON at byte offset %zu", path, offset);
-    }
+    int64_t value;
+    if (!json_integer(item, 0, MAX_TOKEN_ID, &value)) return false;
+    *id = (int32_t)value;
+    return true;
+}
+
+/* The "type" of a model, normalizer, pre-tokenizer or post-processor, or NULL. */
+static const char *component_type(const cJSON *object)
+{
+    return cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(object, "type"));
+}
+
+/* Reads a tokenizer file that must hold a JSON object; a missing file sets *missing, leaves *out
+ * NULL and returns 0. */
+static int read_json_object(const char *path, bool *missing, cJSON **out)
+{
+    int status = json_read_file(path, MAX_TOKENIZER_FILE_BYTES, missing, out);
+    if (status || !*out) return status;
     if (!cJSON_IsObject(*out)) {
         cJSON_Delete(*out);
         *out = NULL;
@@ -1115,38 +1129,10 @@ static int parse_json(const char *path, const char *data, size_t length, cJSON *
     return 0;
 }
 
-/* Reads an optional boolean member; a wrong type is an error naming the field. */
-static int json_bool(const cJSON *object, const char *name, bool *value, const char *path,
-                     const char *where)
-{
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, name);
-    if (!item || cJSON_IsNull(item)) return 0;
-    if (!cJSON_IsBool(item))
-        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s%s is not true or false", path, where, name);
-    *value = cJSON_IsTrue(item);
-    return 0;
-}
-
-/* A token id from JSON: an integer in [0, MAX_TOKEN_ID]. */
-static bool json_id(const cJSON *item, int32_t *id)
-{
-    if (!cJSON_IsNumber(item)) return false;
-    double v = item->valuedouble;
-    if (!(v >= 0 && v <= MAX_TOKEN_ID) || v != (double)(int32_t)v) return false;
-    *id = (int32_t)v;
-    return true;
-}
-
-static const char *json_type(const cJSON *object)
-{
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(object, "type");
-    return cJSON_IsString(type) ? type->valuestring : NULL;
-}
-
 /* A one-element "Sequence" is treated as its element. */
 static const cJSON *unwrap_sequence(const cJSON *object, const char *list_name)
 {
-    const char *type = json_type(object);
+    const char *type = component_type(object);
     if (type && strcmp(type, "Sequence") == 0) {
         const cJSON *list = cJSON_GetObjectItemCaseSensitive(object, list_name);
         if (cJSON_IsArray(list) && cJSON_GetArraySize(list) == 1)
@@ -1165,7 +1151,7 @@ static int parse_normalizer(builder *b, const cJSON *root, const char *path)
         return 0;
     }
     n = unwrap_sequence(n, "normalizers");
-    const char *type = json_type(n);
+    const char *type = component_type(n);
     if (!type || strcmp(type, "BertNormalizer") != 0)
         return err_set(EMBEDRAG_ERR_UNSUPPORTED,
                        "%s: normalizer type \"%s\" is not supported (only BertNormalizer)", path,
@@ -1174,20 +1160,20 @@ static int parse_normalizer(builder *b, const cJSON *root, const char *path)
      * lowercase. */
     o->clean_text = o->handle_chinese_chars = o->lowercase = true;
     int status;
-    if ((status = json_bool(n, "clean_text", &o->clean_text, path, "normalizer.")) ||
-        (status =
-             json_bool(n, "handle_chinese_chars", &o->handle_chinese_chars, path, "normalizer.")) ||
-        (status = json_bool(n, "lowercase", &o->lowercase, path, "normalizer.")))
+    if ((status = json_get_bool(n, path, "normalizer", "clean_text", &o->clean_text)) ||
+        (status = json_get_bool(n, path, "normalizer", "handle_chinese_chars",
+                                &o->handle_chinese_chars)) ||
+        (status = json_get_bool(n, path, "normalizer", "lowercase", &o->lowercase)))
         return status;
     o->strip_accents = o->lowercase;
-    return json_bool(n, "strip_accents", &o->strip_accents, path, "normalizer.");
+    return json_get_bool(n, path, "normalizer", "strip_accents", &o->strip_accents);
 }
 
 static int parse_pre_tokenizer(const cJSON *root, const char *path)
 {
     const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
     const char *type = NULL;
-    if (p && !cJSON_IsNull(p)) type = json_type(unwrap_sequence(p, "pretokenizers"));
+    if (p && !cJSON_IsNull(p)) type = component_type(unwrap_sequence(p, "pretokenizers"));
     if (!type || strcmp(type, "BertPreTokenizer") != 0)
         return err_set(EMBEDRAG_ERR_UNSUPPORTED,
                        "%s: pre_tokenizer \"%s\" is not supported (only BertPreTokenizer)", path,
@@ -1207,7 +1193,7 @@ static int template_special_id(const cJSON *processor, const char *name, int32_t
     }
     const cJSON *list = cJSON_GetObjectItemCaseSensitive(entry, "ids");
     if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) != 1 ||
-        !json_id(cJSON_GetArrayItem(list, 0), id))
+        !token_id_from_json(cJSON_GetArrayItem(list, 0), id))
         return err_set(EMBEDRAG_ERR_UNSUPPORTED,
                        "%s: post_processor.special_tokens[\"%s\"] must have exactly one id", path,
                        name);
@@ -1219,7 +1205,7 @@ static int parse_post_processor(builder *b, const cJSON *root, const char *path)
     const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "post_processor");
     if (!p || cJSON_IsNull(p)) return 0; /* [CLS] and [SEP] by name */
     p = unwrap_sequence(p, "processors");
-    const char *type = json_type(p);
+    const char *type = component_type(p);
     if (type && strcmp(type, "BertProcessing") == 0) {
         const char *names[2] = {"cls", "sep"};
         char **tokens[2] = {&b->cls_token, &b->sep_token};
@@ -1228,7 +1214,7 @@ static int parse_post_processor(builder *b, const cJSON *root, const char *path)
             const cJSON *pair = cJSON_GetObjectItemCaseSensitive(p, names[k]);
             const cJSON *name = cJSON_GetArrayItem(pair, 0);
             if (!cJSON_IsArray(pair) || !cJSON_IsString(name) ||
-                !json_id(cJSON_GetArrayItem(pair, 1), ids[k]))
+                !token_id_from_json(cJSON_GetArrayItem(pair, 1), ids[k]))
                 return err_set(EMBEDRAG_ERR_FORMAT,
                                "%s: post_processor.%s is not a [token, id] pair", path, names[k]);
             int status = set_string(tokens[k], name->valuestring);
@@ -1272,12 +1258,12 @@ static int parse_added_token(builder *b, const cJSON *item, int32_t id, const ch
         return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s has no content string", path, where);
     bool single_word = false, lstrip = false, rstrip = false, special = false;
     int status;
-    if ((status = json_bool(item, "special", &special, path, "added token "))) return status;
+    if ((status = json_get_bool(item, path, where, "special", &special))) return status;
     bool normalized = !special; /* the reference's default */
-    if ((status = json_bool(item, "single_word", &single_word, path, "added token ")) ||
-        (status = json_bool(item, "lstrip", &lstrip, path, "added token ")) ||
-        (status = json_bool(item, "rstrip", &rstrip, path, "added token ")) ||
-        (status = json_bool(item, "normalized", &normalized, path, "added token ")))
+    if ((status = json_get_bool(item, path, where, "single_word", &single_word)) ||
+        (status = json_get_bool(item, path, where, "lstrip", &lstrip)) ||
+        (status = json_get_bool(item, path, where, "rstrip", &rstrip)) ||
+        (status = json_get_bool(item, path, where, "normalized", &normalized)))
         return status;
     return add_added(b, content->valuestring, id, single_word, lstrip, rstrip, normalized);
 }
@@ -1286,18 +1272,13 @@ static int parse_added_token(builder *b, const cJSON *item, int32_t id, const ch
  * to vocab.txt. */
 static int load_tokenizer_json(builder *b, const char *path, bool *missing)
 {
-    char *data;
-    size_t length;
-    int status = file_read(path, MAX_TOKENIZER_FILE_BYTES, &data, &length, missing);
-    if (status || *missing) return status;
     cJSON *root;
-    status = parse_json(path, data, length, &root);
-    free(data);
-    if (status) return status;
+    int status = read_json_object(path, missing, &root);
+    if (status || *missing) return status;
 
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
-    const char *type = json_type(model);
+    const char *type = component_type(model);
     if (!cJSON_IsObject(model)) {
         status = err_set(EMBEDRAG_ERR_FORMAT, "%s: \"model\" is missing or not an object", path);
         goto done;
@@ -1313,7 +1294,7 @@ static int load_tokenizer_json(builder *b, const char *path, bool *missing)
     }
     for (const cJSON *entry = vocab->child; entry; entry = entry->next) {
         int32_t id;
-        if (!json_id(entry, &id)) {
+        if (!token_id_from_json(entry, &id)) {
             status = err_set(EMBEDRAG_ERR_FORMAT, "%s: model.vocab[\"%s\"] is not a valid id", path,
                              entry->string ? entry->string : "");
             goto done;
@@ -1322,22 +1303,15 @@ static int load_tokenizer_json(builder *b, const char *path, bool *missing)
     }
     const cJSON *unk = cJSON_GetObjectItemCaseSensitive(model, "unk_token");
     const cJSON *prefix = cJSON_GetObjectItemCaseSensitive(model, "continuing_subword_prefix");
-    const cJSON *max_chars = cJSON_GetObjectItemCaseSensitive(model, "max_input_chars_per_word");
     if (cJSON_IsString(unk) && (status = set_string(&b->unk_token, unk->valuestring))) goto done;
     if (cJSON_IsString(prefix) &&
         !(b->tok->continuation_prefix = copy_string(prefix->valuestring))) {
         status = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
         goto done;
     }
-    if (max_chars && !cJSON_IsNull(max_chars)) {
-        if (!cJSON_IsNumber(max_chars) || max_chars->valuedouble < 0) {
-            status = err_set(EMBEDRAG_ERR_FORMAT,
-                             "%s: model.max_input_chars_per_word is not a count", path);
-            goto done;
-        }
-        b->tok->options.max_input_chars_per_word =
-            max_chars->valuedouble > INT_MAX ? INT_MAX : (int)max_chars->valuedouble;
-    }
+    if ((status = json_get_int(model, path, "model", "max_input_chars_per_word", false, 0, INT_MAX,
+                               &b->tok->options.max_input_chars_per_word)))
+        goto done;
 
     if ((status = parse_normalizer(b, root, path)) || (status = parse_pre_tokenizer(root, path)) ||
         (status = parse_post_processor(b, root, path)))
@@ -1353,7 +1327,7 @@ static int load_tokenizer_json(builder *b, const char *path, bool *missing)
         int32_t id;
         char where[64];
         snprintf(where, sizeof where, "added_tokens[%d]", index);
-        if (!json_id(cJSON_GetObjectItemCaseSensitive(item, "id"), &id)) {
+        if (!token_id_from_json(cJSON_GetObjectItemCaseSensitive(item, "id"), &id)) {
             status = err_set(EMBEDRAG_ERR_FORMAT, "%s: %s has no valid id", path, where);
             goto done;
         }
@@ -1423,25 +1397,22 @@ static int config_token(const cJSON *config, const char *field, char **out)
 
 static int load_tokenizer_config(builder *b, const char *path)
 {
-    char *data;
-    size_t length;
     bool missing;
-    int status = file_read(path, MAX_TOKENIZER_FILE_BYTES, &data, &length, &missing);
-    if (status || missing) return status; /* the file is optional */
     cJSON *config;
-    status = parse_json(path, data, length, &config);
-    free(data);
-    if (status) return status;
+    int status = read_json_object(path, &missing, &config);
+    if (status || missing) return status; /* the file is optional */
     tok_options *o = &b->tok->options;
     /* BertTokenizer's defaults: lowercase, strip accents when lowercasing, space CJK. */
     o->clean_text = true;
     bool strip_given = false;
     const cJSON *strip = cJSON_GetObjectItemCaseSensitive(config, "strip_accents");
-    if ((status = json_bool(config, "do_lower_case", &o->lowercase, path, "")) ||
-        (status = json_bool(config, "tokenize_chinese_chars", &o->handle_chinese_chars, path, "")))
+    if ((status = json_get_bool(config, path, NULL, "do_lower_case", &o->lowercase)) ||
+        (status =
+             json_get_bool(config, path, NULL, "tokenize_chinese_chars", &o->handle_chinese_chars)))
         goto done;
     if (strip && !cJSON_IsNull(strip)) {
-        if ((status = json_bool(config, "strip_accents", &o->strip_accents, path, ""))) goto done;
+        if ((status = json_get_bool(config, path, NULL, "strip_accents", &o->strip_accents)))
+            goto done;
         strip_given = true;
     }
     if (!strip_given) o->strip_accents = o->lowercase;
