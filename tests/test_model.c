@@ -557,7 +557,7 @@ static void test_safetensors_malformed_headers_are_rejected(void)
     expect_header_error("", 0, F, "not valid JSON", NULL);
     expect_header_error("[1,2]", 0, F, "not an object", NULL);
     expect_header_error("\"text\"", 0, F, "not an object", NULL);
-    expect_header_error("{} {}", 0, F, "extra bytes", NULL);
+    expect_header_error("{} {}", 0, F, "extra text", NULL);
     expect_header_error("{\"a\":5}", 0, F, "'a'", "not an object");
     expect_header_error("{\"__metadata__\":[1]}", 0, F, "__metadata__", NULL);
     expect_header_error("{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4, F, "'w'", "dtype");

@@ -775,7 +775,7 @@ static void test_open_errors(void)
     expect_open_error(dir, EMBEDRAG_ERR_IO, "vocab.txt", "No such file", "empty directory");
 
     write_text(dir, "tokenizer.json", "{\"model\": {\"vocab\": {\"a\": 0,, }}}");
-    expect_open_error(dir, EMBEDRAG_ERR_FORMAT, "tokenizer.json", "malformed JSON",
+    expect_open_error(dir, EMBEDRAG_ERR_FORMAT, "tokenizer.json", "not valid JSON",
                       "corrupt tokenizer.json");
     write_text(dir, "tokenizer.json", "{\"model\": {\"type\": \"WordPiece\"}}");
     expect_open_error(dir, EMBEDRAG_ERR_FORMAT, "tokenizer.json", "model.vocab",
@@ -802,7 +802,7 @@ static void test_open_errors(void)
     expect_open_error(dir, EMBEDRAG_ERR_FORMAT, "vocab.txt", "[SEP]", "vocab.txt without [SEP]");
     write_text(dir, "vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n");
     write_text(dir, "tokenizer_config.json", "{\"do_lower_case\": fals");
-    expect_open_error(dir, EMBEDRAG_ERR_FORMAT, "tokenizer_config.json", "malformed JSON",
+    expect_open_error(dir, EMBEDRAG_ERR_FORMAT, "tokenizer_config.json", "not valid JSON",
                       "corrupt tokenizer_config.json");
     write_text(dir, "tokenizer_config.json", "{\"do_lower_case\": false}");
     tok_tokenizer *t = NULL;

@@ -5,13 +5,12 @@
 #include "model/model.h"
 
 #include "util/error.h"
+#include "util/file.h"
+#include "util/json.h"
 
 #include "embedrag.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,164 +32,13 @@
 /* Config files are a few KB; a larger one is not a config file. */
 #define MODEL_MAX_CONFIG_BYTES (16u * 1024u * 1024u)
 
-/* Reads a whole file into a NUL-terminated buffer. A missing file sets *missing (when `missing`
- * is not NULL) and returns 0, so callers treat optional files uniformly. */
-static int cfg_read_file(const char *path, char **text, size_t *length, bool *missing)
-{
-    *text = NULL;
-    *length = 0;
-    if (missing) *missing = false;
-    int rc = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        if (errno == ENOENT && missing) {
-            *missing = true;
-            return 0;
-        }
-        return err_set(EMBEDRAG_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    }
-    size_t capacity = 4096, used = 0;
-    char *buf = malloc(capacity);
-    if (!buf) {
-        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
-        goto close_file;
-    }
-    for (;;) {
-        if (used + 1 >= capacity) {
-            if (capacity >= MODEL_MAX_CONFIG_BYTES) {
-                rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: larger than %u bytes; not a config file",
-                             path, MODEL_MAX_CONFIG_BYTES);
-                goto free_buf;
-            }
-            char *grown = realloc(buf, capacity * 2);
-            if (!grown) {
-                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", path);
-                goto free_buf;
-            }
-            buf = grown;
-            capacity *= 2;
-        }
-        size_t n = fread(buf + used, 1, capacity - 1 - used, f);
-        used += n;
-        if (n == 0) break;
-    }
-    if (ferror(f)) {
-        rc = err_set(EMBEDRAG_ERR_IO, "%s: read error", path);
-        goto free_buf;
-    }
-    buf[used] = '\0';
-    fclose(f);
-    *text = buf;
-    *length = used;
-    return 0;
-
-free_buf:
-    free(buf);
-close_file:
-    fclose(f);
-    return rc;
-}
-
-/* Parses JSON text that must hold exactly one value; `filename` is for messages. */
-static int cfg_parse_json(const char *text, size_t length, const char *filename, cJSON **out)
-{
-    *out = NULL;
-    /* cJSON stops at a NUL and may look one byte ahead; a terminated copy keeps it inside our
-     * buffer whatever the caller passed (the fuzz target passes raw bytes). */
-    char *copy = malloc(length + 1);
-    if (!copy) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", filename);
-    memcpy(copy, text, length);
-    copy[length] = '\0';
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(copy, length, &end, false);
-    size_t at = end ? (size_t)(end - copy) : 0;
-    int rc = 0;
-    if (!root) {
-        rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: not valid JSON (error near byte %zu)", filename, at);
-        goto free_copy;
-    }
-    for (size_t i = at; i < length; i++) {
-        if (copy[i] != ' ' && copy[i] != '\t' && copy[i] != '\n' && copy[i] != '\r') {
-            rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: extra text after the JSON value at byte %zu",
-                         filename, i);
-            cJSON_Delete(root);
-            goto free_copy;
-        }
-    }
-    *out = root;
-free_copy:
-    free(copy);
-    return rc;
-}
-
-/* Renders a JSON value compactly for an error message, cut to fit `buf`. */
-const char *model_json_text(const cJSON *item, char *buf, size_t size)
-{
-    char *s = cJSON_PrintUnformatted(item);
-    snprintf(buf, size, "%s", s ? s : "?");
-    free(s);
-    return buf;
-}
-
-/* Reads integer field `field` of `object` into *out, which must lie in [1, max]. An absent (or
- * null) field is an error when `required`, else leaves *out unchanged. */
-static int cfg_get_int(const cJSON *object, const char *filename, const char *field, bool required,
-                       int max, int *out)
-{
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, field);
-    if (!item || cJSON_IsNull(item)) {
-        if (required)
-            return err_set(EMBEDRAG_ERR_FORMAT, "%s: required field %s is missing", filename,
-                           field);
-        return 0;
-    }
-    double v = cJSON_IsNumber(item) ? item->valuedouble : NAN;
-    if (!(v >= 1 && v <= max) || v != floor(v)) {
-        char text[64];
-        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected an integer from 1 to %d",
-                       filename, field, model_json_text(item, text, sizeof text), max);
-    }
-    *out = (int)v;
-    return 0;
-}
-
-/* Reads an optional string field: *out is NULL when absent or null. */
-static int cfg_get_string(const cJSON *object, const char *filename, const char *field,
-                          const char **out)
-{
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, field);
-    *out = NULL;
-    if (!item || cJSON_IsNull(item)) return 0;
-    if (!cJSON_IsString(item)) {
-        char text[64];
-        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected a string", filename, field,
-                       model_json_text(item, text, sizeof text));
-    }
-    *out = item->valuestring;
-    return 0;
-}
-
-/* Reads an optional boolean field, leaving *out unchanged when absent or null. */
-static int cfg_get_bool(const cJSON *object, const char *filename, const char *field, bool *out)
-{
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, field);
-    if (!item || cJSON_IsNull(item)) return 0;
-    if (!cJSON_IsBool(item)) {
-        char text[64];
-        return err_set(EMBEDRAG_ERR_FORMAT, "%s: %s is %s, expected true or false", filename, field,
-                       model_json_text(item, text, sizeof text));
-    }
-    *out = cJSON_IsTrue(item);
-    return 0;
-}
-
 /* Decides from model_type, or from architectures when model_type is absent, whether this is a
  * plain BERT encoder. Look-alikes (RoBERTa's offset positions, DistilBERT's tensor names,
  * XLM-R's vocabulary) would load and then compute something else, so only "bert" passes. */
 static int cfg_check_architecture(const cJSON *root, const char *filename)
 {
     const char *model_type;
-    int rc = cfg_get_string(root, filename, "model_type", &model_type);
+    int rc = json_get_string(root, filename, NULL, "model_type", &model_type);
     if (rc) return rc;
     if (model_type) {
         if (strcmp(model_type, "bert") != 0)
@@ -213,7 +61,7 @@ static int cfg_check_architecture(const cJSON *root, const char *filename)
             char text[64];
             return err_set(EMBEDRAG_ERR_UNSUPPORTED,
                            "%s: architecture %s is not supported (embedrag runs BERT models)",
-                           filename, model_json_text(arch, text, sizeof text));
+                           filename, json_value_text(arch, text, sizeof text));
         }
     }
     return 0;
@@ -222,7 +70,7 @@ static int cfg_check_architecture(const cJSON *root, const char *filename)
 static int cfg_parse_activation(const cJSON *root, const char *filename, model_activation *out)
 {
     const char *act;
-    int rc = cfg_get_string(root, filename, "hidden_act", &act);
+    int rc = json_get_string(root, filename, NULL, "hidden_act", &act);
     if (rc) return rc;
     if (!act || strcmp(act, "gelu") == 0 || strcmp(act, "gelu_python") == 0)
         *out = MODEL_ACT_GELU;
@@ -256,7 +104,7 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
 {
     memset(out, 0, sizeof *out);
     cJSON *root;
-    int rc = cfg_parse_json(json, length, filename, &root);
+    int rc = json_parse(json, length, filename, &root);
     if (rc) return rc;
     if (!cJSON_IsObject(root)) {
         rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", filename);
@@ -266,7 +114,7 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
     if (rc) goto free_root;
 
     const char *position_type;
-    rc = cfg_get_string(root, filename, "position_embedding_type", &position_type);
+    rc = json_get_string(root, filename, NULL, "position_embedding_type", &position_type);
     if (rc) goto free_root;
     if (position_type && strcmp(position_type, "absolute") != 0) {
         rc = err_set(EMBEDRAG_ERR_UNSUPPORTED,
@@ -276,19 +124,20 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
     }
 
     out->type_vocab_size = 2;
-    if ((rc = cfg_get_int(root, filename, "hidden_size", true, MODEL_MAX_HIDDEN,
-                          &out->hidden_size)) ||
-        (rc = cfg_get_int(root, filename, "num_hidden_layers", true, MODEL_MAX_LAYERS,
-                          &out->num_layers)) ||
-        (rc = cfg_get_int(root, filename, "num_attention_heads", true, MODEL_MAX_HEADS,
-                          &out->num_heads)) ||
-        (rc = cfg_get_int(root, filename, "intermediate_size", true, MODEL_MAX_INTERMEDIATE,
-                          &out->intermediate_size)) ||
-        (rc = cfg_get_int(root, filename, "vocab_size", true, MODEL_MAX_VOCAB, &out->vocab_size)) ||
-        (rc = cfg_get_int(root, filename, "max_position_embeddings", true, MODEL_MAX_POSITIONS,
-                          &out->max_position_embeddings)) ||
-        (rc = cfg_get_int(root, filename, "type_vocab_size", false, MODEL_MAX_TYPE_VOCAB,
-                          &out->type_vocab_size)))
+    if ((rc = json_get_int(root, filename, NULL, "hidden_size", true, 1, MODEL_MAX_HIDDEN,
+                           &out->hidden_size)) ||
+        (rc = json_get_int(root, filename, NULL, "num_hidden_layers", true, 1, MODEL_MAX_LAYERS,
+                           &out->num_layers)) ||
+        (rc = json_get_int(root, filename, NULL, "num_attention_heads", true, 1, MODEL_MAX_HEADS,
+                           &out->num_heads)) ||
+        (rc = json_get_int(root, filename, NULL, "intermediate_size", true, 1,
+                           MODEL_MAX_INTERMEDIATE, &out->intermediate_size)) ||
+        (rc = json_get_int(root, filename, NULL, "vocab_size", true, 1, MODEL_MAX_VOCAB,
+                           &out->vocab_size)) ||
+        (rc = json_get_int(root, filename, NULL, "max_position_embeddings", true, 1,
+                           MODEL_MAX_POSITIONS, &out->max_position_embeddings)) ||
+        (rc = json_get_int(root, filename, NULL, "type_vocab_size", false, 1, MODEL_MAX_TYPE_VOCAB,
+                           &out->type_vocab_size)))
         goto free_root;
     if (out->hidden_size % out->num_heads != 0) {
         rc = err_set(EMBEDRAG_ERR_FORMAT,
@@ -309,7 +158,7 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
             rc = err_set(EMBEDRAG_ERR_FORMAT,
                          "%s: layer_norm_eps is %s, expected a number in (0, 1) that a float "
                          "holds",
-                         filename, model_json_text(eps, text, sizeof text));
+                         filename, json_value_text(eps, text, sizeof text));
             goto free_root;
         }
         out->layer_norm_eps = (float)eps->valuedouble;
@@ -318,7 +167,7 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
     if (rc) goto free_root;
 
     const char *name;
-    rc = cfg_get_string(root, filename, "_name_or_path", &name);
+    rc = json_get_string(root, filename, NULL, "_name_or_path", &name);
     if (rc) goto free_root;
     if (name && *name) {
         out->name = strdup(name);
@@ -340,35 +189,16 @@ free_root:
     return rc;
 }
 
-/* Joins a directory and a relative name; the caller frees the result. */
-static char *cfg_join(const char *dir, const char *name)
-{
-    size_t a = strlen(dir), b = strlen(name);
-    char *path = malloc(a + b + 2);
-    if (!path) return NULL;
-    memcpy(path, dir, a);
-    size_t n = a;
-    if (a && dir[a - 1] != '/') path[n++] = '/';
-    memcpy(path + n, name, b + 1);
-    return path;
-}
-
 /* Reads and parses dir/name. An absent optional file leaves *root NULL and returns 0. On return
  * *path holds the joined path (for messages) and the caller frees it. */
 static int cfg_load_json(const char *dir, const char *name, bool optional, char **path,
                          cJSON **root)
 {
     *root = NULL;
-    *path = cfg_join(dir, name);
-    if (!*path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s/%s: out of memory", dir, name);
-    char *text;
-    size_t length;
+    int rc = file_join(dir, name, path);
+    if (rc) return rc;
     bool missing;
-    int rc = cfg_read_file(*path, &text, &length, optional ? &missing : NULL);
-    if (rc || (optional && missing)) return rc;
-    rc = cfg_parse_json(text, length, *path, root);
-    free(text);
-    return rc;
+    return json_read_file(*path, MODEL_MAX_CONFIG_BYTES, optional ? &missing : NULL, root);
 }
 
 /* The last component of a module's type ("sentence_transformers.models.Pooling" -> "Pooling"),
@@ -395,10 +225,10 @@ static int cfg_parse_modules(const cJSON *modules, const char *path, model_confi
         const char *type, *module_path;
         if (!cJSON_IsObject(module))
             return err_set(EMBEDRAG_ERR_FORMAT, "%s: module %d is not an object", path, index);
-        int rc = cfg_get_string(module, path, "type", &type);
+        int rc = json_get_string(module, path, NULL, "type", &type);
         if (rc) return rc;
         if (!type) return err_set(EMBEDRAG_ERR_FORMAT, "%s: module %d has no type", path, index);
-        rc = cfg_get_string(module, path, "path", &module_path);
+        rc = json_get_string(module, path, NULL, "path", &module_path);
         if (rc) return rc;
         const char *kind = cfg_module_kind(type);
         if (strcmp(kind, "Transformer") == 0) {
@@ -446,19 +276,19 @@ static int cfg_parse_pooling(const cJSON *root, const char *path, model_config *
 {
     if (!cJSON_IsObject(root)) return err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", path);
     int dimension = 0;
-    int rc =
-        cfg_get_int(root, path, "word_embedding_dimension", false, MODEL_MAX_HIDDEN, &dimension);
+    int rc = json_get_int(root, path, NULL, "word_embedding_dimension", false, 1, MODEL_MAX_HIDDEN,
+                          &dimension);
     if (rc) return rc;
     if (dimension && dimension != config->hidden_size)
         return err_set(EMBEDRAG_ERR_FORMAT,
                        "%s: word_embedding_dimension %d differs from config.json's hidden_size %d",
                        path, dimension, config->hidden_size);
-    rc = cfg_get_bool(root, path, "include_prompt", &config->pooling_include_prompt);
+    rc = json_get_bool(root, path, NULL, "include_prompt", &config->pooling_include_prompt);
     if (rc) return rc;
 
     /* sentence-transformers lets the "pooling_mode" string override the flags. */
     const char *mode;
-    rc = cfg_get_string(root, path, "pooling_mode", &mode);
+    rc = json_get_string(root, path, NULL, "pooling_mode", &mode);
     if (rc) return rc;
     if (mode) {
         for (int i = 0; i < CFG_POOLING_MODE_COUNT; i++) {
@@ -475,7 +305,7 @@ static int cfg_parse_pooling(const cJSON *root, const char *path, model_config *
     int chosen = -1;
     for (int i = 0; i < CFG_POOLING_MODE_COUNT; i++) {
         bool on = false;
-        rc = cfg_get_bool(root, path, cfg_pooling_modes[i].flag, &on);
+        rc = json_get_bool(root, path, NULL, cfg_pooling_modes[i].flag, &on);
         if (rc) return rc;
         if (!on) continue;
         if (cfg_pooling_modes[i].pooling < 0)
@@ -503,7 +333,8 @@ static int cfg_parse_sentence_bert(const cJSON *root, const char *path, model_co
 {
     if (!cJSON_IsObject(root)) return err_set(EMBEDRAG_ERR_FORMAT, "%s: not a JSON object", path);
     int max_seq_length = 0;
-    int rc = cfg_get_int(root, path, "max_seq_length", false, MODEL_MAX_POSITIONS, &max_seq_length);
+    int rc = json_get_int(root, path, NULL, "max_seq_length", false, 1, MODEL_MAX_POSITIONS,
+                          &max_seq_length);
     if (rc) return rc;
     /* Positions past the table do not exist, whatever the file asks for. */
     if (max_seq_length && max_seq_length < config->max_position_embeddings)
@@ -519,7 +350,7 @@ static int cfg_parse_prompts(const cJSON *root, const char *path, model_config *
     if (prompts && !cJSON_IsNull(prompts)) {
         if (!cJSON_IsObject(prompts))
             return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompts is %s, expected an object", path,
-                           model_json_text(prompts, text, sizeof text));
+                           json_value_text(prompts, text, sizeof text));
         int count = cJSON_GetArraySize(prompts);
         if (count > MODEL_MAX_PROMPTS)
             return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompts has %d entries, at most %d", path,
@@ -531,7 +362,7 @@ static int cfg_parse_prompts(const cJSON *root, const char *path, model_config *
         {
             if (!cJSON_IsString(prompt))
                 return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompt '%s' is %s, expected a string",
-                               path, prompt->string, model_json_text(prompt, text, sizeof text));
+                               path, prompt->string, json_value_text(prompt, text, sizeof text));
             for (int i = 0; i < config->prompt_count; i++)
                 if (strcmp(config->prompts[i].name, prompt->string) == 0)
                     return err_set(EMBEDRAG_ERR_FORMAT, "%s: prompt '%s' appears twice", path,
@@ -545,7 +376,7 @@ static int cfg_parse_prompts(const cJSON *root, const char *path, model_config *
         }
     }
     const char *default_name;
-    int rc = cfg_get_string(root, path, "default_prompt_name", &default_name);
+    int rc = json_get_string(root, path, NULL, "default_prompt_name", &default_name);
     if (rc) return rc;
     if (default_name) {
         bool known = false;
@@ -590,11 +421,12 @@ static int cfg_apply_optional(const char *dir, const char *name,
 /* dir/<pooling_dir>/config.json, which must exist when modules.json names the module. */
 static int cfg_load_pooling(const char *dir, const char *pooling_dir, model_config *config)
 {
-    char *name = cfg_join(pooling_dir, "config.json");
-    if (!name) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    char *name;
+    int rc = file_join(pooling_dir, "config.json", &name);
+    if (rc) return rc;
     char *path;
     cJSON *root;
-    int rc = cfg_load_json(dir, name, false, &path, &root);
+    rc = cfg_load_json(dir, name, false, &path, &root);
     if (rc == 0) rc = cfg_parse_pooling(root, path, config);
     cJSON_Delete(root);
     free(path);
@@ -605,11 +437,12 @@ static int cfg_load_pooling(const char *dir, const char *pooling_dir, model_conf
 int model_config_load(const char *dir, model_config *out)
 {
     memset(out, 0, sizeof *out);
-    char *path = cfg_join(dir, "config.json");
-    if (!path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
+    char *path;
+    int rc = file_join(dir, "config.json", &path);
+    if (rc) return rc;
     char *text;
     size_t length;
-    int rc = cfg_read_file(path, &text, &length, NULL);
+    rc = file_read(path, MODEL_MAX_CONFIG_BYTES, &text, &length, NULL);
     if (rc) goto free_path;
     rc = model_config_parse(text, length, path, out);
     free(text);

@@ -89,11 +89,6 @@ int model_config_parse(const char *json, size_t length, const char *filename, mo
 
 void model_config_free(model_config *config);
 
-/* Renders a JSON value (a cJSON item) compactly for an error message, cut to fit `buf`;
- * shared by the safetensors and config parsers. */
-struct cJSON;
-const char *model_json_text(const struct cJSON *item, char *buf, size_t size);
-
 /* ---- weights: immutable views of the file's tensors ---- */
 
 /* One tensor as stored in model.safetensors: the file's own bytes (F32, F16 or BF16,

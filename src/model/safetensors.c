@@ -4,11 +4,11 @@
 #include "model/model.h"
 
 #include "util/error.h"
+#include "util/json.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,9 +21,8 @@
  * bounds what cJSON allocates. */
 #define ST_MAX_HEADER_BYTES (100u * 1000u * 1000u)
 
-/* JSON numbers arrive as doubles; integers above 2^53 are no longer exact, and no offset or
- * dimension of a real file comes near it. */
-#define ST_MAX_EXACT_INTEGER 9007199254740992.0
+/* Room for "<file name> header" in messages: the error buffer holds 1024 bytes in all. */
+#define ST_LABEL_BYTES 1024
 
 /* Element sizes of the dtypes the format defines. Only F32, F16 and BF16 are ever read; the
  * others are sized so their ranges can still be checked. Names not listed are accepted as
@@ -52,13 +51,13 @@ static bool st_dtype_name_valid(const char *s)
     return true;
 }
 
-/* Reads a JSON number that must be an exact non-negative integer no larger than `max`. */
-static bool st_json_uint(const cJSON *item, double max, uint64_t *out)
+/* Reads a JSON number that must be an exact non-negative integer; no offset or dimension of a
+ * real file comes near the 2^53 where doubles stop being exact. */
+static bool st_json_uint(const cJSON *item, uint64_t *out)
 {
-    if (!cJSON_IsNumber(item)) return false;
-    double v = item->valuedouble;
-    if (!(v >= 0 && v <= max && v <= ST_MAX_EXACT_INTEGER) || v != floor(v)) return false;
-    *out = (uint64_t)v;
+    int64_t value;
+    if (!json_integer(item, 0, JSON_MAX_EXACT_INTEGER, &value)) return false;
+    *out = (uint64_t)value;
     return true;
 }
 
@@ -75,7 +74,7 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
     char text[64];
     if (!cJSON_IsObject(entry))
         return err_set(EMBEDRAG_ERR_FORMAT, "%s: tensor '%s': header entry is %s, not an object",
-                       name, entry->string, model_json_text(entry, text, sizeof text));
+                       name, entry->string, json_value_text(entry, text, sizeof text));
 
     const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(entry, "dtype");
     if (!cJSON_IsString(dtype))
@@ -110,10 +109,10 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
     cJSON_ArrayForEach(dim, shape)
     {
         uint64_t v;
-        if (!st_json_uint(dim, ST_MAX_EXACT_INTEGER, &v))
+        if (!st_json_uint(dim, &v))
             return err_set(EMBEDRAG_ERR_FORMAT,
                            "%s: tensor '%s': shape entry %d is %s, not a non-negative integer",
-                           name, entry->string, t->ndim, model_json_text(dim, text, sizeof text));
+                           name, entry->string, t->ndim, json_value_text(dim, text, sizeof text));
         t->shape[t->ndim++] = (int64_t)v;
         /* Keep multiplying after an overflow only to find a zero dimension, which makes the
          * tensor empty and the product well defined again. */
@@ -129,13 +128,13 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
     const cJSON *offsets = cJSON_GetObjectItemCaseSensitive(entry, "data_offsets");
     uint64_t begin, end;
     if (!cJSON_IsArray(offsets) || cJSON_GetArraySize(offsets) != 2 ||
-        !st_json_uint(cJSON_GetArrayItem(offsets, 0), ST_MAX_EXACT_INTEGER, &begin) ||
-        !st_json_uint(cJSON_GetArrayItem(offsets, 1), ST_MAX_EXACT_INTEGER, &end))
+        !st_json_uint(cJSON_GetArrayItem(offsets, 0), &begin) ||
+        !st_json_uint(cJSON_GetArrayItem(offsets, 1), &end))
         return err_set(EMBEDRAG_ERR_FORMAT,
                        "%s: tensor '%s': data_offsets is %s, expected [begin, end] with two "
                        "non-negative integers",
                        name, entry->string,
-                       offsets ? model_json_text(offsets, text, sizeof text) : "missing");
+                       offsets ? json_value_text(offsets, text, sizeof text) : "missing");
     if (end < begin)
         return err_set(EMBEDRAG_ERR_FORMAT,
                        "%s: tensor '%s': data_offsets [%llu, %llu] end before they begin", name,
@@ -151,12 +150,12 @@ static int st_parse_tensor(const cJSON *entry, const char *name, const unsigned 
         if (overflow || __builtin_mul_overflow(elements, (uint64_t)element_size, &nbytes))
             return err_set(EMBEDRAG_ERR_FORMAT,
                            "%s: tensor '%s': shape %s overflows a 64-bit byte count", name,
-                           entry->string, model_json_text(shape, text, sizeof text));
+                           entry->string, json_value_text(shape, text, sizeof text));
         if (nbytes != end - begin)
             return err_set(EMBEDRAG_ERR_FORMAT,
                            "%s: tensor '%s': shape %s of %s needs %llu bytes, data_offsets "
                            "[%llu, %llu] hold %llu",
-                           name, entry->string, model_json_text(shape, text, sizeof text),
+                           name, entry->string, json_value_text(shape, text, sizeof text),
                            t->dtype_name, (unsigned long long)nbytes, (unsigned long long)begin,
                            (unsigned long long)end, (unsigned long long)(end - begin));
     }
@@ -212,15 +211,6 @@ static int st_check_unique(st_file *file, const char *name, const unsigned char 
     return rc;
 }
 
-/* Everything between the JSON value and the end of the header must be padding; the format pads
- * with spaces so the data area starts aligned. */
-static bool st_only_padding(const char *p, const char *end)
-{
-    for (; p < end; p++)
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') return false;
-    return true;
-}
-
 int st_parse(const void *data, size_t size, const char *name, st_file **out)
 {
     *out = NULL;
@@ -250,33 +240,14 @@ int st_parse(const void *data, size_t size, const char *name, st_file **out)
         goto free_file;
     }
 
-    /* A NUL-terminated copy keeps cJSON inside our buffer whatever the header holds; the header
-     * is small next to the tensor data, so the copy costs nothing that matters. */
+    /* The format pads the header with spaces so that the data area starts aligned; json_parse
+     * allows whitespace after the value and nothing else. */
     size_t json_length = (size_t)header_length;
-    char *json = malloc(json_length + 1);
-    if (!json) {
-        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory for a %zu-byte header", name,
-                     json_length);
-        goto free_file;
-    }
-    memcpy(json, bytes + 8, json_length);
-    json[json_length] = '\0';
-
-    const char *parse_end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(json, json_length, &parse_end, false);
-    if (!root) {
-        size_t at = parse_end ? (size_t)(parse_end - json) : 0;
-        rc = err_set(EMBEDRAG_ERR_FORMAT,
-                     "%s: header is not valid JSON (error near byte %zu of %zu)", name, at,
-                     json_length);
-        goto free_json;
-    }
-    if (!st_only_padding(parse_end, json + json_length)) {
-        rc = err_set(EMBEDRAG_ERR_FORMAT,
-                     "%s: header has extra bytes after the JSON value (at byte %zu of %zu)", name,
-                     (size_t)(parse_end - json), json_length);
-        goto free_root;
-    }
+    char label[ST_LABEL_BYTES];
+    snprintf(label, sizeof label, "%s header", name);
+    cJSON *root;
+    rc = json_parse((const char *)bytes + 8, json_length, label, &root);
+    if (rc) goto free_file;
     if (!cJSON_IsObject(root)) {
         rc = err_set(EMBEDRAG_ERR_FORMAT, "%s: header is JSON but not an object", name);
         goto free_root;
@@ -314,14 +285,11 @@ int st_parse(const void *data, size_t size, const char *name, st_file **out)
     if (rc) goto free_root;
 
     cJSON_Delete(root);
-    free(json);
     *out = file;
     return 0;
 
 free_root:
     cJSON_Delete(root);
-free_json:
-    free(json);
 free_file:
     st_close(file);
     return rc;

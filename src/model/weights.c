@@ -4,6 +4,7 @@
 #include "model/model.h"
 
 #include "util/error.h"
+#include "util/file.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -168,13 +169,10 @@ static int wt_layer(wt_context *ctx, const model_config *c, int index, model_lay
 int model_weights_load(const char *dir, const model_config *config, model_weights *out)
 {
     memset(out, 0, sizeof *out);
-    size_t dir_length = strlen(dir);
-    char *path = malloc(dir_length + sizeof "/model.safetensors");
-    if (!path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory", dir);
-    sprintf(path, "%s%smodel.safetensors", dir,
-            dir_length && dir[dir_length - 1] == '/' ? "" : "/");
-
-    int rc = st_open(path, &out->file);
+    char *path;
+    int rc = file_join(dir, "model.safetensors", &path);
+    if (rc) return rc;
+    rc = st_open(path, &out->file);
     if (rc) goto free_path;
     char prefix[WT_MAX_NAME / 2];
     rc = wt_detect_prefix(out->file, path, prefix, sizeof prefix);

@@ -1,0 +1,277 @@
+/* Tests of the shared helpers in src/util: whole-file reads (missing, empty, oversized and
+ * unreadable files), path joining, and the JSON helpers' parsing, typed getters and messages. */
+#include "check.h"
+
+#include "util/error.h"
+#include "util/file.h"
+#include "util/json.h"
+
+#include "embedrag.h"
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static char temp_root[512];
+
+/* temp_root/name in a malloc'd string. */
+static char *temp_file(const char *name)
+{
+    char *path;
+    if (file_join(temp_root, name, &path) != 0) abort();
+    return path;
+}
+
+static void write_file(const char *path, const void *data, size_t size)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, size, f) != size) {
+        fprintf(stderr, "cannot write %s\n", path);
+        abort();
+    }
+    fclose(f);
+}
+
+static void test_file_read_returns_the_bytes_and_a_nul(void)
+{
+    char *path = temp_file("bytes.bin");
+    static const char data[] = "a\0b\nc"; /* a NUL inside must survive */
+    write_file(path, data, sizeof data - 1);
+    char *text = NULL;
+    size_t length = 0;
+    int rc = file_read(path, 1000, &text, &length, NULL);
+    CHECK(rc == 0 && text && length == sizeof data - 1, "read: %d %s", rc, err_get());
+    if (text) {
+        CHECK(memcmp(text, data, length) == 0 && text[length] == '\0', "bytes and NUL");
+        free(text);
+    }
+
+    /* A file of exactly the limit is accepted; one byte more is refused. */
+    rc = file_read(path, sizeof data - 1, &text, &length, NULL);
+    CHECK(rc == 0 && length == sizeof data - 1, "at the limit: %d %s", rc, err_get());
+    free(text);
+    rc = file_read(path, sizeof data - 2, &text, &length, NULL);
+    CHECK(rc == EMBEDRAG_ERR_FORMAT && text == NULL && strstr(err_get(), "bytes.bin") &&
+              strstr(err_get(), "larger than 4 bytes"),
+          "over the limit: %d %s", rc, err_get());
+    free(path);
+
+    path = temp_file("empty.txt");
+    write_file(path, "", 0);
+    rc = file_read(path, 10, &text, &length, NULL);
+    CHECK(rc == 0 && text && length == 0 && text[0] == '\0', "empty file: %d %s", rc, err_get());
+    free(text);
+    free(path);
+}
+
+static void test_file_read_grows_past_a_size_it_cannot_know(void)
+{
+    /* /proc files report a size of 0 but have content, as pipes do. */
+    char *text = NULL;
+    size_t length = 0;
+    int rc = file_read("/proc/self/status", 1 << 20, &text, &length, NULL);
+    CHECK(rc == 0 && length > 0 && strlen(text) == length && strstr(text, "Name:"),
+          "/proc/self/status: %d %s", rc, err_get());
+    free(text);
+    rc = file_read("/proc/self/status", 16, &text, &length, NULL);
+    CHECK(rc == EMBEDRAG_ERR_FORMAT && text == NULL, "/proc file over the limit: %d %s", rc,
+          err_get());
+}
+
+static void test_file_read_missing_and_unreadable(void)
+{
+    char *path = temp_file("absent.json");
+    char *text = (char *)1;
+    size_t length = 1;
+    bool missing = false;
+    int rc = file_read(path, 10, &text, &length, &missing);
+    CHECK(rc == 0 && missing && text == NULL && length == 0, "optional missing file: %d", rc);
+    rc = file_read(path, 10, &text, &length, NULL);
+    CHECK(rc == EMBEDRAG_ERR_IO && strstr(err_get(), "absent.json") &&
+              strstr(err_get(), "No such file"),
+          "required missing file: %d %s", rc, err_get());
+
+    /* Only absence is optional: a directory in the file's place is still an error. */
+    rc = file_read(temp_root, 10, &text, &length, &missing);
+    CHECK(rc == EMBEDRAG_ERR_IO && !missing && strstr(err_get(), "directory"), "directory: %d %s",
+          rc, err_get());
+    free(path);
+}
+
+static void test_file_join(void)
+{
+    static const struct {
+        const char *directory, *name, *expected;
+    } cases[] = {
+        {"models/m", "config.json", "models/m/config.json"},
+        {"models/m/", "config.json", "models/m/config.json"},
+        {"/", "x", "/x"},
+        {"", "config.json", "config.json"},
+        {"dir", "1_Pooling/config.json", "dir/1_Pooling/config.json"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *path = NULL;
+        int rc = file_join(cases[i].directory, cases[i].name, &path);
+        CHECK(rc == 0 && path && strcmp(path, cases[i].expected) == 0, "join '%s' '%s': %s",
+              cases[i].directory, cases[i].name, path ? path : "(null)");
+        free(path);
+    }
+}
+
+/* Parses `text`, expecting failure with a message that holds `needle`. */
+static void expect_parse_error(const char *text, const char *needle)
+{
+    cJSON *root = (cJSON *)1;
+    int rc = json_parse(text, strlen(text), "test.json", &root);
+    CHECK(rc == EMBEDRAG_ERR_FORMAT && root == NULL && strstr(err_get(), "test.json") &&
+              strstr(err_get(), needle),
+          "'%s': %d, message \"%s\" should hold \"%s\"", text, rc, err_get(), needle);
+}
+
+static void test_json_parse_points_at_the_error(void)
+{
+    cJSON *root = NULL;
+    const char *text = "{\"a\": [1, 2]}  \n\t";
+    CHECK(json_parse(text, strlen(text), "test.json", &root) == 0 && cJSON_IsObject(root),
+          "valid JSON with trailing whitespace: %s", err_get());
+    cJSON_Delete(root);
+
+    /* The bad token on line 3: the column counts characters, so the two-byte e-acute is one. */
+    expect_parse_error("{\n  \"a\": 1,\n  \"\xC3\xA9\": x\n}",
+                       "not valid JSON at line 3, column 8");
+    expect_parse_error("{\"a\": 1} {}", "extra text after the JSON value at line 1, column 10 "
+                                        "(byte 9 of 11)");
+    expect_parse_error("", "not valid JSON");
+    expect_parse_error("{\"a\": ", "not valid JSON");
+
+    /* Only `length` bytes count, whatever follows them. */
+    text = "{\"a\": 1}garbage";
+    CHECK(json_parse(text, 8, "test.json", &root) == 0, "a prefix of a buffer: %s", err_get());
+    cJSON_Delete(root);
+}
+
+static void test_json_getters_name_file_and_field(void)
+{
+    const char *text = "{\"n\": 12, \"big\": 3e9, \"half\": 2.5, \"s\": \"x\", \"t\": true, "
+                       "\"null\": null, \"inner\": {\"flag\": 1}}";
+    cJSON *root = NULL;
+    if (json_parse(text, strlen(text), "f.json", &root) != 0) {
+        CHECK(0, "parse: %s", err_get());
+        return;
+    }
+    int n = -1;
+    CHECK(json_get_int(root, "f.json", NULL, "n", true, 1, 100, &n) == 0 && n == 12, "int: %d", n);
+    n = 7;
+    CHECK(json_get_int(root, "f.json", NULL, "absent", false, 1, 100, &n) == 0 && n == 7,
+          "an absent optional int leaves the value");
+    CHECK(json_get_int(root, "f.json", NULL, "null", false, 1, 100, &n) == 0 && n == 7,
+          "a null optional int leaves the value");
+    CHECK(json_get_int(root, "f.json", NULL, "absent", true, 1, 100, &n) == EMBEDRAG_ERR_FORMAT &&
+              strstr(err_get(), "f.json: required field absent is missing"),
+          "required: %s", err_get());
+    CHECK(json_get_int(root, "f.json", NULL, "n", true, 1, 10, &n) == EMBEDRAG_ERR_FORMAT &&
+              strstr(err_get(), "f.json: n is 12, expected an integer from 1 to 10"),
+          "range: %s", err_get());
+    CHECK(json_get_int(root, "f.json", NULL, "big", true, 0, 2147483647, &n) == EMBEDRAG_ERR_FORMAT,
+          "beyond int: %s", err_get());
+    CHECK(json_get_int(root, "f.json", NULL, "half", true, 0, 10, &n) == EMBEDRAG_ERR_FORMAT &&
+              strstr(err_get(), "half is 2.5"),
+          "fraction: %s", err_get());
+
+    bool flag = false;
+    CHECK(json_get_bool(root, "f.json", NULL, "t", &flag) == 0 && flag, "bool");
+    const cJSON *inner = cJSON_GetObjectItemCaseSensitive(root, "inner");
+    CHECK(json_get_bool(inner, "f.json", "inner", "flag", &flag) == EMBEDRAG_ERR_FORMAT &&
+              strstr(err_get(), "f.json: inner.flag is 1, expected true or false"),
+          "bool message names the parent: %s", err_get());
+
+    const char *string = NULL;
+    CHECK(json_get_string(root, "f.json", NULL, "s", &string) == 0 && string &&
+              strcmp(string, "x") == 0,
+          "string");
+    CHECK(json_get_string(root, "f.json", NULL, "null", &string) == 0 && string == NULL,
+          "a null string is NULL");
+    CHECK(json_get_string(root, "f.json", NULL, "n", &string) == EMBEDRAG_ERR_FORMAT &&
+              strstr(err_get(), "n is 12, expected a string"),
+          "string message: %s", err_get());
+    cJSON_Delete(root);
+}
+
+static void test_json_integer_and_value_text(void)
+{
+    const char *text = "[0, -3, 9007199254740992, 9007199254740994, 1.5, \"1\"]";
+    cJSON *root = NULL;
+    if (json_parse(text, strlen(text), "a.json", &root) != 0) {
+        CHECK(0, "parse: %s", err_get());
+        return;
+    }
+    int64_t v = -1;
+    CHECK(json_integer(cJSON_GetArrayItem(root, 0), 0, 10, &v) && v == 0, "zero");
+    CHECK(!json_integer(cJSON_GetArrayItem(root, 1), 0, 10, &v), "below min");
+    CHECK(json_integer(cJSON_GetArrayItem(root, 1), -5, 10, &v) && v == -3, "negative");
+    CHECK(json_integer(cJSON_GetArrayItem(root, 2), 0, INT64_MAX, &v) &&
+              v == JSON_MAX_EXACT_INTEGER,
+          "2^53 is still exact");
+    CHECK(!json_integer(cJSON_GetArrayItem(root, 3), 0, INT64_MAX, &v), "past 2^53");
+    CHECK(!json_integer(cJSON_GetArrayItem(root, 4), 0, 10, &v), "fraction");
+    CHECK(!json_integer(cJSON_GetArrayItem(root, 5), 0, 10, &v), "string");
+    CHECK(!json_integer(NULL, 0, 10, &v), "no item");
+
+    char buffer[16];
+    CHECK(strcmp(json_value_text(cJSON_GetArrayItem(root, 5), buffer, sizeof buffer), "\"1\"") == 0,
+          "string value: %s", buffer);
+    json_value_text(root, buffer, sizeof buffer);
+    CHECK(strlen(buffer) == sizeof buffer - 1 && strncmp(buffer, "[0,-3,", 6) == 0,
+          "a long value is cut to the buffer: %s", buffer);
+    cJSON_Delete(root);
+}
+
+static void test_json_read_file(void)
+{
+    char *path = temp_file("absent.json");
+    cJSON *root = (cJSON *)1;
+    bool missing = false;
+    CHECK(json_read_file(path, 100, &missing, &root) == 0 && missing && root == NULL,
+          "a missing optional file");
+    CHECK(json_read_file(path, 100, NULL, &root) == EMBEDRAG_ERR_IO && root == NULL,
+          "a missing required file: %s", err_get());
+    free(path);
+
+    path = temp_file("bad.json");
+    write_file(path, "{\n\"a\": tru}", 12);
+    CHECK(json_read_file(path, 100, &missing, &root) == EMBEDRAG_ERR_FORMAT && !missing &&
+              root == NULL && strstr(err_get(), "bad.json: not valid JSON at line 2"),
+          "a bad file names itself and the line: %s", err_get());
+    free(path);
+}
+
+int main(void)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(temp_root, sizeof temp_root, "%s/embedrag-test-util-XXXXXX", tmp ? tmp : "/tmp");
+    if (!mkdtemp(temp_root)) {
+        perror("mkdtemp");
+        return 1;
+    }
+
+    test_file_read_returns_the_bytes_and_a_nul();
+    test_file_read_grows_past_a_size_it_cannot_know();
+    test_file_read_missing_and_unreadable();
+    test_file_join();
+    test_json_parse_points_at_the_error();
+    test_json_getters_name_file_and_field();
+    test_json_integer_and_value_text();
+    test_json_read_file();
+
+    static const char *const created[] = {"bytes.bin", "empty.txt", "bad.json"};
+    for (size_t i = 0; i < sizeof created / sizeof created[0]; i++) {
+        char *path = temp_file(created[i]);
+        unlink(path);
+        free(path);
+    }
+    rmdir(temp_root);
+    return check_finish("test_util");
+}
