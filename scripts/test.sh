@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every test. Installs what the tests need (system packages, the
 # models, the reference `tokenizers` package in .venv-test for the parity fixtures), then runs
-# three suites: an optimized gcc build (every test, with an install into a
+# three suites: an optimized gcc build (every test, with the format check and an install into a
 # temporary prefix); a clang build under AddressSanitizer and UndefinedBehaviorSanitizer that
 # also runs each libFuzzer target briefly; and a clang ThreadSanitizer build of only the library
 # and the tests labelled `threads`. Tests labelled `gpu` run only where nvidia-smi sees a GPU.
