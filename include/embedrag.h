@@ -12,9 +12,18 @@
 extern "C" {
 #endif
 
+/* The one place the version is written: CMakeLists.txt reads these three lines. NUMBER is
+ * MAJOR * 10000 + MINOR * 100 + PATCH, for #if comparisons; STRING is "MAJOR.MINOR.PATCH", what
+ * embedrag_version() returns from the library actually linked. */
 #define EMBEDRAG_VERSION_MAJOR 0
 #define EMBEDRAG_VERSION_MINOR 1
 #define EMBEDRAG_VERSION_PATCH 0
+#define EMBEDRAG_VERSION_NUMBER                                                                    \
+    (EMBEDRAG_VERSION_MAJOR * 10000 + EMBEDRAG_VERSION_MINOR * 100 + EMBEDRAG_VERSION_PATCH)
+#define EMBEDRAG_VERSION_JOIN_(major, minor, patch) #major "." #minor "." #patch
+#define EMBEDRAG_VERSION_JOIN(major, minor, patch) EMBEDRAG_VERSION_JOIN_(major, minor, patch)
+#define EMBEDRAG_VERSION_STRING                                                                    \
+    EMBEDRAG_VERSION_JOIN(EMBEDRAG_VERSION_MAJOR, EMBEDRAG_VERSION_MINOR, EMBEDRAG_VERSION_PATCH)
 
 /* The library is built with hidden visibility; only what this header declares is exported. */
 #if defined(__GNUC__)

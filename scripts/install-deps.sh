@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages embedrag builds and tests with, from Debian 12's archive.
 # Runtime: utf8proc (Unicode data) and cJSON (model configs). Build: gcc, cmake, pkg-config.
-# Tests: clang and its runtime (libFuzzer, sanitizers), python3 with venv/pip (reference
-# tokenizer fixtures). Skips apt when everything is already there.
+# Tests: clang and its runtime (libFuzzer, sanitizers), clang-format 14 (the format check),
+# python3 with venv/pip (reference tokenizer fixtures). Skips apt when everything is already there.
 set -euo pipefail
 packages=(build-essential cmake pkg-config libutf8proc-dev libcjson-dev
-          clang libclang-rt-14-dev python3 python3-venv python3-pip)
+          clang libclang-rt-14-dev clang-format python3 python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

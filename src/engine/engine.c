@@ -47,10 +47,7 @@ struct embedrag_model {
 
 const char *embedrag_version(void)
 {
-#define EMBEDRAG_STRINGIFY2(x) #x
-#define EMBEDRAG_STRINGIFY(x) EMBEDRAG_STRINGIFY2(x)
-    return EMBEDRAG_STRINGIFY(EMBEDRAG_VERSION_MAJOR) "." EMBEDRAG_STRINGIFY(
-        EMBEDRAG_VERSION_MINOR) "." EMBEDRAG_STRINGIFY(EMBEDRAG_VERSION_PATCH);
+    return EMBEDRAG_VERSION_STRING;
 }
 
 const char *embedrag_status_text(int status)
