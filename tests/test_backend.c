@@ -1,0 +1,584 @@
+/* Every compiled backend against the CPU reference, on random weights of several shapes and
+ * random packed batches (the way llama.cpp's test-backend-ops compares each backend with the
+ * CPU): the CPU's fp32 backend against a plain double-precision forward pass written here, and
+ * every other backend and precision against the CPU's fp32, each with its own bar. Also: a
+ * sequence's vector is the same alone or in any batch, two streams of different priority may run
+ * at once, and the seam's limits (reservation, unknown kinds) answer with errors. */
+#include "backend/backend.h"
+#include "model/model.h"
+#include "util/error.h"
+
+#include "check.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Bars. fp32 against double: the two differ by float rounding and by the CPU's exp and erf
+ * approximations (relative error below 2e-7), summed over a few layers. */
+#define FP32_MIN_COSINE 0.99999
+#define FP32_MAX_ABS_DIFF 1e-4
+/* bfloat16 GEMMs (8 significant bits) against fp32 on these random weights; measured worst
+ * 0.9993 over the shapes below (real checkpoints: tests/test_embed.c). */
+#define BF16_MIN_COSINE 0.998
+/* A GPU against the CPU's fp32 (the CUDA backend's issue): fp16 and bf16 modes, fp32 mode. */
+#define GPU_HALF_MIN_COSINE 0.9995
+#define GPU_FP32_MIN_COSINE 0.99999
+
+#define BATCHES_PER_SHAPE 6
+#define MAX_SEQUENCES 9
+
+/* ---- random models ---- */
+
+typedef struct shape {
+    const char *name;
+    int layers, hidden, heads, intermediate, max_position;
+    int pooling;
+    model_activation activation;
+    bool half; /* encoder matrices stored as F16 */
+} shape;
+
+static const shape shapes[] = {
+    {"2x64, d32, mean, gelu", 2, 64, 2, 256, 64, EMBEDRAG_POOLING_MEAN, MODEL_ACT_GELU, false},
+    {"2x128, d64, cls, gelu-tanh", 2, 128, 2, 512, 80, EMBEDRAG_POOLING_CLS, MODEL_ACT_GELU_TANH,
+     false},
+    {"1x48, d16, max, relu", 1, 48, 3, 96, 40, EMBEDRAG_POOLING_MAX, MODEL_ACT_RELU, false},
+    {"2x96, d32, mean, F16 matrices", 2, 96, 3, 384, 64, EMBEDRAG_POOLING_MEAN, MODEL_ACT_GELU,
+     true},
+    {"1x40, d20, mean, odd widths", 1, 40, 2, 72, 33, EMBEDRAG_POOLING_MEAN, MODEL_ACT_GELU, false},
+};
+
+#define VOCAB 50
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint32_t next_random(void)
+{
+    /* xorshift64*: plenty for test data, and the same on every run. */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float uniform(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)(next_random() >> 8) / (float)(1u << 24);
+}
+
+static uint16_t to_half(float x)
+{
+    /* Values here are small normal numbers: round to nearest by the bit pattern (exactness of
+     * the conversion does not matter, the reference reads the same stored halves). */
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    int exponent = (int)((u >> 23) & 0xFF) - 127 + 15;
+    uint32_t mantissa = u & 0x7FFFFFu;
+    if (exponent <= 0) return (uint16_t)sign; /* flush tiny values to zero */
+    uint32_t half = sign | ((uint32_t)exponent << 10) | (mantissa >> 13);
+    if (mantissa & 0x1000u) half++;
+    return (uint16_t)half;
+}
+
+typedef struct test_model {
+    model_config config;
+    model_weights weights;
+    void *buffers[256];
+    int buffer_count;
+} test_model;
+
+/* A tensor of random values in [lo, hi), stored as F16 when `half`. */
+static model_tensor random_tensor(test_model *m, const char *name, int64_t rows, int64_t cols,
+                                  float lo, float hi, bool half)
+{
+    size_t n = (size_t)rows * (size_t)cols;
+    void *data = malloc(n * (half ? 2 : 4));
+    if (!data) abort();
+    for (size_t i = 0; i < n; i++) {
+        float v = uniform(lo, hi);
+        if (half)
+            ((uint16_t *)data)[i] = to_half(v);
+        else
+            ((float *)data)[i] = v;
+    }
+    m->buffers[m->buffer_count++] = data;
+    return (model_tensor){.name = name,
+                          .dtype = half ? ST_F16 : ST_F32,
+                          .rows = rows,
+                          .cols = cols,
+                          .data = data,
+                          .nbytes = n * (half ? 2 : 4)};
+}
+
+static void make_model(const shape *s, test_model *m)
+{
+    memset(m, 0, sizeof *m);
+    model_config *c = &m->config;
+    c->vocab_size = VOCAB;
+    c->hidden_size = s->hidden;
+    c->num_layers = s->layers;
+    c->num_heads = s->heads;
+    c->intermediate_size = s->intermediate;
+    c->max_position_embeddings = s->max_position;
+    c->type_vocab_size = 2;
+    c->layer_norm_eps = 1e-12f;
+    c->activation = s->activation;
+    c->max_seq_length = s->max_position;
+    c->pooling = s->pooling;
+    c->pooling_include_prompt = true;
+    int h = s->hidden, in = s->intermediate;
+    /* Weights of scale 1/sqrt(k) keep every layer's outputs near unit size. */
+    float wh = 1.0f / sqrtf((float)h), wi = 1.0f / sqrtf((float)in);
+    model_weights *w = &m->weights;
+    w->word_emb = random_tensor(m, "word", VOCAB, h, -1.0f, 1.0f, false);
+    w->position_emb = random_tensor(m, "position", s->max_position, h, -0.5f, 0.5f, false);
+    w->type_emb = random_tensor(m, "type", 2, h, -0.1f, 0.1f, false);
+    w->emb_ln_w = random_tensor(m, "emb_ln_w", 1, h, 0.8f, 1.2f, false);
+    w->emb_ln_b = random_tensor(m, "emb_ln_b", 1, h, -0.1f, 0.1f, false);
+    w->layers = calloc((size_t)s->layers, sizeof *w->layers);
+    w->layer_count = s->layers;
+    w->matrix_dtype = s->half ? ST_F16 : ST_F32;
+    for (int l = 0; l < s->layers; l++) {
+        model_layer_weights *L = &w->layers[l];
+        L->query_w = random_tensor(m, "query_w", h, h, -wh, wh, s->half);
+        L->query_b = random_tensor(m, "query_b", 1, h, -0.1f, 0.1f, false);
+        L->key_w = random_tensor(m, "key_w", h, h, -wh, wh, s->half);
+        L->key_b = random_tensor(m, "key_b", 1, h, -0.1f, 0.1f, false);
+        L->value_w = random_tensor(m, "value_w", h, h, -wh, wh, s->half);
+        L->value_b = random_tensor(m, "value_b", 1, h, -0.1f, 0.1f, false);
+        L->attn_out_w = random_tensor(m, "attn_out_w", h, h, -wh, wh, s->half);
+        L->attn_out_b = random_tensor(m, "attn_out_b", 1, h, -0.1f, 0.1f, false);
+        L->attn_ln_w = random_tensor(m, "attn_ln_w", 1, h, 0.8f, 1.2f, false);
+        L->attn_ln_b = random_tensor(m, "attn_ln_b", 1, h, -0.1f, 0.1f, false);
+        L->inter_w = random_tensor(m, "inter_w", in, h, -wh, wh, s->half);
+        L->inter_b = random_tensor(m, "inter_b", 1, in, -0.1f, 0.1f, false);
+        L->out_w = random_tensor(m, "out_w", h, in, -wi, wi, s->half);
+        L->out_b = random_tensor(m, "out_b", 1, h, -0.1f, 0.1f, false);
+        L->out_ln_w = random_tensor(m, "out_ln_w", 1, h, 0.8f, 1.2f, false);
+        L->out_ln_b = random_tensor(m, "out_ln_b", 1, h, -0.1f, 0.1f, false);
+    }
+}
+
+static void free_model(test_model *m)
+{
+    for (int i = 0; i < m->buffer_count; i++) free(m->buffers[i]);
+    free(m->weights.layers);
+}
+
+/* ---- the reference: a plain forward pass in double precision ---- */
+
+static double value(const model_tensor *t, size_t i)
+{
+    float v;
+    model_tensor_read_f32(t, i, 1, &v);
+    return v;
+}
+
+static void layer_norm(double *x, int n, const model_tensor *g, const model_tensor *b, double eps)
+{
+    double mean = 0, var = 0;
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= n;
+    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= n;
+    for (int i = 0; i < n; i++)
+        x[i] = (x[i] - mean) / sqrt(var + eps) * value(g, (size_t)i) + value(b, (size_t)i);
+}
+
+/* out[r][o] = in[r] . W[o] + b[o] (+ residual[r][o]) for `rows` rows. */
+static void linear(const double *in, int rows, int k, const model_tensor *W, const model_tensor *b,
+                   const double *residual, int n, double *out)
+{
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < n; o++) {
+            double sum = value(b, (size_t)o);
+            for (int i = 0; i < k; i++)
+                sum += in[(size_t)r * (size_t)k + (size_t)i] * value(W, (size_t)o * (size_t)k + i);
+            if (residual) sum += residual[(size_t)r * (size_t)n + (size_t)o];
+            out[(size_t)r * (size_t)n + (size_t)o] = sum;
+        }
+}
+
+static double activate(double x, model_activation a)
+{
+    if (a == MODEL_ACT_RELU) return x > 0 ? x : 0;
+    if (a == MODEL_ACT_GELU_TANH)
+        return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+    return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
+}
+
+/* The pooled vector of one sequence. */
+static void reference_sequence(const test_model *m, const int32_t *ids, int len, int skip,
+                               double *pooled)
+{
+    const model_config *c = &m->config;
+    const model_weights *w = &m->weights;
+    int h = c->hidden_size, in = c->intermediate_size, heads = c->num_heads, d = h / heads;
+    size_t t = (size_t)len;
+    double *x = calloc(t * (size_t)h, sizeof *x), *qkv = calloc(3 * t * (size_t)h, sizeof *qkv);
+    double *ctx = calloc(t * (size_t)h, sizeof *ctx), *x1 = calloc(t * (size_t)h, sizeof *x1);
+    double *hid = calloc(t * (size_t)in, sizeof *hid), *p = calloc(t, sizeof *p);
+    for (int r = 0; r < len; r++) {
+        for (int i = 0; i < h; i++)
+            x[r * h + i] = value(&w->word_emb, (size_t)ids[r] * h + i) +
+                           value(&w->position_emb, (size_t)r * h + i) + value(&w->type_emb, i);
+        layer_norm(x + r * h, h, &w->emb_ln_w, &w->emb_ln_b, c->layer_norm_eps);
+    }
+    for (int l = 0; l < c->num_layers; l++) {
+        const model_layer_weights *L = &w->layers[l];
+        linear(x, len, h, &L->query_w, &L->query_b, NULL, h, qkv);
+        linear(x, len, h, &L->key_w, &L->key_b, NULL, h, qkv + t * h);
+        linear(x, len, h, &L->value_w, &L->value_b, NULL, h, qkv + 2 * t * h);
+        const double *q = qkv, *k = qkv + t * h, *v = qkv + 2 * t * h;
+        for (int head = 0; head < heads; head++)
+            for (int i = 0; i < len; i++) {
+                double top = -INFINITY, sum = 0;
+                for (int j = 0; j < len; j++) {
+                    double s = 0;
+                    for (int e = 0; e < d; e++)
+                        s += q[i * h + head * d + e] * k[j * h + head * d + e];
+                    p[j] = s / sqrt((double)d);
+                    top = p[j] > top ? p[j] : top;
+                }
+                for (int j = 0; j < len; j++) sum += p[j] = exp(p[j] - top);
+                for (int e = 0; e < d; e++) {
+                    double o = 0;
+                    for (int j = 0; j < len; j++) o += p[j] * v[j * h + head * d + e];
+                    ctx[i * h + head * d + e] = o / sum;
+                }
+            }
+        linear(ctx, len, h, &L->attn_out_w, &L->attn_out_b, x, h, x1);
+        for (int r = 0; r < len; r++)
+            layer_norm(x1 + r * h, h, &L->attn_ln_w, &L->attn_ln_b, 1e-12);
+        linear(x1, len, h, &L->inter_w, &L->inter_b, NULL, in, hid);
+        for (size_t i = 0; i < t * (size_t)in; i++) hid[i] = activate(hid[i], c->activation);
+        linear(hid, len, in, &L->out_w, &L->out_b, x1, h, x);
+        for (int r = 0; r < len; r++) layer_norm(x + r * h, h, &L->out_ln_w, &L->out_ln_b, 1e-12);
+    }
+    int first = skip < len ? skip : 0;
+    for (int i = 0; i < h; i++) {
+        if (c->pooling == EMBEDRAG_POOLING_CLS) {
+            pooled[i] = x[i];
+        } else if (c->pooling == EMBEDRAG_POOLING_MAX) {
+            pooled[i] = x[first * h + i];
+            for (int r = first + 1; r < len; r++) pooled[i] = fmax(pooled[i], x[r * h + i]);
+        } else {
+            double sum = 0;
+            for (int r = first; r < len; r++) sum += x[r * h + i];
+            pooled[i] = sum / (len - first);
+        }
+    }
+    free(x);
+    free(qkv);
+    free(ctx);
+    free(x1);
+    free(hid);
+    free(p);
+}
+
+/* ---- batches ---- */
+
+typedef struct batch_data {
+    int32_t ids[MAX_SEQUENCES * 128];
+    int offsets[MAX_SEQUENCES + 1];
+    int skip[MAX_SEQUENCES];
+    backend_batch batch;
+} batch_data;
+
+static void random_batch(const model_config *c, batch_data *b)
+{
+    int count = 1 + (int)(next_random() % MAX_SEQUENCES);
+    int tokens = 0, max_len = 0;
+    b->offsets[0] = 0;
+    for (int s = 0; s < count; s++) {
+        /* Lengths from 1 to the model's limit, with the limit itself now and then. */
+        int len = next_random() % 4 == 0 ? c->max_position_embeddings
+                                         : 1 + (int)(next_random() % c->max_position_embeddings);
+        for (int t = 0; t < len; t++) b->ids[tokens + t] = (int32_t)(next_random() % VOCAB);
+        tokens += len;
+        b->offsets[s + 1] = tokens;
+        b->skip[s] = len > 2 ? (int)(next_random() % 3) : 0;
+        max_len = len > max_len ? len : max_len;
+    }
+    b->batch = (backend_batch){.ids = b->ids,
+                               .offsets = b->offsets,
+                               .count = count,
+                               .tokens = tokens,
+                               .max_len = max_len,
+                               .pool_skip = b->skip};
+}
+
+/* Runs a batch on a fresh stream of `b`; returns the status. */
+static int run_batch(backend *b, backend_priority priority, const backend_batch *batch, float *out)
+{
+    backend_stream *stream;
+    int rc = b->ops->stream_create(b, priority, &stream);
+    if (rc) return rc;
+    rc = b->ops->reserve(stream, batch->tokens, batch->count, batch->max_len);
+    backend_ticket ticket;
+    if (!rc) rc = b->ops->submit(stream, batch, out, &ticket);
+    if (!rc) rc = b->ops->wait(stream, &ticket);
+    b->ops->stream_destroy(stream);
+    return rc;
+}
+
+static double cosine_f(const float *a, const float *b, int n)
+{
+    double ab = 0, aa = 0, bb = 0;
+    for (int i = 0; i < n; i++) {
+        ab += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return ab / sqrt(aa * bb);
+}
+
+/* ---- the comparisons ---- */
+
+/* The backends to compare with the CPU's fp32, with their bars. */
+typedef struct candidate {
+    backend_params params;
+    const char *label;
+    double min_cosine;
+} candidate;
+
+static const candidate candidates[] = {
+    {{.kind = BACKEND_CPU, .threads = 2, .precision = EMBEDRAG_PRECISION_BF16},
+     "cpu bf16",
+     BF16_MIN_COSINE},
+    /* Bar unused: the same bits are required (see test_shape). */
+    {{.kind = BACKEND_CPU, .threads = 1, .precision = EMBEDRAG_PRECISION_FP32},
+     "cpu fp32 1 thread",
+     1.0},
+    {{.kind = BACKEND_CUDA, .precision = EMBEDRAG_PRECISION_FP16},
+     "cuda fp16",
+     GPU_HALF_MIN_COSINE},
+    {{.kind = BACKEND_CUDA, .precision = EMBEDRAG_PRECISION_BF16},
+     "cuda bf16",
+     GPU_HALF_MIN_COSINE},
+    {{.kind = BACKEND_CUDA, .precision = EMBEDRAG_PRECISION_FP32},
+     "cuda fp32",
+     GPU_FP32_MIN_COSINE},
+};
+
+static void test_shape(const shape *s)
+{
+    test_model m;
+    make_model(s, &m);
+    const model_config *c = &m.config;
+    int h = c->hidden_size;
+    backend_params cpu_params = {
+        .kind = BACKEND_CPU, .threads = 2, .precision = EMBEDRAG_PRECISION_FP32};
+    backend *cpu;
+    int rc = backend_create(&cpu_params, c, &m.weights, &cpu);
+    CHECK(rc == 0, "%s: cpu backend: %s", s->name, err_get());
+    if (rc) {
+        free_model(&m);
+        return;
+    }
+    CHECK(cpu->caps.precision == EMBEDRAG_PRECISION_FP32 && !strcmp(cpu->caps.name, "cpu") &&
+              cpu->caps.kernels && cpu->caps.device && cpu->caps.preferred_batch_tokens > 0 &&
+              cpu->caps.max_batch_tokens >= cpu->caps.preferred_batch_tokens,
+          "%s: cpu capabilities", s->name);
+
+    backend *others[sizeof candidates / sizeof candidates[0]] = {NULL};
+    for (size_t k = 0; k < sizeof candidates / sizeof candidates[0]; k++) {
+        rc = backend_create(&candidates[k].params, c, &m.weights, &others[k]);
+        if (rc == EMBEDRAG_ERR_UNSUPPORTED) {
+            if (s == &shapes[0])
+                printf("skipped on this machine: %s: %s\n", candidates[k].label, err_get());
+            continue;
+        }
+        CHECK(rc == 0, "%s: %s: %s", s->name, candidates[k].label, err_get());
+        /* The CPU runs bf16 only where it has a bf16 kernel: then it must say so. */
+        if (rc == 0 && s == &shapes[0] && candidates[k].params.kind == BACKEND_CPU &&
+            others[k]->caps.precision != candidates[k].params.precision)
+            printf("%s runs as fp32 on this CPU (no bf16 kernel): compared for identity\n",
+                   candidates[k].label);
+    }
+
+    double worst_ref = 1.0, worst_diff = 0.0;
+    double worst[sizeof candidates / sizeof candidates[0]];
+    bool identical[sizeof candidates / sizeof candidates[0]];
+    for (size_t k = 0; k < sizeof candidates / sizeof candidates[0]; k++) {
+        worst[k] = 1.0;
+        identical[k] = true;
+    }
+    for (int n = 0; n < BATCHES_PER_SHAPE; n++) {
+        batch_data b;
+        random_batch(c, &b);
+        float *out = malloc((size_t)b.batch.count * h * sizeof *out);
+        float *alone = malloc((size_t)h * sizeof *alone);
+        float *other = malloc((size_t)b.batch.count * h * sizeof *other);
+        double *ref = malloc((size_t)h * sizeof *ref);
+        rc = run_batch(cpu, BACKEND_PRIORITY_BULK, &b.batch, out);
+        CHECK(rc == 0, "%s: cpu batch: %s", s->name, err_get());
+        for (int i = 0; rc == 0 && i < b.batch.count; i++) {
+            const int32_t *ids = b.ids + b.offsets[i];
+            int len = b.offsets[i + 1] - b.offsets[i];
+            reference_sequence(&m, ids, len, b.skip[i], ref);
+            double ab = 0, aa = 0, bb = 0;
+            for (int e = 0; e < h; e++) {
+                double o = out[(size_t)i * h + e];
+                ab += o * ref[e];
+                aa += o * o;
+                bb += ref[e] * ref[e];
+                worst_diff = fmax(worst_diff, fabs(o - ref[e]));
+            }
+            worst_ref = fmin(worst_ref, ab / sqrt(aa * bb));
+            /* The same sequence alone, on a latency stream: the same bits. */
+            backend_batch single = {.ids = ids,
+                                    .offsets = (const int[]){0, len},
+                                    .count = 1,
+                                    .tokens = len,
+                                    .max_len = len,
+                                    .pool_skip = &b.skip[i]};
+            CHECK(run_batch(cpu, BACKEND_PRIORITY_LATENCY, &single, alone) == 0 &&
+                      memcmp(alone, out + (size_t)i * h, (size_t)h * sizeof *alone) == 0,
+                  "%s: sequence %d of %d (%d tokens) differs alone", s->name, i, b.batch.count,
+                  len);
+        }
+        for (size_t k = 0; rc == 0 && k < sizeof candidates / sizeof candidates[0]; k++) {
+            if (!others[k]) continue;
+            int orc = run_batch(others[k], BACKEND_PRIORITY_BULK, &b.batch, other);
+            CHECK(orc == 0, "%s: %s batch: %s", s->name, candidates[k].label, err_get());
+            identical[k] = identical[k] && orc == 0 &&
+                           memcmp(other, out, (size_t)b.batch.count * h * sizeof *out) == 0;
+            for (int i = 0; orc == 0 && i < b.batch.count; i++)
+                worst[k] = fmin(worst[k], cosine_f(other + (size_t)i * h, out + (size_t)i * h, h));
+        }
+        free(out);
+        free(alone);
+        free(other);
+        free(ref);
+    }
+    CHECK(worst_ref >= FP32_MIN_COSINE && worst_diff <= FP32_MAX_ABS_DIFF,
+          "%s: cpu fp32 against double: worst cosine %.8f, worst difference %.2e", s->name,
+          worst_ref, worst_diff);
+    printf("%s: cpu fp32 against double: worst cosine %.8f, worst difference %.2e\n", s->name,
+           worst_ref, worst_diff);
+    for (size_t k = 0; k < sizeof candidates / sizeof candidates[0]; k++) {
+        if (!others[k]) continue;
+        /* The CPU's fp32 (asked for, or what bf16 falls back to) with any thread count is the
+         * same bits. */
+        bool exact = others[k]->caps.precision == EMBEDRAG_PRECISION_FP32 &&
+                     candidates[k].params.kind == BACKEND_CPU;
+        if (exact)
+            CHECK(identical[k], "%s: %s differs from cpu fp32 with 2 threads", s->name,
+                  candidates[k].label);
+        else
+            CHECK(worst[k] >= candidates[k].min_cosine,
+                  "%s: %s against cpu fp32: worst cosine %.8f, bar %.8f", s->name,
+                  candidates[k].label, worst[k], candidates[k].min_cosine);
+        printf("%s: %s (%s) against cpu fp32: worst cosine %.8f\n", s->name, candidates[k].label,
+               others[k]->caps.kernels, worst[k]);
+        backend_destroy(others[k]);
+    }
+    backend_destroy(cpu);
+    free_model(&m);
+}
+
+/* ---- two streams at once ---- */
+
+typedef struct stream_job {
+    backend *b;
+    backend_priority priority;
+    const backend_batch *batch;
+    float *out;
+    int rounds, rc;
+} stream_job;
+
+static void *stream_thread(void *arg)
+{
+    stream_job *j = arg;
+    for (int r = 0; r < j->rounds && j->rc == 0; r++)
+        j->rc = run_batch(j->b, j->priority, j->batch, j->out);
+    return NULL;
+}
+
+/* A bulk stream and a latency stream of one backend run from two threads at once; each result
+ * equals the one computed alone. */
+static void test_streams_of_two_priorities_share_a_backend(void)
+{
+    test_model m;
+    make_model(&shapes[0], &m);
+    int h = m.config.hidden_size;
+    backend_params p = {.kind = BACKEND_CPU, .threads = 2, .precision = EMBEDRAG_PRECISION_FP32};
+    backend *b;
+    CHECK(backend_create(&p, &m.config, &m.weights, &b) == 0, "cpu backend: %s", err_get());
+    batch_data big, small;
+    random_batch(&m.config, &big);
+    random_batch(&m.config, &small);
+    float *big_alone = malloc((size_t)big.batch.count * h * sizeof(float));
+    float *small_alone = malloc((size_t)small.batch.count * h * sizeof(float));
+    float *big_out = malloc((size_t)big.batch.count * h * sizeof(float));
+    float *small_out = malloc((size_t)small.batch.count * h * sizeof(float));
+    CHECK(run_batch(b, BACKEND_PRIORITY_BULK, &big.batch, big_alone) == 0 &&
+              run_batch(b, BACKEND_PRIORITY_LATENCY, &small.batch, small_alone) == 0,
+          "batches alone: %s", err_get());
+    stream_job jobs[2] = {{b, BACKEND_PRIORITY_BULK, &big.batch, big_out, 20, 0},
+                          {b, BACKEND_PRIORITY_LATENCY, &small.batch, small_out, 40, 0}};
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) pthread_create(&threads[i], NULL, stream_thread, &jobs[i]);
+    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+    CHECK(jobs[0].rc == 0 && jobs[1].rc == 0, "concurrent streams failed");
+    CHECK(memcmp(big_out, big_alone, (size_t)big.batch.count * h * sizeof(float)) == 0 &&
+              memcmp(small_out, small_alone, (size_t)small.batch.count * h * sizeof(float)) == 0,
+          "results of concurrent streams differ from the ones computed alone");
+    free(big_alone);
+    free(small_alone);
+    free(big_out);
+    free(small_out);
+    backend_destroy(b);
+    free_model(&m);
+}
+
+/* ---- the seam's limits ---- */
+
+static void test_limits_are_errors(void)
+{
+    test_model m;
+    make_model(&shapes[0], &m);
+    backend_params p = {.kind = BACKEND_CPU, .threads = 1, .precision = EMBEDRAG_PRECISION_FP32};
+    backend *b;
+    CHECK(backend_create(&p, &m.config, &m.weights, &b) == 0, "cpu backend: %s", err_get());
+    backend_stream *stream;
+    CHECK(b->ops->stream_create(b, BACKEND_PRIORITY_BULK, &stream) == 0, "stream: %s", err_get());
+    CHECK(b->ops->reserve(stream, b->caps.max_batch_tokens + 1, 1, 8) ==
+              EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "reserving past max_batch_tokens must fail");
+    CHECK(b->ops->reserve(stream, 16, 4, 16) == 0, "reserve: %s", err_get());
+    batch_data big;
+    do random_batch(&m.config, &big);
+    while (big.batch.tokens <= 16);
+    float *out = malloc((size_t)big.batch.count * m.config.hidden_size * sizeof(float));
+    backend_ticket ticket;
+    int rc = b->ops->submit(stream, &big.batch, out, &ticket);
+    CHECK(rc == EMBEDRAG_ERR_INVALID_ARGUMENT && strstr(err_get(), "reservation"),
+          "a batch past the reservation: rc %d: %s", rc, err_get());
+    /* Estimates grow with the work. */
+    double small = b->ops->estimate_seconds(b, 16, 1, 16);
+    double large = b->ops->estimate_seconds(b, 4096, 32, 128);
+    CHECK(small > 0 && large > 4 * small, "estimates: %g s for 16 tokens, %g s for 4096", small,
+          large);
+    b->ops->stream_destroy(stream);
+    free(out);
+    backend_destroy(b);
+
+    backend_params bad = {.kind = (backend_kind)42};
+    backend *none = (backend *)&bad;
+    CHECK(backend_create(&bad, &m.config, &m.weights, &none) == EMBEDRAG_ERR_INVALID_ARGUMENT &&
+              none == NULL,
+          "an unknown kind is refused and *out is NULL");
+    free_model(&m);
+}
+
+int main(void)
+{
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) test_shape(&shapes[i]);
+    test_streams_of_two_priorities_share_a_backend();
+    test_limits_are_errors();
+    return check_finish("test_backend");
+}

@@ -1,0 +1,347 @@
+/* The engine through the public API only, with threads: a query sent while a bulk call runs is
+ * answered before the bulk call ends, with the vector it has alone; concurrent calls with
+ * different options share lanes and still get exactly their own vectors; one call's bad text
+ * fails only that call; statuses let a call go on past bad texts; the per-model error record,
+ * status texts, devices and lanes. Uses all-MiniLM-L6-v2 (scripts/fetch-models.sh). */
+#include "embedrag.h"
+#include "engine/engine.h"
+
+#include "check.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+/* Sanitizer builds run several times slower: smaller jobs keep the test short there while the
+ * bulk call still lasts far longer than a query. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SLOW_BUILD 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SLOW_BUILD 1
+#endif
+#endif
+#ifdef SLOW_BUILD
+#define BULK_TEXTS 400
+#define CONCURRENT_CALLS 4
+#else
+#define BULK_TEXTS 3000
+#define CONCURRENT_CALLS 16
+#endif
+#define MAX_SENTENCES 3000
+
+static char *sentences[MAX_SENTENCES];
+static int sentence_count;
+static int dim;
+
+static double now_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* The first sentence of each STS-B dev pair (real text of 5 to 40 tokens). */
+static int load_sentences(void)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[4096];
+    while (sentence_count < MAX_SENTENCES && fgets(line, sizeof line, f)) {
+        char *end = line + strlen(line);
+        /* sentence1,sentence2,score: cut at the comma before sentence2 (the second from the end).
+         */
+        int commas = 0;
+        while (end > line && commas < 2)
+            if (*--end == ',') commas++;
+        if (commas < 2 || end == line) continue;
+        *end = '\0';
+        sentences[sentence_count++] = strdup(line);
+    }
+    fclose(f);
+    return sentence_count > 100 ? 0 : -1;
+}
+
+static embedrag_model *open_model(void)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/models/all-MiniLM-L6-v2", check_source_dir());
+    embedrag_model_params p = embedrag_model_default_params();
+    p.threads = 2;
+    embedrag_model *m = NULL;
+    int rc = embedrag_model_open(dir, &p, &m);
+    CHECK(rc == 0, "open %s: %s (run scripts/fetch-models.sh)", dir, embedrag_last_error());
+    return m;
+}
+
+/* ---- a query during a bulk call ---- */
+
+typedef struct bulk_call {
+    embedrag_model *m;
+    float *out;
+    int rc;
+    atomic_int done;
+    double seconds;
+} bulk_call;
+
+static void *bulk_thread(void *arg)
+{
+    bulk_call *b = arg;
+    const char **texts = malloc(BULK_TEXTS * sizeof *texts);
+    for (int i = 0; i < BULK_TEXTS; i++) texts[i] = sentences[i % sentence_count];
+    double t = now_seconds();
+    b->rc = embedrag_embed(b->m, texts, NULL, BULK_TEXTS, NULL, b->out);
+    b->seconds = now_seconds() - t;
+    atomic_store(&b->done, 1);
+    free(texts);
+    return NULL;
+}
+
+static void test_query_is_served_during_a_bulk_call(embedrag_model *m)
+{
+    const char *query = "how do I reset my password";
+    float alone[384], during[384];
+    CHECK(embedrag_embed(m, &query, NULL, 1, NULL, alone) == 0, "query alone: %s",
+          embedrag_last_error());
+    bulk_call bulk = {.m = m, .out = malloc((size_t)BULK_TEXTS * dim * sizeof(float))};
+    pthread_t thread;
+    pthread_create(&thread, NULL, bulk_thread, &bulk);
+    /* Let the bulk call tokenize its first window and start its batches. */
+    struct timespec pause = {0, 300 * 1000 * 1000};
+    nanosleep(&pause, NULL);
+    bool bulk_running = !atomic_load(&bulk.done);
+    double t = now_seconds();
+    int rc = embedrag_embed(m, &query, NULL, 1, NULL, during);
+    double query_seconds = now_seconds() - t;
+    bool bulk_still_running = !atomic_load(&bulk.done);
+    pthread_join(thread, NULL);
+    CHECK(rc == 0 && bulk.rc == 0, "calls failed: %s", embedrag_last_error());
+    CHECK(bulk_running, "the bulk call (%d texts) ended within 300 ms: the test proves nothing",
+          BULK_TEXTS);
+    CHECK(bulk_still_running && query_seconds < bulk.seconds / 4,
+          "the query took %.3f s of the bulk call's %.3f s: it waited for the bulk call",
+          query_seconds, bulk.seconds);
+    CHECK(memcmp(alone, during, sizeof alone) == 0,
+          "the query's vector during the bulk call differs from the one alone");
+    printf("query during a %d-text bulk call: %.1f ms (bulk call %.2f s)\n", BULK_TEXTS,
+           query_seconds * 1e3, bulk.seconds);
+    /* The bulk call's vectors are the ones each text has alone. */
+    int wrong = 0;
+    for (int i = 0; i < BULK_TEXTS; i += 97) {
+        const char *text = sentences[i % sentence_count];
+        float one[384];
+        embedrag_embed(m, &text, NULL, 1, NULL, one);
+        wrong += memcmp(one, bulk.out + (size_t)i * dim, sizeof one) != 0;
+    }
+    CHECK(wrong == 0, "%d sampled bulk vectors differ from the text alone", wrong);
+    free(bulk.out);
+}
+
+/* ---- concurrent calls with different options ---- */
+
+typedef struct call {
+    embedrag_model *m;
+    embedrag_embed_params params;
+    const char *texts[8];
+    int count;
+    float *expected, *got;
+    int rc;
+    bool bad; /* holds an invalid text: must fail, alone */
+} call;
+
+static void *call_thread(void *arg)
+{
+    call *c = arg;
+    for (int round = 0; round < 3 && c->rc == 0; round++) {
+        c->rc = embedrag_embed(c->m, c->texts, NULL, (size_t)c->count, &c->params, c->got);
+        if (c->bad) {
+            c->rc = c->rc == EMBEDRAG_ERR_INVALID_UTF8 && embedrag_last_error_index() == 1 ? 0 : -1;
+            if (c->rc) break;
+        } else if (c->rc == 0 &&
+                   memcmp(c->got, c->expected, (size_t)c->count * 384 * sizeof(float)) != 0) {
+            c->rc = -2;
+        }
+    }
+    return NULL;
+}
+
+static void test_concurrent_calls_get_their_own_vectors(embedrag_model *m)
+{
+    call calls[CONCURRENT_CALLS];
+    for (int i = 0; i < CONCURRENT_CALLS; i++) {
+        call *c = &calls[i];
+        memset(c, 0, sizeof *c);
+        c->m = m;
+        c->params = embedrag_embed_default_params();
+        c->params.normalize = i % 2 == 0;
+        c->params.dimensions = i % 3 == 0 ? 64 : 0;
+        c->params.prompt = i % 4 == 1 ? "query: " : NULL;
+        c->params.lane = i % 5 == 4 ? EMBEDRAG_LANE_BULK : EMBEDRAG_LANE_AUTO;
+        c->count = 1 + i % 8;
+        for (int t = 0; t < c->count; t++)
+            c->texts[t] = sentences[(i * 31 + t * 7) % sentence_count];
+        c->bad = i % 6 == 5 && c->count > 1;
+        if (c->bad) c->texts[1] = "broken \xff text";
+        c->expected = calloc((size_t)c->count * 384, sizeof(float));
+        c->got = calloc((size_t)c->count * 384, sizeof(float));
+        if (!c->bad)
+            CHECK(embedrag_embed(m, c->texts, NULL, (size_t)c->count, &c->params, c->expected) == 0,
+                  "call %d alone: %s", i, embedrag_last_error());
+    }
+    pthread_t threads[CONCURRENT_CALLS];
+    for (int i = 0; i < CONCURRENT_CALLS; i++)
+        pthread_create(&threads[i], NULL, call_thread, &calls[i]);
+    for (int i = 0; i < CONCURRENT_CALLS; i++) pthread_join(threads[i], NULL);
+    for (int i = 0; i < CONCURRENT_CALLS; i++) {
+        CHECK(calls[i].rc == 0, "call %d (%d texts, normalize %d, dimensions %d%s): %s", i,
+              calls[i].count, calls[i].params.normalize, calls[i].params.dimensions,
+              calls[i].bad ? ", one bad text" : "",
+              calls[i].rc == -2 ? "vectors differ from the call alone" : "failed");
+        free(calls[i].expected);
+        free(calls[i].got);
+    }
+}
+
+/* ---- statuses, errors, devices, lanes ---- */
+
+static void test_statuses_go_on_past_bad_texts(embedrag_model *m)
+{
+    const char *texts[4] = {"first good text", "bad \xc3\x28 text", "second good text", NULL};
+    int statuses[4] = {-99, -99, -99, -99};
+    float out[4 * 384], alone[384];
+    embedrag_embed_params p = embedrag_embed_default_params();
+    p.statuses = statuses;
+    int rc = embedrag_embed(m, texts, NULL, 4, &p, out);
+    CHECK(rc == 0, "a call with statuses returns 0: %d %s", rc, embedrag_last_error());
+    CHECK(statuses[0] == 0 && statuses[1] == EMBEDRAG_ERR_INVALID_UTF8 && statuses[2] == 0 &&
+              statuses[3] == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "statuses %d %d %d %d", statuses[0], statuses[1], statuses[2], statuses[3]);
+    CHECK(isnan(out[384]) && isnan(out[2 * 384 - 1]) && isnan(out[3 * 384]),
+          "bad texts' rows are NaN");
+    CHECK(embedrag_last_error_index() == 1 && strstr(embedrag_last_error(), "byte offset 4"),
+          "the first bad text is described: %ld %s", embedrag_last_error_index(),
+          embedrag_last_error());
+    for (int i = 0; i < 3; i += 2) {
+        embedrag_embed(m, &texts[i], NULL, 1, NULL, alone);
+        CHECK(memcmp(alone, out + i * 384, sizeof alone) == 0, "text %d differs from alone", i);
+    }
+}
+
+static void test_errors_statuses_devices_and_lanes(embedrag_model *m)
+{
+    /* Every status has a name; unknown ones say so. */
+    static const int codes[] = {EMBEDRAG_OK,
+                                EMBEDRAG_ERR_INVALID_ARGUMENT,
+                                EMBEDRAG_ERR_IO,
+                                EMBEDRAG_ERR_FORMAT,
+                                EMBEDRAG_ERR_UNSUPPORTED,
+                                EMBEDRAG_ERR_NO_MEMORY,
+                                EMBEDRAG_ERR_INVALID_UTF8,
+                                EMBEDRAG_ERR_TOO_LONG,
+                                EMBEDRAG_ERR_BUSY,
+                                EMBEDRAG_ERR_NOT_FOUND,
+                                EMBEDRAG_ERR_DEVICE,
+                                EMBEDRAG_ERR_DATABASE,
+                                EMBEDRAG_ERR_MODEL_MISMATCH};
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        for (size_t j = 0; j < i; j++)
+            CHECK(strcmp(embedrag_status_text(codes[i]), embedrag_status_text(codes[j])) != 0,
+                  "statuses %d and %d share the text '%s'", codes[i], codes[j],
+                  embedrag_status_text(codes[i]));
+    CHECK(!strcmp(embedrag_status_text(-1000), "unknown status") &&
+              !strcmp(embedrag_status_text(EMBEDRAG_ERR_INVALID_UTF8), "invalid UTF-8"),
+          "status texts");
+
+    /* A failure on another thread is the model's latest error; the alias agrees. */
+    char message[256];
+    const char *bad = "x \xff";
+    call c = {.m = m, .params = embedrag_embed_default_params(), .count = 2, .bad = true};
+    c.texts[0] = "fine";
+    c.texts[1] = bad;
+    c.got = calloc(2 * 384, sizeof(float));
+    pthread_t thread;
+    pthread_create(&thread, NULL, call_thread, &c);
+    pthread_join(thread, NULL);
+    free(c.got);
+    CHECK(embedrag_model_last_error(m, message, sizeof message) == EMBEDRAG_ERR_INVALID_UTF8 &&
+              strstr(message, "text 1"),
+          "the model records the other thread's failure: '%s'", message);
+    CHECK(embedrag_model_last_error(m, NULL, 0) == EMBEDRAG_ERR_INVALID_UTF8, "size 0 is allowed");
+    embedrag_embed(m, &bad, NULL, 1, NULL, (float[384]){0});
+    CHECK(embedrag_last_error_index() == 0 && embedrag_last_error_text() == 0,
+          "embedrag_last_error_text is the index's old name");
+
+    /* Devices: the CPU is backend 0; a GPU call without a GPU says why. */
+    embedrag_model_info info;
+    embedrag_backend_info cpu;
+    CHECK(embedrag_model_get_info(m, &info) == 0 && info.backend_count >= 1 &&
+              embedrag_model_get_backend(m, 0, &cpu) == 0 && cpu.kind == EMBEDRAG_DEVICE_CPU &&
+              !strcmp(cpu.name, "cpu") && cpu.batch_tokens > 0,
+          "backend facts");
+    CHECK(embedrag_model_get_backend(m, info.backend_count, &cpu) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "no backend past the count");
+    const char *text = "a text";
+    float v[384], w[384];
+    embedrag_embed_params p = embedrag_embed_default_params();
+    if (info.backend_count == 1) {
+        p.device = EMBEDRAG_DEVICE_GPU;
+        CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == EMBEDRAG_ERR_UNSUPPORTED &&
+                  strstr(embedrag_last_error(), "GPU") && embedrag_model_gpu_unavailable(m),
+              "a GPU call without a GPU: %s", embedrag_last_error());
+    }
+    p.device = (embedrag_device)7;
+    CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "unknown device");
+    p.device = EMBEDRAG_DEVICE_CPU;
+    p.lane = (embedrag_lane)9;
+    CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "unknown lane");
+
+    /* Every lane and batch size gives the same bits; a budget past the backend's limit is cut to
+     * it, and one larger than the default grows the lane. */
+    p = embedrag_embed_default_params();
+    CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == 0, "auto lane");
+    embedrag_lane lanes[2] = {EMBEDRAG_LANE_LATENCY, EMBEDRAG_LANE_BULK};
+    int budgets[3] = {0, 8192, 1 << 30};
+    for (int l = 0; l < 2; l++)
+        for (int b = 0; b < 3; b++) {
+            p.lane = lanes[l];
+            p.batch_tokens = budgets[b];
+            CHECK(embedrag_embed(m, &text, NULL, 1, &p, w) == 0 && memcmp(v, w, sizeof v) == 0,
+                  "lane %d, batch_tokens %d: %s", lanes[l], budgets[b], embedrag_last_error());
+        }
+
+    /* Pre-tokenized ids are checked once, in the engine. */
+    int32_t ids[3] = {101, 30522, 102};
+    int offsets[2] = {0, 3};
+    CHECK(engine_embed_tokens(m, ids, offsets, 1, NULL, NULL, v) == EMBEDRAG_ERR_INVALID_ARGUMENT &&
+              strstr(embedrag_last_error(), "30522"),
+          "an id past the vocabulary: %s", embedrag_last_error());
+    int empty[2] = {0, 0};
+    CHECK(engine_embed_tokens(m, ids, empty, 1, NULL, NULL, v) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "an empty sequence");
+}
+
+int main(void)
+{
+    if (load_sentences() != 0) {
+        CHECK(false, "cannot read ../shared/data/stsb-en-dev.csv");
+        return check_finish("test_engine");
+    }
+    embedrag_model *m = open_model();
+    if (m) {
+        dim = embedrag_embed_dimension(m, NULL);
+        test_query_is_served_during_a_bulk_call(m);
+        test_concurrent_calls_get_their_own_vectors(m);
+        test_statuses_go_on_past_bad_texts(m);
+        test_errors_statuses_devices_and_lanes(m);
+        embedrag_model_close(m);
+    }
+    for (int i = 0; i < sentence_count; i++) free(sentences[i]);
+    return check_finish("test_engine");
+}
