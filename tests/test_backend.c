@@ -373,6 +373,7 @@ static void test_shape(const shape *s)
         .kind = BACKEND_CPU, .threads = 2, .precision = EMBEDRAG_PRECISION_FP32};
     backend *cpu;
     int rc = backend_create(&cpu_params, c, &m.weights, &cpu);
+    if (!rc) rc = backend_load_layers(cpu, &m.weights);
     CHECK(rc == 0, "%s: cpu backend: %s", s->name, err_get());
     if (rc) {
         free_model(&m);
@@ -386,6 +387,13 @@ static void test_shape(const shape *s)
     backend *others[sizeof candidates / sizeof candidates[0]] = {NULL};
     for (size_t k = 0; k < sizeof candidates / sizeof candidates[0]; k++) {
         rc = backend_create(&candidates[k].params, c, &m.weights, &others[k]);
+        if (rc == 0) {
+            rc = backend_load_layers(others[k], &m.weights);
+            if (rc) {
+                backend_destroy(others[k]);
+                others[k] = NULL;
+            }
+        }
         if (rc == EMBEDRAG_ERR_UNSUPPORTED) {
             if (s == &shapes[0])
                 printf("skipped on this machine: %s: %s\n", candidates[k].label, err_get());
@@ -507,7 +515,9 @@ static void test_streams_of_two_priorities_share_a_backend(void)
     int h = m.config.hidden_size;
     backend_params p = {.kind = BACKEND_CPU, .threads = 2, .precision = EMBEDRAG_PRECISION_FP32};
     backend *b;
-    CHECK(backend_create(&p, &m.config, &m.weights, &b) == 0, "cpu backend: %s", err_get());
+    CHECK(backend_create(&p, &m.config, &m.weights, &b) == 0 &&
+              backend_load_layers(b, &m.weights) == 0,
+          "cpu backend: %s", err_get());
     batch_data big, small;
     random_batch(&m.config, &big);
     random_batch(&m.config, &small);
@@ -543,7 +553,11 @@ static void test_limits_are_errors(void)
     make_model(&shapes[0], &m);
     backend_params p = {.kind = BACKEND_CPU, .threads = 1, .precision = EMBEDRAG_PRECISION_FP32};
     backend *b;
-    CHECK(backend_create(&p, &m.config, &m.weights, &b) == 0, "cpu backend: %s", err_get());
+    CHECK(backend_create(&p, &m.config, &m.weights, &b) == 0 &&
+              backend_load_layers(b, &m.weights) == 0,
+          "cpu backend: %s", err_get());
+    CHECK(b->ops->load_layer(b, &m.weights, m.config.num_layers) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "a layer past the model's is refused");
     backend_stream *stream;
     CHECK(b->ops->stream_create(b, BACKEND_PRIORITY_BULK, &stream) == 0, "stream: %s", err_get());
     CHECK(b->ops->reserve(stream, b->caps.max_batch_tokens + 1, 1, 8) ==

@@ -27,6 +27,15 @@ int backend_create(const backend_params *params, const model_config *config,
     return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "unknown backend kind %d", (int)params->kind);
 }
 
+int backend_load_layers(backend *b, const model_weights *weights)
+{
+    for (int l = 0; l < weights->layer_count; l++) {
+        int rc = b->ops->load_layer(b, weights, l);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 void backend_destroy(backend *b)
 {
     if (b) b->ops->destroy(b);

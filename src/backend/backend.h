@@ -78,6 +78,11 @@ typedef struct backend_ticket {
 } backend_ticket;
 
 typedef struct backend_ops {
+    /* Copies encoder layer `layer` from the weight views into the backend's own layout. The
+     * engine calls it for every layer in order after backend_create (then drops that layer's
+     * host pages, so loading never holds the whole file and its copy at once); no batch runs
+     * before every layer is loaded. */
+    int (*load_layer)(backend *self, const model_weights *weights, int layer);
     /* Seconds a batch of this shape would take on an idle device (a model of the FLOPs,
      * corrected by what completed batches measured). Thread-safe. */
     double (*estimate_seconds)(backend *self, int tokens, int sequences, int max_len);
@@ -105,14 +110,18 @@ struct backend {
     backend_caps caps;
 };
 
-/* Creates a backend of params->kind that holds its own copy of the weights in its layout (the
- * views may be released afterwards: see caps.reads_embeddings_in_place). A kind this build does
- * not include, or a device that is not there, is EMBEDRAG_ERR_UNSUPPORTED with a message saying
- * why; this factory is the only place that knows which kinds were compiled in. */
+/* Creates a backend of params->kind with the embedding tables read (their views may be released
+ * afterwards unless caps.reads_embeddings_in_place); the encoder layers follow through
+ * ops->load_layer. `config` must outlive the backend. A kind this build does not include, or a
+ * device that is not there, is EMBEDRAG_ERR_UNSUPPORTED with a message saying why; this factory
+ * is the only place that knows which kinds were compiled in. */
 int backend_create(const backend_params *params, const model_config *config,
                    const model_weights *weights, backend **out);
 
-/* Convenience wrappers around ops. destroy(NULL) is a no-op. */
+/* Loads every layer (for a backend used alone, as the tests do). */
+int backend_load_layers(backend *b, const model_weights *weights);
+
+/* destroy(NULL) is a no-op. */
 void backend_destroy(backend *b);
 
 /* Fills a ticket as failed with the calling thread's current error (for backends that fail

@@ -152,7 +152,7 @@ static void close_backends(embedrag_model *m)
     m->backend_count = 0;
 }
 
-/* Creates a backend and its two lanes, appended to m->backends. */
+/* Creates a backend (layers not loaded yet) and its two lanes, appended to m->backends. */
 static int add_backend(embedrag_model *m, const backend_params *params)
 {
     const model_config *c = &m->model.config;
@@ -195,11 +195,20 @@ static int open_backends(embedrag_model *m, const embedrag_model_params *params)
     }
     if (!m->gpu_unavailable && m->backend_count == 1)
         m->gpu_unavailable = strdup("no GPU backend opened");
+    /* Layer by layer: every backend copies it, then its mapped pages go, so loading holds one
+     * layer of the file beside the copies rather than the whole file. */
+    const model_weights *w = &m->model.weights;
+    for (int l = 0; l < w->layer_count; l++) {
+        for (int i = 0; i < m->backend_count; i++) {
+            backend *b = m->backends[i].backend;
+            rc = b->ops->load_layer(b, w, l);
+            if (rc) return err_prefix(rc, "%s backend, layer %d: ", b->caps.name, l);
+        }
+        model_weights_release_layer(w, l);
+    }
     bool embeddings_in_place = false;
     for (int i = 0; i < m->backend_count; i++)
         embeddings_in_place |= m->backends[i].backend->caps.reads_embeddings_in_place;
-    const model_weights *w = &m->model.weights;
-    model_weights_release_layers(w);
     if (!embeddings_in_place) {
         model_tensor_release(w, &w->word_emb);
         model_tensor_release(w, &w->position_emb);

@@ -150,8 +150,8 @@ int model_weights_load(const char *dir, const model_config *config, model_weight
  * the file. */
 void model_tensor_release(const model_weights *weights, const model_tensor *t);
 
-/* Releases every encoder layer's tensors (model_tensor_release). */
-void model_weights_release_layers(const model_weights *weights);
+/* Releases encoder layer `layer`'s tensors (model_tensor_release). */
+void model_weights_release_layer(const model_weights *weights, int layer);
 
 /* Maps a tensor's pages in now: for tables read a few rows at a time on the latency path, such
  * as the word embeddings, where each new token would otherwise take a page fault in the middle

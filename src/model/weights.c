@@ -269,15 +269,13 @@ void model_tensor_release(const model_weights *weights, const model_tensor *t)
         madvise((void *)first, last - first, MADV_DONTNEED);
 }
 
-void model_weights_release_layers(const model_weights *weights)
+void model_weights_release_layer(const model_weights *weights, int layer)
 {
-    if (!weights || !weights->layers) return;
-    /* The layer structs hold nothing but tensors. */
+    if (!weights || !weights->layers || layer < 0 || layer >= weights->layer_count) return;
+    /* The layer struct holds nothing but tensors. */
     size_t per_layer = sizeof(model_layer_weights) / sizeof(model_tensor);
-    for (int l = 0; l < weights->layer_count; l++) {
-        const model_tensor *t = (const model_tensor *)&weights->layers[l];
-        for (size_t i = 0; i < per_layer; i++) model_tensor_release(weights, &t[i]);
-    }
+    const model_tensor *t = (const model_tensor *)&weights->layers[layer];
+    for (size_t i = 0; i < per_layer; i++) model_tensor_release(weights, &t[i]);
 }
 
 void model_tensor_prefault(const model_weights *weights, const model_tensor *t)

@@ -560,9 +560,13 @@ free_owned:
     return rc;
 }
 
-static int load_layer(cpu_backend *b, const model_weights *w, const model_layer_weights *l,
-                      cpu_layer *out)
+static int cpu_load_layer(backend *self, const model_weights *w, int index)
 {
+    cpu_backend *b = (cpu_backend *)self;
+    if (index < 0 || index >= b->config->num_layers)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "no layer %d", index);
+    const model_layer_weights *l = &w->layers[index];
+    cpu_layer *out = &b->layers[index];
     const model_tensor *qkv_w[3] = {&l->query_w, &l->key_w, &l->value_w};
     const model_tensor *qkv_b[3] = {&l->query_b, &l->key_b, &l->value_b};
     const model_tensor *attn_w = &l->attn_out_w, *attn_b = &l->attn_out_b;
@@ -628,6 +632,7 @@ static void cpu_model_name(char *out, size_t size)
 }
 
 static const backend_ops cpu_ops = {
+    .load_layer = cpu_load_layer,
     .estimate_seconds = cpu_estimate_seconds,
     .stream_create = cpu_stream_create,
     .stream_destroy = cpu_stream_destroy,
@@ -675,10 +680,6 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
     if (!b->layers) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
         goto destroy;
-    }
-    for (int l = 0; l < config->num_layers; l++) {
-        rc = load_layer(b, weights, &weights->layers[l], &b->layers[l]);
-        if (rc) goto destroy;
     }
     rc = load_embeddings(b, weights);
     if (rc) goto destroy;
