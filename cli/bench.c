@@ -257,6 +257,16 @@ static int dump_texts(const char *dir, const char *name, const text_set *set)
 
 /* ---- measurements ---- */
 
+/* The device every measured call asks for (--device). */
+static embedrag_device bench_device = EMBEDRAG_DEVICE_AUTO;
+
+static embedrag_embed_params bench_params(void)
+{
+    embedrag_embed_params p = embedrag_embed_default_params();
+    p.device = bench_device;
+    return p;
+}
+
 static int compare_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -280,7 +290,7 @@ typedef struct point {
 static int time_point(embedrag_model *model, const text_set *set, int batch, double min_seconds,
                       int dim, point *out)
 {
-    embedrag_embed_params params = embedrag_embed_default_params();
+    embedrag_embed_params params = bench_params();
     size_t lengths[BENCH_TEXTS];
     int32_t *ids = malloc((size_t)batch * (size_t)set->tokens * sizeof *ids);
     int *offsets = malloc((size_t)(batch + 1) * sizeof *offsets);
@@ -355,7 +365,7 @@ typedef struct bulk_job {
 static void *bulk_thread(void *arg)
 {
     bulk_job *job = arg;
-    embedrag_embed_params params = embedrag_embed_default_params();
+    embedrag_embed_params params = bench_params();
     double t = now_seconds();
     job->rc =
         embedrag_embed(job->model, job->texts, NULL, (size_t)job->count, &params, job->vectors);
@@ -390,7 +400,7 @@ static int run_concurrent(embedrag_model *model, const text_set *bulk, const tex
     atomic_store(&job.done, 0);
     pthread_t tid;
     if (pthread_create(&tid, NULL, bulk_thread, &job) != 0) goto done;
-    embedrag_embed_params params = embedrag_embed_default_params();
+    embedrag_embed_params params = bench_params();
     int n = 0, failed = 0;
     while (!atomic_load(&job.done) && n < CONCURRENT_MAX_QUERIES) {
         struct timespec gap = {0, (long)(CONCURRENT_QUERY_GAP_SECONDS * 1e9)};
@@ -480,6 +490,7 @@ int cli_bench(int argc, char **argv)
         }
     }
     int threads = model_options.threads;
+    bench_device = model_options.device;
     embedrag_model *model = cli_open_model(&model_options);
     if (!model) return 1;
     int status = 1;
@@ -515,7 +526,7 @@ int cli_bench(int argc, char **argv)
     update_peak(&peak_one, &peak_all, used_threads);
 
     /* Query latency, end to end (tokenize + model + pooling + normalize). */
-    embedrag_embed_params params = embedrag_embed_default_params();
+    embedrag_embed_params params = bench_params();
     float *vector = malloc((size_t)dim * sizeof *vector);
     double latencies[QUERY_RUNS];
     int runs = quick ? 50 : QUERY_RUNS;

@@ -71,6 +71,7 @@ typedef struct cpu_backend {
     bool exec_busy;
     int latency_waiting;
     atomic_int latency_pending; /* latency_waiting, read without the lock at checkpoints */
+    int preempt;                /* PREEMPT_*: where bulk passes check for latency work */
 
     /* Measured seconds per FLOP of completed batches (guarded by rate_lock). */
     pthread_mutex_t rate_lock;
@@ -125,12 +126,25 @@ static void exec_release(backend_stream *s)
     pthread_mutex_unlock(&b->exec_lock);
 }
 
-/* Between two steps of a bulk pass: when latency work waits, let it run first. The longest step
- * of a 2048-token batch (the first feed-forward GEMM) takes ~10 ms on two cores, which bounds
- * how long a query waits. */
-static void exec_checkpoint(backend_stream *s)
+/* Where a bulk pass lets waiting latency work run: after every step (each GEMM and the attention:
+ * the longest step of a 2048-token batch, the first feed-forward GEMM, takes ~10 ms on two
+ * cores, which bounds how long a query waits), after every layer, or only between batches.
+ * EMBEDRAG_CPU_PREEMPT=step|layer|batch chooses, for measuring them against each other
+ * (BENCHMARKS.md); step is the default. */
+enum { PREEMPT_BATCH, PREEMPT_LAYER, PREEMPT_STEP };
+
+static int preempt_level(void)
 {
-    if (s->latency || atomic_load_explicit(&s->b->latency_pending, memory_order_relaxed) == 0)
+    const char *v = getenv("EMBEDRAG_CPU_PREEMPT");
+    if (v && !strcmp(v, "batch")) return PREEMPT_BATCH;
+    if (v && !strcmp(v, "layer")) return PREEMPT_LAYER;
+    return PREEMPT_STEP;
+}
+
+static void exec_checkpoint(backend_stream *s, int level)
+{
+    if (s->latency || level > s->b->preempt ||
+        atomic_load_explicit(&s->b->latency_pending, memory_order_relaxed) == 0)
         return;
     exec_release(s);
     exec_acquire(s);
@@ -293,7 +307,7 @@ static void gemm(backend_stream *s, int m, const float *A, const cpu_packed *pac
                   .scratch_floats = s->gemm_scratch_floats};
     j.plan = cpu_gemm_plan_make(m, packed, threadpool_threads(s->b->threads));
     threadpool_run(s->b->threads, cpu_gemm_plan_tasks(&j.plan), gemm_worker, &j);
-    exec_checkpoint(s);
+    exec_checkpoint(s, PREEMPT_STEP);
 }
 
 typedef struct rows_job {
@@ -411,7 +425,7 @@ static void forward(backend_stream *s, const backend_batch *batch, float *out)
         const cpu_layer *layer = &b->layers[l];
         gemm(s, tokens, s->x, &layer->qkv, CPU_EPILOGUE_BIAS, NULL, s->qkv);
         threadpool_run(b->threads, batch->count * c->num_heads, attention_worker, &attention);
-        exec_checkpoint(s);
+        exec_checkpoint(s, PREEMPT_STEP);
         gemm(s, tokens, s->ctx, &layer->attn_out, CPU_EPILOGUE_BIAS_RESIDUAL, s->x, s->tmp);
         rows.x = s->tmp;
         rows.gamma = layer->attn_ln_w;
@@ -423,6 +437,7 @@ static void forward(backend_stream *s, const backend_batch *batch, float *out)
         rows.gamma = layer->out_ln_w;
         rows.beta = layer->out_ln_b;
         rows_run(s, &rows, layer_norm_worker);
+        exec_checkpoint(s, PREEMPT_LAYER);
     }
     for (int i = 0; i < batch->count; i++)
         pool_sequence(s, batch, i, out + (size_t)i * (size_t)c->hidden_size);
@@ -655,6 +670,7 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
     pthread_mutex_init(&b->rate_lock, NULL);
     b->base.ops = &cpu_ops;
     b->config = config;
+    b->preempt = preempt_level();
     backend_caps *caps = &b->base.caps;
     caps->name = "cpu";
     bool bf16 = params->precision == EMBEDRAG_PRECISION_BF16 && cpu_amx_available();
