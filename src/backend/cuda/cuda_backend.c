@@ -1,15 +1,1034 @@
-/* The CUDA backend's place in the build, before the backend itself: it finds the GPUs through the
- * CUDA runtime and answers EMBEDRAG_ERR_UNSUPPORTED naming what it found, so that the factory,
- * `--device gpu` and `embedrag info` already work end to end. The runtime is linked statically,
- * so a machine without the NVIDIA driver runs the CPU backend and says "no CUDA device". */
-#include "backend/backend.h"
+/* The CUDA backend: a BERT encoder forward pass on one NVIDIA GPU over sequences packed without
+ * padding. Weights are uploaded once, layer by layer, as fp16, bf16 or fp32 (the precision asked
+ * for); activations stay on the device. Matrix products run on cuBLASLt (bias in its epilogue),
+ * everything else on our own kernels (cuda_kernels.cu). A batch goes up as one copy of token ids
+ * and offsets from pinned memory, and only the pooled vectors come down. Each stream has its own
+ * CUDA stream (latency streams at the device's highest priority), buffers, cuBLASLt handle and
+ * workspace; batches of up to CUDA_GRAPH_MAX_TOKENS tokens replay a CUDA graph captured once per
+ * power-of-two bucket of tokens, so a query costs one graph launch rather than ~100 kernel
+ * launches. Failures while running come back in the ticket, never as a crash. */
+#include "backend/cuda/cuda_backend.h"
 
+#include "backend/backend.h"
+#include "backend/cuda/cuda_blas.h"
+#include "backend/cuda/cuda_kernels.h"
 #include "util/error.h"
 
+#include "embedrag.h"
+
 #include <cuda_runtime_api.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* 2^30: device memory is reported in GiB. */
 #define CUDA_GIB 1073741824.0
+/* cuBLASLt's workspace per stream: NVIDIA recommends 32 MiB on Hopper. */
+#define CUDA_WORKSPACE_BYTES ((size_t)32 << 20)
+/* Elements converted per step while loading weights (4 MB of fp32 staging on host and device). */
+#define CUDA_LOAD_CHUNK ((size_t)1 << 20)
+/* Device sub-allocations are aligned like cudaMalloc's own (and as cuBLASLt prefers). */
+#define CUDA_ALIGN ((size_t)256)
+
+/* A bulk batch that keeps an H200 busy: 1000 texts of 128 tokens. Below ~32k tokens the thin
+ * 384-wide GEMMs leave the GPU partly idle and the ~10 launches a layer start to show; above,
+ * memory grows (about 8 KB a token for a 384-wide model in fp16) for little gain. Capped by the
+ * device's free memory (CUDA_PREFERRED_MEMORY_SHARE). */
+#define CUDA_PREFERRED_BATCH_TOKENS 131072
+#define CUDA_PREFERRED_MEMORY_SHARE 0.25
+/* The most tokens one batch may reserve: half the free memory, and at most 2^20 (so every row
+ * count and element offset the kernels and cuBLASLt see stays far inside their types). */
+#define CUDA_MAX_BATCH_TOKENS (1 << 20)
+#define CUDA_MAX_MEMORY_SHARE 0.5
+
+/* Batches of at most CUDA_GRAPH_MAX_TOKENS tokens (cuda_backend.h) replay a CUDA graph captured
+ * for their bucket (the next size of graph_sizes); larger ones launch directly. Sizes grow by 1.5
+ * and 4/3 in turn, so that a batch pads to at most 1.5 times its tokens. Measured on an H200
+ * (bench/cuda-notes.md): with power-of-two buckets a graph won up to ~800 tokens (a 16-token
+ * query: 0.30 ms against 0.61 ms launched) and lost beyond ~1000, where the GPU's work outlasts
+ * the launches and the padding costs more than they do. */
+static const int graph_sizes[] = {16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024};
+#define CUDA_GRAPH_BUCKETS ((int)(sizeof graph_sizes / sizeof graph_sizes[0]))
+/* cuBLASLt plans (layouts and chosen algorithms) kept per stream, one per row count. */
+#define CUDA_PLAN_CACHE 12
+
+/* Starting guesses for the router, before batches are measured: the H200's dense fp16 rate is
+ * ~990 TFLOP/s of which this model's thin GEMMs reach about half (DESIGN.md: 547 TFLOP/s for a
+ * layer's four GEMMs at 128k rows), and the fp32 path runs on CUDA cores (~67 TFLOP/s peak). The
+ * fixed cost is a graph launch plus two small copies, and a few microseconds a layer. */
+#define CUDA_GUESS_FLOPS_HALF 3.0e14
+#define CUDA_GUESS_FLOPS_FP32 2.0e13
+#define CUDA_GUESS_OVERHEAD_SECONDS 3.0e-5
+#define CUDA_GUESS_OVERHEAD_SECONDS_PER_LAYER 5.0e-6
+/* Batches this large update the rate; smaller ones the fixed cost. */
+#define CUDA_RATE_MIN_TOKENS 8192
+#define CUDA_RATE_SMOOTHING 0.2
+
+enum { GEMM_QKV, GEMM_ATTENTION_OUT, GEMM_INTERMEDIATE, GEMM_OUTPUT, GEMM_KINDS };
+
+typedef struct cuda_layer {
+    void *block; /* one allocation holding everything below */
+    void *weight[GEMM_KINDS], *bias[GEMM_KINDS];
+    float *attention_ln_gamma, *attention_ln_beta, *output_ln_gamma, *output_ln_beta;
+} cuda_layer;
+
+typedef struct cuda_backend {
+    backend base;
+    const model_config *config;
+    int device;
+    cuda_dtype dtype;
+    size_t element; /* bytes per activation / weight element */
+    int head_size;
+    cuda_blas blas;
+    cuda_layer *layers;
+    int layers_loaded;
+    void *embedding_block;
+    float *word, *position, *type, *embedding_gamma, *embedding_beta;
+    /* Staging while loading, freed once every layer is loaded. */
+    float *load_host, *load_device;
+    int priority_bulk, priority_latency;
+    /* Choices, read once from the environment (see cuda_backend_create). */
+    bool use_graphs, tensor_core_attention;
+    int inter_epilogue; /* cuBLASLt epilogue of the intermediate GEMM */
+    int own_activation; /* CUDA_ACT_* our kernel applies after it, or CUDA_ACT_NONE */
+    char name[32], device_text[320], kernels[160];
+
+    pthread_mutex_t rate_lock;
+    double seconds_per_flop, overhead_seconds;
+} cuda_backend;
+
+typedef struct cuda_plan {
+    int tokens; /* rows (M); 0 when the slot is free */
+    unsigned long last_use;
+    cublasLtMatrixLayout_t input[GEMM_KINDS], output[GEMM_KINDS];
+    cublasLtMatmulAlgo_t algo[GEMM_KINDS];
+} cuda_plan;
+
+/* Sizes of the batch descriptor's sections (cuda_kernels.h), for one launch shape. */
+typedef struct cuda_shape {
+    int tokens, sequences, tiles;
+} cuda_shape;
+
+struct backend_stream {
+    cuda_backend *b;
+    cudaStream_t stream;
+    cudaEvent_t start, done;
+    cublasLtHandle_t blas;
+    cublasLtMatmulDesc_t matmul[GEMM_KINDS];
+    cublasLtMatrixLayout_t weight_layout[GEMM_KINDS];
+    cuda_plan plans[CUDA_PLAN_CACHE];
+    unsigned long plan_clock;
+
+    /* Reserved bounds and the buffers sized for them. */
+    cuda_shape capacity;
+    int capacity_len;
+    void *device_block, *host_block;
+    void *x, *x1, *qkv, *context, *hidden, *workspace;
+    float *pooled;
+    int *descriptor;      /* device */
+    int *host_descriptor; /* pinned mirror */
+    float *host_pooled;   /* pinned landing place when the caller's rows are not pinned */
+    cudaGraphExec_t graphs[CUDA_GRAPH_BUCKETS];
+    bool graphs_failed; /* a capture failed: batches run without graphs */
+
+    /* The batch in flight (one at a time). */
+    bool pending;
+    backend_ticket *pending_ticket;
+    float *pending_out;
+    bool pending_staged;
+    int pending_count, pending_tokens;
+    bool pending_graph;
+    double pending_flops;
+
+    double last_seconds;
+    bool last_graph;
+};
+
+/* ---- errors ---- */
+
+/* Sets the thread's error for a failed CUDA call and returns the status: out of memory where
+ * that is what happened, else a device failure. */
+static int cuda_error(cudaError_t e, const char *what)
+{
+    int code = e == cudaErrorMemoryAllocation ? EMBEDRAG_ERR_NO_MEMORY : EMBEDRAG_ERR_DEVICE;
+    /* Clear a non-sticky error so that it is not reported again by an unrelated call. */
+    cudaGetLastError();
+    return err_set(code, "CUDA: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+static int blas_error(const cuda_backend *b, cublasStatus_t status, const char *what)
+{
+    return err_set(EMBEDRAG_ERR_DEVICE, "cuBLASLt: %s: %s", what,
+                   b->blas.status_string ? b->blas.status_string(status) : "failed");
+}
+
+#define CUDA_TRY(call, what)                                                                       \
+    do {                                                                                           \
+        cudaError_t cuda_try_status = (call);                                                      \
+        if (cuda_try_status != cudaSuccess) return cuda_error(cuda_try_status, what);              \
+    } while (0)
+
+static size_t align_up(size_t n)
+{
+    return (n + CUDA_ALIGN - 1) / CUDA_ALIGN * CUDA_ALIGN;
+}
+
+/* ---- the batch descriptor ---- */
+
+/* Element offsets of each section for a launch shape; returns the total in ints. */
+typedef struct cuda_layout {
+    size_t ids, sequence_of, offsets, skip, tiles, total;
+} cuda_layout;
+
+static cuda_layout layout_for(cuda_shape shape)
+{
+    cuda_layout l;
+    l.ids = CUDA_HEADER_INTS;
+    l.sequence_of = l.ids + (size_t)shape.tokens;
+    l.offsets = l.sequence_of + (size_t)shape.tokens;
+    l.skip = l.offsets + (size_t)shape.sequences + 1;
+    l.tiles = l.skip + (size_t)shape.sequences;
+    l.total = l.tiles + 2 * (size_t)shape.tiles;
+    return l;
+}
+
+/* The most attention tiles a batch within these bounds can have: each sequence has
+ * ceil(len / 64) <= len / 64 + 1. */
+static int tiles_bound(int tokens, int sequences)
+{
+    return sequences + tokens / CUDA_ATTENTION_TILE + 1;
+}
+
+static cuda_batch_view view_for(const backend_stream *s, cuda_shape shape)
+{
+    cuda_layout l = layout_for(shape);
+    const int *d = s->descriptor;
+    return (cuda_batch_view){.header = d,
+                             .ids = d + l.ids,
+                             .sequence_of = d + l.sequence_of,
+                             .offsets = d + l.offsets,
+                             .skip = d + l.skip,
+                             .tiles = d + l.tiles,
+                             .max_tokens = shape.tokens,
+                             .max_sequences = shape.sequences,
+                             .max_tiles = shape.tiles};
+}
+
+/* Writes the batch into the pinned descriptor in the layout of `shape`. */
+static void write_descriptor(backend_stream *s, const backend_batch *batch, cuda_shape shape,
+                             int tiles)
+{
+    cuda_layout l = layout_for(shape);
+    int *h = s->host_descriptor;
+    h[CUDA_HEADER_TOKENS] = batch->tokens;
+    h[CUDA_HEADER_SEQUENCES] = batch->count;
+    h[CUDA_HEADER_TILES] = tiles;
+    h[3] = 0;
+    memcpy(h + l.ids, batch->ids, (size_t)batch->tokens * sizeof(int));
+    int *tile = h + l.tiles;
+    for (int i = 0; i < batch->count; i++) {
+        int start = batch->offsets[i], end = batch->offsets[i + 1];
+        h[l.offsets + (size_t)i] = start;
+        h[l.skip + (size_t)i] = batch->pool_skip ? batch->pool_skip[i] : 0;
+        for (int t = start; t < end; t++) h[l.sequence_of + (size_t)t] = i;
+        for (int q = 0; q < end - start; q += CUDA_ATTENTION_TILE) {
+            *tile++ = i;
+            *tile++ = q;
+        }
+    }
+    h[l.offsets + (size_t)batch->count] = batch->tokens;
+}
+
+static int count_tiles(const backend_batch *batch)
+{
+    int tiles = 0;
+    for (int i = 0; i < batch->count; i++) {
+        int len = batch->offsets[i + 1] - batch->offsets[i];
+        tiles += (len + CUDA_ATTENTION_TILE - 1) / CUDA_ATTENTION_TILE;
+    }
+    return tiles;
+}
+
+/* ---- cuBLASLt plans ---- */
+
+static cudaDataType_t blas_type(cuda_dtype dtype)
+{
+    return dtype == CUDA_DTYPE_F16    ? CUDA_R_16F
+           : dtype == CUDA_DTYPE_BF16 ? CUDA_R_16BF
+                                      : CUDA_R_32F;
+}
+
+/* Output width (N) and inner dimension (K) of each GEMM. */
+static void gemm_dims(const model_config *c, int kind, int *n, int *k)
+{
+    int h = c->hidden_size, in = c->intermediate_size;
+    static const int n_of[GEMM_KINDS] = {3, 1, 0, 1};
+    *n = kind == GEMM_INTERMEDIATE ? in : n_of[kind] * h;
+    *k = kind == GEMM_OUTPUT ? in : h;
+}
+
+static void plan_free(const cuda_backend *b, cuda_plan *p)
+{
+    for (int k = 0; k < GEMM_KINDS; k++) {
+        if (p->input[k]) b->blas.layout_destroy(p->input[k]);
+        if (p->output[k]) b->blas.layout_destroy(p->output[k]);
+    }
+    memset(p, 0, sizeof *p);
+}
+
+/* The plan for GEMMs of `tokens` rows: cached, else made (layouts and the heuristic's first
+ * algorithm for each of the four products). Row-major Y[tokens x N] = X[tokens x K] W^T is, in
+ * cuBLASLt's column-major terms, Y^T (N x tokens) = op(W) X^T with op = transpose. */
+static int get_plan(backend_stream *s, int tokens, cuda_plan **out)
+{
+    cuda_backend *b = s->b;
+    cuda_plan *slot = &s->plans[0];
+    for (int i = 0; i < CUDA_PLAN_CACHE; i++) {
+        cuda_plan *p = &s->plans[i];
+        if (p->tokens == tokens) {
+            p->last_use = ++s->plan_clock;
+            *out = p;
+            return 0;
+        }
+        if (p->last_use < slot->last_use) slot = p;
+    }
+    plan_free(b, slot);
+    cudaDataType_t type = blas_type(b->dtype);
+    cublasLtMatmulPreference_t preference = NULL;
+    cublasStatus_t st = b->blas.preference_create(&preference);
+    size_t workspace = CUDA_WORKSPACE_BYTES;
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = b->blas.preference_set(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                    &workspace, sizeof workspace);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        if (preference) b->blas.preference_destroy(preference);
+        return blas_error(b, st, "matmul preference");
+    }
+    int rc = 0;
+    for (int k = 0; k < GEMM_KINDS && !rc; k++) {
+        int n, inner;
+        gemm_dims(b->config, k, &n, &inner);
+        st = b->blas.layout_create(&slot->input[k], type, (uint64_t)inner, (uint64_t)tokens,
+                                   (int64_t)inner);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = b->blas.layout_create(&slot->output[k], type, (uint64_t)n, (uint64_t)tokens,
+                                       (int64_t)n);
+        if (st != CUBLAS_STATUS_SUCCESS) {
+            rc = blas_error(b, st, "matrix layout");
+            break;
+        }
+        /* The heuristic reads the bias pointer's alignment: any layer's will do. */
+        const void *bias = k == GEMM_INTERMEDIATE && b->own_activation != CUDA_ACT_NONE
+                               ? NULL
+                               : b->layers[0].bias[k];
+        b->blas.desc_set(s->matmul[k], CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+        cublasLtMatmulHeuristicResult_t result;
+        int found = 0;
+        st = b->blas.heuristic(s->blas, s->matmul[k], s->weight_layout[k], slot->input[k],
+                               slot->output[k], slot->output[k], preference, 1, &result, &found);
+        if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+            rc = st != CUBLAS_STATUS_SUCCESS
+                     ? blas_error(b, st, "algorithm heuristic")
+                     : err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                               "cuBLASLt has no algorithm for a %d x %d x %d product", tokens, n,
+                               inner);
+            break;
+        }
+        slot->algo[k] = result.algo;
+    }
+    b->blas.preference_destroy(preference);
+    if (rc) {
+        plan_free(b, slot);
+        return rc;
+    }
+    slot->tokens = tokens;
+    slot->last_use = ++s->plan_clock;
+    *out = slot;
+    return 0;
+}
+
+static int gemm(backend_stream *s, const cuda_plan *plan, int kind, const cuda_layer *layer,
+                const void *input, void *output)
+{
+    cuda_backend *b = s->b;
+    const float one = 1.0f, zero = 0.0f;
+    /* Without a bias epilogue cuBLASLt refuses a bias pointer (our own kernel adds the bias). */
+    const void *bias =
+        kind == GEMM_INTERMEDIATE && b->own_activation != CUDA_ACT_NONE ? NULL : layer->bias[kind];
+    cublasStatus_t st =
+        b->blas.desc_set(s->matmul[kind], CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = b->blas.matmul(s->blas, s->matmul[kind], &one, layer->weight[kind],
+                            s->weight_layout[kind], input, plan->input[kind], &zero, output,
+                            plan->output[kind], output, plan->output[kind], &plan->algo[kind],
+                            s->workspace, CUDA_WORKSPACE_BYTES, s->stream);
+    return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_error(b, st, "matmul");
+}
+
+/* ---- the forward pass ---- */
+
+/* out = LayerNorm(input W^T + bias + residual): a layer's attention output and its feed-forward
+ * output. */
+static int project_and_norm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
+                            int kind, const cuda_layer *layer, const void *input,
+                            const void *residual, const float *gamma, const float *beta, void *out)
+{
+    const model_config *c = s->b->config;
+    int rc = gemm(s, plan, kind, layer, input, out);
+    if (rc) return rc;
+    CUDA_TRY(cuda_add_layer_norm(s->b->dtype, view, out, residual, gamma, beta, c->layer_norm_eps,
+                                 c->hidden_size, out, s->stream),
+             "layer norm kernel");
+    return 0;
+}
+
+/* Enqueues the whole pass for a batch within `view`'s bounds, GEMMs over plan->tokens rows. */
+static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan)
+{
+    const cuda_backend *b = s->b;
+    const model_config *c = b->config;
+    cuda_dtype dt = b->dtype;
+    int h = c->hidden_size;
+    float eps = c->layer_norm_eps;
+    cudaStream_t st = s->stream;
+    CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
+                        b->embedding_beta, eps, h, s->x, st),
+             "embedding kernel");
+    for (int l = 0; l < c->num_layers; l++) {
+        const cuda_layer *layer = &b->layers[l];
+        int rc = gemm(s, plan, GEMM_QKV, layer, s->x, s->qkv);
+        if (rc) return rc;
+        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads,
+                                b->tensor_core_attention, st),
+                 "attention kernel");
+        rc = project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
+                              layer->attention_ln_gamma, layer->attention_ln_beta, s->x1);
+        if (rc) return rc;
+        rc = gemm(s, plan, GEMM_INTERMEDIATE, layer, s->x1, s->hidden);
+        if (rc) return rc;
+        if (b->own_activation != CUDA_ACT_NONE)
+            CUDA_TRY(cuda_bias_activation(dt, view, s->hidden, layer->bias[GEMM_INTERMEDIATE],
+                                          c->intermediate_size, b->own_activation, st),
+                     "activation kernel");
+        rc = project_and_norm(s, view, plan, GEMM_OUTPUT, layer, s->hidden, s->x1,
+                              layer->output_ln_gamma, layer->output_ln_beta, s->x);
+        if (rc) return rc;
+    }
+    CUDA_TRY(cuda_pool(dt, view, s->x, h, c->pooling, s->pooled, st), "pooling kernel");
+    return 0;
+}
+
+/* The graph bucket of a batch of `tokens` tokens, or -1 when it runs without a graph. */
+static int graph_bucket(const backend_stream *s, int tokens, cuda_shape *shape)
+{
+    if (!s->b->use_graphs || tokens > CUDA_GRAPH_MAX_TOKENS) return -1;
+    int bucket = 0;
+    while (graph_sizes[bucket] < tokens) bucket++;
+    int size = graph_sizes[bucket];
+    /* A bucket holds as many sequences as tokens (every sequence has one at least). */
+    cuda_shape want = {size, size, tiles_bound(size, size)};
+    if (want.tokens > s->capacity.tokens || want.sequences > s->capacity.sequences ||
+        want.tiles > s->capacity.tiles)
+        return -1;
+    *shape = want;
+    return bucket;
+}
+
+static void destroy_graphs(backend_stream *s)
+{
+    for (int i = 0; i < CUDA_GRAPH_BUCKETS; i++)
+        if (s->graphs[i]) {
+            cudaGraphExecDestroy(s->graphs[i]);
+            s->graphs[i] = NULL;
+        }
+}
+
+/* Captures the forward pass for a bucket once (stream capture records what enqueue_forward
+ * enqueues instead of running it). */
+static int bucket_graph(backend_stream *s, int bucket, const cuda_batch_view *view,
+                        const cuda_plan *plan, cudaGraphExec_t *out)
+{
+    if (s->graphs[bucket]) {
+        *out = s->graphs[bucket];
+        return 0;
+    }
+    CUDA_TRY(cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal),
+             "beginning a graph capture");
+    int rc = enqueue_forward(s, view, plan);
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(s->stream, &graph);
+    if (rc) {
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        return rc;
+    }
+    if (e != cudaSuccess) return cuda_error(e, "capturing a graph");
+    e = cudaGraphInstantiate(&s->graphs[bucket], graph, 0);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+        s->graphs[bucket] = NULL;
+        return cuda_error(e, "instantiating a graph");
+    }
+    *out = s->graphs[bucket];
+    return 0;
+}
+
+/* ---- streams ---- */
+
+static void free_buffers(backend_stream *s)
+{
+    destroy_graphs(s);
+    if (s->device_block) cudaFree(s->device_block);
+    if (s->host_block) cudaFreeHost(s->host_block);
+    s->device_block = s->host_block = NULL;
+    s->x = s->x1 = s->qkv = s->context = s->hidden = s->workspace = NULL;
+    s->pooled = s->host_pooled = NULL;
+    s->descriptor = s->host_descriptor = NULL;
+    s->capacity = (cuda_shape){0, 0, 0};
+}
+
+/* Grows the stream's buffers to `want`; on failure the old ones stay and still work. */
+static int grow_buffers(backend_stream *s, cuda_shape want)
+{
+    const cuda_backend *b = s->b;
+    const model_config *c = b->config;
+    size_t t = (size_t)want.tokens, h = (size_t)c->hidden_size, e = b->element;
+    size_t sizes[8] = {
+        t * h * e,                                  /* x */
+        t * h * e,                                  /* x1 */
+        t * 3 * h * e,                              /* qkv */
+        t * h * e,                                  /* context */
+        t * (size_t)c->intermediate_size * e,       /* hidden */
+        CUDA_WORKSPACE_BYTES,                       /* cuBLASLt workspace */
+        (size_t)want.sequences * h * sizeof(float), /* pooled */
+        layout_for(want).total * sizeof(int),       /* descriptor */
+    };
+    size_t total = 0;
+    for (int i = 0; i < 8; i++) total += align_up(sizes[i]);
+    size_t host_sizes[2] = {sizes[7], sizes[6]};
+    size_t host_total = align_up(host_sizes[0]) + align_up(host_sizes[1]);
+    void *device_block = NULL, *host_block = NULL;
+    cudaError_t err = cudaMalloc(&device_block, total);
+    if (err == cudaSuccess) err = cudaMallocHost(&host_block, host_total);
+    /* Rows past a batch are computed by the bucket's GEMMs: zeros keep them finite. On the
+     * stream, so that it is done before the stream's next batch starts. */
+    if (err == cudaSuccess) err = cudaMemsetAsync(device_block, 0, total, s->stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(s->stream);
+    if (err != cudaSuccess) {
+        if (device_block) cudaFree(device_block);
+        if (host_block) cudaFreeHost(host_block);
+        cudaGetLastError();
+        return err_set(EMBEDRAG_ERR_NO_MEMORY,
+                       "CUDA device %d: out of memory for a batch of %d tokens (%.2f GiB): %s",
+                       b->device, want.tokens, (double)total / CUDA_GIB, cudaGetErrorString(err));
+    }
+    free_buffers(s);
+    char *p = device_block;
+    void **slots[8] = {&s->x,      &s->x1,        (void **)&s->qkv,    &s->context,
+                       &s->hidden, &s->workspace, (void **)&s->pooled, (void **)&s->descriptor};
+    for (int i = 0; i < 8; i++) {
+        *slots[i] = p;
+        p += align_up(sizes[i]);
+    }
+    s->host_descriptor = host_block;
+    s->host_pooled = (float *)((char *)host_block + align_up(host_sizes[0]));
+    s->device_block = device_block;
+    s->host_block = host_block;
+    s->capacity = want;
+    return 0;
+}
+
+static int cuda_reserve(backend_stream *s, int max_tokens, int max_sequences, int max_len)
+{
+    cuda_backend *b = s->b;
+    const model_config *c = b->config;
+    if (max_tokens > b->base.caps.max_batch_tokens)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "a batch of %d tokens is more than the CUDA backend takes (%d)", max_tokens,
+                       b->base.caps.max_batch_tokens);
+    if (max_tokens < 1) max_tokens = 1;
+    if (max_sequences > max_tokens) max_sequences = max_tokens; /* a token each at least */
+    if (max_sequences < 1) max_sequences = 1;
+    if (max_len > c->max_position_embeddings) max_len = c->max_position_embeddings;
+    if (s->pending)
+        return err_set(EMBEDRAG_ERR_BUSY, "reserve on a CUDA stream with a batch in flight");
+    cuda_shape want = s->capacity;
+    if (max_tokens > want.tokens) want.tokens = max_tokens;
+    if (max_sequences > want.sequences) want.sequences = max_sequences;
+    want.tiles = tiles_bound(want.tokens, want.sequences);
+    if (want.tokens != s->capacity.tokens || want.sequences != s->capacity.sequences) {
+        CUDA_TRY(cudaSetDevice(b->device), "selecting the device");
+        int rc = grow_buffers(s, want);
+        if (rc) return rc;
+    }
+    if (max_len > s->capacity_len) s->capacity_len = max_len;
+    return 0;
+}
+
+static void cuda_stream_destroy(backend_stream *s)
+{
+    if (!s) return;
+    cuda_backend *b = s->b;
+    cudaSetDevice(b->device);
+    if (s->stream) cudaStreamSynchronize(s->stream);
+    free_buffers(s);
+    for (int i = 0; i < CUDA_PLAN_CACHE; i++) plan_free(b, &s->plans[i]);
+    for (int k = 0; k < GEMM_KINDS; k++) {
+        if (s->weight_layout[k]) b->blas.layout_destroy(s->weight_layout[k]);
+        if (s->matmul[k]) b->blas.desc_destroy(s->matmul[k]);
+    }
+    if (s->blas) b->blas.destroy(s->blas);
+    if (s->start) cudaEventDestroy(s->start);
+    if (s->done) cudaEventDestroy(s->done);
+    if (s->stream) cudaStreamDestroy(s->stream);
+    cudaGetLastError();
+    free(s);
+}
+
+/* The matmul descriptors and weight layouts every plan of this stream shares. */
+static int create_matmuls(backend_stream *s)
+{
+    cuda_backend *b = s->b;
+    cudaDataType_t type = blas_type(b->dtype);
+    /* fp32 sums in every mode; for fp32 that also rules out TF32 (CUBLAS_COMPUTE_32F). */
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    for (int k = 0; k < GEMM_KINDS && st == CUBLAS_STATUS_SUCCESS; k++) {
+        int n, inner;
+        gemm_dims(b->config, k, &n, &inner);
+        st = b->blas.desc_create(&s->matmul[k], CUBLAS_COMPUTE_32F, CUDA_R_32F);
+        cublasOperation_t transpose = CUBLAS_OP_T, keep = CUBLAS_OP_N;
+        cublasLtEpilogue_t epilogue =
+            k == GEMM_INTERMEDIATE ? (cublasLtEpilogue_t)b->inter_epilogue : CUBLASLT_EPILOGUE_BIAS;
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = b->blas.desc_set(s->matmul[k], CUBLASLT_MATMUL_DESC_TRANSA, &transpose,
+                                  sizeof transpose);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = b->blas.desc_set(s->matmul[k], CUBLASLT_MATMUL_DESC_TRANSB, &keep, sizeof keep);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = b->blas.desc_set(s->matmul[k], CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                  sizeof epilogue);
+        /* W is [N x K] row-major: column-major K x N, transposed by the product. */
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = b->blas.layout_create(&s->weight_layout[k], type, (uint64_t)inner, (uint64_t)n,
+                                       (int64_t)inner);
+    }
+    return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_error(b, st, "matmul descriptor");
+}
+
+static int cuda_stream_create(backend *self, backend_priority priority, backend_stream **out)
+{
+    cuda_backend *b = (cuda_backend *)self;
+    *out = NULL;
+    backend_stream *s = calloc(1, sizeof *s);
+    if (!s) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating a CUDA stream");
+    s->b = b;
+    int rc = 0;
+    cudaError_t e = cudaSetDevice(b->device);
+    int level = priority == BACKEND_PRIORITY_LATENCY ? b->priority_latency : b->priority_bulk;
+    if (e == cudaSuccess)
+        e = cudaStreamCreateWithPriority(&s->stream, cudaStreamNonBlocking, level);
+    if (e == cudaSuccess) e = cudaEventCreate(&s->start);
+    if (e == cudaSuccess) e = cudaEventCreate(&s->done);
+    if (e != cudaSuccess) {
+        rc = cuda_error(e, "creating a stream");
+        goto fail;
+    }
+    cublasStatus_t st = b->blas.create(&s->blas);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        s->blas = NULL;
+        rc = blas_error(b, st, "creating a handle");
+        goto fail;
+    }
+    rc = create_matmuls(s);
+    if (rc) goto fail;
+    *out = s;
+    return 0;
+fail:
+    cuda_stream_destroy(s);
+    return rc;
+}
+
+static void *cuda_host_alloc(backend *self, size_t bytes)
+{
+    cuda_backend *b = (cuda_backend *)self;
+    void *p = NULL;
+    cudaSetDevice(b->device);
+    /* Portable: pinned for every device's context, as other GPUs' streams will read it too. */
+    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocPortable) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_host_free(backend *self, void *memory)
+{
+    if (memory) cudaFreeHost(memory);
+}
+
+/* ---- submit and wait ---- */
+
+static bool is_pinned(const void *p)
+{
+    struct cudaPointerAttributes attributes;
+    if (cudaPointerGetAttributes(&attributes, p) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return attributes.type == cudaMemoryTypeHost;
+}
+
+static int cuda_submit(backend_stream *s, const backend_batch *batch, float *out,
+                       backend_ticket *ticket)
+{
+    cuda_backend *b = s->b;
+    int h = b->config->hidden_size;
+    ticket->done = false;
+    ticket->status = 0;
+    ticket->message[0] = '\0';
+    if (batch->tokens > s->capacity.tokens || batch->count > s->capacity.sequences ||
+        batch->max_len > s->capacity_len)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "a batch of %d tokens in %d sequences (longest %d) exceeds the stream's "
+                       "reservation (%d tokens, %d sequences, longest %d)",
+                       batch->tokens, batch->count, batch->max_len, s->capacity.tokens,
+                       s->capacity.sequences, s->capacity_len);
+    if (s->pending)
+        return err_set(EMBEDRAG_ERR_BUSY,
+                       "a CUDA stream takes one batch at a time: wait for the previous ticket");
+    if (batch->count == 0) {
+        ticket->done = true;
+        return 0;
+    }
+    CUDA_TRY(cudaSetDevice(b->device), "selecting the device");
+
+    int tiles = count_tiles(batch);
+    cuda_shape shape = {batch->tokens, batch->count, tiles};
+    int bucket = graph_bucket(s, batch->tokens, &shape);
+    cuda_plan *plan = NULL;
+    int rc = get_plan(s, shape.tokens, &plan);
+    if (rc) return rc;
+    write_descriptor(s, batch, shape, tiles);
+    cuda_batch_view view = view_for(s, shape);
+    /* A bucket's graph is captured before anything of this batch is enqueued: capture records
+     * work instead of running it, so the stream must hold none of ours in between. */
+    cudaGraphExec_t graph = NULL;
+    if (bucket >= 0 && !s->graphs_failed && bucket_graph(s, bucket, &view, plan, &graph)) {
+        /* The same work runs without a graph; say so once per stream. */
+        s->graphs_failed = true;
+        fprintf(stderr, "embedrag: CUDA device %d: running without CUDA graphs: %s\n", b->device,
+                err_get());
+        err_clear();
+    }
+
+    bool enqueued = false;
+    cudaError_t e = cudaEventRecord(s->start, s->stream);
+    if (e == cudaSuccess) {
+        enqueued = true;
+        e = cudaMemcpyAsync(s->descriptor, s->host_descriptor,
+                            layout_for(shape).total * sizeof(int), cudaMemcpyHostToDevice,
+                            s->stream);
+    }
+    if (e != cudaSuccess) {
+        rc = cuda_error(e, "uploading a batch");
+        goto failed;
+    }
+    if (graph) {
+        if ((e = cudaGraphLaunch(graph, s->stream)) != cudaSuccess)
+            rc = cuda_error(e, "launching a graph");
+    } else {
+        rc = enqueue_forward(s, &view, plan);
+    }
+    if (rc) goto failed;
+    bool staged = !is_pinned(out);
+    e = cudaMemcpyAsync(staged ? s->host_pooled : out, s->pooled,
+                        (size_t)batch->count * (size_t)h * sizeof(float), cudaMemcpyDeviceToHost,
+                        s->stream);
+    if (e == cudaSuccess) e = cudaEventRecord(s->done, s->stream);
+    if (e != cudaSuccess) {
+        rc = cuda_error(e, "downloading vectors");
+        goto failed;
+    }
+    s->pending = true;
+    s->pending_ticket = ticket;
+    s->pending_out = out;
+    s->pending_staged = staged;
+    s->pending_count = batch->count;
+    s->pending_tokens = batch->tokens;
+    s->pending_graph = graph != NULL;
+    s->pending_flops = backend_batch_flops(b->config, batch->tokens, batch->count, batch->max_len);
+    return 0;
+failed:
+    /* Whatever was enqueued must finish before the caller reuses its buffers. */
+    if (enqueued) cudaStreamSynchronize(s->stream);
+    cudaGetLastError();
+    return rc;
+}
+
+static void record_rate(cuda_backend *b, int tokens, double flops, double seconds)
+{
+    pthread_mutex_lock(&b->rate_lock);
+    if (tokens >= CUDA_RATE_MIN_TOKENS) {
+        double measured = (seconds - b->overhead_seconds) / flops;
+        if (measured > 0)
+            b->seconds_per_flop += CUDA_RATE_SMOOTHING * (measured - b->seconds_per_flop);
+    } else {
+        double measured = seconds - flops * b->seconds_per_flop;
+        if (measured > 0)
+            b->overhead_seconds += CUDA_RATE_SMOOTHING * (measured - b->overhead_seconds);
+    }
+    pthread_mutex_unlock(&b->rate_lock);
+}
+
+static int cuda_wait(backend_stream *s, backend_ticket *ticket)
+{
+    cuda_backend *b = s->b;
+    if (!s->pending || s->pending_ticket != ticket) return backend_ticket_status(ticket);
+    s->pending = false;
+    cudaSetDevice(b->device);
+    cudaError_t e = cudaEventSynchronize(s->done);
+    if (e != cudaSuccess) {
+        int rc = cuda_error(e, "running a batch");
+        err_prefix(rc, "CUDA device %d: a batch of %d tokens in %d sequences failed: ", b->device,
+                   s->pending_tokens, s->pending_count);
+        backend_ticket_fail(ticket, rc);
+        return backend_ticket_status(ticket);
+    }
+    if (s->pending_staged)
+        memcpy(s->pending_out, s->host_pooled,
+               (size_t)s->pending_count * (size_t)b->config->hidden_size * sizeof(float));
+    float ms = 0.0f;
+    if (cudaEventElapsedTime(&ms, s->start, s->done) == cudaSuccess) {
+        s->last_seconds = ms * 1e-3;
+        record_rate(b, s->pending_tokens, s->pending_flops, s->last_seconds);
+    }
+    cudaGetLastError();
+    s->last_graph = s->pending_graph;
+    ticket->status = 0;
+    ticket->done = true;
+    return 0;
+}
+
+double cuda_stream_last_seconds(const backend_stream *s)
+{
+    return s->last_seconds;
+}
+
+bool cuda_stream_last_used_graph(const backend_stream *s)
+{
+    return s->last_graph;
+}
+
+static double cuda_estimate_seconds(backend *self, int tokens, int sequences, int max_len)
+{
+    cuda_backend *b = (cuda_backend *)self;
+    pthread_mutex_lock(&b->rate_lock);
+    double seconds_per_flop = b->seconds_per_flop, overhead = b->overhead_seconds;
+    pthread_mutex_unlock(&b->rate_lock);
+    return overhead + backend_batch_flops(b->config, tokens, sequences, max_len) * seconds_per_flop;
+}
+
+/* ---- loading ---- */
+
+/* Copies elements [0, count) of `t` into dst (device memory of the backend's dtype, or fp32 when
+ * as_f32), widening on the host and rounding on the device a chunk at a time. */
+static int upload_tensor(cuda_backend *b, const model_tensor *t, void *dst, bool as_f32)
+{
+    size_t count = model_tensor_elements(t);
+    size_t size = as_f32 ? sizeof(float) : b->element;
+    for (size_t first = 0; first < count; first += CUDA_LOAD_CHUNK) {
+        size_t n = count - first < CUDA_LOAD_CHUNK ? count - first : CUDA_LOAD_CHUNK;
+        model_tensor_read_f32(t, first, n, b->load_host);
+        char *at = (char *)dst + first * size;
+        if (as_f32 || b->dtype == CUDA_DTYPE_F32) {
+            CUDA_TRY(cudaMemcpy(at, b->load_host, n * sizeof(float), cudaMemcpyHostToDevice),
+                     "uploading weights");
+        } else {
+            /* cudaMemcpy on the default stream waits for the previous chunk's conversion. */
+            CUDA_TRY(
+                cudaMemcpy(b->load_device, b->load_host, n * sizeof(float), cudaMemcpyHostToDevice),
+                "uploading weights");
+            CUDA_TRY(cuda_convert(b->dtype, b->load_device, at, n, 0), "converting weights");
+        }
+    }
+    return 0;
+}
+
+static void free_staging(cuda_backend *b)
+{
+    free(b->load_host);
+    if (b->load_device) cudaFree(b->load_device);
+    b->load_host = NULL;
+    b->load_device = NULL;
+}
+
+static int cuda_load_layer(backend *self, const model_weights *w, int index)
+{
+    cuda_backend *b = (cuda_backend *)self;
+    const model_config *c = b->config;
+    if (index < 0 || index >= c->num_layers)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "no layer %d", index);
+    if (!b->load_host)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "CUDA backend: layers are loaded once");
+    CUDA_TRY(cudaSetDevice(b->device), "selecting the device");
+    const model_layer_weights *l = &w->layers[index];
+    cuda_layer *layer = &b->layers[index];
+    size_t h = (size_t)c->hidden_size, in = (size_t)c->intermediate_size, e = b->element;
+    size_t weight_sizes[GEMM_KINDS] = {3 * h * h * e, h * h * e, in * h * e, h * in * e};
+    size_t bias_sizes[GEMM_KINDS] = {3 * h * e, h * e, in * e, h * e};
+    size_t total = 4 * align_up(h * sizeof(float));
+    for (int k = 0; k < GEMM_KINDS; k++)
+        total += align_up(weight_sizes[k]) + align_up(bias_sizes[k]);
+    if (!layer->block) CUDA_TRY(cudaMalloc(&layer->block, total), "allocating a layer");
+    char *p = layer->block;
+    for (int k = 0; k < GEMM_KINDS; k++) {
+        layer->weight[k] = p;
+        p += align_up(weight_sizes[k]);
+        layer->bias[k] = p;
+        p += align_up(bias_sizes[k]);
+    }
+    float **norms[4] = {&layer->attention_ln_gamma, &layer->attention_ln_beta,
+                        &layer->output_ln_gamma, &layer->output_ln_beta};
+    for (int i = 0; i < 4; i++) {
+        *norms[i] = (float *)p;
+        p += align_up(h * sizeof(float));
+    }
+    /* Q, K and V stacked into one [3H x H] product, as the CPU backend does. */
+    const model_tensor *matrices[6] = {&l->query_w,    &l->key_w,   &l->value_w,
+                                       &l->attn_out_w, &l->inter_w, &l->out_w};
+    const model_tensor *biases[6] = {&l->query_b,    &l->key_b,   &l->value_b,
+                                     &l->attn_out_b, &l->inter_b, &l->out_b};
+    int rc = 0;
+    for (int i = 0; i < 3 && !rc; i++) {
+        rc = upload_tensor(b, matrices[i], (char *)layer->weight[GEMM_QKV] + (size_t)i * h * h * e,
+                           false);
+        if (!rc)
+            rc = upload_tensor(b, biases[i], (char *)layer->bias[GEMM_QKV] + (size_t)i * h * e,
+                               false);
+    }
+    for (int k = GEMM_ATTENTION_OUT; k < GEMM_KINDS && !rc; k++) {
+        rc = upload_tensor(b, matrices[k + 2], layer->weight[k], false);
+        if (!rc) rc = upload_tensor(b, biases[k + 2], layer->bias[k], false);
+    }
+    const model_tensor *norm_tensors[4] = {&l->attn_ln_w, &l->attn_ln_b, &l->out_ln_w,
+                                           &l->out_ln_b};
+    for (int i = 0; i < 4 && !rc; i++) rc = upload_tensor(b, norm_tensors[i], *norms[i], true);
+    if (rc) return rc;
+    CUDA_TRY(cudaStreamSynchronize(0), "loading a layer");
+    if (++b->layers_loaded == c->num_layers) free_staging(b);
+    return 0;
+}
+
+static int load_embeddings(cuda_backend *b, const model_weights *w)
+{
+    const model_tensor *tables[5] = {&w->word_emb, &w->position_emb, &w->type_emb, &w->emb_ln_w,
+                                     &w->emb_ln_b};
+    size_t sizes[5], total = 0;
+    for (int i = 0; i < 5; i++) {
+        sizes[i] = model_tensor_elements(tables[i]);
+        total += align_up(sizes[i] * sizeof(float));
+    }
+    CUDA_TRY(cudaMalloc(&b->embedding_block, total), "allocating the embeddings");
+    float **slots[5] = {&b->word, &b->position, &b->type, &b->embedding_gamma, &b->embedding_beta};
+    char *p = b->embedding_block;
+    for (int i = 0; i < 5; i++) {
+        *slots[i] = (float *)p;
+        p += align_up(sizes[i] * sizeof(float));
+        int rc = upload_tensor(b, tables[i], *slots[i], true);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* ---- creation ---- */
+
+static void cuda_destroy(backend *self)
+{
+    cuda_backend *b = (cuda_backend *)self;
+    if (!b) return;
+    cudaSetDevice(b->device);
+    if (b->layers)
+        for (int l = 0; l < b->config->num_layers; l++)
+            if (b->layers[l].block) cudaFree(b->layers[l].block);
+    free(b->layers);
+    if (b->embedding_block) cudaFree(b->embedding_block);
+    free_staging(b);
+    cuda_blas_close(&b->blas);
+    cudaGetLastError();
+    pthread_mutex_destroy(&b->rate_lock);
+    free(b);
+}
+
+static const backend_ops cuda_ops = {
+    .load_layer = cuda_load_layer,
+    .estimate_seconds = cuda_estimate_seconds,
+    .stream_create = cuda_stream_create,
+    .stream_destroy = cuda_stream_destroy,
+    .reserve = cuda_reserve,
+    .host_alloc = cuda_host_alloc,
+    .host_free = cuda_host_free,
+    .submit = cuda_submit,
+    .wait = cuda_wait,
+    .destroy = cuda_destroy,
+};
+
+/* A yes/no setting from the environment: unset keeps the default. */
+static bool env_flag(const char *name, bool fallback)
+{
+    const char *v = getenv(name);
+    if (!v || !*v) return fallback;
+    return strcmp(v, "0") != 0 && strcmp(v, "off") != 0 && strcmp(v, "no") != 0;
+}
+
+/* How the intermediate product's activation runs. cuBLASLt's GELU epilogue is the tanh form, so
+ * it serves gelu-tanh models exactly and ReLU has its own epilogue. BERT's erf GELU: in fp16 and
+ * bf16 the epilogue's tanh form too, fused into the product (it differs from erf by at most
+ * 2e-4, below the rounding of the fp16 result, and measured no less accurate against the CPU's
+ * fp32: bench/cuda-notes.md; it saves a pass over the widest activation, ~12% of a bulk batch);
+ * in fp32 our exact bias + erf GELU kernel after a plain product. EMBEDRAG_CUDA_GELU=erf or tanh
+ * overrides the choice (for measuring it). */
+static void choose_activation(cuda_backend *b)
+{
+    const char *gelu = getenv("EMBEDRAG_CUDA_GELU");
+    bool tanh_for_erf = gelu && *gelu ? strcmp(gelu, "tanh") == 0 : b->dtype != CUDA_DTYPE_F32;
+    switch (b->config->activation) {
+    case MODEL_ACT_GELU:
+        b->inter_epilogue = tanh_for_erf ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+        b->own_activation = tanh_for_erf ? CUDA_ACT_NONE : CUDA_ACT_GELU;
+        break;
+    case MODEL_ACT_GELU_TANH:
+        b->inter_epilogue = CUBLASLT_EPILOGUE_GELU_BIAS;
+        b->own_activation = CUDA_ACT_NONE;
+        break;
+    case MODEL_ACT_RELU:
+        b->inter_epilogue = CUBLASLT_EPILOGUE_RELU_BIAS;
+        b->own_activation = CUDA_ACT_NONE;
+        break;
+    }
+}
+
+static const char *dtype_name(cuda_dtype dtype)
+{
+    return dtype == CUDA_DTYPE_F16 ? "fp16" : dtype == CUDA_DTYPE_BF16 ? "bf16" : "fp32";
+}
+
+/* What this build's kernels need of the model; EMBEDRAG_ERR_UNSUPPORTED names what is not met. */
+static int check_shape(const model_config *c)
+{
+    int h = c->hidden_size;
+    if (h % CUDA_ROW_MULTIPLE || h > CUDA_MAX_HIDDEN || c->intermediate_size % CUDA_ROW_MULTIPLE)
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "the CUDA backend takes hidden and intermediate sizes that are multiples of "
+                       "%d, hidden at most %d (this model: %d and %d)",
+                       CUDA_ROW_MULTIPLE, CUDA_MAX_HIDDEN, h, c->intermediate_size);
+    if (c->num_heads < 1 || h % c->num_heads || h / c->num_heads > CUDA_MAX_HEAD)
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "the CUDA backend takes attention heads of at most %d (this model: "
+                       "%d heads of %d)",
+                       CUDA_MAX_HEAD, c->num_heads, c->num_heads ? h / c->num_heads : 0);
+    return 0;
+}
 
 int cuda_backend_create(const backend_params *params, const model_config *config,
                         const model_weights *weights, backend **out)
@@ -21,10 +1040,12 @@ int cuda_backend_create(const backend_params *params, const model_config *config
                        "no CUDA device found (no NVIDIA driver is loaded)");
     int count = 0;
     cudaError_t status = cudaGetDeviceCount(&count);
-    if (status != cudaSuccess || count == 0)
+    if (status != cudaSuccess || count == 0) {
+        cudaGetLastError();
         return err_set(EMBEDRAG_ERR_UNSUPPORTED, "no CUDA device found (%s)",
                        status != cudaSuccess ? cudaGetErrorString(status)
                                              : "the driver lists none");
+    }
     if (params->device < 0 || params->device >= count)
         return err_set(EMBEDRAG_ERR_UNSUPPORTED, "CUDA device %d does not exist (%d found)",
                        params->device, count);
@@ -33,9 +1054,104 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     if (status != cudaSuccess)
         return err_set(EMBEDRAG_ERR_UNSUPPORTED, "CUDA device %d: %s", params->device,
                        cudaGetErrorString(status));
-    return err_set(EMBEDRAG_ERR_UNSUPPORTED,
-                   "found CUDA device %d (%s, %.0f GiB, compute capability %d.%d), but this "
-                   "version of embedrag has no CUDA backend yet",
-                   params->device, properties.name, (double)properties.totalGlobalMem / CUDA_GIB,
-                   properties.major, properties.minor);
+    /* The build carries sm_90 code and compute_90 PTX (CMakeLists.txt): Hopper and newer. */
+    if (properties.major < 9)
+        return err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                       "CUDA device %d (%s) has compute capability %d.%d; this build runs on 9.0 "
+                       "and newer",
+                       params->device, properties.name, properties.major, properties.minor);
+    int rc = check_shape(config);
+    if (rc) return rc;
+
+    cuda_backend *b = calloc(1, sizeof *b);
+    if (!b) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CUDA backend");
+    pthread_mutex_init(&b->rate_lock, NULL);
+    b->base.ops = &cuda_ops;
+    b->config = config;
+    b->device = params->device;
+    b->dtype = params->precision == EMBEDRAG_PRECISION_FP16   ? CUDA_DTYPE_F16
+               : params->precision == EMBEDRAG_PRECISION_BF16 ? CUDA_DTYPE_BF16
+                                                              : CUDA_DTYPE_F32;
+    b->element = b->dtype == CUDA_DTYPE_F32 ? 4 : 2;
+    b->head_size = config->hidden_size / config->num_heads;
+    rc = cuda_blas_open(&b->blas);
+    if (rc) goto destroy;
+    status = cudaSetDevice(b->device);
+    if (status == cudaSuccess) status = cudaFree(NULL); /* creates the context now */
+    if (status == cudaSuccess)
+        status = cudaDeviceGetStreamPriorityRange(&b->priority_bulk, &b->priority_latency);
+    size_t free_bytes = 0, total_bytes = 0;
+    if (status == cudaSuccess) status = cudaMemGetInfo(&free_bytes, &total_bytes);
+    if (status != cudaSuccess) {
+        cudaGetLastError();
+        rc = err_set(EMBEDRAG_ERR_UNSUPPORTED, "CUDA device %d (%s) cannot be used: %s", b->device,
+                     properties.name, cudaGetErrorString(status));
+        goto destroy;
+    }
+    b->use_graphs = env_flag("EMBEDRAG_CUDA_GRAPHS", true);
+    b->tensor_core_attention = env_flag("EMBEDRAG_CUDA_TENSOR_CORE_ATTENTION", true) &&
+                               cuda_attention_has_tensor_cores(b->dtype, b->head_size);
+    choose_activation(b);
+
+    backend_caps *caps = &b->base.caps;
+    snprintf(b->name, sizeof b->name, "cuda:%d", b->device);
+    caps->name = b->name;
+    snprintf(b->device_text, sizeof b->device_text,
+             "%s (%d SMs, %.0f GiB, compute capability %d.%d)", properties.name,
+             properties.multiProcessorCount, (double)properties.totalGlobalMem / CUDA_GIB,
+             properties.major, properties.minor);
+    caps->device = b->device_text;
+    size_t v = b->blas.version;
+    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s",
+             v / 10000, v / 100 % 100, v % 100, dtype_name(b->dtype),
+             b->tensor_core_attention ? "mma" : "fp32 cores",
+             b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
+             b->use_graphs ? ", graphs" : "");
+    caps->kernels = b->kernels;
+    caps->precision = params->precision == EMBEDRAG_PRECISION_FP16   ? EMBEDRAG_PRECISION_FP16
+                      : params->precision == EMBEDRAG_PRECISION_BF16 ? EMBEDRAG_PRECISION_BF16
+                                                                     : EMBEDRAG_PRECISION_FP32;
+    const model_config *c = config;
+    size_t per_token = ((size_t)c->hidden_size * 6 + (size_t)c->intermediate_size) * b->element +
+                       (size_t)c->hidden_size * sizeof(float) + 6 * sizeof(int);
+    size_t preferred = (size_t)(CUDA_PREFERRED_MEMORY_SHARE * (double)free_bytes) / per_token;
+    size_t most = (size_t)(CUDA_MAX_MEMORY_SHARE * (double)free_bytes) / per_token;
+    caps->preferred_batch_tokens =
+        (int)(preferred < CUDA_PREFERRED_BATCH_TOKENS ? preferred : CUDA_PREFERRED_BATCH_TOKENS);
+    caps->max_batch_tokens = (int)(most < CUDA_MAX_BATCH_TOKENS ? most : CUDA_MAX_BATCH_TOKENS);
+    if (caps->preferred_batch_tokens < c->max_position_embeddings ||
+        caps->max_batch_tokens < caps->preferred_batch_tokens) {
+        rc = err_set(EMBEDRAG_ERR_UNSUPPORTED,
+                     "CUDA device %d (%s) has too little free memory (%.2f GiB)", b->device,
+                     properties.name, (double)free_bytes / CUDA_GIB);
+        goto destroy;
+    }
+    caps->memory_available = free_bytes;
+    caps->reads_embeddings_in_place = false;
+    b->seconds_per_flop =
+        1.0 / (b->dtype == CUDA_DTYPE_F32 ? CUDA_GUESS_FLOPS_FP32 : CUDA_GUESS_FLOPS_HALF);
+    b->overhead_seconds =
+        CUDA_GUESS_OVERHEAD_SECONDS + CUDA_GUESS_OVERHEAD_SECONDS_PER_LAYER * c->num_layers;
+
+    b->layers = calloc((size_t)c->num_layers, sizeof *b->layers);
+    b->load_host = malloc(CUDA_LOAD_CHUNK * sizeof(float));
+    if (!b->layers || !b->load_host) {
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CUDA backend");
+        goto destroy;
+    }
+    if (b->dtype != CUDA_DTYPE_F32 &&
+        (status = cudaMalloc((void **)&b->load_device, CUDA_LOAD_CHUNK * sizeof(float))) !=
+            cudaSuccess) {
+        rc = cuda_error(status, "allocating load staging");
+        goto destroy;
+    }
+    rc = load_embeddings(b, weights);
+    if (!rc && (status = cudaStreamSynchronize(0)) != cudaSuccess)
+        rc = cuda_error(status, "loading the embeddings");
+    if (rc) goto destroy;
+    *out = &b->base;
+    return 0;
+destroy:
+    cuda_destroy(&b->base);
+    return rc;
 }

@@ -1,0 +1,662 @@
+/* The CUDA backend's own kernels: everything of the forward pass but the matrix products
+ * (cuBLASLt). Each is written once over the activation type T (float, __half, __nv_bfloat16) and
+ * instantiated per type by a template: the only C++ used, because CUDA C has no other way to
+ * make one kernel per element type and head size. Arithmetic is fp32 everywhere; rows move in
+ * 16-byte vectors. Token, sequence and tile counts come from the batch header in device memory,
+ * so a captured graph replays for any batch within its grid's bounds. */
+#include "backend/cuda/cuda_kernels.h"
+
+#include "embedrag.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define WARP 32
+#define FULL_MASK 0xffffffffu
+/* Row kernels: one warp per row, this many warps per block. */
+#define ROW_WARPS 4
+/* Elementwise kernels: threads per block, and at most this many blocks (a grid-stride loop does
+ * the rest; 132 multiprocessors x 16 blocks fills an H200). */
+#define ELEMENT_THREADS 256
+#define ELEMENT_MAX_BLOCKS 4096
+/* Pooling: threads per sequence. */
+#define POOL_THREADS 128
+
+/* ---- element types ---- */
+
+__device__ __forceinline__ float to_float(float x)
+{
+    return x;
+}
+__device__ __forceinline__ float to_float(__half x)
+{
+    return __half2float(x);
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x)
+{
+    return __bfloat162float(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x)
+{
+    return x;
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float x)
+{
+    return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x)
+{
+    return __float2bfloat16_rn(x);
+}
+
+/* Elements of T in one 16-byte vector. */
+#define VEC(T) ((int)(16 / sizeof(T)))
+
+template <typename T> __device__ __forceinline__ void load_vector(const T *p, float *out)
+{
+    uint4 raw = *reinterpret_cast<const uint4 *>(p);
+    const T *v = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC(T); i++) out[i] = to_float(v[i]);
+}
+
+template <typename T> __device__ __forceinline__ void store_vector(T *p, const float *in)
+{
+    uint4 raw;
+    T *v = reinterpret_cast<T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC(T); i++) v[i] = from_float<T>(in[i]);
+    *reinterpret_cast<uint4 *>(p) = raw;
+}
+
+/* N floats (a multiple of 4, 16-byte aligned) in float4 loads. */
+template <int N> __device__ __forceinline__ void load_floats(const float *p, float *out)
+{
+#pragma unroll
+    for (int i = 0; i < N / 4; i++) {
+        float4 v = reinterpret_cast<const float4 *>(p)[i];
+        out[4 * i] = v.x;
+        out[4 * i + 1] = v.y;
+        out[4 * i + 2] = v.z;
+        out[4 * i + 3] = v.w;
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float x)
+{
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o /= 2) x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x)
+{
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, o));
+    return x;
+}
+
+/* ---- LayerNorm rows ---- */
+
+/* Normalizes the row a warp holds (v: its lanes' vectors, `vectors` of them in the row) with
+ * a two-pass variance, as the CPU does, and stores it. */
+template <typename T, int PER_LANE>
+__device__ __forceinline__ void layer_norm_store(float (*v)[16 / sizeof(T)], int vectors,
+                                                 int hidden, const float *gamma, const float *beta,
+                                                 float eps, T *out)
+{
+    const int lane = threadIdx.x % WARP;
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++)
+        if (lane + i * WARP < vectors)
+#pragma unroll
+            for (int j = 0; j < VEC(T); j++) sum += v[i][j];
+    float mean = warp_sum(sum) / (float)hidden;
+    float deviation = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++)
+        if (lane + i * WARP < vectors)
+#pragma unroll
+            for (int j = 0; j < VEC(T); j++) {
+                float d = v[i][j] - mean;
+                deviation += d * d;
+            }
+    float inv = 1.0f / sqrtf(warp_sum(deviation) / (float)hidden + eps);
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        int c = lane + i * WARP;
+        if (c >= vectors) continue;
+        float y[VEC(T)], g[VEC(T)], b[VEC(T)];
+        load_floats<VEC(T)>(gamma + (size_t)c * VEC(T), g);
+        load_floats<VEC(T)>(beta + (size_t)c * VEC(T), b);
+#pragma unroll
+        for (int j = 0; j < VEC(T); j++) y[j] = (v[i][j] - mean) * inv * g[j] + b[j];
+        store_vector(out + (size_t)c * VEC(T), y);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(ROW_WARPS *WARP)
+    embed_kernel(cuda_batch_view b, const float *word, const float *position, const float *type,
+                 const float *gamma, const float *beta, float eps, int hidden, T *out)
+{
+    constexpr int PER_LANE = CUDA_MAX_HIDDEN / (16 / sizeof(T)) / WARP;
+    int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
+    if (t >= b.header[CUDA_HEADER_TOKENS]) return;
+    const int lane = threadIdx.x % WARP;
+    int sequence = b.sequence_of[t];
+    int pos = t - b.offsets[sequence];
+    const float *w = word + (size_t)b.ids[t] * hidden;
+    const float *p = position + (size_t)pos * hidden;
+    int vectors = hidden / VEC(T);
+    float v[PER_LANE][16 / sizeof(T)];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        int c = lane + i * WARP;
+        if (c >= vectors) continue;
+        float pv[VEC(T)], tv[VEC(T)];
+        size_t at = (size_t)c * VEC(T);
+        load_floats<VEC(T)>(w + at, v[i]);
+        load_floats<VEC(T)>(p + at, pv);
+        load_floats<VEC(T)>(type + at, tv);
+#pragma unroll
+        for (int j = 0; j < VEC(T); j++) v[i][j] += pv[j] + tv[j];
+    }
+    layer_norm_store<T, PER_LANE>(v, vectors, hidden, gamma, beta, eps, out + (size_t)t * hidden);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(ROW_WARPS *WARP)
+    add_layer_norm_kernel(cuda_batch_view b, const T *a, const T *residual, const float *gamma,
+                          const float *beta, float eps, int hidden, T *out)
+{
+    constexpr int PER_LANE = CUDA_MAX_HIDDEN / (16 / sizeof(T)) / WARP;
+    int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
+    if (t >= b.header[CUDA_HEADER_TOKENS]) return;
+    const int lane = threadIdx.x % WARP;
+    const T *ra = a + (size_t)t * hidden, *rr = residual + (size_t)t * hidden;
+    int vectors = hidden / VEC(T);
+    float v[PER_LANE][16 / sizeof(T)];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        int c = lane + i * WARP;
+        if (c >= vectors) continue;
+        float x[VEC(T)];
+        load_vector(ra + (size_t)c * VEC(T), v[i]);
+        load_vector(rr + (size_t)c * VEC(T), x);
+#pragma unroll
+        for (int j = 0; j < VEC(T); j++) v[i][j] += x[j];
+    }
+    /* Every lane has read its whole share of the row before any lane writes: out may alias. */
+    __syncwarp();
+    layer_norm_store<T, PER_LANE>(v, vectors, hidden, gamma, beta, eps, out + (size_t)t * hidden);
+}
+
+/* ---- bias + activation ---- */
+
+__device__ __forceinline__ float activate(float x, int activation)
+{
+    switch (activation) {
+    case CUDA_ACT_GELU:
+        /* BERT's exact GELU; M_SQRT1_2 = 1/sqrt(2). */
+        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case CUDA_ACT_GELU_TANH: {
+        /* sqrt(2/pi) and 0.044715: the tanh approximation of Hendrycks and Gimpel. */
+        float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(inner));
+    }
+    case CUDA_ACT_RELU:
+        return x > 0.0f ? x : 0.0f;
+    }
+    return x;
+}
+
+template <typename T>
+__global__ void bias_activation_kernel(cuda_batch_view b, T *x, const T *bias, int n,
+                                       int activation)
+{
+    size_t vectors_per_row = (size_t)n / VEC(T);
+    size_t total = (size_t)b.header[CUDA_HEADER_TOKENS] * vectors_per_row;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t column = (i % vectors_per_row) * VEC(T);
+        float v[VEC(T)], bv[VEC(T)];
+        load_vector(x + i * VEC(T), v);
+        load_vector(bias + column, bv);
+#pragma unroll
+        for (int j = 0; j < VEC(T); j++) v[j] = activate(v[j] + bv[j], activation);
+        store_vector(x + i * VEC(T), v);
+    }
+}
+
+/* ---- attention, any head size: one warp per (token, head), fp32 ---- */
+
+/* A warp walks the keys of its query's sequence 32 at a time (a key per lane), keeping a running
+ * maximum and sum (online softmax) and the output in registers, a dimension per lane. Exact in
+ * fp32; the path for fp32 mode and for head sizes the tensor-core kernel does not take. */
+#define SIMPLE_WARPS 4
+
+template <typename T>
+__global__ void __launch_bounds__(SIMPLE_WARPS *WARP)
+    attention_simple_kernel(cuda_batch_view b, const T *qkv, T *context, int hidden, int heads,
+                            float scale)
+{
+    constexpr int PER_LANE = CUDA_MAX_HEAD / WARP;
+    __shared__ float query[SIMPLE_WARPS][CUDA_MAX_HEAD];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    size_t item = (size_t)blockIdx.x * SIMPLE_WARPS + warp;
+    if (item >= (size_t)b.header[CUDA_HEADER_TOKENS] * heads) return;
+    int t = (int)(item / heads), head = (int)(item % heads);
+    int d = hidden / heads;
+    int sequence = b.sequence_of[t];
+    int start = b.offsets[sequence], len = b.offsets[sequence + 1] - start;
+    size_t ld = 3 * (size_t)hidden;
+    const T *q = qkv + (size_t)t * ld + (size_t)head * d;
+    for (int e = lane; e < d; e += WARP) query[warp][e] = to_float(q[e]) * scale;
+    __syncwarp();
+    const T *keys = qkv + (size_t)start * ld + hidden + (size_t)head * d;
+    const T *values = keys + hidden;
+    float running_max = -INFINITY, running_sum = 0.0f, o[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
+    for (int j0 = 0; j0 < len; j0 += WARP) {
+        int j = j0 + lane;
+        float s = -INFINITY;
+        if (j < len) {
+            const T *k = keys + (size_t)j * ld;
+            float acc = 0.0f;
+            for (int e = 0; e < d; e++) acc += query[warp][e] * to_float(k[e]);
+            s = acc;
+        }
+        /* At least key j0 is valid, so the new maximum is finite. */
+        float new_max = fmaxf(running_max, warp_max(s));
+        float correction = expf(running_max - new_max);
+        float p = j < len ? expf(s - new_max) : 0.0f;
+        running_sum = running_sum * correction + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) o[i] *= correction;
+        int n = len - j0 < WARP ? len - j0 : WARP;
+        for (int jj = 0; jj < n; jj++) {
+            float pj = __shfl_sync(FULL_MASK, p, jj);
+            const T *v = values + (size_t)(j0 + jj) * ld;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) {
+                int e = lane + i * WARP;
+                if (e < d) o[i] += pj * to_float(v[e]);
+            }
+        }
+        running_max = new_max;
+    }
+    T *out = context + (size_t)t * hidden + (size_t)head * d;
+    float inv = 1.0f / running_sum;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        int e = lane + i * WARP;
+        if (e < d) out[e] = from_float<T>(o[i] * inv);
+    }
+}
+
+/* ---- attention on tensor cores: fp16/bf16, head size 32 or 64 ---- */
+
+/* One block per (tile of 64 queries of a sequence, head): 4 warps of 16 query rows each. Keys
+ * and values come through shared memory 64 at a time; each warp computes its scores S = Q K^T
+ * with mma.sync m16n8k16 (fp32 sums), keeps a running maximum and sum per row (online softmax, as
+ * FlashAttention does), turns its scores into fp16/bf16 probabilities in registers (the
+ * accumulator layout of S is the operand layout of P) and adds P V. Padding never exists: a
+ * tile's rows and keys beyond its sequence are masked. */
+#define TC_WARPS 4
+#define TC_ROWS 16
+#define TC_KEYS 64
+/* Shared-memory rows are padded by 8 elements (16 bytes), which puts the 8 rows a fragment load
+ * touches in distinct banks. */
+#define TC_PAD 8
+
+/* The fp16 and bf16 flavours of packing two floats into one register and of mma.sync m16n8k16
+ * with fp32 sums (A row-major 16 x 16, B column-major 16 x 8, C 16 x 8). */
+template <typename T> struct mma_type;
+#define MMA_TYPE(T, PAIR, CONVERT, PTX)                                                            \
+    template <> struct mma_type<T> {                                                               \
+        static __device__ __forceinline__ uint32_t pack(float lo, float hi)                        \
+        {                                                                                          \
+            PAIR h = CONVERT(lo, hi);                                                              \
+            return *reinterpret_cast<uint32_t *>(&h);                                              \
+        }                                                                                          \
+        static __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0,       \
+                                                   uint32_t b1)                                    \
+        {                                                                                          \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 "              \
+                         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                   \
+                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                          \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));          \
+        }                                                                                          \
+    };
+MMA_TYPE(__half, __half2, __floats2half2_rn, "f16")
+MMA_TYPE(__nv_bfloat16, __nv_bfloat162, __floats2bfloat162_rn, "bf16")
+
+/* Two consecutive 16-bit elements as one 32-bit register (the lower index in the low half). */
+template <typename T> __device__ __forceinline__ uint32_t load_pair(const T *p)
+{
+    return *reinterpret_cast<const uint32_t *>(p);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pair_of(T lo, T hi)
+{
+    uint16_t l = *reinterpret_cast<uint16_t *>(&lo), h = *reinterpret_cast<uint16_t *>(&hi);
+    return (uint32_t)l | ((uint32_t)h << 16);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(TC_WARPS *WARP)
+    attention_tc_kernel(cuda_batch_view b, const T *qkv, T *context, int hidden, float scale_log2)
+{
+    __shared__ __align__(16) T keys[TC_KEYS][D + TC_PAD];
+    __shared__ __align__(16) T values[TC_KEYS][D + TC_PAD];
+    const int tile = blockIdx.x, head = blockIdx.y;
+    if (tile >= b.header[CUDA_HEADER_TILES]) return; /* the whole block leaves together */
+    const int sequence = b.tiles[2 * tile], q0 = b.tiles[2 * tile + 1];
+    const int start = b.offsets[sequence], len = b.offsets[sequence + 1] - start;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int group = lane / 4, quad = lane % 4; /* the mma fragments' row and column parts */
+    const size_t ld = 3 * (size_t)hidden;
+    const T *base = qkv + (size_t)start * ld + (size_t)head * D;
+
+    /* Q as A operands (16 x 16 per k-step): rows r0 and r0 + 8, zero beyond the sequence. */
+    const int r0 = q0 + warp * TC_ROWS + group, r1 = r0 + 8;
+    const bool active = q0 + warp * TC_ROWS < len;
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int k = 0; k < D / 16; k++) {
+        int col = k * 16 + quad * 2;
+        qa[k][0] = r0 < len ? load_pair(base + (size_t)r0 * ld + col) : 0u;
+        qa[k][1] = r1 < len ? load_pair(base + (size_t)r1 * ld + col) : 0u;
+        qa[k][2] = r0 < len ? load_pair(base + (size_t)r0 * ld + col + 8) : 0u;
+        qa[k][3] = r1 < len ? load_pair(base + (size_t)r1 * ld + col + 8) : 0u;
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float max0 = -INFINITY, max1 = -INFINITY, sum0 = 0.0f, sum1 = 0.0f;
+
+    for (int k0 = 0; k0 < len; k0 += TC_KEYS) {
+        __syncthreads(); /* the previous tile's reads are done */
+        for (int c = threadIdx.x; c < TC_KEYS * (D / 8); c += TC_WARPS * WARP) {
+            int row = c / (D / 8), col = (c % (D / 8)) * 8;
+            uint4 k = make_uint4(0, 0, 0, 0), v = k;
+            if (k0 + row < len) {
+                const T *src = base + (size_t)(k0 + row) * ld + col;
+                k = *reinterpret_cast<const uint4 *>(src + hidden);
+                v = *reinterpret_cast<const uint4 *>(src + 2 * hidden);
+            }
+            *reinterpret_cast<uint4 *>(&keys[row][col]) = k;
+            *reinterpret_cast<uint4 *>(&values[row][col]) = v;
+        }
+        __syncthreads();
+        if (!active) continue;
+
+        /* S = Q K^T: 16 rows x 64 keys, as 8 accumulators of 16 x 8. */
+        float s[TC_KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < TC_KEYS / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < D / 16; k++) {
+                const T *row = &keys[n * 8 + group][k * 16 + quad * 2];
+                mma_type<T>::mma(s[n], qa[k], load_pair(row), load_pair(row + 8));
+            }
+        }
+        /* Scale into log2 units and mask keys past the sequence. */
+        float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < TC_KEYS / 8; n++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int key = k0 + n * 8 + quad * 2 + (j & 1);
+                s[n][j] = key < len ? s[n][j] * scale_log2 : -INFINITY;
+                if (j < 2)
+                    tile_max0 = fmaxf(tile_max0, s[n][j]);
+                else
+                    tile_max1 = fmaxf(tile_max1, s[n][j]);
+            }
+        /* A row's 64 scores live in the 4 threads of a quad. */
+        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(FULL_MASK, tile_max0, 1));
+        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(FULL_MASK, tile_max0, 2));
+        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(FULL_MASK, tile_max1, 1));
+        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(FULL_MASK, tile_max1, 2));
+        /* Key k0 is valid, so both maxima are finite. */
+        float new_max0 = fmaxf(max0, tile_max0), new_max1 = fmaxf(max1, tile_max1);
+        float correction0 = exp2f(max0 - new_max0), correction1 = exp2f(max1 - new_max1);
+        max0 = new_max0;
+        max1 = new_max1;
+
+        /* P as A operands: accumulators n = 2k and 2k + 1 hold keys 16k .. 16k + 15. */
+        uint32_t pa[TC_KEYS / 16][4];
+        float tile_sum0 = 0.0f, tile_sum1 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < TC_KEYS / 16; k++) {
+            float p[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                p[h][0] = exp2f(s[2 * k + h][0] - max0);
+                p[h][1] = exp2f(s[2 * k + h][1] - max0);
+                p[h][2] = exp2f(s[2 * k + h][2] - max1);
+                p[h][3] = exp2f(s[2 * k + h][3] - max1);
+                tile_sum0 += p[h][0] + p[h][1];
+                tile_sum1 += p[h][2] + p[h][3];
+            }
+            pa[k][0] = mma_type<T>::pack(p[0][0], p[0][1]);
+            pa[k][1] = mma_type<T>::pack(p[0][2], p[0][3]);
+            pa[k][2] = mma_type<T>::pack(p[1][0], p[1][1]);
+            pa[k][3] = mma_type<T>::pack(p[1][2], p[1][3]);
+        }
+        sum0 = sum0 * correction0 + tile_sum0;
+        sum1 = sum1 * correction1 + tile_sum1;
+
+        /* O = O * correction + P V: V as B operands (k = key, n = dimension). */
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[n][0] *= correction0;
+            o[n][1] *= correction0;
+            o[n][2] *= correction1;
+            o[n][3] *= correction1;
+#pragma unroll
+            for (int k = 0; k < TC_KEYS / 16; k++) {
+                int key = k * 16 + quad * 2, dim = n * 8 + group;
+                uint32_t b0 = pair_of(values[key][dim], values[key + 1][dim]);
+                uint32_t b1 = pair_of(values[key + 8][dim], values[key + 9][dim]);
+                mma_type<T>::mma(o[n], pa[k], b0, b1);
+            }
+        }
+    }
+    if (!active) return;
+    /* Each thread summed its own columns; the row's sum is the quad's. */
+    sum0 += __shfl_xor_sync(FULL_MASK, sum0, 1);
+    sum0 += __shfl_xor_sync(FULL_MASK, sum0, 2);
+    sum1 += __shfl_xor_sync(FULL_MASK, sum1, 1);
+    sum1 += __shfl_xor_sync(FULL_MASK, sum1, 2);
+    float inv0 = 1.0f / sum0, inv1 = 1.0f / sum1;
+    T *out = context + (size_t)start * hidden + (size_t)head * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        int col = n * 8 + quad * 2;
+        if (r0 < len)
+            *reinterpret_cast<uint32_t *>(out + (size_t)r0 * hidden + col) =
+                mma_type<T>::pack(o[n][0] * inv0, o[n][1] * inv0);
+        if (r1 < len)
+            *reinterpret_cast<uint32_t *>(out + (size_t)r1 * hidden + col) =
+                mma_type<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
+    }
+}
+
+/* ---- pooling ---- */
+
+template <typename T>
+__global__ void __launch_bounds__(POOL_THREADS)
+    pool_kernel(cuda_batch_view b, const T *x, int hidden, int pooling, float *pooled)
+{
+    int sequence = blockIdx.x;
+    if (sequence >= b.header[CUDA_HEADER_SEQUENCES]) return;
+    int start = b.offsets[sequence], end = b.offsets[sequence + 1];
+    int skip = b.skip[sequence];
+    int first = start + skip < end ? start + skip : start; /* never pool nothing */
+    float *out = pooled + (size_t)sequence * hidden;
+    for (int i = threadIdx.x; i < hidden; i += POOL_THREADS) {
+        float r;
+        if (pooling == EMBEDRAG_POOLING_CLS) {
+            r = to_float(x[(size_t)start * hidden + i]);
+        } else if (pooling == EMBEDRAG_POOLING_MAX) {
+            r = to_float(x[(size_t)first * hidden + i]);
+            for (int t = first + 1; t < end; t++) r = fmaxf(r, to_float(x[(size_t)t * hidden + i]));
+        } else {
+            float sum = 0.0f;
+            for (int t = first; t < end; t++) sum += to_float(x[(size_t)t * hidden + i]);
+            r = sum * (1.0f / (float)(end - first));
+        }
+        out[i] = r;
+    }
+}
+
+/* ---- conversion ---- */
+
+template <typename T> __global__ void convert_kernel(const float *src, T *dst, size_t count)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = from_float<T>(src[i]);
+}
+
+/* ---- launchers ---- */
+
+static unsigned element_blocks(size_t work)
+{
+    size_t blocks = (work + ELEMENT_THREADS - 1) / ELEMENT_THREADS;
+    if (blocks > ELEMENT_MAX_BLOCKS) blocks = ELEMENT_MAX_BLOCKS;
+    return blocks ? (unsigned)blocks : 1u;
+}
+
+static unsigned row_blocks(int rows)
+{
+    unsigned blocks = (unsigned)((rows + ROW_WARPS - 1) / ROW_WARPS);
+    return blocks ? blocks : 1u;
+}
+
+#define DISPATCH(dtype, call)                                                                      \
+    do {                                                                                           \
+        switch (dtype) {                                                                           \
+        case CUDA_DTYPE_F32: {                                                                     \
+            typedef float T;                                                                       \
+            call;                                                                                  \
+            break;                                                                                 \
+        }                                                                                          \
+        case CUDA_DTYPE_F16: {                                                                     \
+            typedef __half T;                                                                      \
+            call;                                                                                  \
+            break;                                                                                 \
+        }                                                                                          \
+        case CUDA_DTYPE_BF16: {                                                                    \
+            typedef __nv_bfloat16 T;                                                               \
+            call;                                                                                  \
+            break;                                                                                 \
+        }                                                                                          \
+        }                                                                                          \
+    } while (0)
+
+extern "C" cudaError_t cuda_embed(cuda_dtype dtype, const cuda_batch_view *batch, const float *word,
+                                  const float *position, const float *type, const float *gamma,
+                                  const float *beta, float eps, int hidden, void *out,
+                                  cudaStream_t stream)
+{
+    unsigned blocks = row_blocks(batch->max_tokens);
+    DISPATCH(dtype, (embed_kernel<T><<<blocks, ROW_WARPS * WARP, 0, stream>>>(
+                        *batch, word, position, type, gamma, beta, eps, hidden, (T *)out)));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_view *batch,
+                                           const void *a, const void *residual, const float *gamma,
+                                           const float *beta, float eps, int hidden, void *out,
+                                           cudaStream_t stream)
+{
+    unsigned blocks = row_blocks(batch->max_tokens);
+    DISPATCH(dtype,
+             (add_layer_norm_kernel<T><<<blocks, ROW_WARPS * WARP, 0, stream>>>(
+                 *batch, (const T *)a, (const T *)residual, gamma, beta, eps, hidden, (T *)out)));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_bias_activation(cuda_dtype dtype, const cuda_batch_view *batch, void *x,
+                                            const void *bias, int n, int activation,
+                                            cudaStream_t stream)
+{
+    size_t vectors = (size_t)batch->max_tokens * (size_t)n / (dtype == CUDA_DTYPE_F32 ? 4 : 8);
+    unsigned blocks = element_blocks(vectors);
+    DISPATCH(dtype, (bias_activation_kernel<T><<<blocks, ELEMENT_THREADS, 0, stream>>>(
+                        *batch, (T *)x, (const T *)bias, n, activation)));
+    return cudaGetLastError();
+}
+
+extern "C" int cuda_attention_has_tensor_cores(cuda_dtype dtype, int head_size)
+{
+    return dtype != CUDA_DTYPE_F32 && (head_size == 32 || head_size == 64);
+}
+
+template <typename T>
+static void launch_attention_tc(const cuda_batch_view *batch, const T *qkv, T *context, int hidden,
+                                int heads, cudaStream_t stream)
+{
+    int d = hidden / heads;
+    /* log2(e) / sqrt(d): scores go straight into exp2. */
+    float scale_log2 = 1.4426950408889634f / sqrtf((float)d);
+    dim3 grid((unsigned)(batch->max_tiles > 0 ? batch->max_tiles : 1), (unsigned)heads);
+    if (d == 32)
+        attention_tc_kernel<T, 32>
+            <<<grid, TC_WARPS * WARP, 0, stream>>>(*batch, qkv, context, hidden, scale_log2);
+    else
+        attention_tc_kernel<T, 64>
+            <<<grid, TC_WARPS * WARP, 0, stream>>>(*batch, qkv, context, hidden, scale_log2);
+}
+
+extern "C" cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch,
+                                      const void *qkv, void *context, int hidden, int heads,
+                                      int tensor_cores, cudaStream_t stream)
+{
+    int d = hidden / heads;
+    if (tensor_cores && cuda_attention_has_tensor_cores(dtype, d)) {
+        if (dtype == CUDA_DTYPE_F16)
+            launch_attention_tc<__half>(batch, (const __half *)qkv, (__half *)context, hidden,
+                                        heads, stream);
+        else
+            launch_attention_tc<__nv_bfloat16>(batch, (const __nv_bfloat16 *)qkv,
+                                               (__nv_bfloat16 *)context, hidden, heads, stream);
+        return cudaGetLastError();
+    }
+    size_t items = (size_t)batch->max_tokens * (size_t)heads;
+    unsigned blocks = (unsigned)((items + SIMPLE_WARPS - 1) / SIMPLE_WARPS);
+    float scale = 1.0f / sqrtf((float)d);
+    DISPATCH(dtype,
+             (attention_simple_kernel<T><<<blocks ? blocks : 1, SIMPLE_WARPS * WARP, 0, stream>>>(
+                 *batch, (const T *)qkv, (T *)context, hidden, heads, scale)));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_pool(cuda_dtype dtype, const cuda_batch_view *batch, const void *x,
+                                 int hidden, int pooling, float *pooled, cudaStream_t stream)
+{
+    unsigned blocks = (unsigned)(batch->max_sequences > 0 ? batch->max_sequences : 1);
+    DISPATCH(dtype, (pool_kernel<T><<<blocks, POOL_THREADS, 0, stream>>>(*batch, (const T *)x,
+                                                                         hidden, pooling, pooled)));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *dst, size_t count,
+                                    cudaStream_t stream)
+{
+    unsigned blocks = element_blocks(count);
+    DISPATCH(dtype,
+             (convert_kernel<T><<<blocks, ELEMENT_THREADS, 0, stream>>>(src, (T *)dst, count)));
+    return cudaGetLastError();
+}

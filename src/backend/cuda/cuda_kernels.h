@@ -1,0 +1,90 @@
+/* The CUDA backend's own kernels (cuda_kernels.cu), behind launchers that C code calls: embedding
+ * gather + LayerNorm, residual + LayerNorm, bias + activation, attention over packed sequences and
+ * pooling. Activations are fp32, fp16 or bf16 (cuda_dtype); every kernel computes in fp32. Sizes
+ * the batch decides are read from the device (the batch descriptor's header), so that one
+ * captured CUDA graph serves every batch within its launch bounds. */
+#ifndef EMBEDRAG_CUDA_KERNELS_H
+#define EMBEDRAG_CUDA_KERNELS_H
+
+#include <cuda_runtime_api.h>
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum cuda_dtype {
+    CUDA_DTYPE_F32,
+    CUDA_DTYPE_F16,
+    CUDA_DTYPE_BF16,
+} cuda_dtype;
+
+/* The widest hidden size the row kernels hold in registers (one warp per row): BERT-large's. */
+#define CUDA_MAX_HIDDEN 1024
+/* Row lengths must be a multiple of this (16-byte vectors of fp16). */
+#define CUDA_ROW_MULTIPLE 8
+/* The largest attention head the kernels take. */
+#define CUDA_MAX_HEAD 128
+/* Queries per tile of the tensor-core attention kernel (4 warps of 16 rows); the batch
+ * descriptor lists one tile per 64 queries of each sequence. */
+#define CUDA_ATTENTION_TILE 64
+
+/* The packed batch in device memory, as the host writes it once per batch into pinned memory
+ * and copies up in one transfer (int32 throughout):
+ *   header[CUDA_HEADER_INTS]: tokens, sequences, attention tiles
+ *   ids[max_tokens], sequence_of[max_tokens] (each token's sequence),
+ *   offsets[max_sequences + 1], skip[max_sequences] (pool_skip),
+ *   tiles[2 * max_tiles] (sequence, first query) pairs.
+ * The max_* bounds size the kernels' grids; the header says how much of each is in use. */
+#define CUDA_HEADER_INTS 4
+enum { CUDA_HEADER_TOKENS, CUDA_HEADER_SEQUENCES, CUDA_HEADER_TILES };
+
+typedef struct cuda_batch_view {
+    const int *header, *ids, *sequence_of, *offsets, *skip, *tiles;
+    int max_tokens, max_sequences, max_tiles;
+} cuda_batch_view;
+
+/* Activation codes of cuda_bias_activation (the model's, see model_activation). */
+enum { CUDA_ACT_NONE, CUDA_ACT_GELU, CUDA_ACT_GELU_TANH, CUDA_ACT_RELU };
+
+/* Pooling codes (embedrag_pooling's values). */
+
+/* out[t] = LayerNorm(word[ids[t]] + position[t - offsets[seq]] + type[0]) for every token; the
+ * tables and LayerNorm parameters are fp32. */
+cudaError_t cuda_embed(cuda_dtype dtype, const cuda_batch_view *batch, const float *word,
+                       const float *position, const float *type, const float *gamma,
+                       const float *beta, float eps, int hidden, void *out, cudaStream_t stream);
+
+/* out = LayerNorm(a + residual) row by row over the batch's tokens (out may be a or residual). */
+cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_view *batch, const void *a,
+                                const void *residual, const float *gamma, const float *beta,
+                                float eps, int hidden, void *out, cudaStream_t stream);
+
+/* x = activation(x + bias) over the batch's tokens' rows of n columns (bias of the dtype). */
+cudaError_t cuda_bias_activation(cuda_dtype dtype, const cuda_batch_view *batch, void *x,
+                                 const void *bias, int n, int activation, cudaStream_t stream);
+
+/* Self-attention of every sequence: qkv rows are [q | k | v] (3 x hidden), context rows hidden
+ * wide. tensor_cores picks the mma kernel (fp16/bf16 with head size 32 or 64 only; see
+ * cuda_attention_has_tensor_cores); otherwise a kernel that computes in fp32 for any head size up
+ * to CUDA_MAX_HEAD. */
+cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch, const void *qkv,
+                           void *context, int hidden, int heads, int tensor_cores,
+                           cudaStream_t stream);
+int cuda_attention_has_tensor_cores(cuda_dtype dtype, int head_size);
+
+/* pooled[s] (fp32) = mean, CLS or max (embedrag_pooling) over sequence s's rows of x, leaving
+ * out its first skip[s] tokens for mean and max, as the CPU backend does. */
+cudaError_t cuda_pool(cuda_dtype dtype, const cuda_batch_view *batch, const void *x, int hidden,
+                      int pooling, float *pooled, cudaStream_t stream);
+
+/* dst[i] = src[i] rounded to the dtype (weights at load time). */
+cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *dst, size_t count,
+                         cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
