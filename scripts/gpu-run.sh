@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine from a folder made by scripts/gpu-bundle.sh (this script is
+# BUNDLE/src/scripts/gpu-run.sh): unpacks the carried packages into a private prefix, builds with
+# the CUDA backend, then runs the steps named (default: all of them):
+#   test      ctest's test_backend and test_backend_gpu (labelled gpu), and test_engine on the
+#             bundle's F16 model (the engine routing between the CPU and the GPU)
+#   model     the fixture texts through `embedrag embed` on the F16 model: the GPU in fp16, bf16
+#             and fp32 against the CPU, cosines per text
+#   bench     embedrag_backend_bench on random weights of the GPU issue's shapes, and
+#             `embedrag bench --device gpu` on the F16 model
+#   sanitize  compute-sanitizer memcheck and racecheck on test_backend
+#   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
+#             fp16) and one query (1 x 16)
+# $OUT (else BUNDLE/out) receives few files (the device tool brings back at most 8): summary.txt,
+# logs.txt (every log, one after another), bench.json and machine.txt; a summary is printed last.
+set -uo pipefail
+bundle=$(cd "$(dirname "$0")/../.." && pwd)
+src=$bundle/src
+out=${OUT:-$bundle/out}
+build=${EMBEDRAG_GPU_BUILD:-/tmp/embedrag-build}
+deps=/tmp/embedrag-deps
+steps=${*:-test model sanitize bench}
+logs=/tmp/embedrag-logs
+rm -rf "$logs"
+mkdir -p "$out" "$logs"
+summary=$out/summary.txt
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+# ---- packages and build ----
+mkdir -p "$deps"
+for f in "$bundle"/debs/*.deb; do dpkg -x "$f" "$deps"; done
+lib=$deps/usr/lib/x86_64-linux-gnu
+sed -i "s|=/usr|=$deps/usr|" "$lib"/pkgconfig/*.pc
+export PKG_CONFIG_PATH=$lib/pkgconfig
+export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+pkgconfig=$(command -v pkg-config || echo "$deps/usr/bin/pkgconf")
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    nvcc --version | tail -2
+    cmake --version | head -1
+    nproc
+} >"$out/machine.txt" 2>&1
+note "machine: $(sed -n 2p "$out/machine.txt"); $(grep -o 'release [0-9.]*' "$out/machine.txt")"
+start=$(date +%s)
+if ! { cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+        -DPKG_CONFIG_EXECUTABLE="$pkgconfig" &&
+       cmake --build "$build" -j"$(nproc)"; } >"$logs/build.log" 2>&1; then
+    tail -40 "$logs/build.log"
+    note "build FAILED (build.log)"
+    exit 1
+fi
+note "build: $(($(date +%s) - start)) s; $(grep 'CUDA backend' "$logs/build.log")"
+
+run_step() { [[ " $steps " == *" $1 "* ]]; }
+
+# ---- tests ----
+if run_step test; then
+    (cd "$build" && ctest --output-on-failure -R 'test_backend|test_engine' --timeout 900) \
+        >"$logs/tests.log" 2>&1
+    grep -E 'tests passed|Passed|Failed|\*\*\*' "$logs/tests.log" | tee -a "$summary"
+    grep -E 'cuda.*(against|worst)|skipped' "$logs/tests.log" | grep -v 'check failed' |
+        sed 's/^[0-9]*: //' >>"$summary"
+    grep -E 'check failed' "$logs/tests.log" | head -20 | tee -a "$summary"
+fi
+
+# ---- the real model through the CLI ----
+if run_step model; then
+    model=$src/models/all-MiniLM-L6-v2
+    python3 -c 'import json,sys
+for line in open(sys.argv[1]):
+    print(" ".join(json.loads(line)["text"].split()))' \
+        "$src/tests/fixtures/all-MiniLM-L6-v2/texts.jsonl" >"$logs/texts.txt"
+    cli=$build/embedrag
+    "$cli" embed --model "$model" --device cpu --format f32 --quiet <"$logs/texts.txt" \
+        >/tmp/cpu.f32 2>"$logs/model.log"
+    for p in fp16 bf16 fp32; do
+        "$cli" embed --model "$model" --device gpu --precision $p --format f32 --quiet \
+            <"$logs/texts.txt" >/tmp/gpu-$p.f32 2>>"$logs/model.log"
+    done
+    # BERT's exact erf GELU in fp16 (the default there is cuBLASLt's tanh epilogue).
+    EMBEDRAG_CUDA_GELU=erf "$cli" embed --model "$model" --device gpu --precision fp16 \
+        --format f32 --quiet <"$logs/texts.txt" >/tmp/gpu-fp16-erf.f32 2>>"$logs/model.log"
+    python3 - "$logs/texts.txt" >>"$summary" 2>&1 <<'PY'
+import sys, numpy as np
+n = open(sys.argv[1], "rb").read().count(b"\n")
+cpu = np.fromfile("/tmp/cpu.f32", dtype=np.float32).reshape(n, -1).astype(np.float64)
+for p in ("fp16", "fp16-erf", "bf16", "fp32"):
+    try:
+        gpu = np.fromfile("/tmp/gpu-%s.f32" % p, dtype=np.float32).reshape(n, -1).astype(np.float64)
+    except ValueError as e:
+        print("model: gpu %s: no vectors (%s)" % (p, e)); continue
+    cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
+    print("model F16 MiniLM-L6, %d fixture texts: gpu %s against cpu: worst cosine %.7f, mean %.8f, max |diff| %.2e"
+          % (n, p, cos.min(), cos.mean(), np.abs(cpu - gpu).max()))
+PY
+fi
+
+# ---- benchmarks ----
+if run_step bench; then
+    bench=$build/embedrag_backend_bench
+    seconds=${EMBEDRAG_BENCH_SECONDS:-0.3}
+    runs=(
+        "12x384-fp16 --random 12,384,12,1536 --precision fp16"
+        "6x384-fp16 --random 6,384,12,1536 --precision fp16"
+        "12x768-fp16 --random 12,768,12,3072 --precision fp16"
+        "12x384-bf16 --random 12,384,12,1536 --precision bf16"
+        "12x384-fp32 --random 12,384,12,1536 --precision fp32"
+    )
+    for r in "${runs[@]}"; do
+        name=${r%% *}
+        # shellcheck disable=SC2086 # the options are words
+        "$bench" --device cuda --seconds "$seconds" --json ${r#* } >"$logs/bench-$name.json" \
+            2>>"$logs/bench.log"
+    done
+    EMBEDRAG_CUDA_GELU=tanh "$bench" --device cuda --seconds "$seconds" --json \
+        --random 12,384,12,1536 --precision fp16 >"$logs/bench-12x384-fp16-tanh.json" 2>>"$logs/bench.log"
+    EMBEDRAG_CUDA_GRAPHS=0 "$bench" --device cuda --seconds "$seconds" --json \
+        --random 12,384,12,1536 --precision fp16 >"$logs/bench-12x384-fp16-nographs.json" 2>>"$logs/bench.log"
+    python3 - "$logs" "$out/bench.json" >>"$summary" 2>&1 <<'PY'
+import glob, json, os, sys
+rows, everything = {}, {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*.json"))):
+    name = os.path.basename(path)[6:-5]
+    try:
+        everything[name] = json.load(open(path))
+        rows[name] = {(r["length"], r["texts"]): r for r in everything[name]}
+    except Exception as e:
+        print("bench %s: %s" % (name, e))
+json.dump(everything, open(sys.argv[2], "w"), indent=1)
+cells = [("16", 1), ("16", 10), ("50", 100), ("128", 1000), ("32-256", 1000)]
+print("device ms (CUDA events) / wall ms per call; M tok/s for the 1000-text cells")
+print("%-22s" % "run" + "".join("%18s" % ("%sx%s" % (t, l)) for l, t in cells))
+for name, r in rows.items():
+    line = "%-22s" % name
+    for c in cells:
+        x = r.get(c)
+        if not x:
+            line += "%18s" % "-"
+        elif c[1] == 1000:
+            line += "%18s" % ("%.2f M/s" % (x["device_tokens_per_s"] / 1e6))
+        else:
+            line += "%18s" % ("%.3f/%.3f" % (x["device_ms_p50"], x["wall_ms_p50"]))
+    print(line)
+PY
+    "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device gpu --precision fp16 \
+        --data "$bundle/shared/data/stsb-en-dev.csv" --json >"$out/embedrag-bench-gpu-fp16.json" \
+        2>>"$logs/bench.log"
+    python3 - "$out/embedrag-bench-gpu-fp16.json" >>"$summary" 2>&1 <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("embedrag bench --device gpu fp16 (F16 MiniLM-L6): query p50 %.3f ms p99 %.3f ms" % (r["query_16_tokens"]["p50_ms"], r["query_16_tokens"]["p99_ms"]))
+for p in r["throughput"]:
+    if p["batch"] in (1, 100, 1000):
+        print("  %3d tokens x %4d: model %.3f ms, end to end %.3f ms, tokenize %.3f ms" % (p["tokens_per_text"], p["batch"], p["model_ms"], p["end_to_end_ms"], p["tokenize_ms"]))
+PY
+fi
+# ---- compute-sanitizer ----
+if run_step sanitize; then
+    for tool in memcheck racecheck; do
+        timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 "$build/test_backend" \
+            >"$logs/sanitize-$tool.log" 2>&1
+        note "compute-sanitizer $tool on test_backend: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/sanitize-$tool.log" | tail -1))"
+    done
+fi
+
+# ---- kernel durations ----
+if run_step profile; then
+    for only in 128,1000 16,1; do
+        # Past the weight conversions at load (~150 kernels) and the warm-up calls (3 of ~90
+        # kernels), a little over one of the 10 timed calls.
+        skip=600
+        timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum \
+            --launch-skip "$skip" --launch-count 100 --print-summary per-kernel \
+            "$build/embedrag_backend_bench" --device cuda --random 12,384,12,1536 \
+            --precision fp16 --only "$only" --seconds 0 >"$logs/profile-$only.log" 2>&1
+        note "ncu $only: exit $?"
+        python3 - "$logs/profile-$only.log" >>"$summary" 2>&1 <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+# Per-kernel summary blocks: a kernel's name line, then "gpu__time_duration.sum ... min max avg".
+rows = []
+for block in re.split(r"\n(?=  \S)", text):
+    name = block.strip().splitlines()[0][:90] if block.strip() else ""
+    m = re.search(r"gpu__time_duration\.sum\s+(\S+)\s+([\d.,]+)\s+([\d.,]+)\s+([\d.,]+)", block)
+    n = re.search(r"(\d+) kernel", block)
+    if m:
+        rows.append((name, m.group(1), m.group(4), n.group(1) if n else "?"))
+print("ncu %s: kernel, unit, average, launches among the 100 profiled" % sys.argv[1].split("/")[-1])
+for r in rows:
+    print("  %-90s %4s %10s %5s" % r)
+PY
+    done
+fi
+
+for f in "$logs"/*; do
+    echo "==== $(basename "$f")"
+    cat "$f"
+done >"$out/logs.txt"
+echo "==== summary"
+cat "$summary"
