@@ -56,7 +56,7 @@ run_step() { [[ " $steps " == *" $1 "* ]]; }
 
 # ---- tests ----
 if run_step test; then
-    (cd "$build" && ctest --output-on-failure -R 'test_backend|test_engine' --timeout 900) \
+    (cd "$build" && ctest -V -R 'test_backend|test_engine' --timeout 900) \
         >"$logs/tests.log" 2>&1
     grep -E 'tests passed|Passed|Failed|\*\*\*' "$logs/tests.log" | tee -a "$summary"
     grep -E 'cuda.*(against|worst)|skipped' "$logs/tests.log" | grep -v 'check failed' |
