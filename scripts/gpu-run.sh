@@ -107,16 +107,22 @@ if run_step bench; then
         "12x384-bf16 --random 12,384,12,1536 --precision bf16"
         "12x384-fp32 --random 12,384,12,1536 --precision fp32"
     )
+    # EMBEDRAG_BENCH_RUNS="12x384-fp16 ..." keeps only the runs named (e2e: embedrag bench).
+    only=${EMBEDRAG_BENCH_RUNS:-}
+    wanted() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
     for r in "${runs[@]}"; do
         name=${r%% *}
+        wanted "$name" || continue
         # shellcheck disable=SC2086 # the options are words
         "$bench" --device cuda --seconds "$seconds" --json ${r#* } >"$logs/bench-$name.json" \
             2>>"$logs/bench.log"
     done
-    EMBEDRAG_CUDA_GELU=tanh "$bench" --device cuda --seconds "$seconds" --json \
-        --random 12,384,12,1536 --precision fp16 >"$logs/bench-12x384-fp16-tanh.json" 2>>"$logs/bench.log"
-    EMBEDRAG_CUDA_GRAPHS=0 "$bench" --device cuda --seconds "$seconds" --json \
-        --random 12,384,12,1536 --precision fp16 >"$logs/bench-12x384-fp16-nographs.json" 2>>"$logs/bench.log"
+    wanted 12x384-fp16-erf && EMBEDRAG_CUDA_GELU=erf "$bench" --device cuda --seconds "$seconds" \
+        --json --random 12,384,12,1536 --precision fp16 >"$logs/bench-12x384-fp16-erf.json" \
+        2>>"$logs/bench.log"
+    wanted 12x384-fp16-nographs && EMBEDRAG_CUDA_GRAPHS=0 "$bench" --device cuda \
+        --seconds "$seconds" --json --random 12,384,12,1536 --precision fp16 \
+        >"$logs/bench-12x384-fp16-nographs.json" 2>>"$logs/bench.log"
     python3 - "$logs" "$out/bench.json" >>"$summary" 2>&1 <<'PY'
 import glob, json, os, sys
 rows, everything = {}, {}
@@ -143,10 +149,10 @@ for name, r in rows.items():
             line += "%18s" % ("%.3f/%.3f" % (x["device_ms_p50"], x["wall_ms_p50"]))
     print(line)
 PY
-    "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device gpu --precision fp16 \
+    wanted e2e && "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device gpu --precision fp16 \
         --data "$bundle/shared/data/stsb-en-dev.csv" --json >"$out/embedrag-bench-gpu-fp16.json" \
         2>>"$logs/bench.log"
-    python3 - "$out/embedrag-bench-gpu-fp16.json" >>"$summary" 2>&1 <<'PY'
+    wanted e2e && python3 - "$out/embedrag-bench-gpu-fp16.json" >>"$summary" 2>&1 <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print("embedrag bench --device gpu fp16 (F16 MiniLM-L6): query p50 %.3f ms p99 %.3f ms" % (r["query_16_tokens"]["p50_ms"], r["query_16_tokens"]["p99_ms"]))
@@ -166,16 +172,16 @@ fi
 
 # ---- kernel durations ----
 if run_step profile; then
-    for only in 128,1000 16,1; do
+    for cell in 128,1000 16,1; do
         # Past the weight conversions at load (~150 kernels) and the warm-up calls (3 of ~90
         # kernels), a little over one of the 10 timed calls.
         skip=600
         timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum \
             --launch-skip "$skip" --launch-count 100 --print-summary per-kernel \
             "$build/embedrag_backend_bench" --device cuda --random 12,384,12,1536 \
-            --precision fp16 --only "$only" --seconds 0 >"$logs/profile-$only.log" 2>&1
-        note "ncu $only: exit $?"
-        python3 - "$logs/profile-$only.log" >>"$summary" 2>&1 <<'PY'
+            --precision fp16 --only "$cell" --seconds 0 >"$logs/profile-$cell.log" 2>&1
+        note "ncu $cell: exit $?"
+        python3 - "$logs/profile-$cell.log" >>"$summary" 2>&1 <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 # Per-kernel summary blocks: a kernel's name line, then "gpu__time_duration.sum ... min max avg".
