@@ -2,6 +2,7 @@
  * or half-precision panels cut into k slices for the fp32 kernels, bfloat16 tile blocks for AMX. */
 #include "backend/cpu/kernels_internal.h"
 
+#include "util/cpu_features.h"
 #include "util/error.h"
 
 #include <stdlib.h>
@@ -24,8 +25,8 @@ int cpu_pack(cpu_packed *out, int count, const float *const *weights, const floa
              const int *rows, int k, bool half)
 {
     memset(out, 0, sizeof *out);
-    /* Every AVX-512 CPU has F16C (and clang 14 cannot test for it by name). */
-    half = half && cpu_isa() == CPU_ISA_AVX512;
+    /* The half-precision tile widens with F16C's conversion, which every AVX-512 CPU has. */
+    half = half && cpu_isa() == CPU_ISA_AVX512 && cpu_features_get()->f16c;
     int n = 0;
     for (int i = 0; i < count; i++) n += rows[i];
     int panels = (n + CPU_PANEL_WIDTH - 1) / CPU_PANEL_WIDTH;
