@@ -4,9 +4,6 @@
  * a text's vector identical alone or in a batch; it also beats both at a query's small shapes. */
 #include "backend/cpu/kernels_internal.h"
 
-/* Rows per micro-tile of the AVX-512 GEMM: 14 rows x 2 registers = 28 accumulators, leaving
- * registers for the two weight vectors and the broadcast. */
-#define GEMM_TILE_ROWS 14
 /* Rows per parallel task: 8 micro-tiles, so the A block (112 x k floats) stays in L2 while
  * the panels stream past it. */
 #define GEMM_BLOCK_ROWS (GEMM_TILE_ROWS * 8)
@@ -76,19 +73,7 @@ tile_avx512(const int rows, const bool interleaved, const bool half, bool first,
 {
     __mmask16 m0 = tail_mask(cols), m1 = tail_mask(cols - 16);
     __m512 c0[GEMM_TILE_ROWS], c1[GEMM_TILE_ROWS];
-    if (first) {
-#pragma GCC unroll 14
-        for (int r = 0; r < rows; r++) {
-            c0[r] = _mm512_setzero_ps();
-            c1[r] = _mm512_setzero_ps();
-        }
-    } else {
-#pragma GCC unroll 14
-        for (int r = 0; r < rows; r++) {
-            c0[r] = _mm512_maskz_loadu_ps(m0, C + (size_t)r * ldc);
-            c1[r] = _mm512_maskz_loadu_ps(m1, C + (size_t)r * ldc + 16);
-        }
-    }
+    tile_start(rows, first, c0, c1, C, ldc, m0, m1);
     for (int kk = 0; kk < kn; kk++) {
         __m512 b0, b1;
         /* `ahead` is weight data a later tile reads first: fetched into L2 now, so the stream
@@ -116,19 +101,7 @@ tile_avx512(const int rows, const bool interleaved, const bool half, bool first,
             c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
         }
     }
-    if (!last) {
-#pragma GCC unroll 14
-        for (int r = 0; r < rows; r++) {
-            _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, c0[r]);
-            _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, c1[r]);
-        }
-        return;
-    }
-    __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
-#pragma GCC unroll 14
-    for (int r = 0; r < rows; r++)
-        finish_row(c0[r], c1[r], bias0, bias1, R ? R + (size_t)r * ldc : NULL, C + (size_t)r * ldc,
-                   m0, m1, epilogue);
+    tile_end(rows, last, c0, c1, bias, epilogue, R, C, ldc, m0, m1);
 }
 
 AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool half, bool first,
@@ -164,20 +137,7 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
         else                                                                                       \
             tile_avx512(n, false, false, TILE_ARGS);                                               \
         break;
-        TILE_CASE(1)
-        TILE_CASE(2)
-        TILE_CASE(3)
-        TILE_CASE(4)
-        TILE_CASE(5)
-        TILE_CASE(6)
-        TILE_CASE(7)
-        TILE_CASE(8)
-        TILE_CASE(9)
-        TILE_CASE(10)
-        TILE_CASE(11)
-        TILE_CASE(12)
-        TILE_CASE(13)
-        TILE_CASE(14)
+        GEMM_FOR_EACH_TILE_ROWS(TILE_CASE)
 #undef TILE_CASE
     default:
         break;
@@ -273,32 +233,11 @@ AVX512_TARGET static void interleave_rows_avx512(float *dst, const float *src, s
     for (int k0 = 0; k0 < kn; k0 += 16) {
         int width = kn - k0 < 16 ? kn - k0 : 16;
         __mmask16 load_mask = (__mmask16)((1u << width) - 1u);
-        __m512 r[16], t[16], u[16], col[16];
+        __m512 r[16], col[16];
         for (int i = 0; i < 16; i++)
             r[i] = i < tr ? _mm512_maskz_loadu_ps(load_mask, src + (size_t)i * lda + (size_t)k0)
                           : _mm512_setzero_ps();
-        /* Pairs of rows, then 4 x 4 blocks within each 128-bit lane ... */
-        for (int i = 0; i < 16; i += 2) {
-            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-        }
-        for (int g = 0; g < 4; g++) {
-            u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-            u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-            u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-            u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-        }
-        /* ... then lanes: u[4g + c] lane L holds column 4L + c of rows 4g .. 4g + 3. */
-        for (int c = 0; c < 4; c++) {
-            __m512 low_a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
-            __m512 low_b = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-            __m512 high_a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-            __m512 high_b = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-            col[c] = _mm512_shuffle_f32x4(low_a, low_b, 0x88);
-            col[4 + c] = _mm512_shuffle_f32x4(low_a, low_b, 0xDD);
-            col[8 + c] = _mm512_shuffle_f32x4(high_a, high_b, 0x88);
-            col[12 + c] = _mm512_shuffle_f32x4(high_a, high_b, 0xDD);
-        }
+        transpose16_avx512(r, col);
         for (int j = 0; j < width; j++)
             _mm512_mask_storeu_ps(dst + (size_t)(k0 + j) * (size_t)tr, row_mask, col[j]);
     }

@@ -26,6 +26,16 @@
 #endif
 #define AVX512_TARGET __attribute__((target("avx512f,avx512dq,fma")))
 
+/* Rows per micro-tile of the AVX-512 GEMMs: 14 rows x 2 registers = 28 accumulators, leaving
+ * registers for the two weight vectors and the broadcast. */
+#define GEMM_TILE_ROWS 14
+/* CASE(n) for every micro-tile row count, to specialize a tile for each. */
+/* clang-format off */
+#define GEMM_FOR_EACH_TILE_ROWS(CASE)                                                              \
+    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)                                        \
+    CASE(8) CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14)
+/* clang-format on */
+
 /* The kernels' instruction set, chosen once from the CPU's features (see isa.c). */
 enum { CPU_ISA_GENERIC, CPU_ISA_AVX2, CPU_ISA_AVX512 };
 int cpu_isa(void);
@@ -189,6 +199,78 @@ finish_row(__m512 v0, __m512 v1, __m512 bias0, __m512 bias1, const float *R, flo
     }
     _mm512_mask_storeu_ps(C, m0, v0);
     _mm512_mask_storeu_ps(C + 16, m1, v1);
+}
+
+/* A micro-tile's sums at the start of a k slice: zero for the first slice, else the partial sums
+ * an earlier slice left in C (a float stored and reloaded is unchanged). */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+tile_start(const int rows, bool first, __m512 *c0, __m512 *c1, const float *C, size_t ldc,
+           __mmask16 m0, __mmask16 m1)
+{
+    if (first) {
+#pragma GCC unroll 14
+        for (int r = 0; r < rows; r++) {
+            c0[r] = _mm512_setzero_ps();
+            c1[r] = _mm512_setzero_ps();
+        }
+    } else {
+#pragma GCC unroll 14
+        for (int r = 0; r < rows; r++) {
+            c0[r] = _mm512_maskz_loadu_ps(m0, C + (size_t)r * ldc);
+            c1[r] = _mm512_maskz_loadu_ps(m1, C + (size_t)r * ldc + 16);
+        }
+    }
+}
+
+/* A micro-tile's sums at the end of a k slice: stored to C as partial sums, or after the last
+ * slice finished with bias, residual and activation. */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+tile_end(const int rows, bool last, const __m512 *c0, const __m512 *c1, const float *bias,
+         cpu_epilogue epilogue, const float *R, float *C, size_t ldc, __mmask16 m0, __mmask16 m1)
+{
+    if (!last) {
+#pragma GCC unroll 14
+        for (int r = 0; r < rows; r++) {
+            _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, c0[r]);
+            _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, c1[r]);
+        }
+        return;
+    }
+    __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
+#pragma GCC unroll 14
+    for (int r = 0; r < rows; r++)
+        finish_row(c0[r], c1[r], bias0, bias1, R ? R + (size_t)r * ldc : NULL, C + (size_t)r * ldc,
+                   m0, m1, epilogue);
+}
+
+/* col[j] lane i = r[i] lane j: a 16 x 16 transpose of 32-bit elements in registers (only moves
+ * bits, so it serves bfloat16 pairs as well as floats). */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+transpose16_avx512(const __m512 r[16], __m512 col[16])
+{
+    __m512 t[16], u[16];
+    /* Pairs of rows, then 4 x 4 blocks within each 128-bit lane ... */
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 4; g++) {
+        u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    /* ... then lanes: u[4g + c] lane L holds column 4L + c of rows 4g .. 4g + 3. */
+    for (int c = 0; c < 4; c++) {
+        __m512 low_a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
+        __m512 low_b = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+        __m512 high_a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+        __m512 high_b = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+        col[c] = _mm512_shuffle_f32x4(low_a, low_b, 0x88);
+        col[4 + c] = _mm512_shuffle_f32x4(low_a, low_b, 0xDD);
+        col[8 + c] = _mm512_shuffle_f32x4(high_a, high_b, 0x88);
+        col[12 + c] = _mm512_shuffle_f32x4(high_a, high_b, 0xDD);
+    }
 }
 
 #endif
