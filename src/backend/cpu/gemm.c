@@ -111,23 +111,8 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
                                                size_t ldc, const char *ahead, int ahead_step)
 {
 #define TILE_ARGS first, last, k, ap, lda, panel, bias, cols, epilogue, R, C, ldc, ahead, ahead_step
-#ifdef EMBEDRAG_LIGHT_KERNELS
-    /* Sanitizer and fuzz builds: one instance per variant with the row count at run time. The
-     * 56 specialized instances below took clang over ten minutes and 11 GB to instrument; the
-     * arithmetic is the same. */
-    if (interleaved && half)
-        tile_avx512(rows, true, true, TILE_ARGS);
-    else if (interleaved)
-        tile_avx512(rows, true, false, TILE_ARGS);
-    else if (half)
-        tile_avx512(rows, false, true, TILE_ARGS);
-    else
-        tile_avx512(rows, false, false, TILE_ARGS);
-}
-#else
-    switch (rows) {
-#define TILE_CASE(n)                                                                               \
-    case n:                                                                                        \
+#define TILE_CALL(n)                                                                               \
+    do {                                                                                           \
         if (interleaved && half)                                                                   \
             tile_avx512(n, true, true, TILE_ARGS);                                                 \
         else if (interleaved)                                                                      \
@@ -136,15 +121,18 @@ AVX512_TARGET static void tile_avx512_dispatch(int rows, bool interleaved, bool 
             tile_avx512(n, false, true, TILE_ARGS);                                                \
         else                                                                                       \
             tile_avx512(n, false, false, TILE_ARGS);                                               \
-        break;
-        GEMM_FOR_EACH_TILE_ROWS(TILE_CASE)
-#undef TILE_CASE
-    default:
-        break;
-    }
-}
+    } while (0)
+#ifdef EMBEDRAG_LIGHT_KERNELS
+    /* Sanitizer and fuzz builds: one instance per variant with the row count at run time. The
+     * 56 specialized instances of the switch took clang over ten minutes and 11 GB to instrument;
+     * the arithmetic is the same. */
+    TILE_CALL(rows);
+#else
+    GEMM_SWITCH_TILE_ROWS(rows, TILE_CALL)
 #endif
+#undef TILE_CALL
 #undef TILE_ARGS
+}
 
 /* The AVX2 tile (CPUs without AVX-512): two rows x one panel in 8 of the 16 ymm registers, the
  * four weight vectors loaded once per k for both rows. Same per-element order as the AVX-512
@@ -218,7 +206,8 @@ static void tile_generic(int rows, int k, const float *A, size_t lda, const floa
 
 size_t cpu_gemm_scratch_floats(int k)
 {
-    /* Interleaved fp32 rows, or (AMX) bf16 rows padded to a multiple of 32 columns. */
+    /* Interleaved fp32 rows, interleaved bfloat16 pairs (fewer), or (AMX) bf16 rows padded to a
+     * multiple of 32 columns. */
     size_t k_pad_half = (size_t)((k + 31) / 32 * 32) / 2;
     return (size_t)GEMM_BLOCK_ROWS * ((size_t)k > k_pad_half ? (size_t)k : k_pad_half);
 }
@@ -243,6 +232,21 @@ AVX512_TARGET static void interleave_rows_avx512(float *dst, const float *src, s
     }
 }
 
+/* One micro-tile of the fp32 kernel, or of the VDPBF16PS one (bf16), whose rows are always
+ * interleaved (as pairs) and whose loop runs over pairs of the slice's kn steps. */
+static inline void run_tile(bool bf16, int rows, bool interleaved, bool half, bool first, bool last,
+                            int kn, const float *ap, const float *a_rows, size_t lda,
+                            const char *panel, const float *bias, int cols, cpu_epilogue epilogue,
+                            const float *R, float *C, size_t ldc, const char *ahead, int ahead_step)
+{
+    if (bf16)
+        cpu_tile_bf16(rows, first, last, kn / 2, (const uint32_t *)ap, (const uint16_t *)panel,
+                      bias, cols, epilogue, R, C, ldc, ahead, ahead_step);
+    else
+        tile_avx512_dispatch(rows, interleaved, half, first, last, kn, interleaved ? ap : a_rows,
+                             lda, panel, bias, cols, epilogue, R, C, ldc, ahead, ahead_step);
+}
+
 void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
                    const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
                    size_t ldc, float *scratch)
@@ -258,7 +262,7 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
     int p1 = (int)((long)(group + 1) * packed->panels / plan->panel_groups);
     int k = packed->k;
     const float *residual = epilogue == CPU_EPILOGUE_BIAS_RESIDUAL ? R : NULL;
-    bool half = packed->data16 != NULL;
+    bool half = packed->data16 != NULL, bf16 = packed->data_bf16 != NULL;
     /* Split the block's rows into near-equal micro-tiles (16 rows -> 8 + 8, not 14 + 2): the
      * grouping never changes a result, only how well the registers are used. */
     int tiles = (rows + GEMM_TILE_ROWS - 1) / GEMM_TILE_ROWS;
@@ -279,11 +283,17 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
         return;
     }
     /* Interleaving the rows costs a strided copy of the block; it pays off only when many panels
-     * reuse it. Both ways compute the same sums in the same order. */
-    bool interleave = p1 - p0 >= GEMM_INTERLEAVE_MIN_PANELS;
-    for (int ks = 0; ks < k; ks += packed->slice_k) {
-        int kn = k - ks < packed->slice_k ? k - ks : packed->slice_k;
-        bool first = ks == 0, last = ks + kn == k;
+     * reuse it. Both ways compute the same sums in the same order. The bfloat16 kernel always
+     * interleaves, rounding the rows to bfloat16 pairs as it copies them. */
+    bool interleave = bf16 || p1 - p0 >= GEMM_INTERLEAVE_MIN_PANELS;
+    /* bfloat16 panels are sliced along k padded to pairs (cpu_pack_bf16). */
+    int k_sliced = bf16 ? packed->k_pad : k;
+    for (int ks = 0; ks < k_sliced; ks += packed->slice_k) {
+        int kn = k_sliced - ks < packed->slice_k ? k_sliced - ks : packed->slice_k;
+        bool first = ks == 0, last = ks + kn == k_sliced;
+        /* Iterations of the tile's loop: k steps, or pairs of them; each takes one float (or
+         * pair) per row of interleaved A. */
+        int steps = bf16 ? kn / 2 : kn;
         if (interleave) {
             /* Interleave each tile's rows of this slice (scratch[kk * rows + r]) once for all
              * panels: the kernel then broadcasts from one pointer at fixed offsets instead of
@@ -291,21 +301,29 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
             float *dst = scratch;
             for (int t = 0, r = row0; t < tiles; t++) {
                 int tr = rows / tiles + (t < rows % tiles ? 1 : 0);
-                interleave_rows_avx512(dst, A + (size_t)r * lda + (size_t)ks, lda, tr, kn);
-                dst += (size_t)tr * (size_t)kn;
+                const float *src = A + (size_t)r * lda + (size_t)ks;
+                if (bf16)
+                    cpu_bf16_interleave_rows((uint32_t *)dst, src, lda, tr, kn,
+                                             k - ks < kn ? k - ks : kn);
+                else
+                    interleave_rows_avx512(dst, src, lda, tr, kn);
+                dst += (size_t)tr * (size_t)steps;
                 r += tr;
             }
         }
         size_t slice = (size_t)ks * (size_t)packed->panels * CPU_PANEL_WIDTH;
-        size_t element = half ? sizeof(uint16_t) : sizeof(float);
-        const char *base = half ? (const char *)packed->data16 : (const char *)packed->data;
+        size_t element = half || bf16 ? sizeof(uint16_t) : sizeof(float);
+        const char *base = bf16   ? (const char *)packed->data_bf16
+                           : half ? (const char *)packed->data16
+                                  : (const char *)packed->data;
         if (tiles <= 2) {
             /* Few rows (a query): every weight is used by at most two tiles, so the GEMM streams
              * the weights from L3 at their first use. Panel by panel, each tile prefetches its
              * share of the next panel (of this slice, or the first of the next) into L2, so
              * the stream runs during the arithmetic instead of stalling the first tile. */
             size_t next_slice = slice + (size_t)kn * (size_t)packed->panels * CPU_PANEL_WIDTH;
-            int next_kn = k - ks - kn < packed->slice_k ? k - ks - kn : packed->slice_k;
+            int next_kn =
+                k_sliced - ks - kn < packed->slice_k ? k_sliced - ks - kn : packed->slice_k;
             for (int p = p0; p < p1; p++) {
                 size_t offset = slice + (size_t)p * (size_t)kn * CPU_PANEL_WIDTH;
                 const char *ahead = NULL;
@@ -318,8 +336,8 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
                             (next_slice + (size_t)p0 * (size_t)next_kn * CPU_PANEL_WIDTH) * element;
                     ahead_bytes = (size_t)next_kn * CPU_PANEL_WIDTH * element;
                 }
-                /* One prefetch per k step of each tile covers the next panel in `tiles` parts. */
-                int step = (int)((ahead_bytes / (size_t)tiles + (size_t)kn - 1) / (size_t)kn);
+                /* One prefetch per step of each tile covers the next panel in `tiles` parts. */
+                int step = (int)((ahead_bytes / (size_t)tiles + (size_t)steps - 1) / (size_t)steps);
                 int col0 = p * CPU_PANEL_WIDTH;
                 int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
                 const float *ap = scratch;
@@ -328,12 +346,11 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
                     float *c = C + (size_t)r * ldc + (size_t)col0;
                     const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
                     const char *tile_ahead =
-                        ahead ? ahead + (size_t)t * (size_t)step * (size_t)kn : NULL;
-                    tile_avx512_dispatch(tr, interleave, half, first, last, kn,
-                                         interleave ? ap : A + (size_t)r * lda + (size_t)ks, lda,
-                                         base + offset * element, packed->bias + col0, cols,
-                                         epilogue, res, c, ldc, tile_ahead, step);
-                    ap += (size_t)tr * (size_t)kn;
+                        ahead ? ahead + (size_t)t * (size_t)step * (size_t)steps : NULL;
+                    run_tile(bf16, tr, interleave, half, first, last, kn, ap,
+                             A + (size_t)r * lda + (size_t)ks, lda, base + offset * element,
+                             packed->bias + col0, cols, epilogue, res, c, ldc, tile_ahead, step);
+                    ap += (size_t)tr * (size_t)steps;
                     r += tr;
                 }
             }
@@ -350,12 +367,11 @@ void cpu_gemm_task(const cpu_gemm_plan *plan, int task, const float *A, size_t l
                 int cols = packed->n - col0 < CPU_PANEL_WIDTH ? packed->n - col0 : CPU_PANEL_WIDTH;
                 float *c = C + (size_t)r * ldc + (size_t)col0;
                 const float *res = residual ? residual + (size_t)r * ldc + (size_t)col0 : NULL;
-                tile_avx512_dispatch(tr, interleave, half, first, last, kn,
-                                     interleave ? ap : A + (size_t)r * lda + (size_t)ks, lda,
-                                     base + offset * element, packed->bias + col0, cols, epilogue,
-                                     res, c, ldc, NULL, 0);
+                run_tile(bf16, tr, interleave, half, first, last, kn, ap,
+                         A + (size_t)r * lda + (size_t)ks, lda, base + offset * element,
+                         packed->bias + col0, cols, epilogue, res, c, ldc, NULL, 0);
             }
-            ap += (size_t)tr * (size_t)kn;
+            ap += (size_t)tr * (size_t)steps;
             r += tr;
         }
     }

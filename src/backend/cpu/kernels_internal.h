@@ -29,11 +29,18 @@
 /* Rows per micro-tile of the AVX-512 GEMMs: 14 rows x 2 registers = 28 accumulators, leaving
  * registers for the two weight vectors and the broadcast. */
 #define GEMM_TILE_ROWS 14
-/* CASE(n) for every micro-tile row count, to specialize a tile for each. */
+/* switch (rows) running CALL(n) with n = rows, a constant, so that each call is a tile
+ * specialized for its row count (1 to GEMM_TILE_ROWS). */
 /* clang-format off */
-#define GEMM_FOR_EACH_TILE_ROWS(CASE)                                                              \
-    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)                                        \
-    CASE(8) CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14)
+#define GEMM_SWITCH_TILE_ROWS(rows, CALL)                                                          \
+    switch (rows) {                                                                                \
+    case 1: CALL(1); break;   case 2: CALL(2); break;   case 3: CALL(3); break;                    \
+    case 4: CALL(4); break;   case 5: CALL(5); break;   case 6: CALL(6); break;                    \
+    case 7: CALL(7); break;   case 8: CALL(8); break;   case 9: CALL(9); break;                    \
+    case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break;                  \
+    case 13: CALL(13); break; case 14: CALL(14); break;                                            \
+    default: break;                                                                                \
+    }
 /* clang-format on */
 
 /* The kernels' instruction set, chosen once from the CPU's features (see isa.c). */
@@ -55,6 +62,22 @@ static inline __mmask16 tail_mask(int remaining)
 void cpu_gemm_task_amx(const cpu_gemm_plan *plan, int task, const float *A, size_t lda,
                        const cpu_packed *packed, cpu_epilogue epilogue, const float *R, float *C,
                        size_t ldc, uint16_t *a16);
+
+/* The bfloat16 GEMM that runs (see cpu_bf16_kernel in isa.c). */
+enum { CPU_BF16_NONE, CPU_BF16_AMX, CPU_BF16_AVX512 };
+int cpu_bf16(void);
+
+/* The VDPBF16PS GEMM's pieces (gemm_avx512bf16.c), which cpu_gemm_task runs. Interleaving: for
+ * tr <= 16 rows of src and kn (even) k steps of which the first `valid` are src's and the rest
+ * zero, dst[kp * tr + i] = the bfloat16 pair (src[i][2 kp], src[i][2 kp + 1]), rounded to nearest
+ * even, the lower step in the lower half. */
+void cpu_bf16_interleave_rows(uint32_t *dst, const float *src, size_t lda, int tr, int kn,
+                              int valid);
+/* One micro-tile of `rows` interleaved rows `ap` x one panel over `pairs` k pairs (see
+ * tile_avx512 for the other arguments). */
+void cpu_tile_bf16(int rows, bool first, bool last, int pairs, const uint32_t *ap,
+                   const uint16_t *panel, const float *bias, int cols, cpu_epilogue epilogue,
+                   const float *R, float *C, size_t ldc, const char *ahead, int ahead_step);
 
 /* ---- element-wise math, written so GCC can vectorize loops that call it ---- */
 
