@@ -47,7 +47,8 @@ embedrag_model *cli_open_model(const char *dir, int threads, embedrag_precision 
     embedrag_model_get_info(model, &info);
     if (info.precision != precision)
         fprintf(stderr,
-                "embedrag: this CPU cannot run %s (it needs AMX-BF16); running %s instead\n",
+                "embedrag: this CPU cannot run %s (it needs AMX-BF16 or AVX512-BF16); running %s "
+                "instead\n",
                 cli_precision_name(precision), cli_precision_name(info.precision));
     return model;
 }

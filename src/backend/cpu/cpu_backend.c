@@ -358,7 +358,7 @@ int cpu_backend_create(const model_config *config, model_weights *weights, int t
     cpu_backend *b = calloc(1, sizeof *b);
     if (!b) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CPU backend");
     b->base.name = "cpu";
-    b->base.precision = precision == EMBEDRAG_PRECISION_BF16 && cpu_amx_available()
+    b->base.precision = precision == EMBEDRAG_PRECISION_BF16 && cpu_bf16_available()
                             ? EMBEDRAG_PRECISION_BF16
                             : EMBEDRAG_PRECISION_FP32;
     b->base.encode = cpu_encode;
