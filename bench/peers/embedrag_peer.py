@@ -64,7 +64,7 @@ def setup_embedrag(args):
     lib.embedrag_model_get_info(model, ctypes.byref(info))
     if info.precision != PRECISIONS[precision]:
         # Timing the fp32 fallback under the bf16 label would misreport both.
-        raise RuntimeError("embedrag: this CPU cannot run %s (it needs AMX-BF16)" % precision)
+        raise RuntimeError("embedrag: this CPU cannot run %s (it needs AMX-BF16 or AVX512-BF16)" % precision)
     embed_params = lib.embedrag_embed_default_params()
     dim = lib.embedrag_embed_dimension(model, ctypes.byref(embed_params))
 
