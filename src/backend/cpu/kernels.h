@@ -30,6 +30,7 @@ typedef struct cpu_packed {
     uint16_t *data_amx;
     uint16_t *data_bf16;
     int k_pad;
+    struct pack_arena *arena; /* where the weights are allocated (pack.c) */
 } cpu_packed;
 
 /* Packs `count` matrices stacked along n (e.g. query, key, value into one [3H x H] GEMM).
