@@ -2,8 +2,8 @@
  * and oneDNN, one thread each, so the choice of GEMM stays a measured one. Built by
  * bench/gemm_compare.sh (not part of the library build: it links the libraries it compares).
  * Also checks each library's batch invariance: row 0 of an M-row product against the same row
- * computed alone (M = 1), bit for bit. On CPUs with AMX-BF16 it does the same for the bfloat16
- * GEMM against oneDNN's bf16 matmul. */
+ * computed alone (M = 1), bit for bit. On CPUs with a bfloat16 GEMM (AMX-BF16 or AVX512-BF16) it
+ * does the same for the one that runs against oneDNN's bf16 matmul. */
 #include "backend/cpu/kernels.h"
 
 #include <cblas.h>
@@ -41,8 +41,9 @@ static void run(int which, int m, int n, int k, const float *A, const float *W,
     }
 }
 
-/* ---- bfloat16: our AMX GEMM against oneDNN's bf16 matmul (weights reordered once into the
- * layout oneDNN picks; its A is given already rounded to bf16, ours converts A itself). ---- */
+/* ---- bfloat16: our bf16 GEMM (AMX or VDPBF16PS) against oneDNN's bf16 matmul (weights reordered
+ * once into the layout oneDNN picks; its A is given already rounded to bf16, ours converts A
+ * itself). ---- */
 
 static uint16_t bf16_of(float x)
 {
@@ -157,8 +158,8 @@ static void onednn_bf16_call(void *arg)
 
 static void compare_bf16(const int (*shapes)[3], size_t count)
 {
-    printf("\nbfloat16 (AMX), one thread:\n%5s %5s %5s  %10s %10s   (GFLOP/s)\n", "M", "K", "N",
-           "embedrag", "oneDNN");
+    printf("\nbfloat16 (%s), one thread:\n%5s %5s %5s  %10s %10s   (GFLOP/s)\n", cpu_bf16_kernel(),
+           "M", "K", "N", "embedrag", "oneDNN");
     int invariant[2] = {1, 1};
     for (size_t s = 0; s < count; s++) {
         int m = shapes[s][0], k = shapes[s][1], n = shapes[s][2];
@@ -256,10 +257,10 @@ int main(void)
     for (int which = 0; which < 3; which++)
         printf("%s: row 0 alone %s row 0 of the batch in every shape\n", names[which],
                invariant[which] ? "equals" : "DIFFERS from");
-    if (cpu_amx_available())
+    if (cpu_bf16_available())
         compare_bf16(shapes, sizeof shapes / sizeof *shapes);
     else
-        printf("bfloat16: this CPU has no AMX-BF16, nothing to compare\n");
+        printf("bfloat16: this CPU has neither AMX-BF16 nor AVX512-BF16, nothing to compare\n");
     free(scratch);
     return 0;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every CPU benchmark recorded in BENCHMARKS.md, in one go on one machine: the GEMM choice
-# (bench/gemm_compare.sh), `embedrag bench --json` for both model shapes (and in bf16 where the
-# CPU has AMX-BF16), and the peers
+# (bench/gemm_compare.sh), `embedrag bench --json` for both model shapes (and in bf16 where a bf16
+# kernel runs: AMX-BF16 or AVX512-BF16), and the peers
 # (bench/peers/run_peers.py: embedrag through libembedrag.so, sentence-transformers on PyTorch,
 # ONNX Runtime) interleaved on the same texts. Results go to OUT_DIR (default bench-results/).
 # The peers are installed from PyPI into .venv by bench/peers/setup.sh (skipped when PYTHON names
@@ -23,7 +23,9 @@ bench/gemm_compare.sh | tee "$out/gemm.txt"
 for model in all-MiniLM-L6-v2 minilm-l12-stacked; do
     build/embedrag bench --model "models/$model" --threads "$threads" --json \
         --dump-texts "$out/texts-$model" | tee "$out/bench-$model.json"
-    if grep -q ' amx_bf16' /proc/cpuinfo; then
+    # What `info` reports running is what the bench would time.
+    info=$(build/embedrag info --model "models/$model" --precision bf16 2>/dev/null || true)
+    if [[ "$info" =~ \"precision\":[[:space:]]*\"bf16\" ]]; then
         build/embedrag bench --model "models/$model" --threads "$threads" --json \
             --precision bf16 | tee "$out/bench-$model-bf16.json"
     fi

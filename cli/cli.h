@@ -37,9 +37,9 @@ enum {
 #define CLI_MODEL_OPTIONS_HELP                                                                     \
     "  --model DIR          model directory (default: $EMBEDRAG_MODEL or the fetched default)\n"   \
     "  --threads N          CPU worker threads (default: all cores)\n"                             \
-    "  --precision P        fp32 (default, matches sentence-transformers), bf16 (~3x faster on\n"  \
-    "                       CPUs with AMX-BF16; cosine to fp32 >= 0.9999 for nearly all texts)\n"  \
-    "                       or fp16 (GPU; the CPU runs it as fp32)\n"                              \
+    "  --precision P        fp32 (default, matches sentence-transformers), bf16 (1.8-3x faster\n"  \
+    "                       on CPUs with AMX-BF16 or AVX512-BF16; cosine to fp32 >= 0.9999 for\n"  \
+    "                       nearly all texts) or fp16 (GPU; the CPU runs it as fp32)\n"            \
     "  --device D           auto (default: the CPU, plus a GPU when there is one), cpu or gpu\n"
 
 /* Defaults: the default model, all cores, fp32, any device. */

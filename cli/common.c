@@ -81,7 +81,8 @@ embedrag_model *cli_open_model(const cli_model_options *o)
     embedrag_model_get_info(model, &info);
     if (info.precision != o->precision && o->precision == EMBEDRAG_PRECISION_BF16)
         fprintf(stderr,
-                "embedrag: this CPU cannot run bf16 (it needs AMX-BF16); running fp32 instead\n");
+                "embedrag: this CPU cannot run bf16 (it needs AMX-BF16 or AVX512-BF16); running "
+                "fp32 instead\n");
     else if (info.precision != o->precision && info.backend_count == 1)
         fprintf(stderr, "embedrag: the CPU runs %s as fp32 (%s is a GPU precision)\n",
                 cli_precision_name(o->precision), cli_precision_name(o->precision));

@@ -11,7 +11,8 @@
 static const char usage[] =
     "usage: embedrag <command> [options]\n"
     "\n"
-    "Sentence embeddings with BERT-family models (CPU; fp32, or bf16 on AMX CPUs).\n"
+    "Sentence embeddings with BERT-family models (CPU: fp32, or bf16 where the CPU has AMX-BF16\n"
+    "or AVX512-BF16).\n"
     "\n"
     "commands:\n"
     "  embed      embed one text per line (stdin or --input) and print one vector per line\n"

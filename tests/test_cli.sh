@@ -103,8 +103,10 @@ check "10 MB line embeds" test "$(stat -c %s "$tmp/huge.f32")" -eq $((384 * 4))
 check "10 MB line without truncation is refused" test $? -ne 0
 check "refusal names line 1 and the limit" grep -q "line 1: .*at most 256" "$tmp/err.txt"
 
-# --precision: a bad value is refused; bf16 runs where the CPU has AMX-BF16, and says it runs
-# fp32 where it has not; either way `info` reports what runs and `embed` gives 384 numbers.
+# --precision: a bad value is refused; bf16 runs where the CPU has a bf16 kernel (AVX512-BF16
+# with the AVX-512 kernels; every AMX-BF16 CPU has it too), and says it runs fp32 where it has
+# not, or where EMBEDRAG_CPU_BF16=none turns the bf16 kernels off; either way `info` reports what
+# runs and `embed` gives 384 numbers.
 "$cli" embed --model "$model" --precision fp64 </dev/null 2>"$tmp/err.txt"
 check "bad --precision exits 2" test $? -eq 2
 check "bad --precision is named" grep -q "fp32, bf16 or fp16" "$tmp/err.txt"
@@ -112,13 +114,24 @@ check "bad --precision is named" grep -q "fp32, bf16 or fp16" "$tmp/err.txt"
 "$cli" info --model "$model" --device cpu --precision fp16 >"$tmp/info-fp16.json" 2>"$tmp/err.txt"
 check "fp16 on the CPU runs fp32" grep -q '"precision":[[:space:]]*"fp32"' "$tmp/info-fp16.json"
 check "fp16 on the CPU is announced" grep -q "runs fp16 as fp32" "$tmp/err.txt"
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+bf16_runs=yes
+for flag in avx512f avx512dq avx512bw avx512_bf16; do
+    [[ "$cpu_flags" == *" $flag "* ]] || bf16_runs=no
+done
 "$cli" info --model "$model" --precision bf16 >"$tmp/info16.json" 2>"$tmp/err.txt"
-if grep -q ' amx_bf16' /proc/cpuinfo; then
-    check "info reports bf16 on an AMX CPU" grep -q '"precision":[[:space:]]*"bf16"' "$tmp/info16.json"
+if [ "$bf16_runs" = yes ]; then
+    check "info reports bf16 on a CPU with a bf16 kernel" \
+        grep -q '"precision":[[:space:]]*"bf16"' "$tmp/info16.json"
 else
     check "info reports the fp32 fallback" grep -q '"precision":[[:space:]]*"fp32"' "$tmp/info16.json"
     check "the fallback is announced" grep -q "running fp32 instead" "$tmp/err.txt"
 fi
+EMBEDRAG_CPU_BF16=none "$cli" info --model "$model" --precision bf16 >"$tmp/info16.json" \
+    2>"$tmp/err.txt"
+check "info reports the fp32 fallback with the bf16 kernels off" \
+    grep -q '"precision":[[:space:]]*"fp32"' "$tmp/info16.json"
+check "the fallback names both bf16 kernels" grep -q "needs AMX-BF16 or AVX512-BF16" "$tmp/err.txt"
 "$cli" embed --model "$model" --precision bf16 --input "$tmp/in.txt" --format f32 >"$tmp/bf16.f32"
 check "bf16 f32 output size" test "$(stat -c %s "$tmp/bf16.f32")" -eq $((4 * 384 * 4))
 

@@ -28,9 +28,9 @@ static void fill(float *x, size_t n)
 /* When set, GEMM weights are packed as half precision; the tests then draw weights that half
  * precision holds exactly (multiples of 1/1024 below 1), as an F16 checkpoint's are. */
 static bool half;
-/* When set, weights are packed for the bfloat16 AMX GEMM, and the reference rounds A and W to
- * bfloat16 (nearest even) before summing exactly: the GEMM must then agree up to its fp32
- * summation. */
+/* When set, weights are packed for the bfloat16 GEMM that runs (AMX or VDPBF16PS), and the
+ * reference rounds A and W to bfloat16 (nearest even) before summing exactly: the GEMM must then
+ * agree up to its fp32 summation. */
 static bool bf16;
 
 static double round_bf16(float x)
@@ -123,7 +123,7 @@ static void test_gemm_matches_reference(int m, int n, int k, cpu_epilogue e)
  * them and do not; both must agree bit for bit. */
 static void test_gemm_rows_are_batch_invariant(int n)
 {
-    const int k = 700, m_max = 300; /* k spans several of the GEMM's k slices */
+    const int k = 1000, m_max = 300; /* k spans several of the GEMM's k slices */
     float *A = malloc(sizeof(float) * m_max * k), *W = malloc(sizeof(float) * n * k);
     float *b = malloc(sizeof(float) * n);
     float *alone = malloc(sizeof(float) * n), *C = malloc(sizeof(float) * m_max * n);
@@ -134,7 +134,8 @@ static void test_gemm_rows_are_batch_invariant(int n)
     const float *ws[1] = {W}, *bs[1] = {b};
     int nn = n;
     CHECK(pack(&p, ws, bs, &nn, k) == 0, "pack");
-    if (strcmp(cpu_kernels_isa(), "avx512") == 0 && !bf16)
+    /* The fp32 AVX-512 and the VDPBF16PS layouts are sliced along k (AMX's is not). */
+    if (strcmp(cpu_kernels_isa(), "avx512") == 0 && p.data_amx == NULL)
         CHECK(p.slice_k < k, "k = %d fits one slice (%d): the test would not cover slicing", k,
               p.slice_k);
     int mismatches = 0;
@@ -233,6 +234,37 @@ static void test_gemm_kernels(void)
     test_gemm_matches_reference(50, 100, 384, CPU_EPILOGUE_BIAS_RELU);
 }
 
+/* The bfloat16 GEMM that runs here (EMBEDRAG_CPU_BF16 picks another where it can run: the ctest
+ * variants test_kernels_avx512bf16 and test_kernels_bf16_none), or, where none can, that packing
+ * for it refuses rather than pack for a crash. */
+static void test_bf16_gemm(void)
+{
+    const char *kernel = cpu_bf16_kernel();
+    float w[64 * 32] = {0}, b[64] = {0};
+    const float *ws[1] = {w}, *bs[1] = {b};
+    int n = 64;
+    cpu_packed p;
+    int rc = cpu_pack_bf16(&p, 1, ws, bs, &n, 32);
+    CHECK(cpu_bf16_available() == (kernel != NULL), "cpu_bf16_available disagrees");
+    if (!kernel) {
+        printf("bfloat16 GEMM: none runs here; checking that packing refuses\n");
+        CHECK(rc != 0 && p.data_amx == NULL && p.data_bf16 == NULL,
+              "cpu_pack_bf16 packed with no bf16 kernel");
+        return;
+    }
+    bool amx = strcmp(kernel, "amx") == 0;
+    CHECK(amx || strcmp(kernel, "avx512bf16") == 0, "unknown bf16 kernel %s", kernel);
+    CHECK(!amx || cpu_amx_available(), "the AMX kernel runs where AMX is not available");
+    CHECK(rc == 0 && (amx ? p.data_amx != NULL : p.data_bf16 != NULL) && p.data == NULL &&
+              p.data16 == NULL,
+          "cpu_pack_bf16 did not pack for the %s kernel", kernel);
+    cpu_packed_free(&p);
+    printf("bfloat16 GEMM (%s): tested\n", kernel);
+    bf16 = true;
+    test_gemm_kernels();
+    bf16 = false;
+}
+
 int main(void)
 {
     printf("kernels: %s\n", cpu_kernels_isa());
@@ -241,21 +273,7 @@ int main(void)
         test_gemm_kernels();
     }
     half = false;
-    if (cpu_amx_available()) {
-        printf("bfloat16 GEMM on AMX: tested\n");
-        bf16 = true;
-        test_gemm_kernels();
-        bf16 = false;
-    } else {
-        /* Nothing to run the bf16 GEMM on: packing for it must refuse, not pack for a crash. */
-        printf("bfloat16 GEMM: this CPU has no AMX-BF16; checking that packing refuses\n");
-        float w[64 * 32] = {0}, b[64] = {0};
-        const float *ws[1] = {w}, *bs[1] = {b};
-        int n = 64;
-        cpu_packed p;
-        CHECK(cpu_pack_bf16(&p, 1, ws, bs, &n, 32) != 0 && p.data_amx == NULL,
-              "cpu_pack_bf16 packed without AMX");
-    }
+    test_bf16_gemm();
     test_layer_norm();
     test_attention(1, 32);
     test_attention(17, 32);

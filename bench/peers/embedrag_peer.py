@@ -13,8 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_LIBRARY = os.path.join(REPO, "build", "libembedrag.so")
 
 
+# These mirror include/embedrag.h field for field: the default_params functions return them by
+# value, so a missing field would corrupt the call.
 class _ModelParams(ctypes.Structure):
-    _fields_ = [("threads", ctypes.c_int), ("precision", ctypes.c_int)]
+    _fields_ = [("threads", ctypes.c_int), ("precision", ctypes.c_int), ("device", ctypes.c_int)]
 
 
 class _ModelInfo(ctypes.Structure):
@@ -23,15 +25,17 @@ class _ModelInfo(ctypes.Structure):
                 ("vocab_size", ctypes.c_int), ("pooling", ctypes.c_int), ("normalize", ctypes.c_bool),
                 ("lowercase", ctypes.c_bool), ("prompt_count", ctypes.c_int),
                 ("default_prompt_name", ctypes.c_char_p), ("intermediate", ctypes.c_int),
-                ("precision", ctypes.c_int)]
+                ("precision", ctypes.c_int), ("backend_count", ctypes.c_int)]
 
 
+DEVICE_CPU = 1
 PRECISIONS = {"fp32": 0, "bf16": 1}
 
 
 class _EmbedParams(ctypes.Structure):
     _fields_ = [("prompt_name", ctypes.c_char_p), ("prompt", ctypes.c_char_p), ("normalize", ctypes.c_bool),
-                ("dimensions", ctypes.c_int), ("truncate", ctypes.c_bool), ("batch_tokens", ctypes.c_int)]
+                ("dimensions", ctypes.c_int), ("truncate", ctypes.c_bool), ("batch_tokens", ctypes.c_int),
+                ("device", ctypes.c_int), ("lane", ctypes.c_int), ("statuses", ctypes.POINTER(ctypes.c_int))]
 
 
 def setup_embedrag(args):
@@ -57,6 +61,7 @@ def setup_embedrag(args):
     params = lib.embedrag_model_default_params()
     params.threads = args.threads
     params.precision = PRECISIONS[precision]
+    params.device = DEVICE_CPU  # the peers are compared on the CPU
     model = ctypes.c_void_p()
     if lib.embedrag_model_open(args.model.encode(), ctypes.byref(params), ctypes.byref(model)) != 0:
         raise RuntimeError("embedrag: " + lib.embedrag_last_error().decode())
@@ -64,7 +69,7 @@ def setup_embedrag(args):
     lib.embedrag_model_get_info(model, ctypes.byref(info))
     if info.precision != PRECISIONS[precision]:
         # Timing the fp32 fallback under the bf16 label would misreport both.
-        raise RuntimeError("embedrag: this CPU cannot run %s (it needs AMX-BF16)" % precision)
+        raise RuntimeError("embedrag: this CPU cannot run %s (it needs AMX-BF16 or AVX512-BF16)" % precision)
     embed_params = lib.embedrag_embed_default_params()
     dim = lib.embedrag_embed_dimension(model, ctypes.byref(embed_params))
 

@@ -62,11 +62,12 @@ ENGINE_NAMES = {
     "torch": "sentence-transformers (PyTorch fp32)",
     "onnxruntime": "ONNX Runtime fp32",
     "onnxruntime-fused": "ONNX Runtime fp32, BERT fusions",
-    "embedrag-bf16": "embedrag (libembedrag.so, bf16 on AMX)",
+    "embedrag-bf16": "embedrag (libembedrag.so, bf16: AMX or AVX512-BF16)",
     "torch-bf16": "sentence-transformers (PyTorch bf16 autocast)",
 }
 # Engines that round to bfloat16: they are compared with the fp32 ones by cosine, not bits, and
-# run only where the CPU has AMX-BF16 (otherwise both would fall back to slower paths).
+# run only where the CPU has bfloat16 arithmetic, AVX512-BF16 (which every AMX-BF16 CPU has too;
+# otherwise embedrag would fall back to fp32 and PyTorch to a slower path).
 BF16_ENGINES = {"embedrag-bf16", "torch-bf16"}
 
 
@@ -178,8 +179,8 @@ def setup_torch(args):
         # batch_size = len(items): each timed call is one forward pass of that batch.
         if not bf16:
             return model.encode(items, batch_size=len(items), convert_to_numpy=True, show_progress_bar=False)
-        # PyTorch's own mixed precision: linear layers and matmuls in bfloat16 (oneDNN, AMX where
-        # present), LayerNorm and softmax in fp32.
+        # PyTorch's own mixed precision: linear layers and matmuls in bfloat16 (oneDNN, AMX or
+        # AVX512-BF16 where present), LayerNorm and softmax in fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model.encode(items, batch_size=len(items), convert_to_tensor=True, show_progress_bar=False)
         return out.float().numpy()
@@ -585,13 +586,14 @@ def print_table(report):
 
 
 def default_engines():
-    """Every engine, less the bf16 ones where the CPU has no AMX-BF16."""
+    """Every engine, less the bf16 ones where the CPU has no AVX512-BF16."""
     try:
         with open("/proc/cpuinfo") as f:
-            amx = " amx_bf16" in f.read()
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        amx = False
-    return [e for e in ENGINE_NAMES if amx or e not in BF16_ENGINES]
+        flags = []
+    bf16 = "avx512_bf16" in flags
+    return [e for e in ENGINE_NAMES if bf16 or e not in BF16_ENGINES]
 
 
 def main():
@@ -604,7 +606,7 @@ def main():
     parser.add_argument("--json", help="write the full results here")
     parser.add_argument("--engines", default=None,
                         help="comma-separated, from: " + ", ".join(ENGINE_NAMES) +
-                        " (default: all; the bf16 ones only where the CPU has AMX-BF16)")
+                        " (default: all; the bf16 ones only where the CPU has AVX512-BF16)")
     parser.add_argument("--onnx-cache", default=DEFAULT_ONNX_CACHE)
     parser.add_argument("--no-spin", action="store_true",
                         help="idle worker threads sleep instead of spin-waiting (OMP_WAIT_POLICY=PASSIVE, "

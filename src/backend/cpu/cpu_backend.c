@@ -673,9 +673,12 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
     b->preempt = preempt_level();
     backend_caps *caps = &b->base.caps;
     caps->name = "cpu";
-    bool bf16 = params->precision == EMBEDRAG_PRECISION_BF16 && cpu_amx_available();
+    bool bf16 = params->precision == EMBEDRAG_PRECISION_BF16 && cpu_bf16_available();
     caps->precision = bf16 ? EMBEDRAG_PRECISION_BF16 : EMBEDRAG_PRECISION_FP32;
-    caps->kernels = bf16 ? "amx-bf16" : cpu_kernels_isa();
+    /* "avx512", "avx2", "generic", or the bf16 kernel: "amx-bf16", "avx512bf16". */
+    caps->kernels = !bf16                                   ? cpu_kernels_isa()
+                    : strcmp(cpu_bf16_kernel(), "amx") == 0 ? "amx-bf16"
+                                                            : cpu_bf16_kernel();
     caps->preferred_batch_tokens = CPU_PREFERRED_BATCH_TOKENS;
     caps->max_batch_tokens = CPU_MAX_BATCH_TOKENS;
     int rc = threadpool_create(params->threads, &b->threads);

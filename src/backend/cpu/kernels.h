@@ -25,10 +25,12 @@ typedef struct cpu_packed {
     float *data;      /* panels * k * CPU_PANEL_WIDTH floats, 64-byte aligned; or NULL */
     uint16_t *data16; /* the same as IEEE half-precision bits, when packed as half */
     float *bias;      /* n floats */
-    /* Packed by cpu_pack_bf16 instead: bfloat16 weights in AMX tile layout (see there), k
-     * padded with zeros to k_pad, a multiple of 32; data and data16 are then NULL. */
+    /* Packed by cpu_pack_bf16 instead (see there), with k padded with zeros to k_pad: bfloat16
+     * weights in AMX tile layout, or in VDPBF16PS layout; data and data16 are then NULL. */
     uint16_t *data_amx;
+    uint16_t *data_bf16;
     int k_pad;
+    struct pack_arena *arena; /* where the weights are allocated (pack.c) */
 } cpu_packed;
 
 /* Packs `count` matrices stacked along n (e.g. query, key, value into one [3H x H] GEMM).
@@ -39,16 +41,28 @@ int cpu_pack(cpu_packed *out, int count, const float *const *weights, const floa
              const int *rows, int k, bool half);
 void cpu_packed_free(cpu_packed *packed);
 
-/* Whether the bfloat16 GEMM can run here: a CPU with AMX-BF16 and AVX512-BF16, AVX-512 kernels
- * in use, and the kernel's permission for AMX state (asked for once, process-wide). */
+/* The bfloat16 GEMM that runs here: "amx" (AMX tiles, on CPUs with AMX-BF16), "avx512bf16"
+ * (VDPBF16PS, on CPUs with AVX512-BF16 and no AMX), or NULL when neither can (or the kernels are
+ * not the AVX-512 ones). Chosen once; EMBEDRAG_CPU_BF16=amx, avx512bf16 or none picks another
+ * where the CPU can run it, so tests can run the VDPBF16PS path on AMX CPUs too. */
+const char *cpu_bf16_kernel(void);
+/* Whether cpu_bf16_kernel() is not NULL: bfloat16 precision can run. */
+bool cpu_bf16_available(void);
+/* Whether the AMX kernel could run here, whichever EMBEDRAG_CPU_BF16 picks: a CPU with AMX-BF16
+ * and AVX512-BF16, AVX-512 kernels in use, and the OS's permission for AMX state (asked for
+ * once, process-wide). */
 bool cpu_amx_available(void);
 
-/* Packs like cpu_pack, but rounds the weights to bfloat16 (to nearest even) in the layout the
- * AMX tile multiply reads: for panel p (32 columns) and k block kb (32 steps), two 1 KiB tiles
- * (columns 0-15, 16-31), each 16 rows of k pairs: data_amx[((p * KB + kb) * 2 + t) * 512 +
- * kp * 32 + j * 2 + e] = bf16(W[p*32 + t*16 + j][kb*32 + 2*kp + e]). A GEMM against it rounds
- * A's rows to bfloat16 too and sums the products in fp32 on AMX: not exact against the fp32
- * path, but each output still depends only on its own row. Only when cpu_amx_available(). */
+/* Packs like cpu_pack for cpu_bf16_kernel(), rounding the weights to bfloat16 (to nearest even).
+ * A GEMM against it rounds A's rows to bfloat16 too and sums the products in fp32: not exact
+ * against the fp32 path, but each output still depends only on its own row. Fails (nothing
+ * packed) where cpu_bf16_kernel() is NULL. The layouts, columns j of panel p (32 each):
+ * - amx: for k block kb (32 steps), two 1 KiB tiles (columns 0-15, 16-31), each 16 rows of k
+ *   pairs: data_amx[((p * KB + kb) * 2 + t) * 512 + kp * 32 + j * 2 + e] =
+ *   bf16(W[p*32 + t*16 + j][kb*32 + 2*kp + e]), k_pad a multiple of 32.
+ * - avx512bf16: cpu_pack's slices and panels, each k pair of a panel one 128-byte row of 32
+ *   columns x 2 steps: for slice ks of kn steps, data_bf16[ks * panels * 32 + p * kn * 32 +
+ *   (kk - ks - e) * 32 + j * 2 + e] = bf16(W[p*32 + j][kk]) with e = kk % 2, k_pad even. */
 int cpu_pack_bf16(cpu_packed *out, int count, const float *const *weights,
                   const float *const *biases, const int *rows, int k);
 
