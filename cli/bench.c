@@ -574,11 +574,18 @@ int cli_bench(int argc, char **argv)
     cJSON_AddNumberToObject(root, "layers", info.layers);
     cJSON_AddNumberToObject(root, "hidden", info.hidden);
     cJSON_AddNumberToObject(root, "threads", used_threads);
-    embedrag_backend_info cpu;
+    /* The backend the measured calls ran on: the one --device names (a GPU's when auto finds
+     * one, since the router sends calls there once it is faster; the CPU's otherwise). */
+    embedrag_backend_info cpu, used;
     embedrag_model_get_backend(model, 0, &cpu);
-    cJSON_AddStringToObject(root, "device", cpu.device);
+    used = cpu;
+    for (int i = 1; bench_device != EMBEDRAG_DEVICE_CPU && i < info.backend_count; i++)
+        if (embedrag_model_get_backend(model, i, &used) == 0) break;
+    cJSON_AddStringToObject(root, "backend", used.name);
+    cJSON_AddStringToObject(root, "device", used.device);
+    cJSON_AddStringToObject(root, "kernels", used.kernels);
     cJSON_AddStringToObject(root, "cpu_kernels", cpu.kernels);
-    cJSON_AddStringToObject(root, "precision", cli_precision_name(info.precision));
+    cJSON_AddStringToObject(root, "precision", cli_precision_name(used.precision));
     cJSON_AddNumberToObject(root, "fma_peak_gflops_one_thread", peak_one / 1e9);
     cJSON_AddNumberToObject(root, "fma_peak_gflops", peak_all / 1e9);
     cJSON *query = cJSON_AddObjectToObject(root, "query_16_tokens");
@@ -621,9 +628,9 @@ int cli_bench(int argc, char **argv)
         cJSON_free(text);
     } else {
         printf("model %s (%d layers x %d), %d threads, kernels %s, precision %s\n", info.name,
-               info.layers, info.hidden, used_threads, cpu.kernels,
-               cli_precision_name(info.precision));
-        printf("device: %s\n", cpu.device);
+               info.layers, info.hidden, used_threads, used.kernels,
+               cli_precision_name(used.precision));
+        printf("device: %s (%s)\n", used.device, used.name);
         printf("fp32 FMA peak: %.1f GFLOP/s on one thread, %.1f on %d\n", peak_one / 1e9,
                peak_all / 1e9, used_threads);
         printf("16-token query, end to end: p50 %.3f ms, p99 %.3f ms\n", p50 * 1e3, p99 * 1e3);

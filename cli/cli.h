@@ -37,12 +37,13 @@ enum {
 #define CLI_MODEL_OPTIONS_HELP                                                                     \
     "  --model DIR          model directory (default: $EMBEDRAG_MODEL or the fetched default)\n"   \
     "  --threads N          CPU worker threads (default: all cores)\n"                             \
-    "  --precision P        fp32 (default, matches sentence-transformers), bf16 (1.8-3x faster\n"  \
-    "                       on CPUs with AMX-BF16 or AVX512-BF16; cosine to fp32 >= 0.9999 for\n"  \
-    "                       nearly all texts) or fp16 (GPU; the CPU runs it as fp32)\n"            \
+    "  --precision P        auto (default: fp32 on the CPU, matching sentence-transformers;\n"     \
+    "                       fp16 on a GPU), fp32, bf16 (1.8-3x faster on CPUs with AMX-BF16\n"     \
+    "                       or AVX512-BF16; cosine to fp32 >= 0.9999 for nearly all texts) or\n"   \
+    "                       fp16 (a GPU's fast mode; the CPU runs it as fp32)\n"                   \
     "  --device D           auto (default: the CPU, plus a GPU when there is one), cpu or gpu\n"
 
-/* Defaults: the default model, all cores, fp32, any device. */
+/* Defaults: the default model, all cores, each backend's own precision, any device. */
 cli_model_options cli_model_defaults(void);
 
 /* Handles one shared option code: returns 1 when it was one (parsed into o), 0 when it was not,

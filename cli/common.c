@@ -16,7 +16,7 @@ cli_model_options cli_model_defaults(void)
 {
     cli_model_options o = {.dir = NULL,
                            .threads = 0,
-                           .precision = EMBEDRAG_PRECISION_FP32,
+                           .precision = EMBEDRAG_PRECISION_AUTO,
                            .device = EMBEDRAG_DEVICE_AUTO};
     return o;
 }
@@ -30,14 +30,17 @@ int cli_model_option(int code, const char *value, cli_model_options *o)
     case CLI_OPTION_THREADS:
         return cli_parse_int("--threads", value, 1, &o->threads) ? -1 : 1;
     case CLI_OPTION_PRECISION:
-        if (!strcmp(value, "fp32"))
+        if (!strcmp(value, "auto"))
+            o->precision = EMBEDRAG_PRECISION_AUTO;
+        else if (!strcmp(value, "fp32"))
             o->precision = EMBEDRAG_PRECISION_FP32;
         else if (!strcmp(value, "bf16"))
             o->precision = EMBEDRAG_PRECISION_BF16;
         else if (!strcmp(value, "fp16"))
             o->precision = EMBEDRAG_PRECISION_FP16;
         else {
-            fprintf(stderr, "embedrag: --precision takes fp32, bf16 or fp16 (got '%s')\n", value);
+            fprintf(stderr, "embedrag: --precision takes auto, fp32, bf16 or fp16 (got '%s')\n",
+                    value);
             return -1;
         }
         return 1;
@@ -79,6 +82,7 @@ embedrag_model *cli_open_model(const cli_model_options *o)
     }
     embedrag_model_info info;
     embedrag_model_get_info(model, &info);
+    if (o->precision == EMBEDRAG_PRECISION_AUTO) return model;
     if (info.precision != o->precision && o->precision == EMBEDRAG_PRECISION_BF16)
         fprintf(stderr,
                 "embedrag: this CPU cannot run bf16 (it needs AMX-BF16 or AVX512-BF16); running "
@@ -93,6 +97,7 @@ const char *cli_precision_name(embedrag_precision precision)
 {
     return precision == EMBEDRAG_PRECISION_BF16   ? "bf16"
            : precision == EMBEDRAG_PRECISION_FP16 ? "fp16"
+           : precision == EMBEDRAG_PRECISION_AUTO ? "auto"
                                                   : "fp32";
 }
 

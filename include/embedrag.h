@@ -84,7 +84,8 @@ EMBEDRAG_API long embedrag_last_error_text(void);
 
 /* The arithmetic of the forward pass's matrix products. */
 typedef enum embedrag_precision {
-    /* fp32 throughout (the default): matches sentence-transformers within float rounding. */
+    /* fp32 throughout (the CPU's default): matches sentence-transformers within float rounding.
+     * On a GPU, its accuracy mode (several times slower than fp16 there). */
     EMBEDRAG_PRECISION_FP32 = 0,
     /* Opt-in, for CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids) or AVX512-BF16 (AMD Zen
      * 4 and 5, Intel Cooper Lake): the weights and each product's inputs are rounded to bfloat16,
@@ -96,10 +97,13 @@ typedef enum embedrag_precision {
      * fp32 and embedrag_model_info.precision says so. An unknown value is
      * EMBEDRAG_ERR_INVALID_ARGUMENT. */
     EMBEDRAG_PRECISION_BF16 = 1,
-    /* IEEE half-precision weights and activations with fp32 sums: a GPU's fast mode (the GPU
-     * backend is coming). The CPU runs fp32 when asked for it; embedrag_model_info.precision
-     * says what runs. */
+    /* IEEE half-precision weights and activations with fp32 sums: a GPU's fast mode and its
+     * default. The CPU runs fp32 when asked for it; embedrag_backend_info.precision says what
+     * each backend runs. */
     EMBEDRAG_PRECISION_FP16 = 2,
+    /* Each backend's own default (embedrag_model_default_params' choice): fp32 on the CPU,
+     * fp16 on a GPU. */
+    EMBEDRAG_PRECISION_AUTO = 3,
 } embedrag_precision;
 
 /* Where work runs. A model opens a backend per device it may use (the CPU always); each
@@ -124,7 +128,7 @@ typedef enum embedrag_lane {
  * adjust fields; new fields are added at the end with defaults that keep old behaviour. */
 typedef struct embedrag_model_params {
     int threads;                  /* worker threads for the forward pass; 0 = one per online core */
-    embedrag_precision precision; /* requested; default EMBEDRAG_PRECISION_FP32 */
+    embedrag_precision precision; /* requested; default EMBEDRAG_PRECISION_AUTO */
     embedrag_device device;       /* which backends to open; default EMBEDRAG_DEVICE_AUTO */
 } embedrag_model_params;
 
@@ -231,11 +235,14 @@ EMBEDRAG_API int embedrag_embed_dimension(const embedrag_model *model,
  * names the text's index (embedrag_last_error_index) and, for invalid UTF-8, the byte offset;
  * see params->statuses to go on past bad texts instead. `params` may be NULL for defaults.
  *
- * Exactness: on one backend and precision, a text's vector does not depend on the other texts
+ * Exactness: on the CPU, in one precision, a text's vector does not depend on the other texts
  * in the call or in concurrent calls, their order, the lane or the thread count (bit for bit).
- * Across backends and precisions it does: the CPU's fp32 vectors match sentence-transformers
- * within cosine 0.99999; a GPU's fp16 or bf16 vectors are held to cosine >= 0.9995 of the CPU's,
- * its fp32 mode to 0.99999; CPU bf16 see EMBEDRAG_PRECISION_BF16.
+ * On a GPU the same batch gives the same bits on every run, but a text alone and in a batch may
+ * differ in the last bits (cuBLASLt picks its algorithm by batch size): cosine >= 0.99999 in fp16
+ * and fp32, 0.9999 in bf16. Across backends and precisions: the CPU's fp32 vectors match
+ * sentence-transformers within cosine 0.99999; a GPU's fp16 or bf16 vectors are held to cosine
+ * >= 0.9995 of the CPU's, its fp32 mode to 0.99999; CPU bf16 see EMBEDRAG_PRECISION_BF16. Pin
+ * params->device when vectors from several calls must be compared bit for bit.
  *
  * Thread-safe: any number of threads may call it on one model. Calls join a lane (params->lane)
  * and share its batches; a small call on the latency lane is served while a bulk call runs,

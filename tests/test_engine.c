@@ -2,13 +2,17 @@
  * answered before the bulk call ends, with the vector it has alone; concurrent calls with
  * different options share lanes and still get exactly their own vectors; one call's bad text
  * fails only that call; statuses let a call go on past bad texts; the per-model error record,
- * status texts, devices and lanes. Uses all-MiniLM-L6-v2 (scripts/fetch-models.sh). */
+ * status texts, devices and lanes. These run on the CPU backend (the model opened CPU-only),
+ * whose vectors are bit-exact whatever the batch; where a GPU backend opens, routing between the
+ * two is checked against the CPU's vectors with the GPU's bar. Uses all-MiniLM-L6-v2
+ * (scripts/fetch-models.sh). */
 #include "embedrag.h"
 #include "engine/engine.h"
 
 #include "check.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -67,12 +71,16 @@ static int load_sentences(void)
     return sentence_count > 100 ? 0 : -1;
 }
 
-static embedrag_model *open_model(void)
+/* A GPU's fp16 vectors against the CPU's fp32 (the CUDA backend's issue). */
+#define GPU_MIN_COSINE 0.9995
+
+static embedrag_model *open_model(embedrag_device device)
 {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/models/all-MiniLM-L6-v2", check_source_dir());
     embedrag_model_params p = embedrag_model_default_params();
     p.threads = 2;
+    p.device = device;
     embedrag_model *m = NULL;
     int rc = embedrag_model_open(dir, &p, &m);
     CHECK(rc == 0, "open %s: %s (run scripts/fetch-models.sh)", dir, embedrag_last_error());
@@ -288,12 +296,11 @@ static void test_errors_statuses_devices_and_lanes(embedrag_model *m)
     const char *text = "a text";
     float v[384], w[384];
     embedrag_embed_params p = embedrag_embed_default_params();
-    if (info.backend_count == 1) {
-        p.device = EMBEDRAG_DEVICE_GPU;
-        CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == EMBEDRAG_ERR_UNSUPPORTED &&
-                  strstr(embedrag_last_error(), "GPU") && embedrag_model_gpu_unavailable(m),
-              "a GPU call without a GPU: %s", embedrag_last_error());
-    }
+    p.device = EMBEDRAG_DEVICE_GPU;
+    CHECK(info.backend_count == 1 &&
+              embedrag_embed(m, &text, NULL, 1, &p, v) == EMBEDRAG_ERR_UNSUPPORTED &&
+              strstr(embedrag_last_error(), "GPU") && embedrag_model_gpu_unavailable(m),
+          "a GPU call on a CPU-only model: %s", embedrag_last_error());
     p.device = (embedrag_device)7;
     CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == EMBEDRAG_ERR_INVALID_ARGUMENT,
           "unknown device");
@@ -327,19 +334,69 @@ static void test_errors_statuses_devices_and_lanes(embedrag_model *m)
           "an empty sequence");
 }
 
+static double cosine(const float *a, const float *b, int n)
+{
+    double ab = 0, aa = 0, bb = 0;
+    for (int i = 0; i < n; i++) {
+        ab += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return ab / sqrt(aa * bb);
+}
+
+/* A model opened on every device: where a GPU backend opens, calls routed to it (explicitly,
+ * and by the router) agree with the CPU's within the GPU's bar; where none does, the model says
+ * why and runs on the CPU. */
+static void test_routing_between_devices(const embedrag_model *cpu_model)
+{
+    embedrag_model *m = open_model(EMBEDRAG_DEVICE_AUTO);
+    if (!m) return;
+    embedrag_model_info info;
+    embedrag_model_get_info(m, &info);
+    if (info.backend_count == 1) {
+        CHECK(embedrag_model_gpu_unavailable(m) != NULL, "no GPU and no reason given");
+        printf("skipped GPU routing: %s\n", embedrag_model_gpu_unavailable(m));
+        embedrag_model_close(m);
+        return;
+    }
+    enum { TEXTS = 200 };
+    const char *texts[TEXTS];
+    for (int i = 0; i < TEXTS; i++) texts[i] = sentences[i % sentence_count];
+    float *reference = malloc((size_t)TEXTS * dim * sizeof(float));
+    float *got = malloc((size_t)TEXTS * dim * sizeof(float));
+    embedrag_embed(cpu_model, texts, NULL, TEXTS, NULL, reference);
+    embedrag_device devices[2] = {EMBEDRAG_DEVICE_GPU, EMBEDRAG_DEVICE_AUTO};
+    for (int d = 0; d < 2; d++) {
+        embedrag_embed_params p = embedrag_embed_default_params();
+        p.device = devices[d];
+        int rc = embedrag_embed(m, texts, NULL, TEXTS, &p, got);
+        double worst = 1.0;
+        for (int i = 0; rc == 0 && i < TEXTS; i++)
+            worst = fmin(worst, cosine(got + (size_t)i * dim, reference + (size_t)i * dim, dim));
+        CHECK(rc == 0 && worst >= GPU_MIN_COSINE, "device %d: rc %d, worst cosine %.7f (%s)",
+              devices[d], rc, worst, embedrag_last_error());
+        printf("device %d against the CPU: worst cosine %.7f\n", devices[d], worst);
+    }
+    free(reference);
+    free(got);
+    embedrag_model_close(m);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
         CHECK(false, "cannot read ../shared/data/stsb-en-dev.csv");
         return check_finish("test_engine");
     }
-    embedrag_model *m = open_model();
+    embedrag_model *m = open_model(EMBEDRAG_DEVICE_CPU);
     if (m) {
         dim = embedrag_embed_dimension(m, NULL);
         test_query_is_served_during_a_bulk_call(m);
         test_concurrent_calls_get_their_own_vectors(m);
         test_statuses_go_on_past_bad_texts(m);
         test_errors_statuses_devices_and_lanes(m);
+        test_routing_between_devices(m);
         embedrag_model_close(m);
     }
     for (int i = 0; i < sentence_count; i++) free(sentences[i]);

@@ -123,7 +123,7 @@ int embedrag_model_last_error(const embedrag_model *m, char *buffer, size_t size
 embedrag_model_params embedrag_model_default_params(void)
 {
     embedrag_model_params p = {
-        .threads = 0, .precision = EMBEDRAG_PRECISION_FP32, .device = EMBEDRAG_DEVICE_AUTO};
+        .threads = 0, .precision = EMBEDRAG_PRECISION_AUTO, .device = EMBEDRAG_DEVICE_AUTO};
     return p;
 }
 
@@ -226,7 +226,8 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     if (!params) params = &defaults;
     if (params->precision != EMBEDRAG_PRECISION_FP32 &&
         params->precision != EMBEDRAG_PRECISION_BF16 &&
-        params->precision != EMBEDRAG_PRECISION_FP16)
+        params->precision != EMBEDRAG_PRECISION_FP16 &&
+        params->precision != EMBEDRAG_PRECISION_AUTO)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: unknown precision %d",
                        (int)params->precision);
     if (params->device != EMBEDRAG_DEVICE_AUTO && params->device != EMBEDRAG_DEVICE_CPU &&

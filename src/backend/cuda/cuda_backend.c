@@ -1069,9 +1069,10 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     b->base.ops = &cuda_ops;
     b->config = config;
     b->device = params->device;
-    b->dtype = params->precision == EMBEDRAG_PRECISION_FP16   ? CUDA_DTYPE_F16
-               : params->precision == EMBEDRAG_PRECISION_BF16 ? CUDA_DTYPE_BF16
-                                                              : CUDA_DTYPE_F32;
+    /* fp16 is the GPU's default (EMBEDRAG_PRECISION_AUTO); fp32 only when asked for. */
+    b->dtype = params->precision == EMBEDRAG_PRECISION_BF16   ? CUDA_DTYPE_BF16
+               : params->precision == EMBEDRAG_PRECISION_FP32 ? CUDA_DTYPE_F32
+                                                              : CUDA_DTYPE_F16;
     b->element = b->dtype == CUDA_DTYPE_F32 ? 4 : 2;
     b->head_size = config->hidden_size / config->num_heads;
     rc = cuda_blas_open(&b->blas);
@@ -1108,9 +1109,9 @@ int cuda_backend_create(const backend_params *params, const model_config *config
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
              b->use_graphs ? ", graphs" : "");
     caps->kernels = b->kernels;
-    caps->precision = params->precision == EMBEDRAG_PRECISION_FP16   ? EMBEDRAG_PRECISION_FP16
-                      : params->precision == EMBEDRAG_PRECISION_BF16 ? EMBEDRAG_PRECISION_BF16
-                                                                     : EMBEDRAG_PRECISION_FP32;
+    caps->precision = b->dtype == CUDA_DTYPE_F16    ? EMBEDRAG_PRECISION_FP16
+                      : b->dtype == CUDA_DTYPE_BF16 ? EMBEDRAG_PRECISION_BF16
+                                                    : EMBEDRAG_PRECISION_FP32;
     const model_config *c = config;
     size_t per_token = ((size_t)c->hidden_size * 6 + (size_t)c->intermediate_size) * b->element +
                        (size_t)c->hidden_size * sizeof(float) + 6 * sizeof(int);
