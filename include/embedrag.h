@@ -90,7 +90,7 @@ typedef enum embedrag_precision {
     /* Opt-in, for CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids) or AVX512-BF16 (AMD Zen
      * 4 and 5, Intel Cooper Lake): the weights and each product's inputs are rounded to bfloat16,
      * sums stay fp32; everything else (attention, LayerNorm, GELU, pooling) stays fp32. About 3x
-     * the bulk throughput with AMX and 1.7-1.9x with AVX512-BF16 (measured on AMD Zen 4), about
+     * the bulk throughput with AMX and 1.4-2x with AVX512-BF16 (measured on AMD Zen 4), about
      * half the single-query latency with either; a vector's cosine to its fp32 counterpart is
      * typically 0.99999 and was at worst 0.9977 over the tests' texts (BENCHMARKS.md), and it is
      * still identical alone or in any batch. Where the CPU cannot run it, the model opens in
