@@ -348,7 +348,7 @@ static double cosine(const float *a, const float *b, int n)
 /* A model opened on every device: where a GPU backend opens, calls routed to it (explicitly,
  * and by the router) agree with the CPU's within the GPU's bar; where none does, the model says
  * why and runs on the CPU. */
-static void test_routing_between_devices(const embedrag_model *cpu_model)
+static void test_routing_between_devices(embedrag_model *cpu_model)
 {
     embedrag_model *m = open_model(EMBEDRAG_DEVICE_AUTO);
     if (!m) return;
