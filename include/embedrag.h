@@ -184,12 +184,23 @@ typedef struct embedrag_backend_info {
     embedrag_precision precision; /* what it runs */
     int batch_tokens;             /* the bulk lane's default tokens per batch */
     int max_batch_tokens;         /* the most tokens one batch may hold */
+    /* NULL while the backend works; once a GPU has failed (a batch, or its test batch at
+     * open), why, and the engine no longer sends it work. */
+    const char *failure;
 } embedrag_backend_info;
 
 /* Fills *info for backend i (0 <= i < backend_count; 0 is the CPU). Returns 0 or
  * EMBEDRAG_ERR_INVALID_ARGUMENT. Thread-safe. */
 EMBEDRAG_API int embedrag_model_get_backend(const embedrag_model *model, int i,
                                             embedrag_backend_info *info);
+
+/* The router's estimate of the seconds backend i would take for `texts` texts of
+ * `tokens_per_text` tokens each on an idle device (its measured cost line: the engine times each
+ * backend at open when there is more than one, and every completed batch refines it). Comparing
+ * backends gives the crossover where a GPU starts to win. Returns 0 or
+ * EMBEDRAG_ERR_INVALID_ARGUMENT. Thread-safe. */
+EMBEDRAG_API int embedrag_model_estimate_seconds(const embedrag_model *model, int i, size_t texts,
+                                                 int tokens_per_text, double *seconds);
 
 /* Why the model has no GPU backend ("this build of embedrag has no GPU backend ...", "no CUDA
  * device found"), or NULL when it has one. Valid until the model is closed. Thread-safe. */

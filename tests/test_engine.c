@@ -383,6 +383,168 @@ static void test_routing_between_devices(embedrag_model *cpu_model)
     embedrag_model_close(m);
 }
 
+/* ---- several GPUs, failures and memory limits (fake GPUs: BACKEND_FAKE_GPU) ---- */
+
+/* Opens the model with EMBEDRAG_TEST_FAKE_GPUS=spec: CPU backends of one thread that pose as
+ * GPUs (the router prefers them), may fail mid-run and may refuse large reservations. Their
+ * vectors are the CPU's bits, so every check below is exact. A fault count includes the 5 test
+ * batches each backend runs at open (the engine's calibration). */
+#define CALIBRATION_BATCHES 5
+static embedrag_model *open_with_fake_gpus(const char *format, int fail_after,
+                                           embedrag_device device)
+{
+    char spec[64];
+    snprintf(spec, sizeof spec, format, fail_after < 0 ? -1 : CALIBRATION_BATCHES + fail_after);
+    setenv("EMBEDRAG_TEST_FAKE_GPUS", spec, 1);
+    embedrag_model *m = open_model(device);
+    unsetenv("EMBEDRAG_TEST_FAKE_GPUS");
+    return m;
+}
+
+/* Embeds `n` texts on m with these params and compares every row bit for bit with reference;
+ * returns the call's status. */
+static int embed_and_compare(embedrag_model *m, const char *const *texts, int n,
+                             const embedrag_embed_params *p, const float *reference,
+                             const char *what)
+{
+    float *got = malloc((size_t)n * dim * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * dim; i++) got[i] = NAN;
+    int rc = embedrag_embed(m, texts, NULL, (size_t)n, p, got);
+    int differ = 0;
+    for (int i = 0; rc == 0 && i < n; i++)
+        differ += memcmp(got + (size_t)i * dim, reference + (size_t)i * dim,
+                         (size_t)dim * sizeof(float)) != 0;
+    CHECK(rc != 0 || differ == 0, "%s: %d of %d vectors differ from the CPU's", what, differ, n);
+    free(got);
+    return rc;
+}
+
+static int failed_backends(embedrag_model *m)
+{
+    embedrag_model_info info;
+    embedrag_model_get_info(m, &info);
+    int failed = 0;
+    for (int i = 0; i < info.backend_count; i++) {
+        embedrag_backend_info b;
+        embedrag_model_get_backend(m, i, &b);
+        failed += b.failure != NULL;
+    }
+    return failed;
+}
+
+static void test_fake_gpus(embedrag_model *cpu_model)
+{
+    enum { TEXTS = 120 };
+    const char *texts[TEXTS];
+    for (int i = 0; i < TEXTS; i++) texts[i] = sentences[(i * 7) % sentence_count];
+    float *reference = malloc((size_t)TEXTS * dim * sizeof(float));
+    CHECK(embedrag_embed(cpu_model, texts, NULL, TEXTS, NULL, reference) == 0, "reference: %s",
+          embedrag_last_error());
+    embedrag_embed_params bulk = embedrag_embed_default_params();
+    bulk.batch_tokens = 256; /* many batches, so that the work is shared and faults hit mid-call */
+    bulk.lane = EMBEDRAG_LANE_BULK;
+
+    /* Two GPUs share a bulk call; the vectors are the CPU's. */
+    embedrag_model *m = open_with_fake_gpus("2:%d", -1, EMBEDRAG_DEVICE_AUTO);
+    if (m) {
+        embedrag_model_info info;
+        embedrag_model_get_info(m, &info);
+        CHECK(info.backend_count == 3, "two fake GPUs and the CPU: %d backends",
+              info.backend_count);
+        CHECK(embed_and_compare(m, texts, TEXTS, &bulk, reference, "two GPUs") == 0, "%s",
+              embedrag_last_error());
+        embedrag_embed_params query = embedrag_embed_default_params();
+        CHECK(embed_and_compare(m, texts, 1, &query, reference, "a query") == 0, "%s",
+              embedrag_last_error());
+        double cpu_s = 0, gpu_s = 0;
+        CHECK(embedrag_model_estimate_seconds(m, 0, 1000, 128, &cpu_s) == 0 &&
+                  embedrag_model_estimate_seconds(m, 1, 1000, 128, &gpu_s) == 0 && cpu_s > 0 &&
+                  gpu_s > 0 && gpu_s < cpu_s,
+              "estimates: cpu %g s, fake GPU %g s (it claims to be faster)", cpu_s, gpu_s);
+        CHECK(embedrag_model_estimate_seconds(m, 3, 1, 16, &cpu_s) != 0, "no backend 3");
+        CHECK(failed_backends(m) == 0, "no backend failed");
+        embedrag_model_close(m);
+    }
+
+    /* GPU 0 fails after 2 batches of the call: its work is redone on GPU 1; nothing is lost or
+     * wrong, the failure is reported, and later calls still run (on GPU 1). */
+    m = open_with_fake_gpus("2:%d", 2, EMBEDRAG_DEVICE_AUTO);
+    if (m) {
+        CHECK(embed_and_compare(m, texts, TEXTS, &bulk, reference, "a GPU fails mid-call") == 0,
+              "%s", embedrag_last_error());
+        embedrag_backend_info b;
+        embedrag_model_get_backend(m, 1, &b);
+        CHECK(b.failure != NULL && strstr(b.failure, "fake-gpu:0"),
+              "GPU 0's failure is reported: %s", b.failure ? b.failure : "(none)");
+        CHECK(failed_backends(m) == 1, "only GPU 0 failed");
+        embedrag_embed_params gpu_only = bulk;
+        gpu_only.device = EMBEDRAG_DEVICE_GPU;
+        CHECK(embed_and_compare(m, texts, TEXTS, &gpu_only, reference, "after the failure") == 0,
+              "%s", embedrag_last_error());
+        embedrag_model_close(m);
+    }
+
+    /* The only GPU fails mid-call: the call finishes on the CPU; a call pinned to the GPU then
+     * fails with a message naming it, and unpinned calls keep working. */
+    m = open_with_fake_gpus("1:%d", 3, EMBEDRAG_DEVICE_AUTO);
+    if (m) {
+        CHECK(embed_and_compare(m, texts, TEXTS, &bulk, reference, "the GPU fails") == 0, "%s",
+              embedrag_last_error());
+        CHECK(failed_backends(m) == 1, "the GPU is marked failed");
+        embedrag_embed_params gpu_only = bulk;
+        gpu_only.device = EMBEDRAG_DEVICE_GPU;
+        int rc = embed_and_compare(m, texts, 4, &gpu_only, reference, "pinned to a failed GPU");
+        CHECK(rc == EMBEDRAG_ERR_DEVICE && strstr(embedrag_last_error(), "fake-gpu:0"),
+              "pinned to the failed GPU: rc %d, %s", rc, embedrag_last_error());
+        embedrag_embed_params query = embedrag_embed_default_params();
+        CHECK(embed_and_compare(m, texts, TEXTS, &query, reference, "after the failure") == 0, "%s",
+              embedrag_last_error());
+        embedrag_model_close(m);
+    }
+
+    /* A GPU that fails at open (its test batch) is not used; the model still opens. */
+    m = open_with_fake_gpus("1:0", 0, EMBEDRAG_DEVICE_AUTO);
+    CHECK(m != NULL, "a GPU failing its test batch does not stop the open");
+    if (m) {
+        CHECK(failed_backends(m) == 1, "the GPU that failed at open is marked");
+        CHECK(embed_and_compare(m, texts, TEXTS, &bulk, reference, "GPU failed at open") == 0, "%s",
+              embedrag_last_error());
+        embedrag_model_close(m);
+    }
+
+    /* A GPU whose memory holds 700 tokens a batch (less than its lanes prefer): a request for
+     * 4,096-token batches is split to what fits, never refused. */
+    m = open_with_fake_gpus("1:%d:700", -1, EMBEDRAG_DEVICE_GPU);
+    if (m) {
+        embedrag_embed_params big = bulk;
+        big.batch_tokens = 4096;
+        big.device = EMBEDRAG_DEVICE_GPU;
+        CHECK(embed_and_compare(m, texts, TEXTS, &big, reference, "batches beyond memory") == 0,
+              "%s", embedrag_last_error());
+        embedrag_model_close(m);
+    }
+
+    /* EMBEDRAG_DEVICE stands in for a model's automatic choice. */
+    setenv("EMBEDRAG_DEVICE", "cpu", 1);
+    m = open_with_fake_gpus("2:%d", -1, EMBEDRAG_DEVICE_AUTO);
+    if (m) {
+        embedrag_model_info info;
+        embedrag_model_get_info(m, &info);
+        CHECK(info.backend_count == 1, "EMBEDRAG_DEVICE=cpu: %d backends", info.backend_count);
+        embedrag_model_close(m);
+    }
+    setenv("EMBEDRAG_DEVICE", "tpu", 1);
+    embedrag_model *none = NULL;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/models/all-MiniLM-L6-v2", check_source_dir());
+    int rc = embedrag_model_open(dir, NULL, &none);
+    CHECK(rc == EMBEDRAG_ERR_INVALID_ARGUMENT && none == NULL &&
+              strstr(embedrag_last_error(), "EMBEDRAG_DEVICE"),
+          "EMBEDRAG_DEVICE=tpu: rc %d, %s", rc, embedrag_last_error());
+    unsetenv("EMBEDRAG_DEVICE");
+    free(reference);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -397,6 +559,7 @@ int main(void)
         test_statuses_go_on_past_bad_texts(m);
         test_errors_statuses_devices_and_lanes(m);
         test_routing_between_devices(m);
+        test_fake_gpus(m);
         embedrag_model_close(m);
     }
     for (int i = 0; i < sentence_count; i++) free(sentences[i]);

@@ -14,6 +14,7 @@ int backend_create(const backend_params *params, const model_config *config,
     *out = NULL;
     switch (params->kind) {
     case BACKEND_CPU:
+    case BACKEND_FAKE_GPU:
         return cpu_backend_create(params, config, weights, out);
     case BACKEND_CUDA:
 #ifdef EMBEDRAG_HAVE_CUDA
@@ -25,6 +26,23 @@ int backend_create(const backend_params *params, const model_config *config,
 #endif
     }
     return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "unknown backend kind %d", (int)params->kind);
+}
+
+int backend_device_count(backend_kind kind)
+{
+    switch (kind) {
+    case BACKEND_CPU:
+        return 1;
+    case BACKEND_CUDA:
+#ifdef EMBEDRAG_HAVE_CUDA
+        return cuda_backend_device_count();
+#else
+        return 0;
+#endif
+    case BACKEND_FAKE_GPU:
+        return 0; /* opened only on request (EMBEDRAG_TEST_FAKE_GPUS) */
+    }
+    return 0;
 }
 
 int backend_load_layers(backend *b, const model_weights *weights)

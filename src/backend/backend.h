@@ -17,6 +17,12 @@
 typedef enum backend_kind {
     BACKEND_CPU,
     BACKEND_CUDA,
+    /* A stand-in GPU for tests of the engine's multi-device and failure paths on machines with
+     * none: a CPU backend of one thread that calls itself "fake-gpu:N", may fail every batch
+     * after a count (EMBEDRAG_ERR_DEVICE, as a GPU that fails mid-run) and may refuse
+     * reservations above a size (EMBEDRAG_ERR_NO_MEMORY). The engine opens these instead of CUDA
+     * devices when EMBEDRAG_TEST_FAKE_GPUS is set (engine.c says how). */
+    BACKEND_FAKE_GPU,
 } backend_kind;
 
 typedef struct backend_params {
@@ -24,6 +30,10 @@ typedef struct backend_params {
     int device;                   /* which GPU (CUDA ordinal); ignored by the CPU */
     int threads;                  /* CPU worker threads; 0 = one per online core */
     embedrag_precision precision; /* asked for; a backend runs the closest it can */
+    /* BACKEND_FAKE_GPU only: batches that succeed before every later one fails (< 0: never),
+     * and the most tokens a reservation may hold (0: no limit). */
+    int fail_after;
+    int memory_tokens;
 } backend_params;
 
 /* What a backend is and can do; filled at creation, constant afterwards. */
@@ -86,6 +96,9 @@ typedef struct backend_ops {
     /* Seconds a batch of this shape would take on an idle device (a model of the FLOPs,
      * corrected by what completed batches measured). Thread-safe. */
     double (*estimate_seconds)(backend *self, int tokens, int sequences, int max_len);
+    /* Replaces the estimate's parameters (seconds a batch costs whatever its size, and seconds
+     * per FLOP) with what the engine measured at open; completed batches keep refining them. */
+    void (*set_cost)(backend *self, double overhead_seconds, double seconds_per_flop);
     int (*stream_create)(backend *self, backend_priority priority, backend_stream **out);
     void (*stream_destroy)(backend_stream *stream);
     /* Sizes the stream's buffers for batches up to these bounds, once: later batches within
@@ -118,6 +131,10 @@ struct backend {
 int backend_create(const backend_params *params, const model_config *config,
                    const model_weights *weights, backend **out);
 
+/* How many devices of this kind can be opened (ordinals 0 .. count - 1): 1 for the CPU, the
+ * visible GPUs for CUDA (0 when the build has no CUDA backend or no driver answers). */
+int backend_device_count(backend_kind kind);
+
 /* Loads every layer (for a backend used alone, as the tests do). */
 int backend_load_layers(backend *b, const model_weights *weights);
 
@@ -136,6 +153,7 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
                        const model_weights *weights, backend **out);
 int cuda_backend_create(const backend_params *params, const model_config *config,
                         const model_weights *weights, backend **out);
+int cuda_backend_device_count(void);
 
 /* FLOPs of one forward pass over a batch of this shape (linear layers plus attention): the
  * common unit of the backends' cost estimates and of the benchmarks' fraction of peak. */

@@ -10,11 +10,13 @@
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
 
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* Backends one model may open: the CPU and, later, one per GPU. */
 #define ENGINE_MAX_BACKENDS 9
@@ -31,13 +33,18 @@ typedef struct engine_model {
 typedef struct engine_backend {
     backend *backend;
     lane *lanes[LANE_KINDS];
+    bool cpu;
+    /* A GPU that failed is skipped from then on (guarded by the model's route_lock). */
+    bool failed;
+    char failure[BACKEND_MESSAGE_SIZE];
 } engine_backend;
 
 struct embedrag_model {
     engine_model model;
     engine_backend backends[ENGINE_MAX_BACKENDS];
     int backend_count;
-    char *gpu_unavailable; /* why there is no GPU backend, or NULL */
+    char *gpu_unavailable;      /* why there is no GPU backend, or NULL */
+    pthread_mutex_t route_lock; /* the backends' failed flags */
 
     /* The latest failure of a call on this model (embedrag_model_last_error). */
     pthread_mutex_t error_lock;
@@ -171,13 +178,29 @@ static int add_backend(embedrag_model *m, const backend_params *params)
         memset(e, 0, sizeof *e);
         return rc;
     }
+    e->cpu = params->kind == BACKEND_CPU;
     m->backend_count++;
     return 0;
 }
 
+/* EMBEDRAG_TEST_FAKE_GPUS=N[:F[:M]] (tests only): N fake GPUs (BACKEND_FAKE_GPU) stand in for
+ * the CUDA devices; fake GPU 0 fails every batch after its first F, and each reserves at most M
+ * tokens. Returns N (0 when unset). */
+static int fake_gpus(int *fail_after, int *memory_tokens)
+{
+    const char *v = getenv("EMBEDRAG_TEST_FAKE_GPUS");
+    *fail_after = -1;
+    *memory_tokens = 0;
+    if (!v || !*v) return 0;
+    int n = 0;
+    if (sscanf(v, "%d:%d:%d", &n, fail_after, memory_tokens) < 1 || n < 0) return 0;
+    return n < ENGINE_MAX_BACKENDS - 1 ? n : ENGINE_MAX_BACKENDS - 1;
+}
+
 /* Opens the backends params->device asks for: always the CPU (the reference, and the fallback),
- * and a GPU unless only the CPU is wanted; a GPU that cannot open is an error only when asked
- * for explicitly. Then drops the host copies of what every backend has copied. */
+ * and every GPU found unless only the CPU is wanted; a GPU that cannot open is an error only
+ * when GPUs were asked for explicitly and none opened. Then drops the host copies of what every
+ * backend has copied. */
 static int open_backends(embedrag_model *m, const embedrag_model_params *params)
 {
     backend_params cpu = {
@@ -187,10 +210,29 @@ static int open_backends(embedrag_model *m, const embedrag_model_params *params)
     if (params->device == EMBEDRAG_DEVICE_CPU) {
         m->gpu_unavailable = strdup("not asked for (the CPU was)");
     } else {
-        backend_params gpu = {.kind = BACKEND_CUDA, .device = 0, .precision = params->precision};
-        rc = add_backend(m, &gpu);
-        if (rc && params->device == EMBEDRAG_DEVICE_GPU) return rc;
-        if (rc) m->gpu_unavailable = strdup(err_get());
+        int fail_after, memory_tokens;
+        int fakes = fake_gpus(&fail_after, &memory_tokens);
+        backend_kind kind = fakes ? BACKEND_FAKE_GPU : BACKEND_CUDA;
+        int count = fakes ? fakes : backend_device_count(BACKEND_CUDA);
+        if (count > ENGINE_MAX_BACKENDS - 1) count = ENGINE_MAX_BACKENDS - 1;
+        /* With none found, device 0 is still tried: its error says why there is none. */
+        for (int i = 0; i < (count > 0 ? count : 1); i++) {
+            backend_params gpu = {.kind = kind,
+                                  .device = i,
+                                  .precision = params->precision,
+                                  .fail_after = i == 0 ? fail_after : -1,
+                                  .memory_tokens = memory_tokens};
+            rc = add_backend(m, &gpu);
+            if (rc && !m->gpu_unavailable) m->gpu_unavailable = strdup(err_get());
+        }
+        if (m->backend_count > 1) {
+            /* Some GPU opened: the others' failures are not why there is none. */
+            free(m->gpu_unavailable);
+            m->gpu_unavailable = NULL;
+        } else if (params->device == EMBEDRAG_DEVICE_GPU) {
+            return err_set(rc ? rc : EMBEDRAG_ERR_UNSUPPORTED, "%s",
+                           m->gpu_unavailable ? m->gpu_unavailable : "no GPU backend opened");
+        }
         err_clear();
     }
     if (!m->gpu_unavailable && m->backend_count == 1)
@@ -217,6 +259,114 @@ static int open_backends(embedrag_model *m, const embedrag_model_params *params)
     return 0;
 }
 
+/* EMBEDRAG_DEVICE=cpu|gpu|cuda|auto stands in for a model's EMBEDRAG_DEVICE_AUTO (so a
+ * program's default can be changed without rebuilding it); an explicit choice in params wins. */
+static int device_from_environment(embedrag_model_params *params)
+{
+    const char *v = getenv("EMBEDRAG_DEVICE");
+    if (params->device != EMBEDRAG_DEVICE_AUTO || !v || !*v || !strcmp(v, "auto")) return 0;
+    if (!strcmp(v, "cpu")) {
+        params->device = EMBEDRAG_DEVICE_CPU;
+    } else if (!strcmp(v, "gpu") || !strcmp(v, "cuda")) {
+        params->device = EMBEDRAG_DEVICE_GPU;
+    } else {
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "EMBEDRAG_DEVICE is '%s'; expected auto, cpu, gpu or cuda", v);
+    }
+    return 0;
+}
+
+static double now_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* Runs `count` probe sequences of `len` tokens on a lane `runs` times; returns the fastest
+ * run's wall seconds (queueing, staging and post-processing included, as callers see them),
+ * or a status (negative, as every EMBEDRAG_ERR_*). */
+static double time_probe(lane *l, const model_config *c, int count, int len, int runs)
+{
+    size_t tokens = (size_t)count * (size_t)len;
+    int32_t *ids = malloc(tokens * sizeof *ids);
+    int *offsets = malloc(((size_t)count + 1) * sizeof *offsets);
+    int *order = malloc((size_t)count * sizeof *order);
+    float *out = malloc((size_t)count * (size_t)c->hidden_size * sizeof *out);
+    double best = EMBEDRAG_ERR_NO_MEMORY;
+    if (ids && offsets && order && out) {
+        /* Ids spread over the vocabulary (their values do not change the work). */
+        for (size_t t = 0; t < tokens; t++) ids[t] = (int32_t)((1000 + 7919 * t) % c->vocab_size);
+        for (int i = 0; i <= count; i++) offsets[i] = i * len;
+        for (int i = 0; i < count; i++) order[i] = i;
+        best = 0.0;
+        for (int r = 0; r < runs; r++) {
+            engine_request request = {.ids = ids,
+                                      .offsets = offsets,
+                                      .order = order,
+                                      .count = count,
+                                      .out = out,
+                                      .dim = c->hidden_size,
+                                      .normalize = false};
+            double start = now_seconds();
+            int rc = lane_run(l, &request);
+            double seconds = now_seconds() - start;
+            if (rc) {
+                best = rc;
+                break;
+            }
+            if (r == 0 || seconds < best) best = seconds;
+        }
+    }
+    free(ids);
+    free(offsets);
+    free(order);
+    free(out);
+    return best;
+}
+
+/* Measures each backend at open (with more than one, the router's choice depends on it): a
+ * 16-token query on the latency lane and a batch of 128-token texts on the bulk lane (a quarter
+ * of its preferred batch, at most 8,192 tokens), each after a warm-up run that also captures a
+ * GPU's graphs; the two times fix the backend's cost line (a fixed part and seconds per FLOP).
+ * Takes ~0.1-0.3 s on a 2-core CPU beside a GPU. A backend that fails here is marked failed, as
+ * it would be mid-run. */
+static int calibrate(embedrag_model *m)
+{
+    const model_config *c = &m->model.config;
+    for (int i = 0; i < m->backend_count; i++) {
+        engine_backend *e = &m->backends[i];
+        backend *b = e->backend;
+        int small_len = c->max_position_embeddings < 16 ? c->max_position_embeddings : 16;
+        int large_len = c->max_position_embeddings < 128 ? c->max_position_embeddings : 128;
+        int large_tokens = b->caps.preferred_batch_tokens / 4;
+        if (large_tokens > 8192) large_tokens = 8192;
+        int large_count = large_tokens / large_len > 1 ? large_tokens / large_len : 2;
+        double small = time_probe(e->lanes[LANE_LATENCY], c, 1, small_len, 3);
+        double large =
+            small < 0 ? small : time_probe(e->lanes[LANE_BULK], c, large_count, large_len, 2);
+        if (small < 0 || large < 0) {
+            if (e->cpu) return (int)(small < 0 ? small : large);
+            snprintf(e->failure, sizeof e->failure, "calibration: %s", err_get());
+            e->failed = true;
+            fprintf(stderr,
+                    "embedrag: warning: %s (%s) failed a test batch at open (%s); it is "
+                    "not used\n",
+                    b->caps.name, b->caps.device, err_get());
+            err_clear();
+            continue;
+        }
+        double small_flops = backend_batch_flops(c, small_len, 1, small_len);
+        double large_flops =
+            backend_batch_flops(c, large_count * large_len, large_count, large_len);
+        double per_flop = (large - small) / (large_flops - small_flops);
+        if (!(per_flop > 0)) continue; /* noise: keep the backend's own guess */
+        double overhead = small - small_flops * per_flop;
+        b->ops->set_cost(b, overhead > 0 ? overhead : 0.0, per_flop);
+    }
+    return 0;
+}
+
 int embedrag_model_open(const char *dir, const embedrag_model_params *params, embedrag_model **out)
 {
     if (!out) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_model_open: out is NULL");
@@ -238,6 +388,7 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     embedrag_model *m = calloc(1, sizeof *m);
     if (!m) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", dir);
     pthread_mutex_init(&m->error_lock, NULL);
+    pthread_mutex_init(&m->route_lock, NULL);
     engine_model *model = &m->model;
     int rc = model_config_load(dir, &model->config);
     if (rc) goto free_model;
@@ -251,13 +402,18 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     }
     rc = model_weights_load(dir, &model->config, &model->weights);
     if (rc) goto close_tokenizer;
-    rc = open_backends(m, params);
+    embedrag_model_params chosen = *params;
+    rc = device_from_environment(&chosen);
+    if (rc) goto close_weights;
+    rc = open_backends(m, &chosen);
+    if (!rc && m->backend_count > 1) rc = calibrate(m);
     if (rc) goto close_backends;
     *out = m;
     return 0;
 close_backends:
     close_backends(m);
     free(m->gpu_unavailable);
+close_weights:
     model_weights_free(&model->weights);
 close_tokenizer:
     tok_close(model->tokenizer);
@@ -265,6 +421,7 @@ free_config:
     model_config_free(&model->config);
 free_model:
     pthread_mutex_destroy(&m->error_lock);
+    pthread_mutex_destroy(&m->route_lock);
     free(m);
     return rc;
 }
@@ -278,6 +435,7 @@ void embedrag_model_close(embedrag_model *m)
     tok_close(m->model.tokenizer);
     model_config_free(&m->model.config);
     pthread_mutex_destroy(&m->error_lock);
+    pthread_mutex_destroy(&m->route_lock);
     free(m);
 }
 
@@ -315,10 +473,27 @@ int embedrag_model_get_backend(const embedrag_model *m, int i, embedrag_backend_
     info->name = caps->name;
     info->device = caps->device;
     info->kernels = caps->kernels;
-    info->kind = strcmp(caps->name, "cpu") == 0 ? EMBEDRAG_DEVICE_CPU : EMBEDRAG_DEVICE_GPU;
+    info->kind = m->backends[i].cpu ? EMBEDRAG_DEVICE_CPU : EMBEDRAG_DEVICE_GPU;
     info->precision = caps->precision;
     info->batch_tokens = caps->preferred_batch_tokens;
     info->max_batch_tokens = caps->max_batch_tokens;
+    embedrag_model *mutable_model = (embedrag_model *)m; /* the lock is not the model */
+    pthread_mutex_lock(&mutable_model->route_lock);
+    info->failure = m->backends[i].failed ? m->backends[i].failure : NULL;
+    pthread_mutex_unlock(&mutable_model->route_lock);
+    return 0;
+}
+
+int embedrag_model_estimate_seconds(const embedrag_model *m, int i, size_t texts,
+                                    int tokens_per_text, double *seconds)
+{
+    if (!m || !seconds || i < 0 || i >= m->backend_count || tokens_per_text < 1 ||
+        texts > (size_t)INT_MAX / (size_t)tokens_per_text)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "embedrag_model_estimate_seconds: no backend %d or a bad shape", i);
+    backend *b = m->backends[i].backend;
+    int tokens = (int)texts * tokens_per_text;
+    *seconds = texts ? b->ops->estimate_seconds(b, tokens, (int)texts, tokens_per_text) : 0.0;
     return 0;
 }
 
@@ -442,35 +617,225 @@ int embedrag_tokenize(const embedrag_model *m, const char *text, size_t length,
 
 static bool backend_matches(const engine_backend *e, embedrag_device device)
 {
-    bool cpu = strcmp(e->backend->caps.name, "cpu") == 0;
-    return device == EMBEDRAG_DEVICE_AUTO || (device == EMBEDRAG_DEVICE_CPU) == cpu;
+    return device == EMBEDRAG_DEVICE_AUTO || (device == EMBEDRAG_DEVICE_CPU) == e->cpu;
 }
 
-/* The lane where a call of this shape should finish first, among the backends the call may use
- * (queued work counted). */
-static int route(embedrag_model *m, const embedrag_embed_params *p, int tokens, int sequences,
-                 int max_len, lane **out)
+static bool backend_usable(embedrag_model *m, int i, embedrag_device device)
 {
-    int kind = p->lane == EMBEDRAG_LANE_LATENCY  ? LANE_LATENCY
-               : p->lane == EMBEDRAG_LANE_BULK   ? LANE_BULK
-               : tokens <= ENGINE_LATENCY_TOKENS ? LANE_LATENCY
-                                                 : LANE_BULK;
-    lane *best = NULL;
+    pthread_mutex_lock(&m->route_lock);
+    bool usable = !m->backends[i].failed && backend_matches(&m->backends[i], device);
+    pthread_mutex_unlock(&m->route_lock);
+    return usable;
+}
+
+/* Marks a GPU failed after a batch failed on it: one warning line, and from then on its work
+ * goes to the other GPUs or the CPU. */
+static void backend_failed(embedrag_model *m, int i, const char *why)
+{
+    engine_backend *e = &m->backends[i];
+    pthread_mutex_lock(&m->route_lock);
+    bool first = !e->failed;
+    if (first) {
+        e->failed = true;
+        snprintf(e->failure, sizeof e->failure, "%s", why);
+    }
+    int left = 0;
+    for (int j = 0; j < m->backend_count; j++)
+        left += !m->backends[j].failed && !m->backends[j].cpu;
+    pthread_mutex_unlock(&m->route_lock);
+    if (first)
+        fprintf(stderr, "embedrag: warning: %s (%s) failed: %s; its work goes to %s\n",
+                e->backend->caps.name, e->backend->caps.device, why,
+                left ? "the other GPUs" : "the CPU");
+}
+
+static int lane_kind(const embedrag_embed_params *p, int tokens)
+{
+    return p->lane == EMBEDRAG_LANE_LATENCY  ? LANE_LATENCY
+           : p->lane == EMBEDRAG_LANE_BULK   ? LANE_BULK
+           : tokens <= ENGINE_LATENCY_TOKENS ? LANE_LATENCY
+                                             : LANE_BULK;
+}
+
+/* The backend whose lane of this kind should finish a call of this shape first, among the
+ * usable backends the call may use (queued work counted); -1 when none. */
+static int route(embedrag_model *m, const embedrag_embed_params *p, int kind, int tokens,
+                 int sequences, int max_len)
+{
+    int best = -1;
     double best_seconds = 0.0;
     for (int i = 0; i < m->backend_count; i++) {
-        if (!backend_matches(&m->backends[i], p->device)) continue;
-        lane *l = m->backends[i].lanes[kind];
-        double seconds = lane_cost_seconds(l, tokens, sequences, max_len);
-        if (!best || seconds < best_seconds) {
-            best = l;
+        if (!backend_usable(m, i, p->device)) continue;
+        double seconds = lane_cost_seconds(m->backends[i].lanes[kind], tokens, sequences, max_len);
+        if (best < 0 || seconds < best_seconds) {
+            best = i;
             best_seconds = seconds;
         }
     }
-    *out = best;
-    if (!best)
-        return err_set(EMBEDRAG_ERR_UNSUPPORTED, "no GPU backend to run on: %s",
-                       m->gpu_unavailable ? m->gpu_unavailable : "none opened");
-    return 0;
+    return best;
+}
+
+static int no_backend(embedrag_model *m, embedrag_device device)
+{
+    if (device != EMBEDRAG_DEVICE_GPU)
+        return err_set(EMBEDRAG_ERR_DEVICE, "no backend is left to run on");
+    for (int i = 0; i < m->backend_count; i++)
+        if (!m->backends[i].cpu && m->backends[i].failed)
+            return err_set(EMBEDRAG_ERR_DEVICE, "no GPU is left to run on (%s failed: %s)",
+                           m->backends[i].backend->caps.name, m->backends[i].failure);
+    return err_set(EMBEDRAG_ERR_UNSUPPORTED, "no GPU backend to run on: %s",
+                   m->gpu_unavailable ? m->gpu_unavailable : "none opened");
+}
+
+static int run_order(embedrag_model *m, const embedrag_embed_params *p, const engine_request *base,
+                     const int *order, int count, const int *lengths);
+
+/* Bulk work shared by several GPUs: the sequences (longest first) are cut into pieces of about
+ * a batch each, and one worker per GPU (the calling thread is the first) takes pieces until
+ * none is left, so faster or less loaded GPUs take more. A GPU whose piece fails is marked
+ * failed and its piece goes back; pieces no GPU finished go through run_order again (the
+ * remaining GPUs, else the CPU). */
+typedef struct share {
+    embedrag_model *m;
+    const engine_request *base;
+    const int *order;
+    const int *starts; /* piece k is order[starts[k] .. starts[k + 1]) */
+    int pieces;
+    pthread_mutex_t lock;
+    int next;
+    bool *done; /* per piece */
+} share;
+
+typedef struct share_worker {
+    share *share;
+    int backend;
+    pthread_t thread;
+    bool started;
+} share_worker;
+
+static void *share_work(void *arg)
+{
+    share_worker *w = arg;
+    share *sh = w->share;
+    lane *l = sh->m->backends[w->backend].lanes[LANE_BULK];
+    for (;;) {
+        pthread_mutex_lock(&sh->lock);
+        int k = sh->next < sh->pieces ? sh->next++ : -1;
+        pthread_mutex_unlock(&sh->lock);
+        if (k < 0) break;
+        engine_request r = *sh->base;
+        r.order = sh->order + sh->starts[k];
+        r.count = sh->starts[k + 1] - sh->starts[k];
+        if (lane_run(l, &r)) {
+            backend_failed(sh->m, w->backend, err_get());
+            err_clear();
+            break;
+        }
+        pthread_mutex_lock(&sh->lock);
+        sh->done[k] = true;
+        pthread_mutex_unlock(&sh->lock);
+    }
+    return NULL;
+}
+
+static int run_shared(embedrag_model *m, const embedrag_embed_params *p, const engine_request *base,
+                      const int *order, int count, const int *lengths, const int *gpus,
+                      int gpu_count)
+{
+    /* Pieces of about a quarter of each GPU's share, at most a batch, at least the longest
+     * sequence. */
+    long total = 0;
+    for (int i = 0; i < count; i++) total += lengths[i];
+    long piece = total / (4L * gpu_count);
+    long budget = base->batch_tokens > 0
+                      ? base->batch_tokens
+                      : m->backends[gpus[0]].backend->caps.preferred_batch_tokens;
+    if (piece > budget) piece = budget;
+    int *starts = malloc(((size_t)count + 1) * sizeof *starts);
+    bool *done = calloc((size_t)count + 1, sizeof *done);
+    int *left = malloc(((size_t)count + 1) * sizeof *left);
+    int *left_lengths = malloc(((size_t)count + 1) * sizeof *left_lengths);
+    share_worker *workers = calloc((size_t)gpu_count, sizeof *workers);
+    int rc = 0;
+    if (!starts || !done || !left || !left_lengths || !workers) {
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory sharing %d texts", count);
+        goto free_buffers;
+    }
+    share sh = {.m = m, .base = base, .order = order, .starts = starts, .done = done};
+    starts[0] = 0;
+    long in_piece = 0;
+    for (int i = 0; i < count; i++) {
+        if (in_piece > 0 && in_piece + lengths[i] > piece) {
+            starts[++sh.pieces] = i;
+            in_piece = 0;
+        }
+        in_piece += lengths[i];
+    }
+    starts[++sh.pieces] = count;
+    pthread_mutex_init(&sh.lock, NULL);
+    for (int g = 0; g < gpu_count; g++) {
+        workers[g] = (share_worker){.share = &sh, .backend = gpus[g]};
+        if (g > 0)
+            workers[g].started =
+                pthread_create(&workers[g].thread, NULL, share_work, &workers[g]) == 0;
+    }
+    share_work(&workers[0]);
+    for (int g = 1; g < gpu_count; g++)
+        if (workers[g].started) pthread_join(workers[g].thread, NULL);
+    pthread_mutex_destroy(&sh.lock);
+    /* Whatever no GPU finished goes round again. */
+    int n = 0;
+    for (int k = 0; k < sh.pieces; k++)
+        if (!done[k])
+            for (int i = starts[k]; i < starts[k + 1]; i++) {
+                left_lengths[n] = lengths[i];
+                left[n++] = order[i];
+            }
+    if (n) rc = run_order(m, p, base, left, n, left_lengths);
+free_buffers:
+    free(starts);
+    free(done);
+    free(left);
+    free(left_lengths);
+    free(workers);
+    return rc;
+}
+
+/* Runs the sequences order[0 .. count) (lengths[i] tokens each) where the router sends them:
+ * a GPU's bulk call is shared among every usable GPU; a call that fails on a GPU is run again
+ * elsewhere (the GPU is marked failed), so no request is lost while the CPU works. */
+static int run_order(embedrag_model *m, const embedrag_embed_params *p, const engine_request *base,
+                     const int *order, int count, const int *lengths)
+{
+    int tokens = 0, max_len = 0;
+    for (int i = 0; i < count; i++) {
+        tokens += lengths[i];
+        max_len = lengths[i] > max_len ? lengths[i] : max_len;
+    }
+    int kind = lane_kind(p, tokens);
+    for (;;) {
+        int best = route(m, p, kind, tokens, count, max_len);
+        if (best < 0) return no_backend(m, p->device);
+        int rc;
+        int gpus[ENGINE_MAX_BACKENDS], gpu_count = 0;
+        if (kind == LANE_BULK && !m->backends[best].cpu) {
+            gpus[gpu_count++] = best;
+            for (int i = 0; i < m->backend_count; i++)
+                if (i != best && !m->backends[i].cpu && backend_usable(m, i, p->device))
+                    gpus[gpu_count++] = i;
+        }
+        if (gpu_count > 1 && count > 1) {
+            return run_shared(m, p, base, order, count, lengths, gpus, gpu_count);
+        } else {
+            engine_request r = *base;
+            r.order = order;
+            r.count = count;
+            rc = lane_run(m->backends[best].lanes[kind], &r);
+        }
+        if (!rc || m->backends[best].cpu) return rc;
+        backend_failed(m, best, err_get());
+        err_clear();
+    }
 }
 
 typedef struct seq_ref {
@@ -486,44 +851,42 @@ static int by_length_descending(const void *a, const void *b)
 }
 
 /* Runs `count` of the window's sequences (those with run[i]) longest first (equal lengths
- * together keep attention tasks even) on the lane the router picks. */
+ * together keep attention tasks even) where the router sends them. */
 static int run_sequences(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
                          const bool *run, const int *pool_skip, const embedrag_embed_params *p,
                          float *out)
 {
-    seq_ref *refs = malloc((size_t)(count > 0 ? count : 1) * sizeof *refs);
-    int *order = malloc((size_t)(count > 0 ? count : 1) * sizeof *order);
+    size_t slots = (size_t)(count > 0 ? count : 1);
+    seq_ref *refs = malloc(slots * sizeof *refs);
+    int *order = malloc(slots * sizeof *order);
+    int *lengths = malloc(slots * sizeof *lengths);
     int rc = 0;
-    if (!refs || !order) {
+    if (!refs || !order || !lengths) {
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory batching %d texts", count);
         goto free_buffers;
     }
-    int n = 0, tokens = 0, max_len = 0;
+    int n = 0;
     for (int i = 0; i < count; i++) {
         if (run && !run[i]) continue;
-        int len = offsets[i + 1] - offsets[i];
-        refs[n++] = (seq_ref){.index = i, .len = len};
-        tokens += len;
-        max_len = len > max_len ? len : max_len;
+        refs[n++] = (seq_ref){.index = i, .len = offsets[i + 1] - offsets[i]};
     }
     qsort(refs, (size_t)n, sizeof *refs, by_length_descending);
-    for (int i = 0; i < n; i++) order[i] = refs[i].index;
-    lane *l;
-    rc = route(m, p, tokens, n, max_len, &l);
-    if (rc) goto free_buffers;
-    engine_request request = {.ids = ids,
-                              .offsets = offsets,
-                              .pool_skip = pool_skip,
-                              .order = order,
-                              .count = n,
-                              .batch_tokens = p->batch_tokens,
-                              .out = out,
-                              .dim = output_dimension(m, p),
-                              .normalize = p->normalize};
-    rc = lane_run(l, &request);
+    for (int i = 0; i < n; i++) {
+        order[i] = refs[i].index;
+        lengths[i] = refs[i].len;
+    }
+    engine_request base = {.ids = ids,
+                           .offsets = offsets,
+                           .pool_skip = pool_skip,
+                           .batch_tokens = p->batch_tokens,
+                           .out = out,
+                           .dim = output_dimension(m, p),
+                           .normalize = p->normalize};
+    rc = n ? run_order(m, p, &base, order, n, lengths) : 0;
 free_buffers:
     free(refs);
     free(order);
+    free(lengths);
     return rc;
 }
 

@@ -25,6 +25,7 @@ struct lane {
     int capacity; /* tokens the stream and the staging buffers are sized for */
     int max_len;
     int hidden;
+    int refused; /* the smallest growth that failed for want of memory (0: none) */
 
     pthread_mutex_t lock;
     pthread_cond_t changed; /* a request finished or the leader left */
@@ -97,6 +98,11 @@ int lane_create(backend *b, backend_priority priority, int budget, int max_len, 
     pthread_cond_init(&l->changed, NULL);
     int rc = b->ops->stream_create(b, priority, &l->stream);
     if (!rc) rc = ensure_capacity(l, l->budget);
+    if (rc && rc == EMBEDRAG_ERR_NO_MEMORY && l->budget > max_len) {
+        /* Too little memory for the preferred batches: batches of the longest sequence. */
+        l->refused = l->budget;
+        rc = ensure_capacity(l, max_len);
+    }
     if (rc) {
         lane_destroy(l);
         return rc;
@@ -236,17 +242,16 @@ static void lead_one_batch(lane *l)
     if (budget == 0) return;
     backend *b = l->backend;
     int rc = 0;
-    if (budget > l->capacity) {
-        /* Only the leader touches the stream and staging: growing them needs no one else. */
+    if (budget > l->capacity && (!l->refused || budget < l->refused)) {
+        /* Only the leader touches the stream and staging: growing them needs no one else. When
+         * the memory is not there (a GPU's, or the host's), the batches stay at the size the
+         * lane has, which always holds the longest sequence: a large request is split further,
+         * never refused. */
         int cap = b->caps.max_batch_tokens;
-        rc = ensure_capacity(l, budget < cap ? budget : cap);
-        if (rc) {
-            /* Only the request that asked for the larger batches fails. */
-            engine_request *r = l->head;
-            while (r->next >= r->count) r = r->queue_next;
-            fail_request(l, r, rc);
-            pthread_cond_broadcast(&l->changed);
-            return;
+        int want = budget < cap ? budget : cap;
+        if (ensure_capacity(l, want)) {
+            l->refused = want;
+            err_clear();
         }
     }
     if (budget > l->capacity) budget = l->capacity;

@@ -75,7 +75,13 @@ typedef struct cpu_backend {
 
     /* Measured seconds per FLOP of completed batches (guarded by rate_lock). */
     pthread_mutex_t rate_lock;
-    double seconds_per_flop;
+    double seconds_per_flop, overhead_seconds;
+
+    /* A fake GPU (BACKEND_FAKE_GPU, for tests): its name, batches left before it fails (< 0:
+     * never) and the most tokens it reserves (0: no limit). */
+    char name[32];
+    int fail_after, memory_tokens;
+    atomic_int batches;
 } cpu_backend;
 
 struct backend_stream {
@@ -189,6 +195,10 @@ static int cpu_reserve(backend_stream *s, int max_tokens, int max_sequences, int
                        "a batch of %d tokens is more than the CPU backend takes (%d)", max_tokens,
                        CPU_MAX_BATCH_TOKENS);
     if (max_len > c->max_position_embeddings) max_len = c->max_position_embeddings;
+    if (s->b->memory_tokens > 0 && max_tokens > s->b->memory_tokens)
+        return err_set(EMBEDRAG_ERR_NO_MEMORY,
+                       "%s: out of device memory for a batch of %d tokens (it holds %d)",
+                       s->b->name, max_tokens, s->b->memory_tokens);
     if (max_tokens > s->capacity_tokens) {
         backend_stream grown = {0};
         size_t t = (size_t)max_tokens, h = (size_t)c->hidden_size;
@@ -447,20 +457,34 @@ static double cpu_estimate_seconds(backend *self, int tokens, int sequences, int
 {
     cpu_backend *b = (cpu_backend *)self;
     pthread_mutex_lock(&b->rate_lock);
-    double seconds_per_flop = b->seconds_per_flop;
+    double seconds_per_flop = b->seconds_per_flop, overhead = b->overhead_seconds;
     pthread_mutex_unlock(&b->rate_lock);
-    return CPU_OVERHEAD_SECONDS_PER_LAYER * b->config->num_layers +
-           backend_batch_flops(b->config, tokens, sequences, max_len) * seconds_per_flop;
+    double seconds =
+        overhead + backend_batch_flops(b->config, tokens, sequences, max_len) * seconds_per_flop;
+    /* A fake GPU routes like a real one: it claims to be much faster than the CPU. */
+    return b->name[0] ? seconds * 0.01 : seconds;
+}
+
+static void cpu_set_cost(backend *self, double overhead_seconds, double seconds_per_flop)
+{
+    cpu_backend *b = (cpu_backend *)self;
+    pthread_mutex_lock(&b->rate_lock);
+    b->overhead_seconds = overhead_seconds;
+    b->seconds_per_flop = seconds_per_flop;
+    pthread_mutex_unlock(&b->rate_lock);
 }
 
 static void record_rate(cpu_backend *b, const backend_batch *batch, double seconds)
 {
     if (batch->tokens < CPU_RATE_MIN_TOKENS) return;
     double flops = backend_batch_flops(b->config, batch->tokens, batch->count, batch->max_len);
-    double overhead = CPU_OVERHEAD_SECONDS_PER_LAYER * b->config->num_layers;
-    if (flops <= 0 || seconds <= overhead) return;
-    double measured = (seconds - overhead) / flops;
     pthread_mutex_lock(&b->rate_lock);
+    double overhead = b->overhead_seconds;
+    if (flops <= 0 || seconds <= overhead) {
+        pthread_mutex_unlock(&b->rate_lock);
+        return;
+    }
+    double measured = (seconds - overhead) / flops;
     b->seconds_per_flop += CPU_RATE_SMOOTHING * (measured - b->seconds_per_flop);
     pthread_mutex_unlock(&b->rate_lock);
 }
@@ -480,6 +504,12 @@ static int cpu_submit(backend_stream *s, const backend_batch *batch, float *out,
                        batch->tokens, batch->max_len, s->capacity_tokens, s->capacity_len);
     if (batch->count == 0) {
         ticket->done = true;
+        return 0;
+    }
+    if (s->b->fail_after >= 0 && atomic_fetch_add(&s->b->batches, 1) >= s->b->fail_after) {
+        err_set(EMBEDRAG_ERR_DEVICE, "%s: the device failed (a fault injected after %d batches)",
+                s->b->name, s->b->fail_after);
+        backend_ticket_fail(ticket, EMBEDRAG_ERR_DEVICE);
         return 0;
     }
     s->held_seconds = 0.0;
@@ -649,6 +679,7 @@ static void cpu_model_name(char *out, size_t size)
 static const backend_ops cpu_ops = {
     .load_layer = cpu_load_layer,
     .estimate_seconds = cpu_estimate_seconds,
+    .set_cost = cpu_set_cost,
     .stream_create = cpu_stream_create,
     .stream_destroy = cpu_stream_destroy,
     .reserve = cpu_reserve,
@@ -673,6 +704,13 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
     b->preempt = preempt_level();
     backend_caps *caps = &b->base.caps;
     caps->name = "cpu";
+    b->fail_after = -1;
+    if (params->kind == BACKEND_FAKE_GPU) {
+        snprintf(b->name, sizeof b->name, "fake-gpu:%d", params->device);
+        caps->name = b->name;
+        b->fail_after = params->fail_after;
+        b->memory_tokens = params->memory_tokens;
+    }
     bool bf16 = params->precision == EMBEDRAG_PRECISION_BF16 && cpu_bf16_available();
     caps->precision = bf16 ? EMBEDRAG_PRECISION_BF16 : EMBEDRAG_PRECISION_FP32;
     /* "avx512", "avx2", "generic", or the bf16 kernel: "amx-bf16", "avx512bf16". */
@@ -681,19 +719,21 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
                                                             : cpu_bf16_kernel();
     caps->preferred_batch_tokens = CPU_PREFERRED_BATCH_TOKENS;
     caps->max_batch_tokens = CPU_MAX_BATCH_TOKENS;
-    int rc = threadpool_create(params->threads, &b->threads);
+    int rc = threadpool_create(params->kind == BACKEND_FAKE_GPU ? 1 : params->threads, &b->threads);
     if (rc) goto destroy;
     int threads = threadpool_threads(b->threads);
     char model[96];
     cpu_model_name(model, sizeof model);
-    snprintf(b->device, sizeof b->device, "%s (%s, %d thread%s)", model, caps->kernels, threads,
-             threads == 1 ? "" : "s");
+    snprintf(b->device, sizeof b->device, "%s%s (%s, %d thread%s)",
+             params->kind == BACKEND_FAKE_GPU ? "a fake GPU on " : "", model, caps->kernels,
+             threads, threads == 1 ? "" : "s");
     caps->device = b->device;
     double rate = strcmp(cpu_kernels_isa(), "avx512") == 0 ? CPU_GUESS_FLOPS_AVX512
                   : strcmp(cpu_kernels_isa(), "avx2") == 0 ? CPU_GUESS_FLOPS_AVX2
                                                            : CPU_GUESS_FLOPS_GENERIC;
     if (bf16) rate *= CPU_GUESS_BF16_SPEEDUP;
     b->seconds_per_flop = 1.0 / (rate * threads);
+    b->overhead_seconds = CPU_OVERHEAD_SECONDS_PER_LAYER * config->num_layers;
 
     b->layers = calloc((size_t)config->num_layers, sizeof *b->layers);
     if (!b->layers) {

@@ -829,6 +829,15 @@ static double cuda_estimate_seconds(backend *self, int tokens, int sequences, in
     return overhead + backend_batch_flops(b->config, tokens, sequences, max_len) * seconds_per_flop;
 }
 
+static void cuda_set_cost(backend *self, double overhead_seconds, double seconds_per_flop)
+{
+    cuda_backend *b = (cuda_backend *)self;
+    pthread_mutex_lock(&b->rate_lock);
+    b->overhead_seconds = overhead_seconds;
+    b->seconds_per_flop = seconds_per_flop;
+    pthread_mutex_unlock(&b->rate_lock);
+}
+
 /* ---- loading ---- */
 
 /* Copies elements [0, count) of `t` into dst (device memory of the backend's dtype, or fp32 when
@@ -963,6 +972,7 @@ static void cuda_destroy(backend *self)
 static const backend_ops cuda_ops = {
     .load_layer = cuda_load_layer,
     .estimate_seconds = cuda_estimate_seconds,
+    .set_cost = cuda_set_cost,
     .stream_create = cuda_stream_create,
     .stream_destroy = cuda_stream_destroy,
     .reserve = cuda_reserve,
@@ -1028,6 +1038,20 @@ static int check_shape(const model_config *c)
                        "%d heads of %d)",
                        CUDA_MAX_HEAD, c->num_heads, c->num_heads ? h / c->num_heads : 0);
     return 0;
+}
+
+int cuda_backend_device_count(void)
+{
+    int driver = 0, count = 0;
+    if (cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return count;
 }
 
 int cuda_backend_create(const backend_params *params, const model_config *config,
