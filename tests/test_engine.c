@@ -545,6 +545,54 @@ static void test_fake_gpus(embedrag_model *cpu_model)
     free(reference);
 }
 
+/* Tokenizing on several threads (EMBEDRAG_TOKENIZER_THREADS; a GPU model's default): the same
+ * vectors, statuses and first error as on the calling thread. */
+static void test_tokenizer_threads(embedrag_model *cpu_model)
+{
+    enum { TEXTS = 300 };
+    const char *texts[TEXTS];
+    for (int i = 0; i < TEXTS; i++) texts[i] = sentences[(i * 11) % sentence_count];
+    texts[77] = "bad \xc3\x28 text";
+    texts[140] = NULL;
+    texts[250] = "also \xff bad";
+    int expected[TEXTS], statuses[TEXTS], again[TEXTS];
+    float *reference = malloc((size_t)TEXTS * dim * sizeof(float));
+    float *got = malloc((size_t)TEXTS * dim * sizeof(float));
+    embedrag_embed_params p = embedrag_embed_default_params();
+    p.statuses = expected;
+    CHECK(embedrag_embed(cpu_model, texts, NULL, TEXTS, &p, reference) == 0, "reference");
+    setenv("EMBEDRAG_TOKENIZER_THREADS", "3", 1);
+    embedrag_model *m = open_model(EMBEDRAG_DEVICE_CPU);
+    unsetenv("EMBEDRAG_TOKENIZER_THREADS");
+    if (!m) goto done;
+    p.statuses = statuses;
+    int rc = embedrag_embed(m, texts, NULL, TEXTS, &p, got);
+    CHECK(rc == 0 && memcmp(statuses, expected, sizeof statuses) == 0,
+          "statuses as on one thread (rc %d)", rc);
+    CHECK(embedrag_last_error_index() == 77 && strstr(embedrag_last_error(), "text 77"),
+          "the first bad text is reported: %ld %s", embedrag_last_error_index(),
+          embedrag_last_error());
+    int differ = 0;
+    for (int i = 0; i < TEXTS; i++)
+        if (!expected[i])
+            differ += memcmp(got + (size_t)i * dim, reference + (size_t)i * dim,
+                             (size_t)dim * sizeof(float)) != 0;
+    CHECK(differ == 0, "%d vectors differ with tokenizer threads", differ);
+    rc = embedrag_embed(m, texts, NULL, TEXTS, NULL, got);
+    CHECK(rc == EMBEDRAG_ERR_INVALID_UTF8 && embedrag_last_error_index() == 77,
+          "without statuses the first bad text fails the call: rc %d, index %ld", rc,
+          embedrag_last_error_index());
+    p.statuses = again;
+    for (int round = 0; round < 3; round++) {
+        rc = embedrag_embed(m, texts, NULL, TEXTS, &p, got);
+        CHECK(rc == 0 && memcmp(again, expected, sizeof again) == 0, "round %d", round);
+    }
+    embedrag_model_close(m);
+done:
+    free(reference);
+    free(got);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -560,6 +608,7 @@ int main(void)
         test_errors_statuses_devices_and_lanes(m);
         test_routing_between_devices(m);
         test_fake_gpus(m);
+        test_tokenizer_threads(m);
         embedrag_model_close(m);
     }
     for (int i = 0; i < sentence_count; i++) free(sentences[i]);
