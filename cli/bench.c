@@ -157,8 +157,13 @@ static void update_peak(double *one, double *all, int threads)
 
 typedef struct text_set {
     char *text[BENCH_TEXTS];
-    int tokens;
+    int tokens;              /* each text's token count; 0 for mixed lengths */
+    int length[BENCH_TEXTS]; /* text i's token count */
 } text_set;
+
+/* Mixed lengths: text i has 32 + (97 i mod 225) tokens, 32 to 256 spread evenly. */
+#define MIXED_MIN 32
+#define MIXED_SPAN 225
 
 /* Reads the sentences of a sentence1,sentence2,score CSV into one space-joined string of words. */
 static char *read_words(const char *path)
@@ -193,16 +198,22 @@ static char *read_words(const char *path)
     return words;
 }
 
-/* Builds BENCH_TEXTS texts of exactly `tokens` tokens ([CLS] and [SEP] included) by adding words
+/* Builds BENCH_TEXTS texts of exactly `tokens` tokens ([CLS] and [SEP] included; 0: mixed
+ * lengths of MIXED_MIN to MIXED_MIN + MIXED_SPAN - 1, at most the model's limit) by adding words
  * from successive places in the corpus until the count is reached; a word that would overshoot
  * is skipped. */
-static int make_texts(embedrag_model *model, const char *words, int tokens, text_set *set)
+static int make_texts(embedrag_model *model, const char *words, int fixed, text_set *set)
 {
     size_t total = strlen(words);
     int32_t ids[1024];
-    set->tokens = tokens;
+    set->tokens = fixed;
     size_t cursor = 0;
+    embedrag_model_info info;
+    embedrag_model_get_info(model, &info);
     for (int t = 0; t < BENCH_TEXTS; t++) {
+        int tokens = fixed ? fixed : MIXED_MIN + (97 * t) % MIXED_SPAN;
+        if (tokens > info.max_tokens) tokens = info.max_tokens;
+        set->length[t] = tokens;
         size_t cap = 4096, len = 0;
         char *text = malloc(cap);
         if (!text) return -1;
@@ -281,18 +292,26 @@ static double percentile(double *v, int n, double p)
 }
 
 typedef struct point {
-    int tokens, batch;
+    int tokens, batch; /* tokens per text (0: mixed) */
+    long total_tokens;
     double tokenize_s, model_s, end_to_end_s; /* per call */
+    double device_s; /* per call: the device's own time (CUDA events on a GPU) */
+    /* On the CPU too, when the measured device is a GPU (--device auto or gpu). */
+    double cpu_model_s, cpu_end_to_end_s;
 } point;
 
-/* Times one (length, batch) point: tokenization alone, the model on pre-tokenized ids, and
- * embedrag_embed end to end; each the mean over repetitions after a warm-up call. */
+/* Times one (length, batch) point on `device`: tokenization alone, the model on pre-tokenized
+ * ids (wall time and the device's own), and embedrag_embed end to end; each the mean over
+ * repetitions after a warm-up call. */
 static int time_point(embedrag_model *model, const text_set *set, int batch, double min_seconds,
-                      int dim, point *out)
+                      int dim, embedrag_device device, point *out)
 {
     embedrag_embed_params params = bench_params();
+    params.device = device;
     size_t lengths[BENCH_TEXTS];
-    int32_t *ids = malloc((size_t)batch * (size_t)set->tokens * sizeof *ids);
+    long total_tokens = 0;
+    for (int i = 0; i < batch; i++) total_tokens += set->length[i];
+    int32_t *ids = malloc((size_t)total_tokens * sizeof *ids);
     int *offsets = malloc((size_t)(batch + 1) * sizeof *offsets);
     float *vectors = malloc((size_t)batch * (size_t)dim * sizeof *vectors);
     int rc = -1;
@@ -306,7 +325,7 @@ static int time_point(embedrag_model *model, const text_set *set, int batch, dou
         for (int i = 0; i < batch; i++) {
             size_t count = 0;
             if (embedrag_tokenize(model, set->text[i], lengths[i], &params, ids + offsets[i],
-                                  (size_t)set->tokens, &count) != 0)
+                                  (size_t)set->length[i], &count) != 0)
                 goto done;
             offsets[i + 1] = offsets[i] + (int)count;
         }
@@ -316,12 +335,17 @@ static int time_point(embedrag_model *model, const text_set *set, int batch, dou
 
     if (engine_embed_tokens(model, ids, offsets, batch, NULL, &params, vectors) != 0) goto done;
     reps = 0;
+    double device_total = 0.0, call_device = 0.0;
     t0 = now_seconds();
     do {
-        if (engine_embed_tokens(model, ids, offsets, batch, NULL, &params, vectors) != 0) goto done;
+        if (engine_embed_tokens_timed(model, ids, offsets, batch, NULL, &params, vectors,
+                                      &call_device) != 0)
+            goto done;
+        device_total += call_device;
         reps++;
     } while ((t = now_seconds() - t0) < min_seconds);
     out->model_s = t / reps;
+    out->device_s = device_total / reps;
 
     reps = 0;
     t0 = now_seconds();
@@ -334,6 +358,7 @@ static int time_point(embedrag_model *model, const text_set *set, int batch, dou
     out->end_to_end_s = t / reps;
     out->tokens = set->tokens;
     out->batch = batch;
+    out->total_tokens = total_tokens;
     rc = 0;
 done:
     free(ids);
@@ -383,7 +408,7 @@ typedef struct concurrent_result {
 /* Embeds `count` bulk texts on one thread, first alone, then again while this thread sends a
  * 16-token query every CONCURRENT_QUERY_GAP_SECONDS and times each, through the public API. */
 static int run_concurrent(embedrag_model *model, const text_set *bulk, const text_set *queries,
-                          int count, int dim, concurrent_result *out)
+                          int count, double gap_seconds, int dim, concurrent_result *out)
 {
     const char **texts = malloc((size_t)count * sizeof *texts);
     float *vectors = malloc((size_t)count * (size_t)dim * sizeof *vectors);
@@ -403,7 +428,8 @@ static int run_concurrent(embedrag_model *model, const text_set *bulk, const tex
     embedrag_embed_params params = bench_params();
     int n = 0, failed = 0;
     while (!atomic_load(&job.done) && n < CONCURRENT_MAX_QUERIES) {
-        struct timespec gap = {0, (long)(CONCURRENT_QUERY_GAP_SECONDS * 1e9)};
+        struct timespec gap = {(time_t)gap_seconds,
+                               (long)((gap_seconds - (double)(time_t)gap_seconds) * 1e9)};
         nanosleep(&gap, NULL);
         const char *q = queries->text[n % BENCH_TEXTS];
         double t = now_seconds();
@@ -435,6 +461,19 @@ static double flops_per_token(const embedrag_model_info *info, int intermediate,
     return (double)info->layers * (linear + attention);
 }
 
+/* FLOPs of one call of a point: per text, at its own length. */
+static double point_flops(const embedrag_model_info *info, int intermediate,
+                          const text_set *const *sets, int n_sets, const point *p)
+{
+    const text_set *set = NULL;
+    for (int s = 0; s < n_sets && !set; s++)
+        if (sets[s]->tokens == p->tokens) set = sets[s];
+    double flops = 0.0;
+    for (int i = 0; set && i < p->batch; i++)
+        flops += set->length[i] * flops_per_token(info, intermediate, set->length[i]);
+    return flops;
+}
+
 int cli_bench(int argc, char **argv)
 {
     enum {
@@ -444,19 +483,26 @@ int cli_bench(int argc, char **argv)
         OPTION_JSON,
         OPTION_QUERY_ONLY,
         OPTION_CONCURRENT,
+        OPTION_CONCURRENT_TEXTS,
+        OPTION_QUERY_GAP,
     };
-    static const struct option options[] = {CLI_MODEL_OPTIONS,
-                                            {"data", required_argument, NULL, OPTION_DATA},
-                                            {"dump-texts", required_argument, NULL, OPTION_DUMP},
-                                            {"quick", no_argument, NULL, OPTION_QUICK},
-                                            {"json", no_argument, NULL, OPTION_JSON},
-                                            {"query-only", no_argument, NULL, OPTION_QUERY_ONLY},
-                                            {"concurrent", no_argument, NULL, OPTION_CONCURRENT},
-                                            {"help", no_argument, NULL, 'h'},
-                                            {NULL, 0, NULL, 0}};
+    static const struct option options[] = {
+        CLI_MODEL_OPTIONS,
+        {"data", required_argument, NULL, OPTION_DATA},
+        {"dump-texts", required_argument, NULL, OPTION_DUMP},
+        {"quick", no_argument, NULL, OPTION_QUICK},
+        {"json", no_argument, NULL, OPTION_JSON},
+        {"query-only", no_argument, NULL, OPTION_QUERY_ONLY},
+        {"concurrent", no_argument, NULL, OPTION_CONCURRENT},
+        {"concurrent-texts", required_argument, NULL, OPTION_CONCURRENT_TEXTS},
+        {"query-gap-ms", required_argument, NULL, OPTION_QUERY_GAP},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
     cli_model_options model_options = cli_model_defaults();
     const char *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
-    int quick = 0, json = 0, query_only = 0, concurrent = 0, c;
+    int quick = 0, json = 0, query_only = 0, concurrent = 0, concurrent_texts = 0, c;
+    double gap_ms = CONCURRENT_QUERY_GAP_SECONDS * 1e3;
+    char *end;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
         int shared = cli_model_option(c, optarg, &model_options);
@@ -481,6 +527,23 @@ int cli_bench(int argc, char **argv)
         case OPTION_CONCURRENT:
             concurrent = 1;
             break;
+        case OPTION_CONCURRENT_TEXTS:
+            concurrent = 1;
+            concurrent_texts = (int)strtol(optarg, &end, 10);
+            if (*end || concurrent_texts < 1 || concurrent_texts > 10000000) {
+                fprintf(stderr, "embedrag bench: --concurrent-texts wants 1 to 10000000, not %s\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case OPTION_QUERY_GAP:
+            gap_ms = strtod(optarg, &end);
+            if (*end || !(gap_ms >= 0.0 && gap_ms <= 10000.0)) {
+                fprintf(stderr, "embedrag bench: --query-gap-ms wants 0 to 10000, not %s\n",
+                        optarg);
+                return 2;
+            }
+            break;
         case 'h':
             fputs(bench_usage, stdout);
             return 0;
@@ -495,13 +558,14 @@ int cli_bench(int argc, char **argv)
     if (!model) return 1;
     int status = 1;
     char *words = read_words(data);
-    text_set q16 = {0}, t50 = {0}, t128 = {0};
+    text_set q16 = {0}, t50 = {0}, t128 = {0}, mixed_set = {0};
+    if (!concurrent_texts) concurrent_texts = quick ? CONCURRENT_TEXTS / 10 : CONCURRENT_TEXTS;
     if (!words) {
         fprintf(stderr, "embedrag bench: cannot read %s\n", data);
         goto close_model;
     }
     if (make_texts(model, words, 16, &q16) || make_texts(model, words, 50, &t50) ||
-        make_texts(model, words, 128, &t128)) {
+        make_texts(model, words, 128, &t128) || make_texts(model, words, 0, &mixed_set)) {
         fprintf(stderr, "embedrag bench: could not build texts of exact token counts from %s\n",
                 data);
         goto free_texts;
@@ -543,24 +607,51 @@ int cli_bench(int argc, char **argv)
     free(vector);
     double p50 = percentile(latencies, runs, 0.50), p99 = percentile(latencies, runs, 0.99);
 
+    /* The backend the measured calls run on: the CPU for --device cpu or when no GPU opened,
+     * else the first GPU that works (auto sends calls there once it is faster). */
+    embedrag_backend_info cpu, used;
+    embedrag_model_get_backend(model, 0, &cpu);
+    used = cpu;
+    bool on_gpu = false;
+    for (int i = 1; bench_device != EMBEDRAG_DEVICE_CPU && i < info.backend_count; i++) {
+        embedrag_backend_info b;
+        if (embedrag_model_get_backend(model, i, &b) == 0 && !b.failure) {
+            used = b;
+            on_gpu = true;
+            break;
+        }
+    }
+    /* On a GPU: 16-, 50-, 128-token and mixed 32-256-token texts, each also on the CPU (the
+     * speedup per cell and the crossover); on the CPU alone, 50 and 128 tokens as before. */
     static const int batches[] = {1, 2, 10, 50, 100, 1000};
     int n_batches = query_only ? 0 : quick ? 5 : 6;
-    point points[12];
+    point points[24];
     int n_points = 0;
-    const text_set *sets[2] = {&t50, &t128};
-    for (int s = 0; s < 2; s++)
+    const text_set *sets[4] = {&t50, &t128, &q16, &mixed_set};
+    int n_sets = on_gpu ? 4 : 2;
+    for (int s = 0; s < n_sets; s++)
         for (int b = 0; b < n_batches; b++) {
+            point *pt = &points[n_points];
             if (time_point(model, sets[s], batches[b], quick ? 0.2 : BENCH_MIN_SECONDS, dim,
-                           &points[n_points]) != 0) {
+                           on_gpu ? EMBEDRAG_DEVICE_GPU : bench_device, pt) != 0) {
                 fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
                 goto free_texts;
+            }
+            if (on_gpu) {
+                point on_cpu;
+                if (time_point(model, sets[s], batches[b], quick ? 0.05 : 0.3, dim,
+                               EMBEDRAG_DEVICE_CPU, &on_cpu) != 0) {
+                    fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
+                    goto free_texts;
+                }
+                pt->cpu_model_s = on_cpu.model_s;
+                pt->cpu_end_to_end_s = on_cpu.end_to_end_s;
             }
             n_points++;
         }
     concurrent_result mixed = {0};
     if (concurrent &&
-        run_concurrent(model, &t50, &q16, quick ? CONCURRENT_TEXTS / 10 : CONCURRENT_TEXTS, dim,
-                       &mixed) != 0) {
+        run_concurrent(model, &t50, &q16, concurrent_texts, gap_ms * 1e-3, dim, &mixed) != 0) {
         fprintf(stderr, "embedrag bench: concurrent run failed: %s\n", embedrag_last_error());
         goto free_texts;
     }
@@ -568,26 +659,24 @@ int cli_bench(int argc, char **argv)
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
     double peak_rss_mb = (double)usage.ru_maxrss / 1024.0;
+    /* Fractions of peak: of the GPU's dense tensor peak for a GPU's device time, else of the
+     * measured fp32 FMA peak of the CPU threads. */
+    double peak = on_gpu ? used.peak_flops : peak_all;
 
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "model", info.name);
     cJSON_AddNumberToObject(root, "layers", info.layers);
     cJSON_AddNumberToObject(root, "hidden", info.hidden);
     cJSON_AddNumberToObject(root, "threads", used_threads);
-    /* The backend the measured calls ran on: the one --device names (a GPU's when auto finds
-     * one, since the router sends calls there once it is faster; the CPU's otherwise). */
-    embedrag_backend_info cpu, used;
-    embedrag_model_get_backend(model, 0, &cpu);
-    used = cpu;
-    for (int i = 1; bench_device != EMBEDRAG_DEVICE_CPU && i < info.backend_count; i++)
-        if (embedrag_model_get_backend(model, i, &used) == 0) break;
     cJSON_AddStringToObject(root, "backend", used.name);
     cJSON_AddStringToObject(root, "device", used.device);
     cJSON_AddStringToObject(root, "kernels", used.kernels);
+    cJSON_AddStringToObject(root, "cpu_device", cpu.device);
     cJSON_AddStringToObject(root, "cpu_kernels", cpu.kernels);
     cJSON_AddStringToObject(root, "precision", cli_precision_name(used.precision));
     cJSON_AddNumberToObject(root, "fma_peak_gflops_one_thread", peak_one / 1e9);
     cJSON_AddNumberToObject(root, "fma_peak_gflops", peak_all / 1e9);
+    if (on_gpu) cJSON_AddNumberToObject(root, "gpu_peak_tflops", used.peak_flops / 1e12);
     cJSON *query = cJSON_AddObjectToObject(root, "query_16_tokens");
     cJSON_AddNumberToObject(query, "p50_ms", p50 * 1e3);
     cJSON_AddNumberToObject(query, "p99_ms", p99 * 1e3);
@@ -595,20 +684,49 @@ int cli_bench(int argc, char **argv)
     cJSON *arr = cJSON_AddArrayToObject(root, "throughput");
     for (int i = 0; i < n_points; i++) {
         const point *p = &points[i];
-        double tokens = (double)p->tokens * p->batch;
-        double gflops = tokens * flops_per_token(&info, intermediate, p->tokens) / p->model_s / 1e9;
+        double tokens = (double)p->total_tokens;
+        double flops = point_flops(&info, intermediate, sets, n_sets, p);
+        double timed = on_gpu ? p->device_s : p->model_s;
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddNumberToObject(o, "tokens_per_text", p->tokens);
+        if (p->tokens)
+            cJSON_AddNumberToObject(o, "tokens_per_text", p->tokens);
+        else
+            cJSON_AddStringToObject(o, "tokens_per_text", "32-256");
         cJSON_AddNumberToObject(o, "batch", p->batch);
+        cJSON_AddNumberToObject(o, "tokens", tokens);
         cJSON_AddNumberToObject(o, "tokenize_ms", p->tokenize_s * 1e3);
         cJSON_AddNumberToObject(o, "model_ms", p->model_s * 1e3);
+        cJSON_AddNumberToObject(o, "device_ms", p->device_s * 1e3);
         cJSON_AddNumberToObject(o, "end_to_end_ms", p->end_to_end_s * 1e3);
         cJSON_AddNumberToObject(o, "model_tokens_per_s", tokens / p->model_s);
+        cJSON_AddNumberToObject(o, "device_tokens_per_s", tokens / p->device_s);
         cJSON_AddNumberToObject(o, "end_to_end_tokens_per_s", tokens / p->end_to_end_s);
         cJSON_AddNumberToObject(o, "tokenize_tokens_per_s", tokens / p->tokenize_s);
-        cJSON_AddNumberToObject(o, "model_gflops", gflops);
-        cJSON_AddNumberToObject(o, "fraction_of_peak", gflops * 1e9 / peak_all);
+        cJSON_AddNumberToObject(o, "model_gflops", flops / timed / 1e9);
+        cJSON_AddNumberToObject(o, "fraction_of_peak", peak > 0 ? flops / timed / peak : 0.0);
+        if (on_gpu) {
+            cJSON_AddNumberToObject(o, "cpu_model_ms", p->cpu_model_s * 1e3);
+            cJSON_AddNumberToObject(o, "cpu_end_to_end_ms", p->cpu_end_to_end_s * 1e3);
+            cJSON_AddNumberToObject(o, "speedup_model", p->cpu_model_s / p->model_s);
+            cJSON_AddNumberToObject(o, "speedup_end_to_end", p->cpu_end_to_end_s / p->end_to_end_s);
+        }
         cJSON_AddItemToArray(arr, o);
+    }
+    if (on_gpu) {
+        /* Measured crossover: per length, the smallest batch whose end-to-end time is shorter on
+         * the GPU (0: none of the batches measured). */
+        cJSON *cross = cJSON_AddObjectToObject(root, "crossover_batch");
+        for (int s = 0; s < n_sets; s++) {
+            int at = 0;
+            for (int i = 0; i < n_points && !at; i++)
+                if (points[i].tokens == sets[s]->tokens &&
+                    points[i].end_to_end_s < points[i].cpu_end_to_end_s)
+                    at = points[i].batch;
+            char key[32];
+            snprintf(key, sizeof key, sets[s]->tokens ? "%d_tokens" : "mixed_32_256",
+                     sets[s]->tokens);
+            cJSON_AddNumberToObject(cross, key, at);
+        }
     }
     if (concurrent) {
         cJSON *o = cJSON_AddObjectToObject(root, "concurrent");
@@ -633,17 +751,29 @@ int cli_bench(int argc, char **argv)
         printf("device: %s (%s)\n", used.device, used.name);
         printf("fp32 FMA peak: %.1f GFLOP/s on one thread, %.1f on %d\n", peak_one / 1e9,
                peak_all / 1e9, used_threads);
+        if (on_gpu)
+            printf("GPU peak (dense, at the highest clock): %.0f TFLOP/s; device ms from CUDA "
+                   "events; the CPU columns are the CPU backend on the same texts\n",
+                   used.peak_flops / 1e12);
         printf("16-token query, end to end: p50 %.3f ms, p99 %.3f ms\n", p50 * 1e3, p99 * 1e3);
-        printf("%6s %6s %12s %12s %12s %12s %8s\n", "tokens", "batch", "tokenize ms", "model ms",
-               "e2e ms", "model tok/s", "of peak");
+        printf("%6s %6s %11s %10s %10s %10s %12s %8s%s\n", "tokens", "batch", "tokenize ms",
+               "model ms", on_gpu ? "device ms" : "", "e2e ms", "model tok/s", "of peak",
+               on_gpu ? "   cpu e2e ms  speedup" : "");
         for (int i = 0; i < n_points; i++) {
             const point *p = &points[i];
-            double tokens = (double)p->tokens * p->batch;
-            double gflops =
-                tokens * flops_per_token(&info, intermediate, p->tokens) / p->model_s / 1e9;
-            printf("%6d %6d %12.3f %12.3f %12.3f %12.0f %7.1f%%\n", p->tokens, p->batch,
-                   p->tokenize_s * 1e3, p->model_s * 1e3, p->end_to_end_s * 1e3,
-                   tokens / p->model_s, 100.0 * gflops * 1e9 / peak_all);
+            double flops = point_flops(&info, intermediate, sets, n_sets, p);
+            double timed = on_gpu ? p->device_s : p->model_s;
+            char length[16], device_ms[16] = "";
+            snprintf(length, sizeof length, p->tokens ? "%d" : "32-256", p->tokens);
+            if (on_gpu) snprintf(device_ms, sizeof device_ms, "%.3f", p->device_s * 1e3);
+            printf("%6s %6d %11.3f %10.3f %10s %10.3f %12.0f %7.1f%%", length, p->batch,
+                   p->tokenize_s * 1e3, p->model_s * 1e3, device_ms, p->end_to_end_s * 1e3,
+                   (double)p->total_tokens / p->model_s,
+                   peak > 0 ? 100.0 * flops / timed / peak : 0.0);
+            if (on_gpu)
+                printf(" %13.3f %7.1fx", p->cpu_end_to_end_s * 1e3,
+                       p->cpu_end_to_end_s / p->end_to_end_s);
+            printf("\n");
         }
         if (concurrent)
             printf("%d bulk texts: %.2f s alone, %.2f s with %d queries (x%.3f); query p50 %.2f "
@@ -659,6 +789,7 @@ free_texts:
     free_texts(&q16);
     free_texts(&t50);
     free_texts(&t128);
+    free_texts(&mixed_set);
     free(words);
 close_model:
     embedrag_model_close(model);

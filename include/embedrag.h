@@ -187,6 +187,9 @@ typedef struct embedrag_backend_info {
     /* NULL while the backend works; once a GPU has failed (a batch, or its test batch at
      * open), why, and the engine no longer sends it work. */
     const char *failure;
+    /* The device's peak FLOP/s for the arithmetic it runs (a GPU's dense tensor rate at its
+     * highest clock), or 0 when unknown (the CPU: `embedrag bench` measures its FMA peak). */
+    double peak_flops;
 } embedrag_backend_info;
 
 /* Fills *info for backend i (0 <= i < backend_count; 0 is the CPU). Returns 0 or

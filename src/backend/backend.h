@@ -45,6 +45,9 @@ typedef struct backend_caps {
     int preferred_batch_tokens;   /* a bulk batch this large keeps the device busy */
     int max_batch_tokens;         /* the most tokens reserve accepts (memory) */
     size_t memory_available;      /* bytes free for activations, 0 when unknown */
+    /* The device's peak rate for the arithmetic it runs, FLOP/s (a GPU's dense tensor rate at
+     * its highest clock), for fractions of peak; 0 when unknown. */
+    double peak_flops;
     /* The backend reads the embedding tables from the weight views while it runs (so their
      * pages must stay mapped in); false when it copied them. */
     bool reads_embeddings_in_place;
@@ -84,6 +87,9 @@ typedef struct backend_stream backend_stream;
 typedef struct backend_ticket {
     int status;
     bool done;
+    /* Seconds the device spent on the batch once it is done: a GPU's from events around the
+     * upload, the forward pass and the download; the CPU's its compute time. */
+    double device_seconds;
     char message[BACKEND_MESSAGE_SIZE];
 } backend_ticket;
 

@@ -509,6 +509,7 @@ int embedrag_model_get_backend(const embedrag_model *m, int i, embedrag_backend_
     info->precision = caps->precision;
     info->batch_tokens = caps->preferred_batch_tokens;
     info->max_batch_tokens = caps->max_batch_tokens;
+    info->peak_flops = caps->peak_flops;
     embedrag_model *mutable_model = (embedrag_model *)m; /* the lock is not the model */
     pthread_mutex_lock(&mutable_model->route_lock);
     info->failure = m->backends[i].failed ? m->backends[i].failure : NULL;
@@ -764,6 +765,7 @@ static void *share_work(void *arg)
             break;
         }
         pthread_mutex_lock(&sh->lock);
+        if (r.device_sink) *r.device_sink += r.device_seconds;
         sh->done[k] = true;
         pthread_mutex_unlock(&sh->lock);
     }
@@ -863,6 +865,7 @@ static int run_order(embedrag_model *m, const embedrag_embed_params *p, const en
             r.order = order;
             r.count = count;
             rc = lane_run(m->backends[best].lanes[kind], &r);
+            if (!rc && r.device_sink) *r.device_sink += r.device_seconds;
         }
         if (!rc || m->backends[best].cpu) return rc;
         backend_failed(m, best, err_get());
@@ -886,7 +889,7 @@ static int by_length_descending(const void *a, const void *b)
  * together keep attention tasks even) where the router sends them. */
 static int run_sequences(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
                          const bool *run, const int *pool_skip, const embedrag_embed_params *p,
-                         float *out)
+                         float *out, double *device_seconds)
 {
     size_t slots = (size_t)(count > 0 ? count : 1);
     seq_ref *refs = malloc(slots * sizeof *refs);
@@ -913,7 +916,8 @@ static int run_sequences(embedrag_model *m, const int32_t *ids, const int *offse
                            .batch_tokens = p->batch_tokens,
                            .out = out,
                            .dim = output_dimension(m, p),
-                           .normalize = p->normalize};
+                           .normalize = p->normalize,
+                           .device_sink = device_seconds};
     rc = n ? run_order(m, p, &base, order, n, lengths) : 0;
 free_buffers:
     free(refs);
@@ -924,6 +928,13 @@ free_buffers:
 
 int engine_embed_tokens(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
                         const int *pool_skip, const embedrag_embed_params *params, float *out)
+{
+    return engine_embed_tokens_timed(m, ids, offsets, count, pool_skip, params, out, NULL);
+}
+
+int engine_embed_tokens_timed(embedrag_model *m, const int32_t *ids, const int *offsets, int count,
+                              const int *pool_skip, const embedrag_embed_params *params, float *out,
+                              double *device_seconds)
 {
     if (!m || count < 0 || (count && (!ids || !offsets || !out)))
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "engine_embed_tokens: NULL argument");
@@ -944,7 +955,8 @@ int engine_embed_tokens(embedrag_model *m, const int32_t *ids, const int *offset
                                                "token id %d out of range (vocabulary of %d)",
                                                ids[t], c->vocab_size));
     }
-    rc = run_sequences(m, ids, offsets, count, NULL, pool_skip, params, out);
+    if (device_seconds) *device_seconds = 0.0;
+    rc = run_sequences(m, ids, offsets, count, NULL, pool_skip, params, out, device_seconds);
     return rc ? model_failed(m, rc) : 0;
 }
 
@@ -1109,7 +1121,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
             skips[i] = skip;
         }
         rc = run_sequences(m, ids, offsets, (int)count, run, skip ? skips : NULL, params,
-                           out + base * (size_t)dim);
+                           out + base * (size_t)dim, NULL);
         if (rc) goto free_buffers;
     }
     if (first_status) {

@@ -22,4 +22,11 @@
 int engine_embed_tokens(embedrag_model *model, const int32_t *ids, const int *offsets, int count,
                         const int *pool_skip, const embedrag_embed_params *params, float *out);
 
+/* engine_embed_tokens that also returns the device seconds its batches took (a GPU's from CUDA
+ * events around upload, forward pass and download; summed over GPUs when several shared the
+ * call), for the benchmark's device time beside its wall time. */
+int engine_embed_tokens_timed(embedrag_model *model, const int32_t *ids, const int *offsets,
+                              int count, const int *pool_skip, const embedrag_embed_params *params,
+                              float *out, double *device_seconds);
+
 #endif

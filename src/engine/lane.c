@@ -275,6 +275,8 @@ static void lead_one_batch(lane *l)
     } else {
         for (int i = 0; i < n; i++) {
             engine_request *r = l->refs[i].request;
+            /* Once per request in the batch: its sequences are consecutive there. */
+            if (i == 0 || l->refs[i - 1].request != r) r->device_seconds += ticket.device_seconds;
             if (++r->finished == r->count) finish_request(l, r);
         }
     }
@@ -284,6 +286,7 @@ static void lead_one_batch(lane *l)
 int lane_run(lane *l, engine_request *r)
 {
     r->next = r->finished = 0;
+    r->device_seconds = 0.0;
     r->done = r->count == 0;
     r->status = 0;
     r->message[0] = '\0';

@@ -24,6 +24,11 @@ typedef struct engine_request {
     float *out;           /* sequence i's vector goes to out + i * dim */
     int dim;              /* components kept (Matryoshka), <= the hidden width */
     bool normalize;
+    double *device_sink; /* the engine adds device_seconds here after a run (or NULL) */
+
+    /* Device seconds of the batches that carried this request's sequences (each batch counted
+     * whole), summed by lane_run. */
+    double device_seconds;
 
     /* State, guarded by the lane's lock. */
     int next;     /* entries of order handed to batches */

@@ -496,6 +496,7 @@ static int cpu_submit(backend_stream *s, const backend_batch *batch, float *out,
 {
     ticket->done = false;
     ticket->status = 0;
+    ticket->device_seconds = 0.0;
     ticket->message[0] = '\0';
     if (batch->tokens > s->capacity_tokens || batch->max_len > s->capacity_len)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
@@ -517,6 +518,7 @@ static int cpu_submit(backend_stream *s, const backend_batch *batch, float *out,
     forward(s, batch, out);
     exec_release(s);
     record_rate(s->b, batch, s->held_seconds);
+    ticket->device_seconds = s->held_seconds;
     ticket->done = true;
     return 0;
 }

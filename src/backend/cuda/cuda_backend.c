@@ -686,6 +686,7 @@ static int cuda_submit(backend_stream *s, const backend_batch *batch, float *out
     int h = b->config->hidden_size;
     ticket->done = false;
     ticket->status = 0;
+    ticket->device_seconds = 0.0;
     ticket->message[0] = '\0';
     if (batch->tokens > s->capacity.tokens || batch->count > s->capacity.sequences ||
         batch->max_len > s->capacity_len)
@@ -801,6 +802,7 @@ static int cuda_wait(backend_stream *s, backend_ticket *ticket)
     float ms = 0.0f;
     if (cudaEventElapsedTime(&ms, s->start, s->done) == cudaSuccess) {
         s->last_seconds = ms * 1e-3;
+        ticket->device_seconds = s->last_seconds;
         record_rate(b, s->pending_tokens, s->pending_flops, s->last_seconds);
     }
     cudaGetLastError();
@@ -1152,6 +1154,16 @@ int cuda_backend_create(const backend_params *params, const model_config *config
         goto destroy;
     }
     caps->memory_available = free_bytes;
+    /* Peak: multiprocessors x highest clock x dense FLOPs a multiprocessor does per clock on
+     * Hopper's tensor cores in fp16/bf16 (4096: 1024 multiply-adds x 2 x 2 per clock pair as the
+     * H100 whitepaper's 989 TFLOP/s at 1.83 GHz and 132 SMs give), or 256 plain fp32 FLOPs (128
+     * FMA units). At the H200's 1.98 GHz this reads 1070 TFLOP/s, a little above the
+     * datasheet's 989, so fractions of it are conservative. */
+    int clock_khz = 0;
+    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, b->device);
+    cudaGetLastError();
+    caps->peak_flops = (double)properties.multiProcessorCount * clock_khz * 1e3 *
+                       (b->dtype == CUDA_DTYPE_F32 ? 256.0 : 4096.0);
     caps->reads_embeddings_in_place = false;
     b->seconds_per_flop =
         1.0 / (b->dtype == CUDA_DTYPE_F32 ? CUDA_GUESS_FLOPS_FP32 : CUDA_GUESS_FLOPS_HALF);
