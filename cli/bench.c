@@ -35,6 +35,9 @@ static const char bench_usage[] =
     "\n"
     "Measures a 16-token query's latency (p50/p99) and tokens/s at batch 1, 2, 10, 50, 100 and\n"
     "1000 for 50- and 128-token texts, tokenization apart, beside the measured fp32 FMA peak.\n"
+    "On a GPU (--device gpu, or auto when one opens) also 16-token and mixed 32-256-token\n"
+    "texts, the GPU's own time from CUDA events and its fraction of the GPU's dense peak, and\n"
+    "every cell on the CPU too: the speedup per cell and the smallest batch the GPU wins.\n"
     "\n"
     "With --concurrent, also embeds 20,000 50-token texts on one thread, alone and then while\n"
     "another thread sends a 16-token query every 10 ms, and reports the queries' latency and\n"
@@ -47,6 +50,9 @@ static const char bench_usage[] =
     "  --quick            fewer repetitions and no batch 1000 (a smoke run)\n"
     "  --query-only       measure only the single-query latency\n"
     "  --concurrent       also measure queries during a bulk job (see above)\n"
+    "  --concurrent-texts N  texts of that bulk job (default 20000; implies --concurrent)\n"
+    "  --query-gap-ms MS  pause between its queries (default 10)\n"
+    "  --seconds S        time each throughput point at least this long (default 1; --quick 0.2)\n"
     "  --json             print JSON instead of a table\n"
     "  -h, --help         this help\n";
 
@@ -485,6 +491,7 @@ int cli_bench(int argc, char **argv)
         OPTION_CONCURRENT,
         OPTION_CONCURRENT_TEXTS,
         OPTION_QUERY_GAP,
+        OPTION_SECONDS,
     };
     static const struct option options[] = {
         CLI_MODEL_OPTIONS,
@@ -501,7 +508,7 @@ int cli_bench(int argc, char **argv)
     cli_model_options model_options = cli_model_defaults();
     const char *data = EMBEDRAG_BENCH_DATA, *dump = NULL;
     int quick = 0, json = 0, query_only = 0, concurrent = 0, concurrent_texts = 0, c;
-    double gap_ms = CONCURRENT_QUERY_GAP_SECONDS * 1e3;
+    double gap_ms = CONCURRENT_QUERY_GAP_SECONDS * 1e3, point_seconds = 0.0;
     char *end;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", options, NULL)) != -1) {
@@ -536,6 +543,14 @@ int cli_bench(int argc, char **argv)
                 return 2;
             }
             break;
+        case OPTION_SECONDS:
+            point_seconds = strtod(optarg, &end);
+            if (*end || !(point_seconds > 0.0 && point_seconds <= 600.0)) {
+                fprintf(stderr, "embedrag bench: --seconds wants more than 0 to 600, not %s\n",
+                        optarg);
+                return 2;
+            }
+            break;
         case OPTION_QUERY_GAP:
             gap_ms = strtod(optarg, &end);
             if (*end || !(gap_ms >= 0.0 && gap_ms <= 10000.0)) {
@@ -559,6 +574,7 @@ int cli_bench(int argc, char **argv)
     int status = 1;
     char *words = read_words(data);
     text_set q16 = {0}, t50 = {0}, t128 = {0}, mixed_set = {0};
+    if (point_seconds == 0.0) point_seconds = quick ? 0.2 : BENCH_MIN_SECONDS;
     if (!concurrent_texts) concurrent_texts = quick ? CONCURRENT_TEXTS / 10 : CONCURRENT_TEXTS;
     if (!words) {
         fprintf(stderr, "embedrag bench: cannot read %s\n", data);
@@ -632,14 +648,14 @@ int cli_bench(int argc, char **argv)
     for (int s = 0; s < n_sets; s++)
         for (int b = 0; b < n_batches; b++) {
             point *pt = &points[n_points];
-            if (time_point(model, sets[s], batches[b], quick ? 0.2 : BENCH_MIN_SECONDS, dim,
+            if (time_point(model, sets[s], batches[b], point_seconds, dim,
                            on_gpu ? EMBEDRAG_DEVICE_GPU : bench_device, pt) != 0) {
                 fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
                 goto free_texts;
             }
             if (on_gpu) {
                 point on_cpu;
-                if (time_point(model, sets[s], batches[b], quick ? 0.05 : 0.3, dim,
+                if (time_point(model, sets[s], batches[b], point_seconds / 4, dim,
                                EMBEDRAG_DEVICE_CPU, &on_cpu) != 0) {
                     fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
                     goto free_texts;

@@ -2,12 +2,16 @@
 # Runs on a GPU machine from a folder made by scripts/gpu-bundle.sh (this script is
 # BUNDLE/src/scripts/gpu-run.sh): unpacks the carried packages into a private prefix, builds with
 # the CUDA backend, then runs the steps named (default: all of them):
-#   test      ctest's test_backend and test_backend_gpu (labelled gpu), and test_engine on the
-#             bundle's F16 model (the engine routing between the CPU and the GPU)
+#   test      ctest's test_backend and test_backend_gpu (labelled gpu), test_engine on the
+#             bundle's F16 model (the engine routing between the CPU and the GPU), and
+#             test_stsb's GPU part (STS-B Spearman through the GPU against the CPU's)
 #   model     the fixture texts through `embedrag embed` on the F16 model: the GPU in fp16, bf16
 #             and fp32 against the CPU, cosines per text
 #   bench     embedrag_backend_bench on random weights of the GPU issue's shapes, and
-#             `embedrag bench --device gpu` on the F16 model
+#             `embedrag bench --device gpu` on the F16 model (every cell also on the CPU, and
+#             16-token queries during a 100,000-text bulk job)
+#   peers     PyTorch on the GPU (bench/peers/gpu_peers.py: eager fp16 and torch.compile),
+#             the same shapes and cells as embedrag_backend_bench
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
 #             fp16) and one query (1 x 16)
@@ -56,10 +60,10 @@ run_step() { [[ " $steps " == *" $1 "* ]]; }
 
 # ---- tests ----
 if run_step test; then
-    (cd "$build" && ctest -V -R 'test_backend|test_engine' --timeout 900) \
-        >"$logs/tests.log" 2>&1
+    (cd "$build" && EMBEDRAG_TEST_STSB=gpu ctest -V -R 'test_backend|test_engine|test_stsb' \
+        --timeout 900) >"$logs/tests.log" 2>&1
     grep -E 'tests passed|Passed|Failed|\*\*\*' "$logs/tests.log" | tee -a "$summary"
-    grep -E 'cuda.*(against|worst)|skipped' "$logs/tests.log" | grep -v 'check failed' |
+    grep -E 'cuda.*(against|worst)|skipped|Spearman on the GPU' "$logs/tests.log" | grep -v 'check failed' |
         sed 's/^[0-9]*: //' >>"$summary"
     grep -E 'check failed' "$logs/tests.log" | head -20 | tee -a "$summary"
 fi
@@ -149,17 +153,30 @@ for name, r in rows.items():
             line += "%18s" % ("%.3f/%.3f" % (x["device_ms_p50"], x["wall_ms_p50"]))
     print(line)
 PY
-    wanted e2e && "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device gpu --precision fp16 \
-        --data "$bundle/shared/data/stsb-en-dev.csv" --json >"$out/embedrag-bench-gpu-fp16.json" \
-        2>>"$logs/bench.log"
+    wanted e2e && "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device gpu \
+        --precision fp16 --data "$bundle/shared/data/stsb-en-dev.csv" --concurrent-texts 100000 \
+        --query-gap-ms 1 --json >"$out/embedrag-bench-gpu-fp16.json" 2>>"$logs/bench.log"
     wanted e2e && python3 - "$out/embedrag-bench-gpu-fp16.json" >>"$summary" 2>&1 <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print("embedrag bench --device gpu fp16 (F16 MiniLM-L6): query p50 %.3f ms p99 %.3f ms" % (r["query_16_tokens"]["p50_ms"], r["query_16_tokens"]["p99_ms"]))
+print("embedrag bench --device gpu fp16 (F16 MiniLM-L6 on %s; CPU %s): query p50 %.3f ms p99 %.3f ms"
+      % (r["device"], r["cpu_device"], r["query_16_tokens"]["p50_ms"], r["query_16_tokens"]["p99_ms"]))
+print("  %7s %5s %9s %9s %9s %9s %8s %10s %8s" % ("tokens", "batch", "tok ms", "model ms", "device ms", "e2e ms", "of peak", "cpu e2e ms", "speedup"))
 for p in r["throughput"]:
-    if p["batch"] in (1, 100, 1000):
-        print("  %3d tokens x %4d: model %.3f ms, end to end %.3f ms, tokenize %.3f ms" % (p["tokens_per_text"], p["batch"], p["model_ms"], p["end_to_end_ms"], p["tokenize_ms"]))
+    print("  %7s %5d %9.3f %9.3f %9.3f %9.3f %7.1f%% %10.3f %7.1fx" % (p["tokens_per_text"], p["batch"], p["tokenize_ms"], p["model_ms"], p["device_ms"], p["end_to_end_ms"], 100 * p["fraction_of_peak"], p["cpu_end_to_end_ms"], p["speedup_end_to_end"]))
+print("  crossover (smallest batch faster end to end on the GPU):", r.get("crossover_batch"))
+c = r.get("concurrent")
+if c:
+    print("  %d-text bulk job: %.2f s alone, %.2f s with %d queries; query p50 %.3f ms, p99 %.3f ms, max %.3f ms"
+          % (c["bulk_texts"], c["bulk_alone_s"], c["bulk_with_queries_s"], c["queries"], c["query_p50_ms"], c["query_p99_ms"], c["query_max_ms"]))
 PY
+fi
+# ---- PyTorch on the GPU, same run ----
+if run_step peers; then
+    PYTHONUNBUFFERED=1 timeout 400 python3 "$src/bench/peers/gpu_peers.py" \
+        --json "$out/peers-gpu.json" >"$logs/peers.log" 2>&1
+    note "gpu_peers.py: exit $?"
+    grep -E ' ms ' "$logs/peers.log" | sed 's/^/  peer /' >>"$summary"
 fi
 # ---- compute-sanitizer ----
 if run_step sanitize; then
