@@ -706,10 +706,16 @@ typedef struct gpu_variant {
     double min_cosine; /* 0: measured and reported only */
 } gpu_variant;
 
+/* On every shape: the defaults, and the v2 tensor-core attention kernel (heads of 32 and 64, fp16
+ * and bf16 each) until it is the default. */
 static const gpu_variant gpu_variants[] = {
     {EMBEDRAG_PRECISION_FP16, NULL, NULL, "cuda fp16", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_BF16, NULL, NULL, "cuda bf16", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_FP32, NULL, NULL, "cuda fp32", GPU_FP32_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_ATTENTION", "v2", "cuda fp16, attention v2",
+     GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_ATTENTION", "v2", "cuda bf16, attention v2",
+     GPU_HALF_MIN_COSINE},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,

@@ -89,7 +89,8 @@ typedef struct cuda_backend {
     float *load_host, *load_device;
     int priority_bulk, priority_latency;
     /* Choices, read once from the environment (see cuda_backend_create). */
-    bool use_graphs, tensor_core_attention;
+    bool use_graphs;
+    int attention;      /* CUDA_ATTENTION_* */
     int inter_epilogue; /* cuBLASLt epilogue of the intermediate GEMM */
     int own_activation; /* CUDA_ACT_* our kernel applies after it, or CUDA_ACT_NONE */
     char name[32], device_text[320], kernels[160];
@@ -399,8 +400,7 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const
         const cuda_layer *layer = &b->layers[l];
         int rc = gemm(s, plan, GEMM_QKV, layer, s->x, s->qkv);
         if (rc) return rc;
-        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads,
-                                b->tensor_core_attention, st),
+        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention, st),
                  "attention kernel");
         rc = project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
                               layer->attention_ln_gamma, layer->attention_ln_beta, s->x1);
@@ -1116,8 +1116,15 @@ int cuda_backend_create(const backend_params *params, const model_config *config
         goto destroy;
     }
     b->use_graphs = env_flag("EMBEDRAG_CUDA_GRAPHS", true);
-    b->tensor_core_attention = env_flag("EMBEDRAG_CUDA_TENSOR_CORE_ATTENTION", true) &&
-                               cuda_attention_has_tensor_cores(b->dtype, b->head_size);
+    /* Attention: the tensor-core kernel where the dtype and head size have one, v1 unless
+     * EMBEDRAG_CUDA_ATTENTION=v2; EMBEDRAG_CUDA_TENSOR_CORE_ATTENTION=0 takes the fp32 one. */
+    b->attention = CUDA_ATTENTION_FP32;
+    if (env_flag("EMBEDRAG_CUDA_TENSOR_CORE_ATTENTION", true) &&
+        cuda_attention_has_tensor_cores(b->dtype, b->head_size)) {
+        const char *version = getenv("EMBEDRAG_CUDA_ATTENTION");
+        b->attention =
+            version && !strcmp(version, "v2") ? CUDA_ATTENTION_MMA_V2 : CUDA_ATTENTION_MMA;
+    }
     choose_activation(b);
 
     backend_caps *caps = &b->base.caps;
@@ -1131,7 +1138,9 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     size_t v = b->blas.version;
     snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s",
              v / 10000, v / 100 % 100, v % 100, dtype_name(b->dtype),
-             b->tensor_core_attention ? "mma" : "fp32 cores",
+             b->attention == CUDA_ATTENTION_MMA_V2 ? "mma v2"
+             : b->attention == CUDA_ATTENTION_MMA  ? "mma"
+                                                   : "fp32 cores",
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
              b->use_graphs ? ", graphs" : "");
     caps->kernels = b->kernels;

@@ -492,6 +492,328 @@ __global__ void __launch_bounds__(TC_WARPS *WARP)
     }
 }
 
+/* ---- attention on tensor cores, v2: ldmatrix fragments, cp.async double buffering ---- */
+
+/* The work of attention_tc_kernel (a block per 64-query tile of a sequence and head, 4 warps of 16
+ * query rows, keys 64 at a time, online softmax in exp2 units, fp32 sums, keys past the sequence
+ * masked, rows past it never written) with less work per key tile, which is what v1 spends its
+ * time on (bench/cuda-notes.md):
+ * - Q, K and V reach shared memory by cp.async, 16 bytes a thread, rows past the sequence
+ *   zero-filled; two key tiles are in flight: tile t + 2 is copied while tile t + 1 arrives and
+ *   tile t computes, so no warp waits for a plain global load.
+ * - Operand fragments come from ldmatrix, four 8 x 8 matrices an instruction: Q (A operand) and K
+ *   (B operand of S = Q K^T) as stored, V (B operand of O = P V) transposed by ldmatrix.trans.
+ *   v1 made 2 shared loads per K fragment and 4 16-bit loads plus packing per V fragment.
+ * - The rows' sums of P come from the tensor cores: P times a 16 x 8 block of ones is one more
+ *   output column tile (4 mma a key tile in place of 32 adds a thread). It sums the rounded
+ *   probabilities, the ones the numerator uses.
+ * - exp2 is the bare ex2.approx instruction, the scale folded into the subtraction of the row's
+ *   maximum (one FFMA a score; masked scores are -inf, ex2(-inf) = 0).
+ * - Key tiles wholly inside the sequence take a path without masks; the last one skips its
+ *   16-key chunks past the sequence (short texts: a 16-token text does a quarter of the work).
+ * - Blocks run head-fastest (block = tile * heads + head): a tile's heads run together and read
+ *   whole qkv rows from DRAM, and a sequence's tiles run close together and share K and V in L2.
+ * Results depend only on the query's own sequence, as v1's. */
+#define TC2_STAGES 2
+/* Blocks a multiprocessor should hold (registers: 80 a thread at d 32, 128 at d 64). */
+#define TC2_MIN_BLOCKS(D) ((D) == 32 ? 6 : 4)
+
+__device__ __forceinline__ uint32_t shared_address(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16 bytes from global to shared memory, asynchronously (cp.async.cg: through L2 only); with
+ * valid false nothing is read (src-size 0) and the 16 bytes become zeros. */
+__device__ __forceinline__ void copy_async_16(uint32_t dst, const void *src, bool valid)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst),
+                 "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+/* Closes this thread's group of copies issued since the last commit (an empty group is fine). */
+__device__ __forceinline__ void copy_async_commit()
+{
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+/* Waits until at most N of this thread's groups are still in flight; other threads' copies are
+ * visible after a __syncthreads that follows. */
+template <int N> __device__ __forceinline__ void copy_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/* ldmatrix .x4: four 8 x 8 matrices of 16-bit elements. Lane i supplies the shared address of row
+ * i % 8 of matrix i / 8 (16 bytes, 16-byte aligned). Register r[m] of lane l receives, of matrix
+ * m, row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (PTX ISA, "Warp-level matrix load
+ * instruction: ldmatrix", figure "ldmatrix fragment layout for one 8x8 matrix"); the lower column
+ * in the low half, as a 32-bit load of the two would give. */
+__device__ __forceinline__ void load_matrix_x4(uint32_t *r, uint32_t address)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+}
+
+/* The same with .trans (each matrix read column-major): register r[m] of lane l receives, of
+ * matrix m as stored, rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4 (the lower row in the low
+ * half). */
+__device__ __forceinline__ void load_matrix_x4_trans(uint32_t *r, uint32_t address)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+}
+
+/* 2^x by the special function unit alone (ex2.approx.ftz: relative error ~2^-22, -inf gives +0). */
+__device__ __forceinline__ float fast_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Fragment layouts of mma.sync m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+ * floating point type"); group = lane / 4, quad = lane % 4; each 32-bit register holds two 16-bit
+ * elements, the lower index in the low half:
+ *   A (16 x 16, row-major): a0 = A[group][2 quad, +1], a1 = A[group + 8][2 quad, +1],
+ *                           a2 = A[group][2 quad + 8, +9], a3 = A[group + 8][2 quad + 8, +9]
+ *   B (16 x 8, k x n):      b0 = B[2 quad, +1][group], b1 = B[2 quad + 8, +9][group]
+ *   C (16 x 8, fp32):       c0, c1 = C[group][2 quad, +1], c2, c3 = C[group + 8][2 quad, +1]
+ * How ldmatrix .x4 fills them, matrix m of the four from lane addresses 8 m .. 8 m + 7:
+ *   Q as A: matrix m = rows 8 (m & 1) .. +7, columns 8 (m >> 1) .. +7 of the 16 x 16 block: r[m]
+ *     is a_m (a0: rows 0-7 cols 0-7, a1: rows 8-15 cols 0-7, a2: rows 0-7 cols 8-15, a3: 8-15).
+ *   K as B of S = Q K^T (B[k][n] = K[key n][dim k], so b0 = K[key group][dims 2 quad, +1], a row
+ *     piece of K as stored): matrix m = keys 8 (m >> 1) .. +7, dims 8 (m & 1) .. +7: r[0], r[1]
+ *     are b0, b1 of keys 0-7 (n tile 2c), r[2], r[3] of keys 8-15 (n tile 2c + 1).
+ *   V as B of O = P V (B[k][n] = V[key k][dim n], so b0 = V[keys 2 quad, +1][dim group], a column
+ *     piece: .trans): matrix m = keys 8 (m & 1) .. +7, dims 8 (m >> 1) .. +7: r[0], r[1] are b0,
+ *     b1 of dims 0-7 (n tile 2 np), r[2], r[3] of dims 8-15 (n tile 2 np + 1).
+ *   P as A from the S accumulators: keys 16 c .. 16 c + 15 are n tiles 2c (keys 0-7: a0 = c0, c1,
+ *     a1 = c2, c3) and 2c + 1 (keys 8-15: a2 = c0, c1, a3 = c2, c3), as in v1.
+ * Shared rows are D + 8 elements (80 or 144 bytes): the 8 rows of one matrix start 20 or 36 words
+ * apart, in 8 distinct 4-bank groups, so every ldmatrix phase is free of bank conflicts. */
+/* Copies a 64-row tile (rows `ld` elements apart in global memory, D wide) into shared memory at
+ * dst (rows 2 (D + 8) bytes apart): rows < rows from src, rows up to the next multiple of 16 as
+ * zeros (read by the mma of a chunk that holds keys or queries of the sequence), the rest left as
+ * they are (never read). Thread i copies columns 8 (i % (D / 8)) .. +7 of rows i / (D / 8) + 128 /
+ * (D / 8) j: a row's pieces come from consecutive threads. */
+template <typename T, int D>
+__device__ __forceinline__ void attention_tc2_copy(uint32_t dst, const T *src, size_t ld, int rows)
+{
+    constexpr int CHUNKS = D / 8, PASS = TC_WARPS * WARP / CHUNKS, ROW_BYTES = 2 * (D + TC_PAD);
+    const int row = threadIdx.x / CHUNKS, col = (threadIdx.x % CHUNKS) * 8;
+    const int wanted = (rows + 15) & ~15;
+#pragma unroll
+    for (int i = 0; i < TC_KEYS / PASS; i++) {
+        int r = row + i * PASS;
+        if (r < wanted)
+            copy_async_16(dst + r * ROW_BYTES + col * 2,
+                          src + (size_t)(r < rows ? r : 0) * ld + col, r < rows);
+    }
+}
+
+/* One key tile of one warp: S = Q K^T for 16 rows x 16 CHUNKS keys, the online softmax update and
+ * O += P V (with the row sums in o[D / 8]). The tile's first CHUNKS 16-key chunks hold keys of
+ * the sequence, `keys` of them (16 CHUNKS unless MASK); the rest is skipped. A template per chunk
+ * count keeps every loop unrolled and branch-free, so the registers of o stay put. q_lane, k_lane
+ * and v_lane: this lane's ldmatrix addresses in the warp's Q and the tile's K and V (see the
+ * caller). */
+template <typename T, int D, int CHUNKS, bool MASK>
+__device__ __forceinline__ void attention_tc2_tile(uint32_t q_lane, float (&o)[D / 8 + 1][4],
+                                                   float &max0, float &max1, uint32_t k_lane,
+                                                   uint32_t v_lane, int keys, float scale_log2)
+{
+    constexpr int ROW_BYTES = 2 * (D + TC_PAD);
+    const int quad = threadIdx.x % 4;
+    /* The warp's queries as A operands, dims 16k .. 16k + 15 in qa[k]: read again each tile from
+     * shared memory (D / 16 ldmatrix) rather than held in D / 2 registers through the loop. */
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int k = 0; k < D / 16; k++) load_matrix_x4(qa[k], q_lane + k * 32);
+
+    /* S: chunk c is n tiles 2c and 2c + 1; ldmatrix c, k gives both tiles' b0, b1 for dims
+     * 16k .. 16k + 15. */
+    float s[2 * CHUNKS][4];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) s[2 * c][j] = s[2 * c + 1][j] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < D / 16; k++) {
+            uint32_t kb[4];
+            load_matrix_x4(kb, k_lane + c * 16 * ROW_BYTES + k * 32);
+            mma_type<T>::mma(s[2 * c], qa[k], kb[0], kb[1]);
+            mma_type<T>::mma(s[2 * c + 1], qa[k], kb[2], kb[3]);
+        }
+    }
+    /* Keys past the sequence: -inf. s[n][j] is key 8n + 2 quad + (j & 1) of the tile. */
+    if (MASK) {
+        const int limit = keys - 2 * quad;
+#pragma unroll
+        for (int n = 0; n < 2 * CHUNKS; n++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (n * 8 + (j & 1) >= limit) s[n][j] = -INFINITY;
+    }
+    /* Row maxima in raw score units (the scale is positive): rows group and group + 8, whose 64
+     * scores live in the 4 lanes of a quad. Key 0 of the tile is in the sequence, so both are
+     * finite (a row past the sequence has Q = 0 and scores 0). */
+    float m0 = max0, m1 = max1;
+#pragma unroll
+    for (int n = 0; n < 2 * CHUNKS; n++) {
+        m0 = fmaxf(m0, fmaxf(s[n][0], s[n][1]));
+        m1 = fmaxf(m1, fmaxf(s[n][2], s[n][3]));
+    }
+    m0 = fmaxf(m0, __shfl_xor_sync(FULL_MASK, m0, 1));
+    m1 = fmaxf(m1, __shfl_xor_sync(FULL_MASK, m1, 1));
+    m0 = fmaxf(m0, __shfl_xor_sync(FULL_MASK, m0, 2));
+    m1 = fmaxf(m1, __shfl_xor_sync(FULL_MASK, m1, 2));
+    /* The first tile: max0 = -inf, correction ex2(-inf) = 0 on o = 0. */
+    const float correction0 = fast_exp2((max0 - m0) * scale_log2);
+    const float correction1 = fast_exp2((max1 - m1) * scale_log2);
+    max0 = m0;
+    max1 = m1;
+    const float shift0 = m0 * scale_log2, shift1 = m1 * scale_log2;
+
+    /* P = 2^(s scale - max scale) as A operands, chunk by chunk. */
+    uint32_t pa[CHUNKS][4];
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float *t = s[2 * c + h];
+            pa[c][2 * h] = mma_type<T>::pack(fast_exp2(fmaf(t[0], scale_log2, -shift0)),
+                                             fast_exp2(fmaf(t[1], scale_log2, -shift0)));
+            pa[c][2 * h + 1] = mma_type<T>::pack(fast_exp2(fmaf(t[2], scale_log2, -shift1)),
+                                                 fast_exp2(fmaf(t[3], scale_log2, -shift1)));
+        }
+    }
+
+    /* O = O * correction + P V; o[D / 8] = sums * correction + P ones. */
+#pragma unroll
+    for (int n = 0; n <= D / 8; n++) {
+        o[n][0] *= correction0;
+        o[n][1] *= correction0;
+        o[n][2] *= correction1;
+        o[n][3] *= correction1;
+    }
+#pragma unroll
+    for (int np = 0; np < D / 16; np++)
+#pragma unroll
+        for (int c = 0; c < CHUNKS; c++) {
+            uint32_t vb[4];
+            load_matrix_x4_trans(vb, v_lane + c * 16 * ROW_BYTES + np * 32);
+            mma_type<T>::mma(o[2 * np], pa[c], vb[0], vb[1]);
+            mma_type<T>::mma(o[2 * np + 1], pa[c], vb[2], vb[3]);
+        }
+    const uint32_t ones = mma_type<T>::pack(1.0f, 1.0f);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; c++) mma_type<T>::mma(o[D / 8], pa[c], ones, ones);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
+    attention_tc2_kernel(cuda_batch_view b, const T *qkv, T *context, int hidden, int heads,
+                         float scale)
+{
+    constexpr int ROW_BYTES = 2 * (D + TC_PAD), STAGE_BYTES = TC_KEYS * ROW_BYTES;
+    __shared__ __align__(16) T q_tile[CUDA_ATTENTION_TILE * (D + TC_PAD)];
+    __shared__ __align__(16) T k_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
+    __shared__ __align__(16) T v_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
+    const int tile = blockIdx.x / heads, head = blockIdx.x % heads;
+    if (tile >= b.header[CUDA_HEADER_TILES]) return; /* the whole block leaves together */
+    const int sequence = b.tiles[2 * tile], q0 = b.tiles[2 * tile + 1];
+    const int start = b.offsets[sequence], len = b.offsets[sequence + 1] - start;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const size_t ld = 3 * (size_t)hidden;
+    const T *base = qkv + (size_t)start * ld + (size_t)head * D;
+    const uint32_t q_smem = shared_address(q_tile), k_smem = shared_address(k_tiles),
+                   v_smem = shared_address(v_tiles);
+
+    /* Copies: the tile's queries (those of warps with rows in the sequence, zeros past it) with
+     * key tile 0 as group 0, key tile 1 as group 1 (empty when there is none). K and V of a key
+     * tile: rows up to the next multiple of 16 past the sequence, zero-filled. */
+    const int q_rows = len - q0 < CUDA_ATTENTION_TILE ? len - q0 : CUDA_ATTENTION_TILE;
+    attention_tc2_copy<T, D>(q_smem, base + (size_t)q0 * ld, ld, q_rows);
+#pragma unroll
+    for (int t = 0; t < TC2_STAGES; t++) {
+        if (t * TC_KEYS < len) {
+            int k0 = t * TC_KEYS, rows = len - k0 < TC_KEYS ? len - k0 : TC_KEYS;
+            const T *keys = base + (size_t)k0 * ld + hidden;
+            attention_tc2_copy<T, D>(k_smem + t * STAGE_BYTES, keys, ld, rows);
+            attention_tc2_copy<T, D>(v_smem + t * STAGE_BYTES, keys + hidden, ld, rows);
+        }
+        copy_async_commit();
+    }
+
+    /* This lane's ldmatrix addresses (see the fragment layouts above): Q and V take matrix m =
+     * rows 8 (m & 1), columns 8 (m >> 1); K takes rows 8 (m >> 1), columns 8 (m & 1). */
+    const int m = lane / 8, r = lane % 8;
+    const uint32_t q_lane = q_smem + (warp * TC_ROWS + r + (m & 1) * 8) * ROW_BYTES + (m >> 1) * 16;
+    const uint32_t k_lane = k_smem + (r + (m >> 1) * 8) * ROW_BYTES + (m & 1) * 16;
+    const uint32_t v_lane = v_smem + (r + (m & 1) * 8) * ROW_BYTES + (m >> 1) * 16;
+
+    const bool active = q0 + warp * TC_ROWS < len;
+    float o[D / 8 + 1][4];
+#pragma unroll
+    for (int n = 0; n <= D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float max0 = -INFINITY, max1 = -INFINITY;
+
+    /* Key tile t is in copy group t and in stage t % 2 (stage: its byte offset there). */
+    for (int k0 = 0, stage = 0; k0 < len; k0 += TC_KEYS, stage ^= STAGE_BYTES) {
+        /* Groups 0 .. t + 1 are committed (t = k0 / 64): tile t has arrived once at most one
+         * group is in flight, and is visible to all after the barrier. */
+        copy_async_wait<TC2_STAGES - 1>();
+        __syncthreads();
+        if (active) {
+            const uint32_t k_at = k_lane + stage, v_at = v_lane + stage;
+            const int keys = len - k0;
+            /* Uniform over the block: a whole tile without masks, or the last one's chunks. */
+            if (keys >= TC_KEYS)
+                attention_tc2_tile<T, D, 4, false>(q_lane, o, max0, max1, k_at, v_at, keys, scale);
+            else if (keys > 48)
+                attention_tc2_tile<T, D, 4, true>(q_lane, o, max0, max1, k_at, v_at, keys, scale);
+            else if (keys > 32)
+                attention_tc2_tile<T, D, 3, true>(q_lane, o, max0, max1, k_at, v_at, keys, scale);
+            else if (keys > 16)
+                attention_tc2_tile<T, D, 2, true>(q_lane, o, max0, max1, k_at, v_at, keys, scale);
+            else
+                attention_tc2_tile<T, D, 1, true>(q_lane, o, max0, max1, k_at, v_at, keys, scale);
+        }
+        const int k1 = k0 + TC2_STAGES * TC_KEYS;
+        if (k1 < len) {
+            __syncthreads(); /* every warp is done with this stage */
+            const int rows = len - k1 < TC_KEYS ? len - k1 : TC_KEYS;
+            const T *keys = base + (size_t)k1 * ld + hidden;
+            attention_tc2_copy<T, D>(k_smem + stage, keys, ld, rows);
+            attention_tc2_copy<T, D>(v_smem + stage, keys + hidden, ld, rows);
+        }
+        copy_async_commit();
+    }
+    if (!active) return;
+    const int first = q0 + warp * TC_ROWS;
+    /* o[D / 8] holds each row's sum in all its columns, already over the whole quad. */
+    const float inv0 = 1.0f / o[D / 8][0], inv1 = 1.0f / o[D / 8][2];
+    const int group = lane / 4, quad = lane % 4;
+    const int r0 = first + group, r1 = r0 + 8;
+    T *out = context + (size_t)start * hidden + (size_t)head * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        int col = n * 8 + quad * 2;
+        if (r0 < len)
+            *reinterpret_cast<uint32_t *>(out + (size_t)r0 * hidden + col) =
+                mma_type<T>::pack(o[n][0] * inv0, o[n][1] * inv0);
+        if (r1 < len)
+            *reinterpret_cast<uint32_t *>(out + (size_t)r1 * hidden + col) =
+                mma_type<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
+    }
+}
+
 /* ---- pooling ---- */
 
 template <typename T>
@@ -620,18 +942,44 @@ static void launch_attention_tc(const cuda_batch_view *batch, const T *qkv, T *c
             <<<grid, TC_WARPS * WARP, 0, stream>>>(*batch, qkv, context, hidden, scale_log2);
 }
 
-extern "C" cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch,
-                                      const void *qkv, void *context, int hidden, int heads,
-                                      int tensor_cores, cudaStream_t stream)
+/* v2: one block per (tile, head), heads fastest; a 1-D grid (tiles may outnumber 65535). */
+template <typename T>
+static void launch_attention_tc2(const cuda_batch_view *batch, const T *qkv, T *context, int hidden,
+                                 int heads, cudaStream_t stream)
 {
     int d = hidden / heads;
-    if (tensor_cores && cuda_attention_has_tensor_cores(dtype, d)) {
-        if (dtype == CUDA_DTYPE_F16)
-            launch_attention_tc<__half>(batch, (const __half *)qkv, (__half *)context, hidden,
-                                        heads, stream);
-        else
-            launch_attention_tc<__nv_bfloat16>(batch, (const __nv_bfloat16 *)qkv,
-                                               (__nv_bfloat16 *)context, hidden, heads, stream);
+    float scale_log2 = 1.4426950408889634f / sqrtf((float)d);
+    unsigned blocks = (unsigned)(batch->max_tiles > 0 ? batch->max_tiles : 1) * (unsigned)heads;
+    if (d == 32)
+        attention_tc2_kernel<T, 32><<<blocks, TC_WARPS * WARP, 0, stream>>>(
+            *batch, qkv, context, hidden, heads, scale_log2);
+    else
+        attention_tc2_kernel<T, 64><<<blocks, TC_WARPS * WARP, 0, stream>>>(
+            *batch, qkv, context, hidden, heads, scale_log2);
+}
+
+extern "C" cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch,
+                                      const void *qkv, void *context, int hidden, int heads,
+                                      int kernel, cudaStream_t stream)
+{
+    int d = hidden / heads;
+    if (kernel != CUDA_ATTENTION_FP32 && cuda_attention_has_tensor_cores(dtype, d)) {
+        bool v2 = kernel == CUDA_ATTENTION_MMA_V2;
+        if (dtype == CUDA_DTYPE_F16) {
+            const __half *q = (const __half *)qkv;
+            __half *out = (__half *)context;
+            if (v2)
+                launch_attention_tc2(batch, q, out, hidden, heads, stream);
+            else
+                launch_attention_tc(batch, q, out, hidden, heads, stream);
+        } else {
+            const __nv_bfloat16 *q = (const __nv_bfloat16 *)qkv;
+            __nv_bfloat16 *out = (__nv_bfloat16 *)context;
+            if (v2)
+                launch_attention_tc2(batch, q, out, hidden, heads, stream);
+            else
+                launch_attention_tc(batch, q, out, hidden, heads, stream);
+        }
         return cudaGetLastError();
     }
     size_t items = (size_t)batch->max_tokens * (size_t)heads;

@@ -65,13 +65,17 @@ cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_view *batch, 
 cudaError_t cuda_bias_activation(cuda_dtype dtype, const cuda_batch_view *batch, void *x,
                                  const void *bias, int n, int activation, cudaStream_t stream);
 
+/* The attention kernels of cuda_attention: one that computes in fp32 on the ordinary cores (any
+ * head size up to CUDA_MAX_HEAD, any dtype), and two on tensor cores (mma.sync; fp16/bf16 with head
+ * size 32 or 64 only, see cuda_attention_has_tensor_cores): v1, and v2 with ldmatrix fragments and
+ * cp.async double buffering (cuda_kernels.cu says how they differ). */
+enum { CUDA_ATTENTION_FP32, CUDA_ATTENTION_MMA, CUDA_ATTENTION_MMA_V2 };
+
 /* Self-attention of every sequence: qkv rows are [q | k | v] (3 x hidden), context rows hidden
- * wide. tensor_cores picks the mma kernel (fp16/bf16 with head size 32 or 64 only; see
- * cuda_attention_has_tensor_cores); otherwise a kernel that computes in fp32 for any head size up
- * to CUDA_MAX_HEAD. */
+ * wide. kernel is a CUDA_ATTENTION_* code; a tensor-core kernel where the dtype and head size have
+ * none falls back to the fp32 one. */
 cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch, const void *qkv,
-                           void *context, int hidden, int heads, int tensor_cores,
-                           cudaStream_t stream);
+                           void *context, int hidden, int heads, int kernel, cudaStream_t stream);
 int cuda_attention_has_tensor_cores(cuda_dtype dtype, int head_size);
 
 /* pooled[s] (fp32) = mean, CLS or max (embedrag_pooling) over sequence s's rows of x, leaving
