@@ -124,11 +124,11 @@ if run_step bench; then
     wanted 12x384-fp16-erf && EMBEDRAG_CUDA_GELU=erf "$bench" --device cuda --seconds "$seconds" \
         --json --random 12,384,12,1536 --precision fp16 >"$logs/bench-12x384-fp16-erf.json" \
         2>>"$logs/bench.log"
-    # Attention v2 (EMBEDRAG_CUDA_ATTENTION=v2: ldmatrix fragments, cp.async double buffering).
+    # The first attention kernel (EMBEDRAG_CUDA_ATTENTION=v1), for comparison with v2.
     for shape in 12x384:12,384,12,1536 6x384:6,384,12,1536 12x768:12,768,12,3072; do
-        wanted "${shape%%:*}-fp16-attv2" || continue
-        EMBEDRAG_CUDA_ATTENTION=v2 "$bench" --device cuda --seconds "$seconds" --json \
-            --random "${shape#*:}" --precision fp16 >"$logs/bench-${shape%%:*}-fp16-attv2.json" \
+        wanted "${shape%%:*}-fp16-attv1" || continue
+        EMBEDRAG_CUDA_ATTENTION=v1 "$bench" --device cuda --seconds "$seconds" --json \
+            --random "${shape#*:}" --precision fp16 >"$logs/bench-${shape%%:*}-fp16-attv1.json" \
             2>>"$logs/bench.log"
     done
     wanted 12x384-fp16-nographs && EMBEDRAG_CUDA_GRAPHS=0 "$bench" --device cuda \

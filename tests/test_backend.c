@@ -706,15 +706,15 @@ typedef struct gpu_variant {
     double min_cosine; /* 0: measured and reported only */
 } gpu_variant;
 
-/* On every shape: the defaults, and the v2 tensor-core attention kernel (heads of 32 and 64, fp16
- * and bf16 each) until it is the default. */
+/* On every shape: the defaults (the v2 tensor-core attention kernel), and the first attention
+ * kernel (v1, heads of 32 and 64, fp16 and bf16 each), which stays selectable. */
 static const gpu_variant gpu_variants[] = {
     {EMBEDRAG_PRECISION_FP16, NULL, NULL, "cuda fp16", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_BF16, NULL, NULL, "cuda bf16", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_FP32, NULL, NULL, "cuda fp32", GPU_FP32_MIN_COSINE},
-    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_ATTENTION", "v2", "cuda fp16, attention v2",
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_ATTENTION", "v1", "cuda fp16, attention v1",
      GPU_HALF_MIN_COSINE},
-    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_ATTENTION", "v2", "cuda bf16, attention v2",
+    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_ATTENTION", "v1", "cuda bf16, attention v1",
      GPU_HALF_MIN_COSINE},
 };
 
