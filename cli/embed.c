@@ -6,14 +6,18 @@
  * lines, and is counted. */
 #include "cli.h"
 
+#include "engine/engine.h"
+
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 /* Lines embedded per call: enough for full token-budget batches, small enough that a chunk's
- * texts and vectors stay a few megabytes. */
+ * texts and vectors stay a few megabytes. With a GPU, four of the library's windows a call, so
+ * that it tokenizes the next window while the GPU runs one (about 30 MB of texts and vectors). */
 #define EMBED_CHUNK_LINES 1024
+#define EMBED_CHUNK_LINES_GPU (4 * ENGINE_WINDOW_TEXTS)
 
 static const char embed_usage[] =
     "usage: embedrag embed [options] [< texts.txt]\n"
@@ -214,11 +218,19 @@ int cli_embed(int argc, char **argv)
         perror(output_path);
         goto close_model;
     }
-    texts = calloc(EMBED_CHUNK_LINES, sizeof *texts);
-    lengths = calloc(EMBED_CHUNK_LINES, sizeof *lengths);
-    capacities = calloc(EMBED_CHUNK_LINES, sizeof *capacities);
-    vectors = malloc((size_t)EMBED_CHUNK_LINES * (size_t)dim * sizeof *vectors);
-    statuses = calloc(EMBED_CHUNK_LINES, sizeof *statuses);
+    size_t chunk = EMBED_CHUNK_LINES;
+    embedrag_model_info info;
+    embedrag_model_get_info(model, &info);
+    for (int i = 1; i < info.backend_count && model_options.device != EMBEDRAG_DEVICE_CPU; i++) {
+        embedrag_backend_info b;
+        if (embedrag_model_get_backend(model, i, &b) == 0 && !b.failure)
+            chunk = EMBED_CHUNK_LINES_GPU;
+    }
+    texts = calloc(chunk, sizeof *texts);
+    lengths = calloc(chunk, sizeof *lengths);
+    capacities = calloc(chunk, sizeof *capacities);
+    vectors = malloc(chunk * (size_t)dim * sizeof *vectors);
+    statuses = calloc(chunk, sizeof *statuses);
     if (!texts || !lengths || !capacities || !vectors || !statuses) {
         fprintf(stderr, "embedrag embed: out of memory\n");
         goto free_buffers;
@@ -231,7 +243,7 @@ int cli_embed(int argc, char **argv)
     for (;;) {
         size_t n = 0;
         long len;
-        while (n < EMBED_CHUNK_LINES && (len = cli_read_line(in, &texts[n], &capacities[n])) >= 0)
+        while (n < chunk && (len = cli_read_line(in, &texts[n], &capacities[n])) >= 0)
             lengths[n++] = (size_t)len;
         if (ferror(in)) {
             fprintf(stderr, "embedrag embed: error reading %s\n",
@@ -277,7 +289,7 @@ int cli_embed(int argc, char **argv)
             fprintf(stderr, "\rembedded %zu texts (%.0f texts/s)", done,
                     t > 0 ? (double)done / t : 0.0);
         }
-        if (n < EMBED_CHUNK_LINES) break;
+        if (n < chunk) break;
     }
     if (progress && done) fputc('\n', stderr);
     if (fflush(out) != 0) {
@@ -293,7 +305,7 @@ int cli_embed(int argc, char **argv)
     status = 0;
 free_buffers:
     if (texts)
-        for (size_t i = 0; i < EMBED_CHUNK_LINES; i++) free(texts[i]);
+        for (size_t i = 0; i < chunk; i++) free(texts[i]);
     free(texts);
     free(lengths);
     free(capacities);

@@ -587,6 +587,48 @@ static void test_tokenizer_threads(embedrag_model *cpu_model)
         rc = embedrag_embed(m, texts, NULL, TEXTS, &p, got);
         CHECK(rc == 0 && memcmp(again, expected, sizeof again) == 0, "round %d", round);
     }
+
+    /* Over two windows the second is tokenized while the first runs: the same again, with bad
+     * texts in the second window (one of them its last text). */
+    enum { MANY = ENGINE_WINDOW_TEXTS + 60 };
+    char(*short_texts)[32] = malloc(MANY * sizeof *short_texts);
+    const char **many = malloc(MANY * sizeof *many);
+    int *many_expected = malloc(MANY * sizeof *many_expected);
+    int *many_statuses = malloc(MANY * sizeof *many_statuses);
+    float *many_reference = malloc((size_t)MANY * dim * sizeof(float));
+    float *many_got = malloc((size_t)MANY * dim * sizeof(float));
+    for (int i = 0; i < MANY; i++) {
+        snprintf(short_texts[i], sizeof short_texts[i], "text number %d of many", i);
+        many[i] = short_texts[i];
+    }
+    int bad1 = ENGINE_WINDOW_TEXTS + 17, bad2 = MANY - 1;
+    many[bad1] = "bad \xc3\x28 text";
+    many[bad2] = NULL;
+    p.statuses = many_expected;
+    CHECK(embedrag_embed(cpu_model, many, NULL, MANY, &p, many_reference) == 0, "reference");
+    p.statuses = many_statuses;
+    rc = embedrag_embed(m, many, NULL, MANY, &p, many_got);
+    CHECK(rc == 0 && memcmp(many_statuses, many_expected, MANY * sizeof(int)) == 0 &&
+              many_statuses[bad1] == EMBEDRAG_ERR_INVALID_UTF8 &&
+              many_statuses[bad2] == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "statuses over windows (rc %d)", rc);
+    CHECK(embedrag_last_error_index() == bad1, "the first bad text over windows: %ld",
+          embedrag_last_error_index());
+    differ = 0;
+    for (int i = 0; i < MANY; i++)
+        if (!many_expected[i])
+            differ += memcmp(many_got + (size_t)i * dim, many_reference + (size_t)i * dim,
+                             (size_t)dim * sizeof(float)) != 0;
+    CHECK(differ == 0, "%d vectors differ over windows", differ);
+    rc = embedrag_embed(m, many, NULL, MANY, NULL, many_got);
+    CHECK(rc == EMBEDRAG_ERR_INVALID_UTF8 && embedrag_last_error_index() == bad1,
+          "over windows without statuses: rc %d, index %ld", rc, embedrag_last_error_index());
+    free(short_texts);
+    free(many);
+    free(many_expected);
+    free(many_statuses);
+    free(many_reference);
+    free(many_got);
     embedrag_model_close(m);
 done:
     free(reference);

@@ -1049,6 +1049,64 @@ static void tokenize_window(embedrag_model *m, tokenize_job *job)
     for (int t = 0; t < tasks; t++) tokenize_texts(job, t, 0);
 }
 
+/* A window's buffers: its texts' token slots (max_tokens each, closed up into ids before the
+ * run), offsets, pool skips, which texts run, and the tokenizing job that fills them. */
+typedef struct window_slot {
+    int32_t *ids;
+    int *offsets, *skips, *got;
+    bool *run;
+    tokenize_job job;
+} window_slot;
+
+/* Windows tokenized ahead on a second thread (with a GPU: the next window's tokens are made while
+ * the GPU runs this one). The caller takes window k once `tokenized` > k and frees its slot by
+ * raising `consumed`; the producer stays at most two windows ahead, and stops when told. */
+typedef struct window_pipeline {
+    embedrag_model *m;
+    window_slot *slots;
+    size_t n, window, windows;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    size_t tokenized, consumed;
+    bool stop;
+} window_pipeline;
+
+static void tokenize_window_at(embedrag_model *m, window_slot *slot, size_t base, size_t count)
+{
+    slot->job.base = base;
+    slot->job.count = (int)count;
+    tokenize_window(m, &slot->job);
+}
+
+static void *window_producer(void *arg)
+{
+    window_pipeline *pl = arg;
+    for (size_t k = 0; k < pl->windows; k++) {
+        pthread_mutex_lock(&pl->lock);
+        while (!pl->stop && k >= pl->consumed + 2) pthread_cond_wait(&pl->changed, &pl->lock);
+        bool stop = pl->stop;
+        pthread_mutex_unlock(&pl->lock);
+        if (stop) break;
+        size_t base = k * pl->window;
+        size_t count = pl->n - base < pl->window ? pl->n - base : pl->window;
+        tokenize_window_at(pl->m, &pl->slots[k % 2], base, count);
+        pthread_mutex_lock(&pl->lock);
+        pl->tokenized = k + 1;
+        pthread_cond_broadcast(&pl->changed);
+        pthread_mutex_unlock(&pl->lock);
+    }
+    return NULL;
+}
+
+static void free_slot(window_slot *slot)
+{
+    free(slot->ids);
+    free(slot->offsets);
+    free(slot->skips);
+    free(slot->got);
+    free(slot->run);
+}
+
 int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *lengths, size_t n,
                    const embedrag_embed_params *params, float *out)
 {
@@ -1072,36 +1130,61 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
     size_t first_index = 0;
     char *first_message = NULL;
     size_t window = n < ENGINE_WINDOW_TEXTS ? n : ENGINE_WINDOW_TEXTS;
-    size_t slots = window ? window : 1;
-    int32_t *ids = malloc(slots * (size_t)max_tokens * sizeof *ids);
-    int *offsets = malloc((slots + 1) * sizeof *offsets);
-    int *skips = malloc(slots * sizeof *skips);
-    bool *run = malloc(slots * sizeof *run);
-    int *got = malloc(slots * sizeof *got);
-    if (!ids || !offsets || !skips || !run || !got) {
-        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory embedding %zu texts", n);
-        goto free_buffers;
+    size_t windows = window ? (n + window - 1) / window : 0;
+    /* Tokenizing ahead pays where the model runs on a GPU (it has tokenizer threads) and there is
+     * a next window; on the CPU the cores are the model's. */
+    bool ahead = m->tokenizer_threads && windows > 1;
+    size_t slot_texts = window ? window : 1;
+    window_slot slots[2] = {{0}};
+    pthread_t producer;
+    bool producing = false;
+    window_pipeline pipeline = {
+        .m = m, .slots = slots, .n = n, .window = window, .windows = windows};
+    pthread_mutex_init(&pipeline.lock, NULL);
+    pthread_cond_init(&pipeline.changed, NULL);
+    for (int k = 0; k < (ahead ? 2 : 1); k++) {
+        window_slot *slot = &slots[k];
+        slot->ids = malloc(slot_texts * (size_t)max_tokens * sizeof *slot->ids);
+        slot->offsets = malloc((slot_texts + 1) * sizeof *slot->offsets);
+        slot->skips = malloc(slot_texts * sizeof *slot->skips);
+        slot->got = malloc(slot_texts * sizeof *slot->got);
+        slot->run = malloc(slot_texts * sizeof *slot->run);
+        if (!slot->ids || !slot->offsets || !slot->skips || !slot->got || !slot->run) {
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory embedding %zu texts", n);
+            goto free_buffers;
+        }
+        slot->job = (tokenize_job){.m = m,
+                                   .prompt = prompt,
+                                   .texts = texts,
+                                   .lengths = lengths,
+                                   .max_tokens = max_tokens,
+                                   .truncate = params->truncate,
+                                   .ids = slot->ids,
+                                   .got = slot->got};
     }
-    tokenize_job job = {.m = m,
-                        .prompt = prompt,
-                        .texts = texts,
-                        .lengths = lengths,
-                        .max_tokens = max_tokens,
-                        .truncate = params->truncate,
-                        .ids = ids,
-                        .got = got};
-    for (size_t base = 0; base < n; base += window) {
+    if (ahead) producing = pthread_create(&producer, NULL, window_producer, &pipeline) == 0;
+    ahead = producing; /* without a thread, each window is tokenized in turn */
+    for (size_t k = 0; k < windows; k++) {
+        size_t base = k * window;
         size_t count = n - base < window ? n - base : window;
-        job.base = base;
-        job.count = (int)count;
-        tokenize_window(m, &job);
+        window_slot *slot = &slots[ahead ? k % 2 : 0];
+        if (ahead) {
+            pthread_mutex_lock(&pipeline.lock);
+            while (pipeline.tokenized <= k) pthread_cond_wait(&pipeline.changed, &pipeline.lock);
+            pthread_mutex_unlock(&pipeline.lock);
+        } else {
+            tokenize_window_at(m, slot, base, count);
+        }
+        const tokenize_job *job = &slot->job;
+        int32_t *ids = slot->ids;
+        int *offsets = slot->offsets, *got = slot->got;
         offsets[0] = 0;
         for (size_t i = 0; i < count; i++) {
             size_t at = base + i;
             int status = got[i] < 0 ? got[i] : 0, tokens = got[i] < 0 ? 0 : got[i];
             if (status) {
                 /* Only the window's first failure's message is kept: it is the one reported. */
-                if (i == job.first_bad) err_set(status, "%s", job.message);
+                if (i == job->first_bad) err_set(status, "%s", job->message);
                 if (!params->statuses) {
                     err_set_text(at);
                     rc = status;
@@ -1110,33 +1193,45 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
                 if (!first_status) {
                     first_status = status;
                     first_index = at;
-                    first_message = strdup(job.message);
+                    first_message = strdup(job->message);
                 }
                 fill_nan(out + at * (size_t)dim, dim);
             }
             if (params->statuses) params->statuses[at] = status;
-            run[i] = status == 0;
+            slot->run[i] = status == 0;
             /* Close the gaps between the texts' slots (each text was tokenized into its own). */
             if (tokens && offsets[i] != (int)i * max_tokens)
                 memmove(ids + offsets[i], ids + i * (size_t)max_tokens,
                         (size_t)tokens * sizeof *ids);
             offsets[i + 1] = offsets[i] + tokens;
-            skips[i] = skip;
+            slot->skips[i] = skip;
         }
-        rc = run_sequences(m, ids, offsets, (int)count, run, skip ? skips : NULL, params,
-                           out + base * (size_t)dim, NULL);
+        rc = run_sequences(m, ids, offsets, (int)count, slot->run, skip ? slot->skips : NULL,
+                           params, out + base * (size_t)dim, NULL);
         if (rc) goto free_buffers;
+        if (ahead) {
+            pthread_mutex_lock(&pipeline.lock);
+            pipeline.consumed = k + 1;
+            pthread_cond_broadcast(&pipeline.changed);
+            pthread_mutex_unlock(&pipeline.lock);
+        }
     }
     if (first_status) {
         err_set(first_status, "%s", first_message ? first_message : "a text failed");
         err_set_text(first_index);
     }
 free_buffers:
-    free(ids);
-    free(offsets);
-    free(skips);
-    free(run);
-    free(got);
+    if (producing) {
+        pthread_mutex_lock(&pipeline.lock);
+        pipeline.stop = true;
+        pthread_cond_broadcast(&pipeline.changed);
+        pthread_mutex_unlock(&pipeline.lock);
+        pthread_join(producer, NULL);
+    }
+    pthread_mutex_destroy(&pipeline.lock);
+    pthread_cond_destroy(&pipeline.changed);
+    free_slot(&slots[0]);
+    free_slot(&slots[1]);
     free(first_message);
     return rc ? model_failed(m, rc) : 0;
 }
