@@ -41,7 +41,9 @@ enum {
     "                       fp16 on a GPU), fp32, bf16 (1.8-3x faster on CPUs with AMX-BF16\n"     \
     "                       or AVX512-BF16; cosine to fp32 >= 0.9999 for nearly all texts) or\n"   \
     "                       fp16 (a GPU's fast mode; the CPU runs it as fp32)\n"                   \
-    "  --device D           auto (default: the CPU, plus a GPU when there is one), cpu or gpu\n"
+    "  --device D           auto (default: the CPU plus every GPU found; each call goes where\n"   \
+    "                       it should finish first), cpu, or gpu (alias cuda); the default\n"      \
+    "                       comes from $EMBEDRAG_DEVICE when set\n"
 
 /* Defaults: the default model, all cores, each backend's own precision, any device. */
 cli_model_options cli_model_defaults(void);

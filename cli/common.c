@@ -52,7 +52,7 @@ int cli_model_option(int code, const char *value, cli_model_options *o)
         else if (!strcmp(value, "gpu") || !strcmp(value, "cuda"))
             o->device = EMBEDRAG_DEVICE_GPU;
         else {
-            fprintf(stderr, "embedrag: --device takes auto, cpu or gpu (got '%s')\n", value);
+            fprintf(stderr, "embedrag: --device takes auto, cpu, gpu or cuda (got '%s')\n", value);
             return -1;
         }
         return 1;
