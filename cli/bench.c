@@ -46,7 +46,7 @@ static const char bench_usage[] =
     "options:\n" CLI_MODEL_OPTIONS_HELP
     "                     (bf16: fractions of peak stay of the fp32 peak)\n"
     "  --data FILE        sentences to build texts from (default: " EMBEDRAG_BENCH_DATA ")\n"
-    "  --dump-texts DIR   also write the texts used (q16.txt, t50.txt, t128.txt) for the peers\n"
+    "  --dump-texts DIR   also write the texts used (q16.txt, t50.txt, t128.txt, mixed.txt)\n"
     "  --quick            fewer repetitions and no batch 1000 (a smoke run)\n"
     "  --query-only       measure only the single-query latency\n"
     "  --concurrent       also measure queries during a bulk job (see above)\n"
@@ -589,7 +589,7 @@ int cli_bench(int argc, char **argv)
     if (dump) {
         mkdir(dump, 0755);
         if (dump_texts(dump, "q16.txt", &q16) || dump_texts(dump, "t50.txt", &t50) ||
-            dump_texts(dump, "t128.txt", &t128)) {
+            dump_texts(dump, "t128.txt", &t128) || dump_texts(dump, "mixed.txt", &mixed_set)) {
             fprintf(stderr, "embedrag bench: cannot write texts to %s\n", dump);
             goto free_texts;
         }

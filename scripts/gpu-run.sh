@@ -12,6 +12,10 @@
 #             16-token queries during a 100,000-text bulk job)
 #   peers     PyTorch on the GPU (bench/peers/gpu_peers.py: eager fp16 and torch.compile),
 #             the same shapes and cells as embedrag_backend_bench
+#   scale     bulk scaling over 1..all visible GPUs (issue 12): `embedrag embed` of 200,000
+#             128-token and 200,000 mixed 32-256-token texts through a 12-layer 384-wide model
+#             (the F16 MiniLM-L6 with each layer twice), tokens/s, the CPU cores used, vectors
+#             against one GPU's, and a run where GPU 0 fails mid-run
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
 #             fp16) and one query (1 x 16)
@@ -184,6 +188,75 @@ if run_step peers; then
         --json "$out/peers-gpu.json" >"$logs/peers.log" 2>&1
     note "gpu_peers.py: exit $?"
     grep -E ' ms ' "$logs/peers.log" | sed 's/^/  peer /' >>"$summary"
+fi
+# ---- several GPUs ----
+if run_step scale; then
+    l12=/tmp/minilm-l12-f16
+    [ -d "$l12" ] || python3 "$src/scripts/make_stacked_model.py" "$src/models/all-MiniLM-L6-v2" \
+        "$l12" >"$logs/scale.log" 2>&1
+    "$build/embedrag" bench --model "$l12" --device cpu --query-only --quick \
+        --data "$bundle/shared/data/stsb-en-dev.csv" --dump-texts /tmp/scale-texts \
+        >>"$logs/scale.log" 2>&1
+    PYTHONUNBUFFERED=1 python3 - "$build/embedrag" "$l12" /tmp/scale-texts "$out/scale.json" \
+        >>"$summary" 2>>"$logs/scale.log" <<'PY'
+import json, os, resource, subprocess, sys, time
+import numpy as np
+cli, model, texts, out = sys.argv[1:5]
+gpus = int(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.count("GPU "))
+copies = 200
+sets = {}
+for name, tokens in (("t128", 128 * 1000), ("mixed", sum(32 + (97 * i) % 225 for i in range(1000)))):
+    lines = open(os.path.join(texts, name + ".txt")).read().splitlines()
+    path = "/tmp/scale-%s.txt" % name
+    with open(path, "w") as f:
+        for _ in range(copies):
+            f.write("\n".join(lines) + "\n")
+    sets[name] = (path, tokens * copies, len(lines) * copies)
+def run(n, path, env_extra=None, keep=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n)))
+    env.update(env_extra or {})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    with open(path) as f, open(keep or os.devnull, "wb") as o:
+        p = subprocess.run([cli, "embed", "--model", model, "--device", "gpu", "--format", "f32",
+                            "--quiet"], stdin=f, stdout=o, stderr=subprocess.PIPE, env=env)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return p.returncode, wall, cpu, p.stderr.decode()[-400:]
+results = {"gpus": gpus, "copies": copies, "runs": []}
+counts = [n for n in (1, 2, 4, 8) if n <= gpus]
+print("scale: %d GPUs visible; embed of %d texts per set through the 12-layer F16 model" % (gpus, sets["t128"][2]))
+for name, (path, tokens, lines) in sets.items():
+    run(1, path)  # warm the page cache and the driver
+    base = None
+    for n in counts:
+        keep = "/tmp/scale-out-%s-%d.f32" % (name, n)
+        rc, wall, cpu, err = run(n, path, keep=keep)
+        rate = tokens / wall
+        base = base or rate
+        v = np.fromfile(keep, dtype=np.float32).reshape(lines, -1)
+        ref = np.fromfile("/tmp/scale-out-%s-1.f32" % name, dtype=np.float32).reshape(lines, -1)
+        worst = float(((v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)).min())
+        results["runs"].append({"set": name, "gpus": n, "rc": rc, "wall_s": wall, "tokens_per_s": rate,
+                                "scaling": rate / base, "cpu_cores_used": cpu / wall, "worst_cosine_vs_1": worst})
+        print("scale %-6s %d GPU%s: rc %d, %.2f s, %.2f M tok/s (x%.2f of 1 GPU), %.1f CPU cores busy, worst cosine vs 1 GPU %.7f"
+              % (name, n, "s" if n > 1 else "", rc, wall, rate / 1e6, rate / base, cpu / wall, worst))
+        if rc:
+            print("  stderr: " + err)
+if gpus > 1:
+    path, tokens, lines = sets["t128"]
+    keep = "/tmp/scale-out-fail.f32"
+    rc, wall, cpu, err = run(gpus, path, {"EMBEDRAG_TEST_CUDA_FAIL_AFTER": "40"}, keep=keep)
+    v = np.fromfile(keep, dtype=np.float32).reshape(lines, -1)
+    ref = np.fromfile("/tmp/scale-out-t128-1.f32", dtype=np.float32).reshape(lines, -1)
+    worst = float(((v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)).min())
+    warnings = [l for l in err.splitlines() if "warning" in l]
+    results["failure_run"] = {"rc": rc, "wall_s": wall, "worst_cosine_vs_1": worst, "stderr": err}
+    print("scale: GPU 0 fails after 40 batches of %d GPUs: rc %d, %.2f s, worst cosine vs 1 GPU %.7f, %d warning line(s): %s"
+          % (gpus, rc, wall, worst, len(warnings), warnings[:1]))
+json.dump(results, open(out, "w"), indent=1)
+PY
 fi
 # ---- compute-sanitizer ----
 if run_step sanitize; then

@@ -18,6 +18,7 @@
 
 #include <cuda_runtime_api.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +98,8 @@ typedef struct cuda_backend {
 
     pthread_mutex_t rate_lock;
     double seconds_per_flop, overhead_seconds;
+    int fail_after; /* EMBEDRAG_TEST_CUDA_FAIL_AFTER on device 0, else -1 */
+    atomic_int batches;
 } cuda_backend;
 
 typedef struct cuda_plan {
@@ -703,6 +706,11 @@ static int cuda_submit(backend_stream *s, const backend_batch *batch, float *out
         return 0;
     }
     CUDA_TRY(cudaSetDevice(b->device), "selecting the device");
+    if (b->fail_after >= 0 && atomic_fetch_add(&b->batches, 1) >= b->fail_after)
+        return err_set(EMBEDRAG_ERR_DEVICE,
+                       "CUDA device %d: a fault injected after %d batches "
+                       "(EMBEDRAG_TEST_CUDA_FAIL_AFTER)",
+                       b->device, b->fail_after);
 
     int tiles = count_tiles(batch);
     cuda_shape shape = {batch->tokens, batch->count, tiles};
@@ -1116,6 +1124,10 @@ int cuda_backend_create(const backend_params *params, const model_config *config
         goto destroy;
     }
     b->use_graphs = env_flag("EMBEDRAG_CUDA_GRAPHS", true);
+    /* EMBEDRAG_TEST_CUDA_FAIL_AFTER=N (tests of the engine's recovery on real GPUs): device 0
+     * fails every batch after its first N, as a GPU that fails mid-run. */
+    const char *fail = getenv("EMBEDRAG_TEST_CUDA_FAIL_AFTER");
+    b->fail_after = fail && *fail && b->device == 0 ? atoi(fail) : -1;
     /* Attention: the tensor-core kernel where the dtype and head size have one, v2 (ldmatrix,
      * cp.async; 8.0 against 7.3 M tokens/s at 1000 x 128 on an H200, the same vectors) unless
      * EMBEDRAG_CUDA_ATTENTION=v1; EMBEDRAG_CUDA_TENSOR_CORE_ATTENTION=0 takes the fp32 one. */
