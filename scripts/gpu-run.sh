@@ -244,17 +244,24 @@ for name, (path, tokens, lines) in sets.items():
               % (name, n, "s" if n > 1 else "", rc, wall, rate / 1e6, rate / base, cpu / wall, worst))
         if rc:
             print("  stderr: " + err)
-if gpus > 1:
-    path, tokens, lines = sets["t128"]
-    keep = "/tmp/scale-out-fail.f32"
-    rc, wall, cpu, err = run(gpus, path, {"EMBEDRAG_TEST_CUDA_FAIL_AFTER": "40"}, keep=keep)
-    v = np.fromfile(keep, dtype=np.float32).reshape(lines, -1)
-    ref = np.fromfile("/tmp/scale-out-t128-1.f32", dtype=np.float32).reshape(lines, -1)
+# A GPU failing mid-run: with several GPUs its work goes to the others, with one to the CPU
+# (5,000 texts; the engine's calibration at open takes 5 batches, so 8 fails on the 3rd of the run).
+small = "/tmp/scale-small.txt"
+with open(sets["t128"][0]) as f, open(small, "w") as o:
+    for i, line in zip(range(5000), f):
+        o.write(line)
+results["failure_runs"] = []
+for n in sorted(set([1, gpus])):
+    keep, ref_path = "/tmp/scale-out-fail-%d.f32" % n, "/tmp/scale-out-small-%d.f32" % n
+    run(n, small, keep=ref_path)
+    rc, wall, cpu, err = run(n, small, {"EMBEDRAG_TEST_CUDA_FAIL_AFTER": "8"}, keep=keep)
+    v = np.fromfile(keep, dtype=np.float32).reshape(5000, -1)
+    ref = np.fromfile(ref_path, dtype=np.float32).reshape(5000, -1)
     worst = float(((v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)).min())
     warnings = [l for l in err.splitlines() if "warning" in l]
-    results["failure_run"] = {"rc": rc, "wall_s": wall, "worst_cosine_vs_1": worst, "stderr": err}
-    print("scale: GPU 0 fails after 40 batches of %d GPUs: rc %d, %.2f s, worst cosine vs 1 GPU %.7f, %d warning line(s): %s"
-          % (gpus, rc, wall, worst, len(warnings), warnings[:1]))
+    results["failure_runs"].append({"gpus": n, "rc": rc, "wall_s": wall, "worst_cosine": worst, "stderr": err})
+    print("scale: GPU 0 of %d fails after 8 batches: rc %d, %.2f s, worst cosine vs no failure %.7f, %d warning line(s): %s"
+          % (n, rc, wall, worst, len(warnings), warnings[:1]))
 json.dump(results, open(out, "w"), indent=1)
 PY
 fi
