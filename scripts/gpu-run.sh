@@ -223,7 +223,10 @@ def run(n, path, env_extra=None, keep=None, device="gpu"):
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    global peak_rss_mb
+    peak_rss_mb = after.ru_maxrss / 1024.0  # the largest child so far
     return p.returncode, wall, cpu, p.stderr.decode()[-400:]
+peak_rss_mb = 0.0
 results = {"gpus": gpus, "copies": copies, "runs": []}
 counts = [n for n in (1, 2, 4, 8) if n <= gpus]
 print("scale: %d GPUs visible; embed of %d texts per set through the 12-layer F16 model; tokens/s past start-up" % (gpus, sets["t128"][2]))
@@ -252,6 +255,7 @@ for name, (path, tokens, lines) in sets.items():
         ref = np.fromfile("/tmp/scale-out-%s-1.f32" % name, dtype=np.float32).reshape(lines, -1)
         worst = float(((v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)).min())
         results["runs"].append({"set": name, "gpus": n, "rc": rc, "wall_s": wall, "tokens_per_s": rate,
+                                "peak_rss_mb_so_far": peak_rss_mb,
                                 "scaling": rate / base, "cpu_cores_used": cpu / wall, "worst_cosine_vs_1": worst})
         print("scale %-6s %d GPU%s: rc %d, %.2f s (%.2f s past start-up), %.2f M tok/s (x%.2f of 1 GPU), %.1f CPU cores busy, worst cosine vs 1 GPU %.7f"
               % (name, n, "s" if n > 1 else "", rc, wall, wall - startup[n], rate / 1e6, rate / base, cpu / wall, worst))
@@ -280,6 +284,8 @@ for n in sorted(set([1, gpus])):
     results["failure_runs"].append({"gpus": n, "rc": rc, "wall_s": wall, "worst_cosine": worst, "stderr": err})
     print("scale: GPU 0 of %d fails after 8 batches: rc %d, %.2f s, worst cosine vs no failure %.7f, %d warning line(s): %s"
           % (n, rc, wall, worst, len(warnings), warnings[:1]))
+print("scale: the largest embed process's peak RSS: %.0f MB (inputs of %d texts, %.0f MB of vectors out)"
+      % (peak_rss_mb, sets["t128"][2], sets["t128"][2] * 384 * 4 / 1e6))
 json.dump(results, open(out, "w"), indent=1)
 PY
 fi
