@@ -400,7 +400,7 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const
         const cuda_layer *layer = &b->layers[l];
         int rc = gemm(s, plan, GEMM_QKV, layer, s->x, s->qkv);
         if (rc) return rc;
-        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention, st),
+        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention, 0, st),
                  "attention kernel");
         rc = project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
                               layer->attention_ln_gamma, layer->attention_ln_beta, s->x1);

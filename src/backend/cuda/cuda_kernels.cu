@@ -99,6 +99,24 @@ __device__ __forceinline__ float warp_max(float x)
     return x;
 }
 
+/* Programmatic dependent launch (PDL, sm_90; PTX ISA "griddepcontrol"). A kernel launched with the
+ * programmatic stream serialization attribute may start before the kernel ahead of it in the
+ * stream has finished; grid_dependency_wait blocks until that kernel has completed and its writes
+ * are visible (at once for a kernel launched the ordinary way). grid_dependency_trigger lets the
+ * next kernel, if it was launched programmatically, start once every block of this one has
+ * triggered or exited (no effect otherwise). Every kernel launched programmatically waits before
+ * it touches what kernels ahead of it wrote, and completes only after that wait: so waiting for
+ * the kernel just ahead covers all earlier ones too. */
+__device__ __forceinline__ void grid_dependency_wait()
+{
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+__device__ __forceinline__ void grid_dependency_trigger()
+{
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 /* ---- LayerNorm rows ---- */
 
 /* Normalizes the row a warp holds (v: its lanes' vectors, `vectors` of them in the row) with
@@ -145,6 +163,8 @@ __global__ void __launch_bounds__(ROW_WARPS *WARP)
                  const float *gamma, const float *beta, float eps, int hidden, T *out)
 {
     constexpr int PER_LANE = CUDA_MAX_HIDDEN / (16 / sizeof(T)) / WARP;
+    /* The first layer's product may start copying its weights (small-batch path). */
+    grid_dependency_trigger();
     int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
     if (t >= b.header[CUDA_HEADER_TOKENS]) return;
     const int lane = threadIdx.x % WARP;
@@ -725,6 +745,10 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
     __shared__ __align__(16) T q_tile[CUDA_ATTENTION_TILE * (D + TC_PAD)];
     __shared__ __align__(16) T k_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
     __shared__ __align__(16) T v_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
+    /* Launched programmatically (small-batch path): wait for the QKV product, and let the next
+     * product start copying its weights. Neither does anything in an ordinary launch. */
+    grid_dependency_wait();
+    grid_dependency_trigger();
     const int tile = blockIdx.x / heads, head = blockIdx.x % heads;
     if (tile >= b.header[CUDA_HEADER_TILES]) return; /* the whole block leaves together */
     const int sequence = b.tiles[2 * tile], q0 = b.tiles[2 * tile + 1];
@@ -942,45 +966,68 @@ static void launch_attention_tc(const cuda_batch_view *batch, const T *qkv, T *c
             <<<grid, TC_WARPS * WARP, 0, stream>>>(*batch, qkv, context, hidden, scale_log2);
 }
 
+/* A launch configuration, with the programmatic stream serialization attribute (PDL) when asked
+ * for; `attribute` must outlive the launch call. */
+static cudaLaunchConfig_t launch_config(unsigned blocks, unsigned threads, size_t shared,
+                                        bool programmatic, cudaLaunchAttribute *attribute,
+                                        cudaStream_t stream)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = shared;
+    config.stream = stream;
+    attribute->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute->val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = programmatic ? 1 : 0;
+    return config;
+}
+
 /* v2: one block per (tile, head), heads fastest; a 1-D grid (tiles may outnumber 65535). */
 template <typename T>
-static void launch_attention_tc2(const cuda_batch_view *batch, const T *qkv, T *context, int hidden,
-                                 int heads, cudaStream_t stream)
+static cudaError_t launch_attention_tc2(const cuda_batch_view *batch, const T *qkv, T *context,
+                                        int hidden, int heads, bool programmatic,
+                                        cudaStream_t stream)
 {
     int d = hidden / heads;
     float scale_log2 = 1.4426950408889634f / sqrtf((float)d);
     unsigned blocks = (unsigned)(batch->max_tiles > 0 ? batch->max_tiles : 1) * (unsigned)heads;
+    cudaLaunchAttribute attribute;
+    cudaLaunchConfig_t config =
+        launch_config(blocks, TC_WARPS * WARP, 0, programmatic, &attribute, stream);
     if (d == 32)
-        attention_tc2_kernel<T, 32><<<blocks, TC_WARPS * WARP, 0, stream>>>(
-            *batch, qkv, context, hidden, heads, scale_log2);
-    else
-        attention_tc2_kernel<T, 64><<<blocks, TC_WARPS * WARP, 0, stream>>>(
-            *batch, qkv, context, hidden, heads, scale_log2);
+        return cudaLaunchKernelEx(&config, attention_tc2_kernel<T, 32>, *batch, qkv, context,
+                                  hidden, heads, scale_log2);
+    return cudaLaunchKernelEx(&config, attention_tc2_kernel<T, 64>, *batch, qkv, context, hidden,
+                              heads, scale_log2);
 }
 
 extern "C" cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch,
                                       const void *qkv, void *context, int hidden, int heads,
-                                      int kernel, cudaStream_t stream)
+                                      int kernel, int programmatic, cudaStream_t stream)
 {
     int d = hidden / heads;
     if (kernel != CUDA_ATTENTION_FP32 && cuda_attention_has_tensor_cores(dtype, d)) {
         bool v2 = kernel == CUDA_ATTENTION_MMA_V2;
+        cudaError_t e = cudaSuccess;
         if (dtype == CUDA_DTYPE_F16) {
             const __half *q = (const __half *)qkv;
             __half *out = (__half *)context;
             if (v2)
-                launch_attention_tc2(batch, q, out, hidden, heads, stream);
+                e = launch_attention_tc2(batch, q, out, hidden, heads, programmatic != 0, stream);
             else
                 launch_attention_tc(batch, q, out, hidden, heads, stream);
         } else {
             const __nv_bfloat16 *q = (const __nv_bfloat16 *)qkv;
             __nv_bfloat16 *out = (__nv_bfloat16 *)context;
             if (v2)
-                launch_attention_tc2(batch, q, out, hidden, heads, stream);
+                e = launch_attention_tc2(batch, q, out, hidden, heads, programmatic != 0, stream);
             else
                 launch_attention_tc(batch, q, out, hidden, heads, stream);
         }
-        return cudaGetLastError();
+        cudaError_t last = cudaGetLastError();
+        return e != cudaSuccess ? e : last;
     }
     size_t items = (size_t)batch->max_tokens * (size_t)heads;
     unsigned blocks = (unsigned)((items + SIMPLE_WARPS - 1) / SIMPLE_WARPS);

@@ -73,9 +73,12 @@ enum { CUDA_ATTENTION_FP32, CUDA_ATTENTION_MMA, CUDA_ATTENTION_MMA_V2 };
 
 /* Self-attention of every sequence: qkv rows are [q | k | v] (3 x hidden), context rows hidden
  * wide. kernel is a CUDA_ATTENTION_* code; a tensor-core kernel where the dtype and head size have
- * none falls back to the fp32 one. */
+ * none falls back to the fp32 one. programmatic: v2 is launched as a programmatic dependent of the
+ * kernel before it (PDL: it starts while that one finishes and waits for it on the device; the
+ * other kernels have no such wait and ignore the flag). */
 cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch, const void *qkv,
-                           void *context, int hidden, int heads, int kernel, cudaStream_t stream);
+                           void *context, int hidden, int heads, int kernel, int programmatic,
+                           cudaStream_t stream);
 int cuda_attention_has_tensor_cores(cuda_dtype dtype, int head_size);
 
 /* pooled[s] (fp32) = mean, CLS or max (embedrag_pooling) over sequence s's rows of x, leaving
