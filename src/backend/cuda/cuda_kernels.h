@@ -97,9 +97,11 @@ cudaError_t cuda_pool(cuda_dtype dtype, const cuda_batch_view *batch, const void
  *   CUDA_SMALL_BIAS:       Y = X W^T + bias
  *   CUDA_SMALL_ACTIVATION: Y = activation(X W^T + bias) (a CUDA_ACT_* code)
  *   CUDA_SMALL_NORM:       Y = LayerNorm(X W^T + bias + residual) * gamma + beta (n at most
- *                          CUDA_MAX_HIDDEN): every block writes its fp32 slice to scratch (rows x
- *                          n floats), the last block to finish (counted on *counter, which must be
- *                          0 before and is 0 again after) normalizes the rows. */
+ *                          CUDA_MAX_HIDDEN; X W^T + bias rounded to the dtype first, as
+ *                          cuda_add_layer_norm gets it from cuBLASLt): every block writes its fp32
+ *                          slice to scratch (rows x n floats), the last block to finish (counted
+ *                          on *counter, which must be 0 before and is 0 again after) normalizes
+ *                          the rows. */
 #define CUDA_SMALL_MAX_ROWS 64
 enum { CUDA_SMALL_BIAS, CUDA_SMALL_ACTIVATION, CUDA_SMALL_NORM };
 
