@@ -716,6 +716,12 @@ static const gpu_variant gpu_variants[] = {
      GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_ATTENTION", "v1", "cuda bf16, attention v1",
      GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "1", "cuda fp16, small-batch kernels",
+     GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "1", "cuda bf16, small-batch kernels",
+     GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "nopdl",
+     "cuda fp16, small-batch kernels without pdl", GPU_HALF_MIN_COSINE},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,

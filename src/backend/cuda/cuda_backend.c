@@ -94,7 +94,11 @@ typedef struct cuda_backend {
     int attention;      /* CUDA_ATTENTION_* */
     int inter_epilogue; /* cuBLASLt epilogue of the intermediate GEMM */
     int own_activation; /* CUDA_ACT_* our kernel applies after it, or CUDA_ACT_NONE */
-    char name[32], device_text[320], kernels[160];
+    /* EMBEDRAG_CUDA_SMALL: passes of at most CUDA_SMALL_MAX_ROWS rows use cuda_small_gemm, whose
+     * launches (and attention v2's) are programmatic dependents unless small_pdl is off. */
+    bool small, small_pdl;
+    int small_activation; /* CUDA_ACT_* of the model, exact (erf GELU for GELU models) */
+    char name[32], device_text[320], kernels[192];
 
     pthread_mutex_t rate_lock;
     double seconds_per_flop, overhead_seconds;
@@ -130,6 +134,10 @@ struct backend_stream {
     void *device_block, *host_block;
     void *x, *x1, *qkv, *context, *hidden, *workspace;
     float *pooled;
+    /* The small-batch kernels' LayerNorm: fp32 rows (CUDA_SMALL_MAX_ROWS x hidden) and the
+     * last-block counters (both 0 between launches); NULL unless EMBEDRAG_CUDA_SMALL is on. */
+    float *small_scratch;
+    unsigned *small_counters;
     int *descriptor;      /* device */
     int *host_descriptor; /* pinned mirror */
     float *host_pooled;   /* pinned landing place when the caller's rows are not pinned */
@@ -372,6 +380,54 @@ static int gemm(backend_stream *s, const cuda_plan *plan, int kind, const cuda_l
 
 /* ---- the forward pass ---- */
 
+/* The epilogue the small-batch kernel (EMBEDRAG_CUDA_SMALL) fuses into each product. */
+static int small_epilogue(int kind)
+{
+    return kind == GEMM_INTERMEDIATE ? CUDA_SMALL_ACTIVATION
+           : kind == GEMM_QKV        ? CUDA_SMALL_BIAS
+                                     : CUDA_SMALL_NORM;
+}
+
+/* Whether product `kind` of a pass over plan->tokens rows takes the small-batch kernel: the
+ * variant is on, the pass has at most CUDA_SMALL_MAX_ROWS rows (a query's graph bucket) and the
+ * kernel takes the shape (cuda_small_gemm_columns: fp16/bf16, widths multiples of 8, shared memory
+ * enough); otherwise cuBLASLt and the separate kernels, as without the variant. Decided per
+ * product, so a shape the kernel does not take for one product still gets it for the others. */
+static bool small_takes(const backend_stream *s, const cuda_plan *plan, int kind)
+{
+    const cuda_backend *b = s->b;
+    if (!b->small || plan->tokens > CUDA_SMALL_MAX_ROWS) return false;
+    int n, k;
+    gemm_dims(b->config, kind, &n, &k);
+    return cuda_small_gemm_columns(b->dtype, plan->tokens, n, k, small_epilogue(kind)) > 0;
+}
+
+/* Product `kind` with its epilogue in one launch (small_takes said yes): QKV + bias, intermediate
+ * + bias + activation, attention output and output + bias + residual + LayerNorm. */
+static int small_gemm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
+                      int kind, const cuda_layer *layer, const void *input, const void *residual,
+                      const float *gamma, const float *beta, void *out)
+{
+    const cuda_backend *b = s->b;
+    cuda_small_gemm_params p = {.rows = plan->tokens,
+                                .x = input,
+                                .weight = layer->weight[kind],
+                                .bias = layer->bias[kind],
+                                .y = out,
+                                .epilogue = small_epilogue(kind),
+                                .activation = b->small_activation,
+                                .residual = residual,
+                                .gamma = gamma,
+                                .beta = beta,
+                                .eps = b->config->layer_norm_eps,
+                                .scratch = s->small_scratch,
+                                .counter = s->small_counters + (kind == GEMM_OUTPUT),
+                                .programmatic = b->small_pdl};
+    gemm_dims(b->config, kind, &p.n, &p.k);
+    CUDA_TRY(cuda_small_gemm(b->dtype, view, &p, s->stream), "small-batch GEMM kernel");
+    return 0;
+}
+
 /* out = LayerNorm(input W^T + bias + residual): a layer's attention output and its feed-forward
  * output. */
 static int project_and_norm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
@@ -379,6 +435,8 @@ static int project_and_norm(backend_stream *s, const cuda_batch_view *view, cons
                             const void *residual, const float *gamma, const float *beta, void *out)
 {
     const model_config *c = s->b->config;
+    if (small_takes(s, plan, kind))
+        return small_gemm(s, view, plan, kind, layer, input, residual, gamma, beta, out);
     int rc = gemm(s, plan, kind, layer, input, out);
     if (rc) return rc;
     CUDA_TRY(cuda_add_layer_norm(s->b->dtype, view, out, residual, gamma, beta, c->layer_norm_eps,
@@ -387,7 +445,10 @@ static int project_and_norm(backend_stream *s, const cuda_batch_view *view, cons
     return 0;
 }
 
-/* Enqueues the whole pass for a batch within `view`'s bounds, GEMMs over plan->tokens rows. */
+/* Enqueues the whole pass for a batch within `view`'s bounds, GEMMs over plan->tokens rows. With
+ * EMBEDRAG_CUDA_SMALL and at most CUDA_SMALL_MAX_ROWS rows, a layer is 5 kernels: QKV + bias,
+ * attention, attention output + LayerNorm, intermediate + activation, output + LayerNorm (each
+ * product the small-batch kernel takes; cuBLASLt and the separate kernels for any it does not). */
 static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan)
 {
     const cuda_backend *b = s->b;
@@ -396,24 +457,37 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const
     int h = c->hidden_size;
     float eps = c->layer_norm_eps;
     cudaStream_t st = s->stream;
+    /* Attention v2 waits for the QKV product on the device: launched programmatically in a
+     * small pass, it is resident before that product ends. */
+    bool small_pass = b->small && plan->tokens <= CUDA_SMALL_MAX_ROWS;
+    int attention_pdl = small_pass && b->small_pdl && b->attention == CUDA_ATTENTION_MMA_V2;
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
                         b->embedding_beta, eps, h, s->x, st),
              "embedding kernel");
     for (int l = 0; l < c->num_layers; l++) {
         const cuda_layer *layer = &b->layers[l];
-        int rc = gemm(s, plan, GEMM_QKV, layer, s->x, s->qkv);
+        int rc = small_takes(s, plan, GEMM_QKV)
+                     ? small_gemm(s, view, plan, GEMM_QKV, layer, s->x, NULL, NULL, NULL, s->qkv)
+                     : gemm(s, plan, GEMM_QKV, layer, s->x, s->qkv);
         if (rc) return rc;
-        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention, st),
+        CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention,
+                                attention_pdl, st),
                  "attention kernel");
         rc = project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
                               layer->attention_ln_gamma, layer->attention_ln_beta, s->x1);
         if (rc) return rc;
-        rc = gemm(s, plan, GEMM_INTERMEDIATE, layer, s->x1, s->hidden);
-        if (rc) return rc;
-        if (b->own_activation != CUDA_ACT_NONE)
-            CUDA_TRY(cuda_bias_activation(dt, view, s->hidden, layer->bias[GEMM_INTERMEDIATE],
-                                          c->intermediate_size, b->own_activation, st),
-                     "activation kernel");
+        if (small_takes(s, plan, GEMM_INTERMEDIATE)) {
+            rc = small_gemm(s, view, plan, GEMM_INTERMEDIATE, layer, s->x1, NULL, NULL, NULL,
+                            s->hidden);
+            if (rc) return rc;
+        } else {
+            rc = gemm(s, plan, GEMM_INTERMEDIATE, layer, s->x1, s->hidden);
+            if (rc) return rc;
+            if (b->own_activation != CUDA_ACT_NONE)
+                CUDA_TRY(cuda_bias_activation(dt, view, s->hidden, layer->bias[GEMM_INTERMEDIATE],
+                                              c->intermediate_size, b->own_activation, st),
+                         "activation kernel");
+        }
         rc = project_and_norm(s, view, plan, GEMM_OUTPUT, layer, s->hidden, s->x1,
                               layer->output_ln_gamma, layer->output_ln_beta, s->x);
         if (rc) return rc;
@@ -487,6 +561,8 @@ static void free_buffers(backend_stream *s)
     s->device_block = s->host_block = NULL;
     s->x = s->x1 = s->qkv = s->context = s->hidden = s->workspace = NULL;
     s->pooled = s->host_pooled = NULL;
+    s->small_scratch = NULL;
+    s->small_counters = NULL;
     s->descriptor = s->host_descriptor = NULL;
     s->capacity = (cuda_shape){0, 0, 0};
 }
@@ -497,7 +573,7 @@ static int grow_buffers(backend_stream *s, cuda_shape want)
     const cuda_backend *b = s->b;
     const model_config *c = b->config;
     size_t t = (size_t)want.tokens, h = (size_t)c->hidden_size, e = b->element;
-    size_t sizes[8] = {
+    size_t sizes[10] = {
         t * h * e,                                  /* x */
         t * h * e,                                  /* x1 */
         t * 3 * h * e,                              /* qkv */
@@ -506,9 +582,12 @@ static int grow_buffers(backend_stream *s, cuda_shape want)
         CUDA_WORKSPACE_BYTES,                       /* cuBLASLt workspace */
         (size_t)want.sequences * h * sizeof(float), /* pooled */
         layout_for(want).total * sizeof(int),       /* descriptor */
+        /* the small-batch LayerNorm's rows and its two counters (zeroed below, as all is) */
+        b->small ? (size_t)CUDA_SMALL_MAX_ROWS * h * sizeof(float) : 0,
+        b->small ? 2 * sizeof(unsigned) : 0,
     };
     size_t total = 0;
-    for (int i = 0; i < 8; i++) total += align_up(sizes[i]);
+    for (int i = 0; i < 10; i++) total += align_up(sizes[i]);
     size_t host_sizes[2] = {sizes[7], sizes[6]};
     size_t host_total = align_up(host_sizes[0]) + align_up(host_sizes[1]);
     void *device_block = NULL, *host_block = NULL;
@@ -528,10 +607,18 @@ static int grow_buffers(backend_stream *s, cuda_shape want)
     }
     free_buffers(s);
     char *p = device_block;
-    void **slots[8] = {&s->x,      &s->x1,        (void **)&s->qkv,    &s->context,
-                       &s->hidden, &s->workspace, (void **)&s->pooled, (void **)&s->descriptor};
-    for (int i = 0; i < 8; i++) {
-        *slots[i] = p;
+    void **slots[10] = {&s->x,
+                        &s->x1,
+                        (void **)&s->qkv,
+                        &s->context,
+                        &s->hidden,
+                        &s->workspace,
+                        (void **)&s->pooled,
+                        (void **)&s->descriptor,
+                        (void **)&s->small_scratch,
+                        (void **)&s->small_counters};
+    for (int i = 0; i < 10; i++) {
+        *slots[i] = sizes[i] ? p : NULL;
         p += align_up(sizes[i]);
     }
     s->host_descriptor = host_block;
@@ -1139,6 +1226,18 @@ int cuda_backend_create(const backend_params *params, const model_config *config
             version && !strcmp(version, "v1") ? CUDA_ATTENTION_MMA : CUDA_ATTENTION_MMA_V2;
     }
     choose_activation(b);
+    /* Small-batch kernels (bench/cuda-notes.md), off unless EMBEDRAG_CUDA_SMALL is set: 1 (or any
+     * yes) with programmatic dependent launches, "nopdl" without them. fp16 and bf16 only. */
+    const char *small = getenv("EMBEDRAG_CUDA_SMALL");
+    b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32;
+    b->small_pdl = b->small && strcmp(small, "nopdl") != 0;
+    b->small_activation = config->activation == MODEL_ACT_GELU_TANH ? CUDA_ACT_GELU_TANH
+                          : config->activation == MODEL_ACT_RELU    ? CUDA_ACT_RELU
+                                                                    : CUDA_ACT_GELU;
+    if (b->small && (status = cuda_small_setup()) != cudaSuccess) {
+        rc = cuda_error(status, "setting up the small-batch kernels");
+        goto destroy;
+    }
 
     backend_caps *caps = &b->base.caps;
     snprintf(b->name, sizeof b->name, "cuda:%d", b->device);
@@ -1149,13 +1248,16 @@ int cuda_backend_create(const backend_params *params, const model_config *config
              properties.major, properties.minor);
     caps->device = b->device_text;
     size_t v = b->blas.version;
-    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s",
+    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s",
              v / 10000, v / 100 % 100, v % 100, dtype_name(b->dtype),
              b->attention == CUDA_ATTENTION_MMA_V2 ? "mma v2"
              : b->attention == CUDA_ATTENTION_MMA  ? "mma"
                                                    : "fp32 cores",
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
-             b->use_graphs ? ", graphs" : "");
+             b->use_graphs ? ", graphs" : "",
+             !b->small      ? ""
+             : b->small_pdl ? ", small-batch kernels (pdl)"
+                            : ", small-batch kernels");
     caps->kernels = b->kernels;
     caps->precision = b->dtype == CUDA_DTYPE_F16    ? EMBEDRAG_PRECISION_FP16
                       : b->dtype == CUDA_DTYPE_BF16 ? EMBEDRAG_PRECISION_BF16

@@ -99,6 +99,24 @@ __device__ __forceinline__ float warp_max(float x)
     return x;
 }
 
+/* Programmatic dependent launch (PDL, sm_90; PTX ISA "griddepcontrol"). A kernel launched with the
+ * programmatic stream serialization attribute may start before the kernel ahead of it in the
+ * stream has finished; grid_dependency_wait blocks until that kernel has completed and its writes
+ * are visible (at once for a kernel launched the ordinary way). grid_dependency_trigger lets the
+ * next kernel, if it was launched programmatically, start once every block of this one has
+ * triggered or exited (no effect otherwise). Every kernel launched programmatically waits before
+ * it touches what kernels ahead of it wrote, and completes only after that wait: so waiting for
+ * the kernel just ahead covers all earlier ones too. */
+__device__ __forceinline__ void grid_dependency_wait()
+{
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+__device__ __forceinline__ void grid_dependency_trigger()
+{
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 /* ---- LayerNorm rows ---- */
 
 /* Normalizes the row a warp holds (v: its lanes' vectors, `vectors` of them in the row) with
@@ -145,6 +163,8 @@ __global__ void __launch_bounds__(ROW_WARPS *WARP)
                  const float *gamma, const float *beta, float eps, int hidden, T *out)
 {
     constexpr int PER_LANE = CUDA_MAX_HIDDEN / (16 / sizeof(T)) / WARP;
+    /* The first layer's product may start copying its weights (small-batch path). */
+    grid_dependency_trigger();
     int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
     if (t >= b.header[CUDA_HEADER_TOKENS]) return;
     const int lane = threadIdx.x % WARP;
@@ -725,6 +745,10 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
     __shared__ __align__(16) T q_tile[CUDA_ATTENTION_TILE * (D + TC_PAD)];
     __shared__ __align__(16) T k_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
     __shared__ __align__(16) T v_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
+    /* Launched programmatically (small-batch path): wait for the QKV product, and let the next
+     * product start copying its weights. Neither does anything in an ordinary launch. */
+    grid_dependency_wait();
+    grid_dependency_trigger();
     const int tile = blockIdx.x / heads, head = blockIdx.x % heads;
     if (tile >= b.header[CUDA_HEADER_TILES]) return; /* the whole block leaves together */
     const int sequence = b.tiles[2 * tile], q0 = b.tiles[2 * tile + 1];
@@ -811,6 +835,295 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
         if (r1 < len)
             *reinterpret_cast<uint32_t *>(out + (size_t)r1 * hidden + col) =
                 mma_type<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
+    }
+}
+
+/* ---- small-batch GEMMs: at most 64 rows, fused epilogues (EMBEDRAG_CUDA_SMALL) ---- */
+
+/* A query's products are tiny (16 rows: 12 KB of activations against 0.3 to 1.2 MB of weights), so
+ * cuBLASLt's kernels take ~4.5 us each for what streaming the weights would do in well under one,
+ * and the separate LayerNorm and activation kernels add their own launches (bench/cuda-notes.md).
+ * This kernel does a whole product and its epilogue in one launch:
+ * - A block of 8 warps per slice of BN output columns (BN = 32, 16 or 8: the widest that still
+ *   gives 64 blocks, see cuda_small_gemm_columns), all rows: N / BN blocks.
+ * - The block's slice of W (BN rows of K) is copied into shared memory whole by cp.async, before
+ *   grid_dependency_wait: launched programmatically, that copy overlaps the kernel ahead.
+ * - X (rows x K) then streams through a ring of SMALL_STAGES chunks of KC columns (KC = 256, 128
+ *   or 64 for 1, 2, or 3-4 row tiles: ~8 KB a chunk), SMALL_STAGES - 1 in flight; rows past the
+ *   batch's tokens and columns past K are zero-filled, never read. One barrier a chunk.
+ * - mma.sync m16n8k16 with fp32 sums, fragments by ldmatrix with attention v2's layouts: X as its
+ *   Q (A operand), W as its K (B operand, rows of W are columns of Y). Warps split K: warp
+ *   (nw, kw) takes n tiles nw NTW .. +NTW - 1 (NTW = 2, or 1 when BN = 8) of every row tile and
+ *   the 16-column k steps g with g % WK == kw, the same steps whatever the row count, so a row's
+ *   sums do not depend on the other rows (a text alone gives the bits it gives in any batch this
+ *   kernel takes).
+ * - The WK partial sums meet in shared memory (the ring's space) and are added in a fixed order;
+ *   then the epilogue, 8 columns a thread: bias, activation, or bias (rounded to the dtype, as
+ *   cuBLASLt's output is) + residual into an fp32 scratch row for the LayerNorm, which the last
+ *   block to finish applies to every row (a warp a row, the formula of cuda_add_layer_norm). */
+#define SMALL_WARPS 8
+#define SMALL_THREADS (SMALL_WARPS * WARP)
+#define SMALL_STAGES 6
+#define SMALL_PAD 8
+/* Shared memory a block may take (2 blocks a multiprocessor up to ~113 KB each). */
+#define SMALL_MAX_SHARED (160 * 1024)
+/* Column slices are made narrower until there are this many blocks. */
+#define SMALL_MIN_BLOCKS 64
+
+/* ldmatrix .x2: two 8 x 8 matrices from the addresses of lanes 0-15 (the others' are ignored);
+ * register r[m] of lane l holds row l / 4, columns 2 (l % 4), +1 of matrix m. */
+__device__ __forceinline__ void load_matrix_x2(uint32_t *r, uint32_t address)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(address)
+                 : "memory");
+}
+
+/* A 16-byte vector read at L2 (another block or the kernel ahead wrote it; never from L1). */
+template <typename T> __device__ __forceinline__ void load_vector_l2(const T *p, float *out)
+{
+    uint4 raw = __ldcg(reinterpret_cast<const uint4 *>(p));
+    const T *v = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC(T); i++) out[i] = to_float(v[i]);
+}
+
+template <typename T> struct small_args {
+    const T *x, *w, *bias, *residual;
+    T *y;
+    const float *gamma, *beta;
+    float *scratch;
+    unsigned *counter;
+    const int *header;
+    int rows; /* the launch's rows (the header's tokens are used where fewer) */
+    int n, k; /* Y is rows x n, X rows x k, W n x k */
+    int kp;   /* k rounded up to 16 (zeros past k) */
+    int kc;   /* columns of X a chunk */
+    int activation;
+    float eps;
+};
+
+/* Chunk `chunk` of X (columns chunk kc .. +kc - 1, up to kp) into shared memory at dst, rows
+ * x_row bytes apart: rows past `rows` and columns past k as zeros. A row's 16-byte pieces come
+ * from consecutive threads. */
+template <typename T>
+__device__ __forceinline__ void small_copy_x(uint32_t dst, const small_args<T> &a, int chunk,
+                                             int rows, int rows_pad, int x_row)
+{
+    const int k0 = chunk * a.kc, width = a.kp - k0 < a.kc ? a.kp - k0 : a.kc, pieces = width / 8;
+    for (int p = threadIdx.x; p < rows_pad * pieces; p += SMALL_THREADS) {
+        const int r = p / pieces, c = (p % pieces) * 8;
+        const bool valid = r < rows && k0 + c < a.k;
+        copy_async_16(dst + r * x_row + c * 2, a.x + (valid ? (size_t)r * a.k + k0 + c : 0), valid);
+    }
+}
+
+/* 8 floats of one warp's partial sums (16-byte aligned). */
+__device__ __forceinline__ void small_partial(const float *p, float *out)
+{
+    float4 lo = reinterpret_cast<const float4 *>(p)[0], hi = reinterpret_cast<const float4 *>(p)[1];
+    out[0] = lo.x;
+    out[1] = lo.y;
+    out[2] = lo.z;
+    out[3] = lo.w;
+    out[4] = hi.x;
+    out[5] = hi.y;
+    out[6] = hi.z;
+    out[7] = hi.w;
+}
+
+/* The last block's LayerNorm: each warp takes rows warp, warp + 8, ... two at a time (both rows'
+ * loads in flight together), from the fp32 scratch rows the blocks wrote. */
+template <typename T>
+__device__ __forceinline__ void small_norm_rows(const small_args<T> &a, int rows)
+{
+    constexpr int PER_LANE = CUDA_MAX_HIDDEN / VEC(T) / WARP;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, vectors = a.n / VEC(T);
+    for (int row = warp; row < rows; row += 2 * SMALL_WARPS) {
+        const bool second = row + SMALL_WARPS < rows; /* uniform over the warp */
+        float v[2][PER_LANE][VEC(T)];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (h == 1 && !second) break;
+            const float *src = a.scratch + (size_t)(row + h * SMALL_WARPS) * a.n;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; i++) {
+                int c = lane + i * WARP;
+                if (c >= vectors) continue;
+                float4 lo = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8));
+                float4 hi = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8 + 4));
+                v[h][i][0] = lo.x;
+                v[h][i][1] = lo.y;
+                v[h][i][2] = lo.z;
+                v[h][i][3] = lo.w;
+                v[h][i][4] = hi.x;
+                v[h][i][5] = hi.y;
+                v[h][i][6] = hi.z;
+                v[h][i][7] = hi.w;
+            }
+        }
+        layer_norm_store<T, PER_LANE>(v[0], vectors, a.n, a.gamma, a.beta, a.eps,
+                                      a.y + (size_t)row * a.n);
+        if (second)
+            layer_norm_store<T, PER_LANE>(v[1], vectors, a.n, a.gamma, a.beta, a.eps,
+                                          a.y + (size_t)(row + SMALL_WARPS) * a.n);
+    }
+}
+
+template <typename T, int BN, int EPILOGUE>
+__global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args<T> a)
+{
+    /* n tiles of 8 columns: a warp takes NTW of them, WN warps side by side, WK along K. */
+    constexpr int NT = BN / 8, NTW = NT >= 2 ? 2 : 1, WN = NT / NTW, WK = SMALL_WARPS / WN;
+    static_assert(VEC(T) == 8 && BN % 8 == 0 && WN * NTW == NT && WN * WK == SMALL_WARPS,
+                  "small GEMM tiling");
+    extern __shared__ __align__(16) unsigned char small_shared[];
+    __shared__ int last_block;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int col0 = blockIdx.x * BN;
+    /* Shared rows padded by 16 bytes: (kp + 8) and (kc + 8) elements are 4 words past a multiple
+     * of 8 words, so an ldmatrix's 8 rows fall in 8 distinct 4-bank groups. */
+    const int w_row = 2 * (a.kp + SMALL_PAD), x_row = 2 * (a.kc + SMALL_PAD);
+    const uint32_t w_smem = shared_address(small_shared), x_smem = w_smem + BN * w_row;
+
+    /* W's slice: weights, written by no kernel, so copied before the wait. Copy group 0. */
+    const int w_pieces = a.kp / 8;
+    for (int p = threadIdx.x; p < BN * w_pieces; p += SMALL_THREADS) {
+        const int r = p / w_pieces, c = (p % w_pieces) * 8;
+        const bool valid = c < a.k;
+        copy_async_16(w_smem + r * w_row + c * 2, a.w + (size_t)(col0 + r) * a.k + (valid ? c : 0),
+                      valid);
+    }
+    copy_async_commit();
+    grid_dependency_wait();
+    grid_dependency_trigger();
+
+    int rows = a.header[CUDA_HEADER_TOKENS];
+    rows = rows < a.rows ? rows : a.rows;
+    const int mtiles = (rows + 15) / 16, rows_pad = 16 * mtiles, stage_bytes = rows_pad * x_row;
+    const int chunks = (a.kp + a.kc - 1) / a.kc, chunk_steps = a.kc / 16, ksteps = a.kp / 16;
+    /* Chunks 0 .. SMALL_STAGES - 2 as groups 1 .. SMALL_STAGES - 1 (empty past the last). */
+#pragma unroll
+    for (int s = 0; s < SMALL_STAGES - 1; s++) {
+        if (s < chunks) small_copy_x(x_smem + s * stage_bytes, a, s, rows, rows_pad, x_row);
+        copy_async_commit();
+    }
+
+    /* This lane's ldmatrix addresses (attention v2's layouts): X as A, matrix m = rows 8 (m & 1),
+     * columns 8 (m >> 1) of a 16 x 16 block; W as B, NTW = 2: matrix m = W rows (columns of Y)
+     * 8 (m >> 1), k columns 8 (m & 1): r[0], r[1] are b0, b1 of n tile 0, r[2], r[3] of n tile 1;
+     * NTW = 1 (.x2, lanes 0-15): matrix m = W rows 0-7, k columns 8 m: r[0], r[1] = b0, b1. */
+    const int m = lane / 8, r8 = lane % 8, nw = warp % WN, kw = warp / WN;
+    const uint32_t a_lane = (r8 + (m & 1) * 8) * x_row + (m >> 1) * 16;
+    const uint32_t b_lane =
+        w_smem + (nw * 8 * NTW + r8 + (NTW == 2 ? (m >> 1) * 8 : 0)) * w_row + (m & 1) * 16;
+
+    float acc[4][NTW][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int t = 0; t < NTW; t++)
+            acc[mt][t][0] = acc[mt][t][1] = acc[mt][t][2] = acc[mt][t][3] = 0.0f;
+
+    for (int c = 0; c < chunks; c++) {
+        /* Groups 0 .. c + SMALL_STAGES - 1 are committed: chunk c (group c + 1) and W (group 0)
+         * have arrived once at most SMALL_STAGES - 2 are in flight. The barrier also tells that
+         * every warp is done with chunk c - 1, whose stage the next copy refills. */
+        copy_async_wait<SMALL_STAGES - 2>();
+        __syncthreads();
+        const int next = c + SMALL_STAGES - 1;
+        if (next < chunks)
+            small_copy_x(x_smem + (next % SMALL_STAGES) * stage_bytes, a, next, rows, rows_pad,
+                         x_row);
+        copy_async_commit();
+        const uint32_t stage = x_smem + (c % SMALL_STAGES) * stage_bytes + a_lane;
+        const int g0 = c * chunk_steps, g1 = g0 + chunk_steps < ksteps ? g0 + chunk_steps : ksteps;
+        for (int g = g0 + (kw - g0 % WK + WK) % WK; g < g1; g += WK) {
+            uint32_t bf[4];
+            if constexpr (NTW == 2)
+                load_matrix_x4(bf, b_lane + g * 32);
+            else
+                load_matrix_x2(bf, b_lane + g * 32);
+            const uint32_t at = stage + (g - g0) * 32;
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= mtiles) break;
+                uint32_t af[4];
+                load_matrix_x4(af, at + mt * 16 * x_row);
+                mma_type<T>::mma(acc[mt][0], af, bf[0], bf[1]);
+                if constexpr (NTW == 2) mma_type<T>::mma(acc[mt][1], af, bf[2], bf[3]);
+            }
+        }
+    }
+
+    /* Partial sums: red[kw][row][column] (fp32, rows rows_pad, BN columns), in the ring's space
+     * once every warp is done with it (no copy is in flight: the groups after the last chunk's
+     * are empty). Accumulator c0, c1 = rows group, columns 2 quad, +1; c2, c3 = row group + 8. */
+    __syncthreads();
+    float *red = reinterpret_cast<float *>(small_shared + BN * w_row);
+    const int group = lane / 4, quad = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        if (mt >= mtiles) break;
+#pragma unroll
+        for (int t = 0; t < NTW; t++) {
+            float *p = red + ((size_t)kw * rows_pad + mt * 16 + group) * BN + (nw * NTW + t) * 8 +
+                       2 * quad;
+            *reinterpret_cast<float2 *>(p) = make_float2(acc[mt][t][0], acc[mt][t][1]);
+            *reinterpret_cast<float2 *>(p + 8 * BN) = make_float2(acc[mt][t][2], acc[mt][t][3]);
+        }
+    }
+    __syncthreads();
+
+    /* The epilogue, 8 columns (16 bytes of Y) a thread. */
+    constexpr int VECS = BN / 8;
+    for (int v = threadIdx.x; v < rows * VECS; v += SMALL_THREADS) {
+        const int row = v / VECS, c8 = (v % VECS) * 8, col = col0 + c8;
+        float y[8], t[8];
+        small_partial(red + (size_t)row * BN + c8, y);
+#pragma unroll
+        for (int kk = 1; kk < WK; kk++) {
+            small_partial(red + ((size_t)kk * rows_pad + row) * BN + c8, t);
+#pragma unroll
+            for (int j = 0; j < 8; j++) y[j] += t[j];
+        }
+        load_vector(a.bias + col, t);
+#pragma unroll
+        for (int j = 0; j < 8; j++) y[j] += t[j];
+        if constexpr (EPILOGUE == CUDA_SMALL_ACTIVATION) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) y[j] = activate(y[j], a.activation);
+        }
+        if constexpr (EPILOGUE == CUDA_SMALL_NORM) {
+            /* The product rounded to the dtype, then the residual added in fp32: what
+             * cuda_add_layer_norm does with cuBLASLt's output, so that the two paths round at
+             * the same places. */
+#pragma unroll
+            for (int j = 0; j < 8; j++) y[j] = to_float(from_float<T>(y[j]));
+            load_vector_l2(a.residual + (size_t)row * a.n + col, t);
+            float4 *out = reinterpret_cast<float4 *>(a.scratch + (size_t)row * a.n + col);
+            out[0] = make_float4(y[0] + t[0], y[1] + t[1], y[2] + t[2], y[3] + t[3]);
+            out[1] = make_float4(y[4] + t[4], y[5] + t[5], y[6] + t[6], y[7] + t[7]);
+        } else {
+            store_vector(a.y + (size_t)row * a.n + col, y);
+        }
+    }
+    if constexpr (EPILOGUE == CUDA_SMALL_NORM) {
+        /* The last block to get here normalizes every row: each thread's scratch writes are
+         * made visible device-wide before the block counts itself (the threadFenceReduction
+         * pattern of the CUDA samples); the last one resets the counter for the next launch. */
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned ticket = atomicAdd(a.counter, 1u);
+            last_block = ticket == gridDim.x - 1;
+            if (last_block) atomicExch(a.counter, 0u);
+            __threadfence();
+        }
+        __syncthreads();
+        if (!last_block) return;
+        small_norm_rows(a, rows);
     }
 }
 
@@ -942,45 +1255,68 @@ static void launch_attention_tc(const cuda_batch_view *batch, const T *qkv, T *c
             <<<grid, TC_WARPS * WARP, 0, stream>>>(*batch, qkv, context, hidden, scale_log2);
 }
 
+/* A launch configuration, with the programmatic stream serialization attribute (PDL) when asked
+ * for; `attribute` must outlive the launch call. */
+static cudaLaunchConfig_t launch_config(unsigned blocks, unsigned threads, size_t shared,
+                                        bool programmatic, cudaLaunchAttribute *attribute,
+                                        cudaStream_t stream)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = shared;
+    config.stream = stream;
+    attribute->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute->val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = programmatic ? 1 : 0;
+    return config;
+}
+
 /* v2: one block per (tile, head), heads fastest; a 1-D grid (tiles may outnumber 65535). */
 template <typename T>
-static void launch_attention_tc2(const cuda_batch_view *batch, const T *qkv, T *context, int hidden,
-                                 int heads, cudaStream_t stream)
+static cudaError_t launch_attention_tc2(const cuda_batch_view *batch, const T *qkv, T *context,
+                                        int hidden, int heads, bool programmatic,
+                                        cudaStream_t stream)
 {
     int d = hidden / heads;
     float scale_log2 = 1.4426950408889634f / sqrtf((float)d);
     unsigned blocks = (unsigned)(batch->max_tiles > 0 ? batch->max_tiles : 1) * (unsigned)heads;
+    cudaLaunchAttribute attribute;
+    cudaLaunchConfig_t config =
+        launch_config(blocks, TC_WARPS * WARP, 0, programmatic, &attribute, stream);
     if (d == 32)
-        attention_tc2_kernel<T, 32><<<blocks, TC_WARPS * WARP, 0, stream>>>(
-            *batch, qkv, context, hidden, heads, scale_log2);
-    else
-        attention_tc2_kernel<T, 64><<<blocks, TC_WARPS * WARP, 0, stream>>>(
-            *batch, qkv, context, hidden, heads, scale_log2);
+        return cudaLaunchKernelEx(&config, attention_tc2_kernel<T, 32>, *batch, qkv, context,
+                                  hidden, heads, scale_log2);
+    return cudaLaunchKernelEx(&config, attention_tc2_kernel<T, 64>, *batch, qkv, context, hidden,
+                              heads, scale_log2);
 }
 
 extern "C" cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch,
                                       const void *qkv, void *context, int hidden, int heads,
-                                      int kernel, cudaStream_t stream)
+                                      int kernel, int programmatic, cudaStream_t stream)
 {
     int d = hidden / heads;
     if (kernel != CUDA_ATTENTION_FP32 && cuda_attention_has_tensor_cores(dtype, d)) {
         bool v2 = kernel == CUDA_ATTENTION_MMA_V2;
+        cudaError_t e = cudaSuccess;
         if (dtype == CUDA_DTYPE_F16) {
             const __half *q = (const __half *)qkv;
             __half *out = (__half *)context;
             if (v2)
-                launch_attention_tc2(batch, q, out, hidden, heads, stream);
+                e = launch_attention_tc2(batch, q, out, hidden, heads, programmatic != 0, stream);
             else
                 launch_attention_tc(batch, q, out, hidden, heads, stream);
         } else {
             const __nv_bfloat16 *q = (const __nv_bfloat16 *)qkv;
             __nv_bfloat16 *out = (__nv_bfloat16 *)context;
             if (v2)
-                launch_attention_tc2(batch, q, out, hidden, heads, stream);
+                e = launch_attention_tc2(batch, q, out, hidden, heads, programmatic != 0, stream);
             else
                 launch_attention_tc(batch, q, out, hidden, heads, stream);
         }
-        return cudaGetLastError();
+        cudaError_t last = cudaGetLastError();
+        return e != cudaSuccess ? e : last;
     }
     size_t items = (size_t)batch->max_tokens * (size_t)heads;
     unsigned blocks = (unsigned)((items + SIMPLE_WARPS - 1) / SIMPLE_WARPS);
@@ -1007,4 +1343,136 @@ extern "C" cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *ds
     DISPATCH(dtype,
              (convert_kernel<T><<<blocks, ELEMENT_THREADS, 0, stream>>>(src, (T *)dst, count)));
     return cudaGetLastError();
+}
+
+/* ---- small-batch GEMMs ---- */
+
+/* Columns of X a chunk for a launch of `rows` rows: ~8 KB of fp16 whatever the row tiles. */
+static int small_chunk_columns(int rows)
+{
+    int tiles = (rows + 15) / 16;
+    return tiles == 1 ? 256 : tiles == 2 ? 128 : 64;
+}
+
+/* Shared memory of a block: W's slice, then the ring of X chunks (no more stages than chunks) or
+ * the warps' partial sums, whichever is larger. */
+static size_t small_shared_bytes(int columns, int rows, int k)
+{
+    int kp = (k + 15) / 16 * 16, kc = small_chunk_columns(rows), rows_pad = (rows + 15) / 16 * 16;
+    int chunks = (kp + kc - 1) / kc, stages = chunks < SMALL_STAGES ? chunks : SMALL_STAGES;
+    int nt = columns / 8, wk = SMALL_WARPS / (nt >= 2 ? nt / 2 : 1);
+    size_t w = (size_t)columns * 2 * (size_t)(kp + SMALL_PAD);
+    size_t ring = (size_t)stages * (size_t)rows_pad * 2 * (size_t)(kc + SMALL_PAD);
+    size_t partial = (size_t)wk * (size_t)rows_pad * (size_t)columns * sizeof(float);
+    return w + (ring > partial ? ring : partial);
+}
+
+extern "C" int cuda_small_gemm_columns(cuda_dtype dtype, int rows, int n, int k, int epilogue)
+{
+    if (dtype == CUDA_DTYPE_F32 || rows < 1 || rows > CUDA_SMALL_MAX_ROWS || n < 8 || k < 8 ||
+        n % 8 || k % 8 || (epilogue == CUDA_SMALL_NORM && n > CUDA_MAX_HIDDEN))
+        return 0;
+    static const int widths[] = {32, 16, 8};
+    for (int i = 0; i < 3; i++) {
+        int bn = widths[i];
+        if (n % bn || (bn > 8 && n / bn < SMALL_MIN_BLOCKS)) continue;
+        if (small_shared_bytes(bn, rows, k) <= SMALL_MAX_SHARED) return bn;
+    }
+    return 0;
+}
+
+template <typename T, int BN, int EPILOGUE>
+static cudaError_t small_launch(const small_args<T> &a, size_t shared, bool programmatic,
+                                cudaStream_t stream)
+{
+    cudaLaunchAttribute attribute;
+    cudaLaunchConfig_t config = launch_config((unsigned)(a.n / BN), SMALL_THREADS, shared,
+                                              programmatic, &attribute, stream);
+    return cudaLaunchKernelEx(&config, small_gemm_kernel<T, BN, EPILOGUE>, a);
+}
+
+template <typename T, int EPILOGUE>
+static cudaError_t small_launch_width(int columns, const small_args<T> &a, size_t shared,
+                                      bool programmatic, cudaStream_t stream)
+{
+    if (columns == 32) return small_launch<T, 32, EPILOGUE>(a, shared, programmatic, stream);
+    if (columns == 16) return small_launch<T, 16, EPILOGUE>(a, shared, programmatic, stream);
+    return small_launch<T, 8, EPILOGUE>(a, shared, programmatic, stream);
+}
+
+template <typename T>
+static cudaError_t small_gemm_typed(const cuda_batch_view *batch, const cuda_small_gemm_params *p,
+                                    int columns, cudaStream_t stream)
+{
+    small_args<T> a;
+    a.x = (const T *)p->x;
+    a.w = (const T *)p->weight;
+    a.bias = (const T *)p->bias;
+    a.residual = (const T *)p->residual;
+    a.y = (T *)p->y;
+    a.gamma = p->gamma;
+    a.beta = p->beta;
+    a.scratch = p->scratch;
+    a.counter = p->counter;
+    a.header = batch->header;
+    a.rows = p->rows;
+    a.n = p->n;
+    a.k = p->k;
+    a.kp = (p->k + 15) / 16 * 16;
+    a.kc = small_chunk_columns(p->rows);
+    a.activation = p->activation;
+    a.eps = p->eps;
+    size_t shared = small_shared_bytes(columns, p->rows, p->k);
+    bool programmatic = p->programmatic != 0;
+    switch (p->epilogue) {
+    case CUDA_SMALL_ACTIVATION:
+        return small_launch_width<T, CUDA_SMALL_ACTIVATION>(columns, a, shared, programmatic,
+                                                            stream);
+    case CUDA_SMALL_NORM:
+        return small_launch_width<T, CUDA_SMALL_NORM>(columns, a, shared, programmatic, stream);
+    default:
+        return small_launch_width<T, CUDA_SMALL_BIAS>(columns, a, shared, programmatic, stream);
+    }
+}
+
+extern "C" cudaError_t cuda_small_gemm(cuda_dtype dtype, const cuda_batch_view *batch,
+                                       const cuda_small_gemm_params *params, cudaStream_t stream)
+{
+    int columns =
+        cuda_small_gemm_columns(dtype, params->rows, params->n, params->k, params->epilogue);
+    if (!columns) return cudaErrorInvalidValue;
+    cudaError_t e = dtype == CUDA_DTYPE_F16
+                        ? small_gemm_typed<__half>(batch, params, columns, stream)
+                        : small_gemm_typed<__nv_bfloat16>(batch, params, columns, stream);
+    cudaError_t last = cudaGetLastError();
+    return e != cudaSuccess ? e : last;
+}
+
+template <typename T, int EPILOGUE> static cudaError_t small_allow()
+{
+    const int shared = SMALL_MAX_SHARED;
+    cudaError_t e = cudaFuncSetAttribute(small_gemm_kernel<T, 32, EPILOGUE>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(small_gemm_kernel<T, 16, EPILOGUE>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(small_gemm_kernel<T, 8, EPILOGUE>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+    return e;
+}
+
+template <typename T> static cudaError_t small_allow_all()
+{
+    cudaError_t e = small_allow<T, CUDA_SMALL_BIAS>();
+    if (e == cudaSuccess) e = small_allow<T, CUDA_SMALL_ACTIVATION>();
+    if (e == cudaSuccess) e = small_allow<T, CUDA_SMALL_NORM>();
+    return e;
+}
+
+extern "C" cudaError_t cuda_small_setup(void)
+{
+    cudaError_t e = small_allow_all<__half>();
+    if (e == cudaSuccess) e = small_allow_all<__nv_bfloat16>();
+    return e;
 }

@@ -73,15 +73,62 @@ enum { CUDA_ATTENTION_FP32, CUDA_ATTENTION_MMA, CUDA_ATTENTION_MMA_V2 };
 
 /* Self-attention of every sequence: qkv rows are [q | k | v] (3 x hidden), context rows hidden
  * wide. kernel is a CUDA_ATTENTION_* code; a tensor-core kernel where the dtype and head size have
- * none falls back to the fp32 one. */
+ * none falls back to the fp32 one. programmatic: v2 is launched as a programmatic dependent of the
+ * kernel before it (PDL: it starts while that one finishes and waits for it on the device; the
+ * other kernels have no such wait and ignore the flag). */
 cudaError_t cuda_attention(cuda_dtype dtype, const cuda_batch_view *batch, const void *qkv,
-                           void *context, int hidden, int heads, int kernel, cudaStream_t stream);
+                           void *context, int hidden, int heads, int kernel, int programmatic,
+                           cudaStream_t stream);
 int cuda_attention_has_tensor_cores(cuda_dtype dtype, int head_size);
 
 /* pooled[s] (fp32) = mean, CLS or max (embedrag_pooling) over sequence s's rows of x, leaving
  * out its first skip[s] tokens for mean and max, as the CPU backend does. */
 cudaError_t cuda_pool(cuda_dtype dtype, const cuda_batch_view *batch, const void *x, int hidden,
                       int pooling, float *pooled, cudaStream_t stream);
+
+/* ---- small-batch GEMMs (EMBEDRAG_CUDA_SMALL) ---- */
+
+/* Y = X W^T (X: rows x k activations, W: n x k row-major weights, Y: rows x n, all of the dtype)
+ * with a fused epilogue, for at most CUDA_SMALL_MAX_ROWS rows, fp16 and bf16 only: a block per
+ * slice of 8, 16 or 32 output columns (see cuda_small_gemm_columns), W's slice held in shared
+ * memory (copied before the previous kernel is waited for when launched programmatically), X
+ * streamed through in chunks, mma.sync with fp32 sums. Rows past the batch's tokens (the header)
+ * are neither read nor written. Epilogues:
+ *   CUDA_SMALL_BIAS:       Y = X W^T + bias
+ *   CUDA_SMALL_ACTIVATION: Y = activation(X W^T + bias) (a CUDA_ACT_* code)
+ *   CUDA_SMALL_NORM:       Y = LayerNorm(X W^T + bias + residual) * gamma + beta (n at most
+ *                          CUDA_MAX_HIDDEN; X W^T + bias rounded to the dtype first, as
+ *                          cuda_add_layer_norm gets it from cuBLASLt): every block writes its fp32
+ *                          slice to scratch (rows x n floats), the last block to finish (counted
+ *                          on *counter, which must be 0 before and is 0 again after) normalizes
+ *                          the rows. */
+#define CUDA_SMALL_MAX_ROWS 64
+enum { CUDA_SMALL_BIAS, CUDA_SMALL_ACTIVATION, CUDA_SMALL_NORM };
+
+typedef struct cuda_small_gemm_params {
+    int rows; /* the launch's row count (a graph bucket's size); the header's tokens are used */
+    int n, k;
+    const void *x, *weight, *bias; /* bias: n elements of the dtype */
+    void *y;                       /* must not alias x or residual */
+    int epilogue, activation;
+    const void *residual;      /* CUDA_SMALL_NORM: rows x n of the dtype */
+    const float *gamma, *beta; /* CUDA_SMALL_NORM: n floats each */
+    float eps;
+    float *scratch;    /* CUDA_SMALL_NORM: CUDA_SMALL_MAX_ROWS x n floats */
+    unsigned *counter; /* CUDA_SMALL_NORM: one per stream at least (launches in a stream take
+                        * turns) */
+    int programmatic;  /* launched as a programmatic dependent (PDL) of the kernel before it */
+} cuda_small_gemm_params;
+
+/* The columns a block of the small-batch kernel takes for this product (32, 16 or 8), or 0 where
+ * it does not take it (fp32, more than CUDA_SMALL_MAX_ROWS rows, n or k not a multiple of 8, a
+ * LayerNorm wider than CUDA_MAX_HIDDEN, or more shared memory than a block may have): the caller
+ * then uses cuBLASLt and the separate kernels. */
+int cuda_small_gemm_columns(cuda_dtype dtype, int rows, int n, int k, int epilogue);
+cudaError_t cuda_small_gemm(cuda_dtype dtype, const cuda_batch_view *batch,
+                            const cuda_small_gemm_params *params, cudaStream_t stream);
+/* Lets the small-batch kernels use more than 48 KB of shared memory on the current device. */
+cudaError_t cuda_small_setup(void);
 
 /* dst[i] = src[i] rounded to the dtype (weights at load time). */
 cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *dst, size_t count,
