@@ -70,6 +70,15 @@ if run_step test; then
     grep -E 'cuda.*(against|worst)|skipped|Spearman on the GPU' "$logs/tests.log" | grep -v 'check failed' |
         sed 's/^[0-9]*: //' >>"$summary"
     grep -E 'check failed' "$logs/tests.log" | head -20 | tee -a "$summary"
+    # The small-batch kernels on test_backend's tiny shapes (widths 40 to 128), with and without
+    # programmatic dependent launch; a failed graph capture would say so on stderr.
+    for v in 1 nopdl; do
+        EMBEDRAG_CUDA_SMALL=$v "$build/test_backend" >"$logs/tests-small-$v.log" 2>&1
+        note "test_backend with EMBEDRAG_CUDA_SMALL=$v: exit $? ($(tail -1 "$logs/tests-small-$v.log"))"
+        grep -E 'without CUDA graphs|check failed' "$logs/tests-small-$v.log" | head -5 |
+            tee -a "$summary"
+    done
+    grep -h 'without CUDA graphs' "$logs/tests.log" | head -3 | tee -a "$summary"
 fi
 
 # ---- the real model through the CLI ----
@@ -135,6 +144,15 @@ if run_step bench; then
             --random "${shape#*:}" --precision fp16 >"$logs/bench-${shape%%:*}-fp16-attv1.json" \
             2>>"$logs/bench.log"
     done
+    # The small-batch kernels (EMBEDRAG_CUDA_SMALL=1, and without dependent launch: nopdl).
+    for shape in 12x384:12,384,12,1536 6x384:6,384,12,1536 12x768:12,768,12,3072; do
+        for v in small:1 nopdl:nopdl; do
+            wanted "${shape%%:*}-fp16-${v%%:*}" || continue
+            EMBEDRAG_CUDA_SMALL=${v#*:} "$bench" --device cuda --seconds "$seconds" --json \
+                --random "${shape#*:}" --precision fp16 \
+                >"$logs/bench-${shape%%:*}-fp16-${v%%:*}.json" 2>>"$logs/bench.log"
+        done
+    done
     wanted 12x384-fp16-nographs && EMBEDRAG_CUDA_GRAPHS=0 "$bench" --device cuda \
         --seconds "$seconds" --json --random 12,384,12,1536 --precision fp16 \
         >"$logs/bench-12x384-fp16-nographs.json" 2>>"$logs/bench.log"
@@ -164,9 +182,13 @@ for name, r in rows.items():
             line += "%18s" % ("%.3f/%.3f" % (x["device_ms_p50"], x["wall_ms_p50"]))
     print(line)
 PY
-    wanted e2e && "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device gpu \
-        --precision fp16 --data "$bundle/shared/data/stsb-en-dev.csv" --concurrent-texts 100000 \
-        --query-gap-ms 1 --json >"$out/embedrag-bench-gpu-fp16.json" 2>>"$logs/bench.log"
+    # EMBEDRAG_E2E_ENV="NAME=VALUE ...": settings for the end-to-end run only.
+    # shellcheck disable=SC2086 # the settings are words
+    wanted e2e && env ${EMBEDRAG_E2E_ENV:-} "$build/embedrag" bench \
+        --model "$src/models/all-MiniLM-L6-v2" --device gpu --seconds "${EMBEDRAG_E2E_SECONDS:-1}" \
+        --precision fp16 --data "$bundle/shared/data/stsb-en-dev.csv" \
+        --concurrent-texts 100000 --query-gap-ms 1 --json >"$out/embedrag-bench-gpu-fp16.json" \
+        2>>"$logs/bench.log"
     wanted e2e && python3 - "$out/embedrag-bench-gpu-fp16.json" >>"$summary" 2>&1 <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -291,10 +313,13 @@ PY
 fi
 # ---- compute-sanitizer ----
 if run_step sanitize; then
-    for tool in memcheck racecheck; do
-        timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 "$build/test_backend" \
-            >"$logs/sanitize-$tool.log" 2>&1
-        note "compute-sanitizer $tool on test_backend: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$logs/sanitize-$tool.log" | tail -1))"
+    for run in memcheck:0 memcheck:1 racecheck:1 synccheck:1; do
+        tool=${run%%:*} small=${run#*:}
+        {
+            EMBEDRAG_CUDA_SMALL=$small timeout 150 compute-sanitizer --tool "$tool" \
+                --error-exitcode 9 "$build/test_backend" >"$logs/sanitize-$tool-$small.log" 2>&1
+            note "compute-sanitizer $tool on test_backend (EMBEDRAG_CUDA_SMALL=$small): exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|SYNCCHECK SUMMARY' "$logs/sanitize-$tool-$small.log" | tail -1))"
+        }
     done
 fi
 
