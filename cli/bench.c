@@ -503,6 +503,7 @@ int cli_bench(int argc, char **argv)
         {"concurrent", no_argument, NULL, OPTION_CONCURRENT},
         {"concurrent-texts", required_argument, NULL, OPTION_CONCURRENT_TEXTS},
         {"query-gap-ms", required_argument, NULL, OPTION_QUERY_GAP},
+        {"seconds", required_argument, NULL, OPTION_SECONDS},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     cli_model_options model_options = cli_model_defaults();

@@ -139,6 +139,27 @@ check "the fallback names both bf16 kernels" grep -q "needs AMX-BF16 or AVX512-B
 "$cli" embed --model "$model" --precision bf16 --input "$tmp/in.txt" --format f32 >"$tmp/bf16.f32"
 check "bf16 f32 output size" test "$(stat -c %s "$tmp/bf16.f32")" -eq $((4 * 384 * 4))
 
+# bench and the device options: bad values are one line and exit 2; a GPU pinned where there is
+# none is one clear error; info carries the estimates (and, with stand-in GPUs, the crossover).
+"$cli" bench --model "$model" --seconds 0 >/dev/null 2>"$tmp/err.txt"
+check "bench --seconds 0 exits 2" test $? -eq 2
+check "bench --seconds 0 says why" grep -q "seconds wants" "$tmp/err.txt"
+"$cli" bench --model "$model" --concurrent-texts lots >/dev/null 2>"$tmp/err.txt"
+check "bench --concurrent-texts lots exits 2" test $? -eq 2
+"$cli" embed --model "$model" --device tpu <"$tmp/in.txt" >/dev/null 2>"$tmp/err.txt"
+check "--device tpu exits 2" test $? -eq 2
+check "--device tpu names the choices" grep -q "auto, cpu, gpu or cuda" "$tmp/err.txt"
+EMBEDRAG_DEVICE=tpu "$cli" embed --model "$model" <"$tmp/in.txt" >/dev/null 2>"$tmp/err.txt"
+check "EMBEDRAG_DEVICE=tpu fails" test $? -ne 0
+check "EMBEDRAG_DEVICE=tpu is named" grep -q "EMBEDRAG_DEVICE" "$tmp/err.txt"
+"$cli" info --model "$model" >"$tmp/info-est.json"
+check "info estimates a query" grep -q '"estimated_query_ms"' "$tmp/info-est.json"
+EMBEDRAG_TEST_FAKE_GPUS=1 "$cli" info --model "$model" --threads 1 >"$tmp/info-fake.json"
+check "info gives the crossover with a GPU" grep -q '"texts_of_128_tokens"' "$tmp/info-fake.json"
+EMBEDRAG_TEST_FAKE_GPUS=1 "$cli" embed --model "$model" --device cuda --format f32 \
+    <"$tmp/in.txt" >"$tmp/fake.f32"
+check "embed on a (stand-in) GPU: the CPU's bytes" cmp -s "$tmp/fake.f32" "$tmp/out.f32"
+
 # Streaming: many lines through one process, output line count matches.
 python3 -c "
 for i in range(3000): print('line number', i, 'of a longer stream')" >"$tmp/many.txt"
