@@ -635,6 +635,43 @@ done:
     free(got);
 }
 
+/* A batch holds at most 16,384 sequences (the lane stages pooled rows for that many): 20,000
+ * two- and three-token sequences in one call (below the window of embedrag_embed) with a budget
+ * of 65,536 tokens run as two batches, and every row is its text's vector alone. */
+static void test_many_tiny_sequences(embedrag_model *m)
+{
+    enum { TINY = 20000 };
+    int32_t *ids = malloc(3 * TINY * sizeof *ids);
+    int *offsets = malloc((TINY + 1) * sizeof *offsets);
+    float *got = malloc((size_t)TINY * dim * sizeof(float));
+    float alone[2][384];
+    int32_t kind_ids[2][3];
+    size_t kind_len[2];
+    const char *kinds[2] = {"", "a"};
+    for (int k = 0; k < 2; k++) {
+        embedrag_embed(m, &kinds[k], NULL, 1, NULL, alone[k]);
+        embedrag_tokenize(m, kinds[k], strlen(kinds[k]), NULL, kind_ids[k], 3, &kind_len[k]);
+    }
+    offsets[0] = 0;
+    for (int i = 0; i < TINY; i++) {
+        memcpy(ids + offsets[i], kind_ids[i % 2], kind_len[i % 2] * sizeof *ids);
+        offsets[i + 1] = offsets[i] + (int)kind_len[i % 2];
+    }
+    embedrag_embed_params p = embedrag_embed_default_params();
+    p.batch_tokens = 65536;
+    p.lane = EMBEDRAG_LANE_BULK;
+    int rc = engine_embed_tokens(m, ids, offsets, TINY, NULL, &p, got);
+    int differ = 0;
+    for (int i = 0; rc == 0 && i < TINY; i++)
+        differ += memcmp(got + (size_t)i * dim, alone[i % 2], (size_t)dim * sizeof(float)) != 0;
+    CHECK(kind_len[0] == 2 && kind_len[1] == 3, "token counts %zu %zu", kind_len[0], kind_len[1]);
+    CHECK(rc == 0 && differ == 0, "20,000 tiny sequences: rc %d, %d rows differ from alone (%s)",
+          rc, differ, embedrag_last_error());
+    free(ids);
+    free(offsets);
+    free(got);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -651,6 +688,7 @@ int main(void)
         test_routing_between_devices(m);
         test_fake_gpus(m);
         test_tokenizer_threads(m);
+        test_many_tiny_sequences(m);
         embedrag_model_close(m);
     }
     for (int i = 0; i < sentence_count; i++) free(sentences[i]);

@@ -12,6 +12,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The most sequences one batch holds. A batch's pooled rows are staged in pinned memory sized by
+ * this, not by its tokens: 131,072-token GPU batches had ~200 MB of pinned rows a lane and
+ * another ~200 MB in the stream, for sequences of one token that never come; 16,384 rows of 384
+ * floats are 25 MB, and 16,384 texts of 8 tokens still fill such a batch. */
+#define LANE_MAX_SEQUENCES 16384
+
 /* Where one sequence of a batch came from. */
 typedef struct lane_ref {
     engine_request *request;
@@ -21,8 +27,9 @@ typedef struct lane_ref {
 struct lane {
     backend *backend;
     backend_stream *stream;
-    int budget;   /* default tokens per batch */
-    int capacity; /* tokens the stream and the staging buffers are sized for */
+    int budget;    /* default tokens per batch */
+    int capacity;  /* tokens the stream and the staging buffers are sized for */
+    int sequences; /* sequences a batch may hold: min(capacity, LANE_MAX_SEQUENCES) */
     int max_len;
     int hidden;
     int refused; /* the smallest growth that failed for want of memory (0: none) */
@@ -53,6 +60,7 @@ static void free_staging(lane *l)
     l->pooled = NULL;
     l->refs = NULL;
     l->capacity = 0;
+    l->sequences = 0;
 }
 
 /* Sizes the stream and the staging for batches of `tokens` (as many sequences at most). On
@@ -61,15 +69,16 @@ static int ensure_capacity(lane *l, int tokens)
 {
     if (tokens <= l->capacity) return 0;
     backend *b = l->backend;
-    int rc = b->ops->reserve(l->stream, tokens, tokens, l->max_len);
+    int sequences = tokens < LANE_MAX_SEQUENCES ? tokens : LANE_MAX_SEQUENCES;
+    int rc = b->ops->reserve(l->stream, tokens, sequences, l->max_len);
     if (rc) return rc;
     lane grown = {.backend = b};
-    size_t n = (size_t)tokens;
+    size_t n = (size_t)tokens, m = (size_t)sequences;
     grown.ids = b->ops->host_alloc(b, n * sizeof *grown.ids);
-    grown.offsets = b->ops->host_alloc(b, (n + 1) * sizeof *grown.offsets);
-    grown.skip = b->ops->host_alloc(b, n * sizeof *grown.skip);
-    grown.pooled = b->ops->host_alloc(b, n * (size_t)l->hidden * sizeof *grown.pooled);
-    grown.refs = malloc(n * sizeof *grown.refs);
+    grown.offsets = b->ops->host_alloc(b, (m + 1) * sizeof *grown.offsets);
+    grown.skip = b->ops->host_alloc(b, m * sizeof *grown.skip);
+    grown.pooled = b->ops->host_alloc(b, m * (size_t)l->hidden * sizeof *grown.pooled);
+    grown.refs = malloc(m * sizeof *grown.refs);
     if (!grown.ids || !grown.offsets || !grown.skip || !grown.pooled || !grown.refs) {
         free_staging(&grown);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory for batches of %d tokens", tokens);
@@ -81,6 +90,7 @@ static int ensure_capacity(lane *l, int tokens)
     l->pooled = grown.pooled;
     l->refs = grown.refs;
     l->capacity = tokens;
+    l->sequences = sequences;
     return 0;
 }
 
@@ -198,7 +208,7 @@ static int form_batch(lane *l, int budget, backend_batch *batch)
         while (r->next < r->count) {
             int index = r->order[r->next];
             int len = sequence_length(r, index);
-            if (n > 0 && tokens + len > budget) goto formed;
+            if (n > 0 && (tokens + len > budget || n == l->sequences)) goto formed;
             memcpy(l->ids + tokens, r->ids + r->offsets[index], (size_t)len * sizeof *l->ids);
             l->skip[n] = r->pool_skip ? r->pool_skip[index] : 0;
             skips = skips || l->skip[n] != 0;
