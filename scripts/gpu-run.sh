@@ -16,6 +16,8 @@
 #             128-token and 200,000 mixed 32-256-token texts through a 12-layer 384-wide model
 #             (the F16 MiniLM-L6 with each layer twice), tokens/s, the CPU cores used, vectors
 #             against one GPU's, and a run where GPU 0 fails mid-run
+#   rss       memory over time while `embedrag embed --device gpu` streams 1,000,000 texts
+#             (the default model), sampled every 0.25 s
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
 #             fp16) and one query (1 x 16)
@@ -309,6 +311,47 @@ for n in sorted(set([1, gpus])):
 print("scale: the largest embed process's peak RSS: %.0f MB (inputs of %d texts, %.0f MB of vectors out)"
       % (peak_rss_mb, sets["t128"][2], sets["t128"][2] * 384 * 4 / 1e6))
 json.dump(results, open(out, "w"), indent=1)
+PY
+fi
+# ---- memory while streaming ----
+if run_step rss; then
+    "$build/embedrag" bench --model "$src/models/all-MiniLM-L6-v2" --device cpu --query-only \
+        --quick --data "$bundle/shared/data/stsb-en-dev.csv" --dump-texts /tmp/rss-texts \
+        >"$logs/rss.log" 2>&1
+    PYTHONUNBUFFERED=1 python3 - "$build/embedrag" "$src/models/all-MiniLM-L6-v2" \
+        /tmp/rss-texts/t128.txt "$out/rss.json" >>"$summary" 2>>"$logs/rss.log" <<'PY'
+import json, subprocess, sys, time
+cli, model, texts, out = sys.argv[1:5]
+lines = open(texts).read().splitlines()
+path = "/tmp/rss-1m.txt"
+with open(path, "w") as f:
+    for _ in range(1000):
+        f.write("\n".join(lines) + "\n")
+samples = []
+t0 = time.perf_counter()
+with open(path) as f, open("/dev/null", "wb") as o:
+    p = subprocess.Popen([cli, "embed", "--model", model, "--device", "gpu", "--format", "f32",
+                          "--quiet"], stdin=f, stdout=o, stderr=subprocess.PIPE)
+    while p.poll() is None:
+        try:
+            for l in open("/proc/%d/status" % p.pid):
+                if l.startswith("VmRSS:"):
+                    samples.append((time.perf_counter() - t0, int(l.split()[1]) / 1024.0))
+        except OSError:
+            pass
+        time.sleep(0.25)
+    err = p.stderr.read().decode()
+wall = time.perf_counter() - t0
+mb = [m for _, m in samples]
+n = len(mb)
+q = lambda a, b: max(mb[int(a * n):max(int(b * n), int(a * n) + 1)])
+print("rss: 1,000,000 texts of 128 tokens through embed --device gpu (MiniLM-L6 F16): rc %d, %.1f s, "
+      "%d samples; RSS max %.0f MB; max over each fifth of the run: %s MB"
+      % (p.returncode, wall, n, max(mb) if mb else 0,
+         ", ".join("%.0f" % q(i / 5, (i + 1) / 5) for i in range(5)) if n >= 5 else "-"))
+if p.returncode:
+    print("rss: stderr " + err[-300:])
+json.dump({"wall_s": wall, "rc": p.returncode, "samples": samples}, open(out, "w"))
 PY
 fi
 # ---- compute-sanitizer ----
