@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages embedrag builds and tests with, from Debian 12's archive.
-# Runtime: utf8proc (Unicode data) and cJSON (model configs). Build: gcc, cmake, pkg-config.
+# Runtime: utf8proc (Unicode data), cJSON (model configs) and SQLite (the document store). Build:
+# gcc, cmake, pkg-config.
 # Tests: clang and its runtime (libFuzzer, sanitizers), clang-format 14 (the format check),
-# python3 with venv/pip (reference tokenizer fixtures). Skips apt when everything is already there.
+# python3 with venv/pip (reference tokenizer fixtures), the sqlite3 command (the store's
+# integrity checks). Skips apt when everything is already there.
 set -euo pipefail
-packages=(build-essential cmake pkg-config libutf8proc-dev libcjson-dev
+packages=(build-essential cmake pkg-config libutf8proc-dev libcjson-dev libsqlite3-dev sqlite3
           clang libclang-rt-14-dev clang-format python3 python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do

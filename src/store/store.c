@@ -1,0 +1,708 @@
+/* The SQLite store (store.h). One file in WAL mode: readers never block the writer, a commit is
+ * durable against a killed process (synchronous=NORMAL keeps the database consistent through a
+ * power loss too, at the price of the last commits), and a second writing process is refused at
+ * open with a clear error, through an flock on the database file that the kernel releases when
+ * the holder dies however it dies. */
+#include "store/store.h"
+
+#include "util/error.h"
+
+#include <sqlite3.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* The layout this code writes; a store with a larger number was made by a newer embedrag. */
+#define STORE_FORMAT 1
+
+/* How long a reader waits for a checkpoint or a writer's lock before it gives up. */
+#define STORE_BUSY_MILLISECONDS 5000
+
+enum {
+    SQL_FIND_DOCUMENT,
+    SQL_INSERT_DOCUMENT,
+    SQL_UPDATE_DOCUMENT,
+    SQL_DELETE_CHUNKS,
+    SQL_INSERT_CHUNK,
+    SQL_DELETE_DOCUMENT,
+    SQL_GET_CHUNK,
+    SQL_BM25,
+    SQL_COUNT
+};
+
+static const char *const statements[SQL_COUNT] = {
+    [SQL_FIND_DOCUMENT] = "SELECT id, content_hash FROM documents WHERE key = ?1",
+    [SQL_INSERT_DOCUMENT] = "INSERT INTO documents (key, source, title, metadata, content_hash, "
+                            "size, mtime) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [SQL_UPDATE_DOCUMENT] = "UPDATE documents SET source = ?2, title = ?3, metadata = ?4, "
+                            "content_hash = ?5, size = ?6, mtime = ?7 WHERE id = ?1",
+    [SQL_DELETE_CHUNKS] = "DELETE FROM chunks WHERE document = ?1",
+    [SQL_INSERT_CHUNK] = "INSERT INTO chunks (document, ordinal, start, end, tokens, text, vector) "
+                         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [SQL_DELETE_DOCUMENT] = "DELETE FROM documents WHERE id = ?1",
+    [SQL_GET_CHUNK] = "SELECT d.key, d.source, d.title, d.metadata, c.text, c.start, c.end, "
+                      "c.ordinal, c.tokens FROM chunks c JOIN documents d ON d.id = c.document "
+                      "WHERE c.id = ?1",
+    [SQL_BM25] = "SELECT rowid, -bm25(chunk_text) FROM chunk_text WHERE chunk_text MATCH ?1 "
+                 "ORDER BY bm25(chunk_text) LIMIT ?2",
+};
+
+/* The schema of format 1. Chunks cascade with their document; the FTS5 table indexes chunk
+ * text without a second copy of it (external content), kept in step by triggers. */
+static const char schema[] =
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    "CREATE TABLE documents (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, source TEXT,"
+    " title TEXT, metadata TEXT, content_hash INTEGER NOT NULL, size INTEGER, mtime INTEGER);"
+    "CREATE TABLE chunks (id INTEGER PRIMARY KEY, document INTEGER NOT NULL"
+    " REFERENCES documents (id) ON DELETE CASCADE, ordinal INTEGER NOT NULL, start INTEGER"
+    " NOT NULL, end INTEGER NOT NULL, tokens INTEGER NOT NULL, text TEXT NOT NULL,"
+    " vector BLOB NOT NULL);"
+    "CREATE INDEX chunks_by_document ON chunks (document);"
+    "CREATE VIRTUAL TABLE chunk_text USING fts5 (text, content = 'chunks',"
+    " content_rowid = 'id');"
+    "CREATE TRIGGER chunks_indexed AFTER INSERT ON chunks BEGIN"
+    " INSERT INTO chunk_text (rowid, text) VALUES (new.id, new.text); END;"
+    "CREATE TRIGGER chunks_unindexed AFTER DELETE ON chunks BEGIN"
+    " INSERT INTO chunk_text (chunk_text, rowid, text) VALUES ('delete', old.id, old.text); END;";
+
+/* The identity fields, as meta keys. */
+static const char *const identity_keys[] = {"model",     "dimension",    "pooling",  "prompt",
+                                            "precision", "weights_hash", "directory"};
+enum { ID_NAME, ID_DIMENSION, ID_POOLING, ID_PROMPT, ID_PRECISION, ID_WEIGHTS, ID_DIRECTORY, IDS };
+
+struct store {
+    sqlite3 *db;
+    char *path;
+    int lock_fd; /* the database file, flocked while this handle may write; -1 when read-only */
+    bool in_transaction;
+    sqlite3_stmt *sql[SQL_COUNT];
+    store_model model;
+    char *identity[IDS]; /* owned strings behind model */
+};
+
+/* Maps a SQLite failure to a status with the file named and, for the common causes, what to
+ * do. */
+static int sql_error(const store *s, int rc, const char *what)
+{
+    const char *detail = s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc);
+    int system_error = s->db ? sqlite3_system_errno(s->db) : 0;
+    /* A write refused for space comes as a full database or as an I/O error of the write. */
+    if ((rc & 0xff) == SQLITE_IOERR &&
+        (system_error == ENOSPC || system_error == EFBIG || system_error == EDQUOT))
+        rc = SQLITE_FULL;
+    switch (rc & 0xff) {
+    case SQLITE_FULL:
+        return err_set(EMBEDRAG_ERR_IO,
+                       "%s: %s: the disk is full (nothing of this batch was stored; free space "
+                       "and run again)",
+                       s->path, what);
+    case SQLITE_READONLY:
+    case SQLITE_CANTOPEN:
+    case SQLITE_PERM:
+        return err_set(EMBEDRAG_ERR_IO, "%s: %s: %s (is the location writable?)", s->path, what,
+                       detail);
+    case SQLITE_NOTADB:
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s is not an embedrag store (not a SQLite database); choose another "
+                       "file with --store",
+                       s->path);
+    case SQLITE_CORRUPT:
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s: the database is corrupt (%s); restore it from a copy or index again "
+                       "into a new store",
+                       s->path, detail);
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+        return err_set(EMBEDRAG_ERR_BUSY, "%s: %s: the store is busy (%s)", s->path, what, detail);
+    case SQLITE_IOERR:
+        return err_set(EMBEDRAG_ERR_IO, "%s: %s: input/output error (%s)", s->path, what, detail);
+    }
+    return err_set(EMBEDRAG_ERR_DATABASE, "%s: %s: %s", s->path, what, detail);
+}
+
+static int exec(store *s, const char *sql, const char *what)
+{
+    int rc = sqlite3_exec(s->db, sql, NULL, NULL, NULL);
+    return rc == SQLITE_OK ? 0 : sql_error(s, rc, what);
+}
+
+static char *copy_string(const char *text)
+{
+    return strdup(text ? text : "");
+}
+
+/* Reads meta key `key` into a new string (NULL when absent or on failure, with *rc set). */
+static char *read_meta(store *s, const char *key, int *rc)
+{
+    sqlite3_stmt *st = NULL;
+    char *value = NULL;
+    *rc = sqlite3_prepare_v2(s->db, "SELECT value FROM meta WHERE key = ?1", -1, &st, NULL);
+    if (*rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+        int step = sqlite3_step(st);
+        if (step == SQLITE_ROW)
+            value = copy_string((const char *)sqlite3_column_text(st, 0));
+        else if (step != SQLITE_DONE)
+            *rc = step;
+    }
+    sqlite3_finalize(st);
+    if (*rc == SQLITE_OK) *rc = 0;
+    return value;
+}
+
+static int write_meta(store *s, const char *key, const char *value)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(s->db, "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, value, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(s->db);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_OK ? 0 : sql_error(s, rc, "writing the model's identity");
+}
+
+static void set_identity(store *s, int field, char *value)
+{
+    free(s->identity[field]);
+    s->identity[field] = value;
+}
+
+static void expose_identity(store *s)
+{
+    s->model.name = s->identity[ID_NAME];
+    s->model.dimension = s->identity[ID_DIMENSION] ? atoi(s->identity[ID_DIMENSION]) : 0;
+    s->model.pooling = s->identity[ID_POOLING];
+    s->model.prompt = s->identity[ID_PROMPT];
+    s->model.precision = s->identity[ID_PRECISION];
+    s->model.weights_hash = s->identity[ID_WEIGHTS];
+    s->model.directory = s->identity[ID_DIRECTORY];
+}
+
+/* The model's identity fields as strings, in identity_keys' order. */
+static void identity_of(const store_model *m, char dimension[16], const char *out[IDS])
+{
+    snprintf(dimension, 16, "%d", m->dimension);
+    out[ID_NAME] = m->name;
+    out[ID_DIMENSION] = dimension;
+    out[ID_POOLING] = m->pooling;
+    out[ID_PROMPT] = m->prompt;
+    out[ID_PRECISION] = m->precision;
+    out[ID_WEIGHTS] = m->weights_hash;
+    out[ID_DIRECTORY] = m->directory;
+}
+
+/* Creates the schema and records the model, or checks a store's format and model. */
+static int prepare_contents(store *s, const store_model *model)
+{
+    int rc = 0;
+    sqlite3_stmt *st = NULL;
+    /* The first read of the file: a file that is not a database fails here. */
+    int sq = sqlite3_prepare_v2(s->db, "SELECT count(*) FROM sqlite_master WHERE name = 'meta'", -1,
+                                &st, NULL);
+    if (sq == SQLITE_OK) sq = sqlite3_step(st);
+    bool has_meta = sq == SQLITE_ROW && sqlite3_column_int(st, 0) > 0;
+    int tables = 0;
+    sqlite3_finalize(st);
+    if (sq != SQLITE_ROW) return sql_error(s, sq, "reading the store");
+    if (!has_meta) {
+        sq = sqlite3_prepare_v2(s->db, "SELECT count(*) FROM sqlite_master", -1, &st, NULL);
+        if (sq == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW) tables = sqlite3_column_int(st, 0);
+        sqlite3_finalize(st);
+        if (tables > 0)
+            return err_set(EMBEDRAG_ERR_FORMAT,
+                           "%s is a SQLite database but not an embedrag store; choose another "
+                           "file with --store",
+                           s->path);
+        if (s->lock_fd < 0)
+            return err_set(EMBEDRAG_ERR_NOT_FOUND,
+                           "%s is empty: no documents were indexed into "
+                           "it (run embedrag index)",
+                           s->path);
+        char dimension[16];
+        const char *fields[IDS];
+        identity_of(model, dimension, fields);
+        char format[16];
+        snprintf(format, sizeof format, "%d", STORE_FORMAT);
+        rc = exec(s, "BEGIN IMMEDIATE", "creating the store");
+        if (!rc) rc = exec(s, schema, "creating the store");
+        if (!rc) rc = write_meta(s, "format", format);
+        for (int i = 0; i < IDS && !rc; i++) rc = write_meta(s, identity_keys[i], fields[i]);
+        if (!rc) rc = exec(s, "COMMIT", "creating the store");
+        if (rc) {
+            sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+            return rc;
+        }
+    }
+    char *format = read_meta(s, "format", &rc);
+    if (rc) {
+        free(format);
+        return sql_error(s, rc, "reading the store's format");
+    }
+    int version = format ? atoi(format) : 0;
+    free(format);
+    if (version < 1 || version > STORE_FORMAT)
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s has store format %d; this embedrag reads format %d (a newer embedrag "
+                       "made it?)",
+                       s->path, version, STORE_FORMAT);
+    for (int i = 0; i < IDS; i++) {
+        char *value = read_meta(s, identity_keys[i], &rc);
+        if (rc) {
+            free(value);
+            return sql_error(s, rc, "reading the model's identity");
+        }
+        set_identity(s, i, value ? value : copy_string(""));
+    }
+    expose_identity(s);
+    if (s->lock_fd < 0 || !model) return 0;
+    char dimension[16];
+    const char *fields[IDS];
+    identity_of(model, dimension, fields);
+    /* Precision and directory may change between runs (vectors of fp32 and bf16 agree to
+     * cosine 0.9999); what made different vectors may not. */
+    for (int i = 0; i < IDS; i++) {
+        if (i == ID_PRECISION || i == ID_DIRECTORY) continue;
+        if (strcmp(s->identity[i], fields[i] ? fields[i] : "") != 0)
+            return err_set(EMBEDRAG_ERR_MODEL_MISMATCH,
+                           "%s was built with model %s (%s %s); this run uses %s (%s %s): index "
+                           "into a new store, or use the store's model",
+                           s->path, s->identity[ID_NAME], identity_keys[i], s->identity[i],
+                           fields[ID_NAME], identity_keys[i], fields[i] ? fields[i] : "");
+    }
+    rc = write_meta(s, "directory", model->directory ? model->directory : "");
+    if (!rc) rc = write_meta(s, "precision", model->precision ? model->precision : "");
+    if (!rc) {
+        set_identity(s, ID_DIRECTORY, copy_string(model->directory));
+        set_identity(s, ID_PRECISION, copy_string(model->precision));
+        expose_identity(s);
+    }
+    return rc;
+}
+
+int store_open(const char *path, const store_model *model, bool read_only, store **out)
+{
+    if (!out) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "store_open: out is NULL");
+    *out = NULL;
+    if (!path || (!read_only && (!model || !model->name || model->dimension < 1)))
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "store_open: a path and, to write, a model");
+    store *s = calloc(1, sizeof *s);
+    if (!s) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", path);
+    s->lock_fd = -1;
+    s->path = strdup(path);
+    int rc = 0;
+    if (!s->path) {
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", path);
+        goto fail;
+    }
+    struct stat st;
+    if (read_only && stat(path, &st) != 0) {
+        rc = err_set(EMBEDRAG_ERR_NOT_FOUND, "%s: no such store (run embedrag index first)", path);
+        goto fail;
+    }
+    if (!read_only) {
+        /* One writer: the lock is on our own descriptor of the file, which stays open until
+         * after SQLite closes it (closing another descriptor would drop SQLite's locks). */
+        s->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (s->lock_fd < 0) {
+            rc = err_set(EMBEDRAG_ERR_IO,
+                         "%s: cannot open for writing: %s (is the location "
+                         "writable?)",
+                         path, strerror(errno));
+            goto fail;
+        }
+        if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+            rc = err_set(EMBEDRAG_ERR_BUSY,
+                         "%s is being written by another process (an embedrag index still "
+                         "running?); wait for it, or use another --store",
+                         path);
+            goto fail;
+        }
+    }
+    int flags = (read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) |
+                SQLITE_OPEN_NOMUTEX;
+    int sq = sqlite3_open_v2(path, &s->db, flags, NULL);
+    if (sq != SQLITE_OK) {
+        rc = sql_error(s, sq, "opening");
+        goto fail;
+    }
+    sqlite3_extended_result_codes(s->db, 1);
+    sqlite3_busy_timeout(s->db, STORE_BUSY_MILLISECONDS);
+    if (!read_only) {
+        rc = exec(s, "PRAGMA journal_mode = WAL", "opening");
+        if (!rc) rc = exec(s, "PRAGMA synchronous = NORMAL", "opening");
+    }
+    if (!rc) rc = exec(s, "PRAGMA foreign_keys = ON", "opening");
+    if (!rc) rc = prepare_contents(s, model);
+    for (int i = 0; i < SQL_COUNT && !rc; i++) {
+        sq = sqlite3_prepare_v3(s->db, statements[i], -1, SQLITE_PREPARE_PERSISTENT, &s->sql[i],
+                                NULL);
+        if (sq != SQLITE_OK) rc = sql_error(s, sq, "preparing statements");
+    }
+    if (rc) goto fail;
+    *out = s;
+    return 0;
+fail:
+    store_close(s);
+    return rc;
+}
+
+void store_close(store *s)
+{
+    if (!s) return;
+    if (s->in_transaction) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    for (int i = 0; i < SQL_COUNT; i++) sqlite3_finalize(s->sql[i]);
+    if (s->db) sqlite3_close(s->db);
+    if (s->lock_fd >= 0) close(s->lock_fd); /* releases the writer's flock */
+    for (int i = 0; i < IDS; i++) free(s->identity[i]);
+    free(s->path);
+    free(s);
+}
+
+const store_model *store_get_model(const store *s)
+{
+    return &s->model;
+}
+
+/* ---- transactions ---- */
+
+int store_begin(store *s)
+{
+    if (s->in_transaction)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "%s: a transaction is already open", s->path);
+    int rc = exec(s, "BEGIN IMMEDIATE", "starting a batch");
+    s->in_transaction = rc == 0;
+    return rc;
+}
+
+int store_commit(store *s)
+{
+    if (!s->in_transaction) return 0;
+    int rc = exec(s, "COMMIT", "committing a batch");
+    if (rc) {
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        err_prefix(rc, "nothing of this batch was stored: ");
+    }
+    s->in_transaction = false;
+    return rc;
+}
+
+void store_rollback(store *s)
+{
+    if (!s->in_transaction) return;
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    s->in_transaction = false;
+}
+
+/* ---- documents ---- */
+
+/* Runs a prepared statement to completion (no rows wanted). */
+static int run(store *s, sqlite3_stmt *st, const char *what)
+{
+    int sq = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return sq == SQLITE_DONE ? 0 : sql_error(s, sq, what);
+}
+
+/* The row id of the document with this key, 0 when absent, or a negative status. */
+static int64_t find_document(store *s, const char *key, uint64_t *content_hash)
+{
+    sqlite3_stmt *st = s->sql[SQL_FIND_DOCUMENT];
+    sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+    int sq = sqlite3_step(st);
+    int64_t id = 0;
+    if (sq == SQLITE_ROW) {
+        id = sqlite3_column_int64(st, 0);
+        if (content_hash) *content_hash = (uint64_t)sqlite3_column_int64(st, 1);
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (sq != SQLITE_ROW && sq != SQLITE_DONE) return sql_error(s, sq, "finding a document");
+    return id;
+}
+
+int store_find_document(store *s, const char *key, bool *found, uint64_t *content_hash)
+{
+    *found = false;
+    *content_hash = 0;
+    int64_t id = find_document(s, key, content_hash);
+    if (id < 0) return (int)id;
+    *found = id > 0;
+    return 0;
+}
+
+static void bind_document(sqlite3_stmt *st, const store_document *d)
+{
+    sqlite3_bind_text(st, 2, d->source, -1, SQLITE_STATIC);
+    if (d->title)
+        sqlite3_bind_text(st, 3, d->title, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 3);
+    if (d->metadata)
+        sqlite3_bind_text(st, 4, d->metadata, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 4);
+    sqlite3_bind_int64(st, 5, (sqlite3_int64)d->content_hash);
+    sqlite3_bind_int64(st, 6, d->size);
+    sqlite3_bind_int64(st, 7, d->mtime);
+}
+
+int store_put_document(store *s, const store_document *d, const store_chunk *chunks, size_t count)
+{
+    if (!d || !d->key || (count && !chunks))
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "store_put_document: NULL argument");
+    int dim = s->model.dimension;
+    /* A savepoint nests inside a batch's transaction, or is the transaction itself. */
+    int rc = exec(s, "SAVEPOINT put_document", "storing a document");
+    if (rc) return rc;
+    int64_t id = find_document(s, d->key, NULL);
+    if (id < 0) {
+        rc = (int)id;
+        goto undo;
+    }
+    if (id > 0) {
+        sqlite3_stmt *st = s->sql[SQL_DELETE_CHUNKS];
+        sqlite3_bind_int64(st, 1, id);
+        rc = run(s, st, "replacing a document's chunks");
+        if (rc) goto undo;
+        st = s->sql[SQL_UPDATE_DOCUMENT];
+        sqlite3_bind_int64(st, 1, id);
+        bind_document(st, d);
+        rc = run(s, st, "updating a document");
+    } else {
+        sqlite3_stmt *st = s->sql[SQL_INSERT_DOCUMENT];
+        sqlite3_bind_text(st, 1, d->key, -1, SQLITE_STATIC);
+        bind_document(st, d);
+        rc = run(s, st, "adding a document");
+        id = sqlite3_last_insert_rowid(s->db);
+    }
+    if (rc) goto undo;
+    for (size_t i = 0; i < count; i++) {
+        const store_chunk *c = &chunks[i];
+        if (!c->vector || (!c->text && c->length)) {
+            rc = err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "%s: chunk %zu of %s has no vector",
+                         s->path, i, d->key);
+            goto undo;
+        }
+        sqlite3_stmt *st = s->sql[SQL_INSERT_CHUNK];
+        sqlite3_bind_int64(st, 1, id);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)i);
+        sqlite3_bind_int64(st, 3, c->start);
+        sqlite3_bind_int64(st, 4, c->end);
+        sqlite3_bind_int(st, 5, c->tokens);
+        sqlite3_bind_text(st, 6, c->text ? c->text : "", (int)c->length, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 7, c->vector, dim * (int)sizeof(float), SQLITE_STATIC);
+        rc = run(s, st, "adding a chunk");
+        if (rc) goto undo;
+    }
+    return exec(s, "RELEASE put_document", "storing a document");
+undo:
+    sqlite3_exec(s->db, "ROLLBACK TO put_document; RELEASE put_document", NULL, NULL, NULL);
+    return rc;
+}
+
+int store_delete_document(store *s, const char *key, bool *found)
+{
+    *found = false;
+    int64_t id = find_document(s, key, NULL);
+    if (id <= 0) return (int)id;
+    sqlite3_stmt *st = s->sql[SQL_DELETE_DOCUMENT];
+    sqlite3_bind_int64(st, 1, id);
+    int rc = run(s, st, "deleting a document");
+    *found = rc == 0;
+    return rc;
+}
+
+int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const char *source),
+                        void *ctx)
+{
+    sqlite3_stmt *st = NULL;
+    int sq =
+        sqlite3_prepare_v2(s->db, "SELECT key, source FROM documents ORDER BY key", -1, &st, NULL);
+    int rc = 0;
+    while (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW && !rc) {
+        rc = fn(ctx, (const char *)sqlite3_column_text(st, 0),
+                (const char *)sqlite3_column_text(st, 1));
+        sq = SQLITE_OK;
+    }
+    if (!rc && sq != SQLITE_DONE && sq != SQLITE_OK) rc = sql_error(s, sq, "listing documents");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* ---- what searches read ---- */
+
+int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count)
+{
+    *matrix = NULL;
+    *chunk_ids = NULL;
+    *count = 0;
+    size_t dim = (size_t)s->model.dimension;
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(s->db, "SELECT count(*) FROM chunks", -1, &st, NULL);
+    size_t n = 0;
+    if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW)
+        n = (size_t)sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    if (sq != SQLITE_ROW) return sql_error(s, sq, "counting vectors");
+    float *m = malloc((n ? n : 1) * dim * sizeof *m);
+    int64_t *ids = malloc((n ? n : 1) * sizeof *ids);
+    if (!m || !ids) {
+        free(m);
+        free(ids);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory loading %zu vectors", s->path, n);
+    }
+    sq = sqlite3_prepare_v2(s->db, "SELECT id, vector FROM chunks ORDER BY id", -1, &st, NULL);
+    size_t i = 0;
+    int rc = 0;
+    while (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW && i < n) {
+        if ((size_t)sqlite3_column_bytes(st, 1) != dim * sizeof(float)) {
+            rc = err_set(EMBEDRAG_ERR_FORMAT,
+                         "%s: chunk %" PRId64 " has a vector of %d bytes, not %zu (a damaged "
+                         "store?)",
+                         s->path, (int64_t)sqlite3_column_int64(st, 0), sqlite3_column_bytes(st, 1),
+                         dim * sizeof(float));
+            break;
+        }
+        ids[i] = sqlite3_column_int64(st, 0);
+        memcpy(m + i * dim, sqlite3_column_blob(st, 1), dim * sizeof(float));
+        i++;
+        sq = SQLITE_OK;
+    }
+    if (!rc && sq != SQLITE_DONE && sq != SQLITE_OK) rc = sql_error(s, sq, "loading vectors");
+    sqlite3_finalize(st);
+    if (rc) {
+        free(m);
+        free(ids);
+        return rc;
+    }
+    *matrix = m;
+    *chunk_ids = ids;
+    *count = i;
+    return 0;
+}
+
+/* Turns free text into an FTS5 query that matches any of its words: each run of letters and
+ * digits (bytes >= 0x80 count as letters, so UTF-8 words stay whole) becomes a quoted string,
+ * joined by OR; FTS5's tokenizer then splits them as it split the documents. Returns NULL when
+ * the text has no words. */
+static char *fts_query(const char *text)
+{
+    size_t n = strlen(text);
+    char *q = malloc(4 * n + 8), *w = q;
+    if (!q) return NULL;
+    bool any = false;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)text[i];
+        bool word = c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
+        if (!word) {
+            i++;
+            continue;
+        }
+        if (any) w += sprintf(w, " OR ");
+        *w++ = '"';
+        while (i < n) {
+            c = (unsigned char)text[i];
+            if (!(c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z')))
+                break;
+            *w++ = (char)c;
+            i++;
+        }
+        *w++ = '"';
+        any = true;
+    }
+    *w = '\0';
+    if (!any) {
+        free(q);
+        return NULL;
+    }
+    return q;
+}
+
+int store_bm25(store *s, const char *query, int k, int64_t *chunk_ids, double *scores, int *found)
+{
+    *found = 0;
+    if (k <= 0 || !query) return 0;
+    char *q = fts_query(query);
+    if (!q) return 0; /* no words: nothing matches */
+    sqlite3_stmt *st = s->sql[SQL_BM25];
+    sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, k);
+    int sq, n = 0;
+    while ((sq = sqlite3_step(st)) == SQLITE_ROW && n < k) {
+        chunk_ids[n] = sqlite3_column_int64(st, 0);
+        scores[n] = sqlite3_column_double(st, 1);
+        n++;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    free(q);
+    if (sq != SQLITE_DONE && sq != SQLITE_ROW) return sql_error(s, sq, "searching text");
+    *found = n;
+    return 0;
+}
+
+int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out)
+{
+    sqlite3_stmt *st = s->sql[SQL_GET_CHUNK];
+    sqlite3_reset(st);
+    sqlite3_bind_int64(st, 1, chunk_id);
+    int sq = sqlite3_step(st);
+    if (sq == SQLITE_DONE) {
+        sqlite3_reset(st);
+        return err_set(EMBEDRAG_ERR_NOT_FOUND, "%s: no chunk %" PRId64, s->path, chunk_id);
+    }
+    if (sq != SQLITE_ROW) {
+        sqlite3_reset(st);
+        return sql_error(s, sq, "reading a chunk");
+    }
+    /* The row stays current until the next call resets the statement. */
+    out->document_key = (const char *)sqlite3_column_text(st, 0);
+    out->source = (const char *)sqlite3_column_text(st, 1);
+    out->title = (const char *)sqlite3_column_text(st, 2);
+    out->metadata = (const char *)sqlite3_column_text(st, 3);
+    out->text = (const char *)sqlite3_column_text(st, 4);
+    out->start = sqlite3_column_int64(st, 5);
+    out->end = sqlite3_column_int64(st, 6);
+    out->ordinal = sqlite3_column_int(st, 7);
+    out->tokens = sqlite3_column_int(st, 8);
+    return 0;
+}
+
+int store_get_stats(store *s, store_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(s->db,
+                                "SELECT (SELECT count(*) FROM documents), count(*), "
+                                "coalesce(sum(tokens), 0) FROM chunks",
+                                -1, &st, NULL);
+    if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW) {
+        out->documents = sqlite3_column_int64(st, 0);
+        out->chunks = sqlite3_column_int64(st, 1);
+        out->tokens = sqlite3_column_int64(st, 2);
+    }
+    sqlite3_finalize(st);
+    if (sq != SQLITE_ROW) return sql_error(s, sq, "counting");
+    struct stat fs;
+    if (stat(s->path, &fs) == 0) out->file_bytes += fs.st_size;
+    size_t len = strlen(s->path);
+    char *wal = malloc(len + 5);
+    if (wal) {
+        memcpy(wal, s->path, len);
+        memcpy(wal + len, "-wal", 5);
+        if (stat(wal, &fs) == 0) out->file_bytes += fs.st_size;
+        free(wal);
+    }
+    return 0;
+}

@@ -1,0 +1,108 @@
+/* The document store: one SQLite file holding documents, their chunks (text, byte offsets,
+ * token counts, vectors) and an FTS5 index over chunk text for BM25, under the identity of the
+ * model that made the vectors. SQLite is the source of truth; what a search scans is loaded from
+ * it. The store never computes embeddings (the indexer hands it vectors) and keeps SQL out of
+ * its callers: this header is the narrow interface a second store (PostgreSQL) would implement.
+ * A store handle is used by one thread at a time. */
+#ifndef EMBEDRAG_STORE_STORE_H
+#define EMBEDRAG_STORE_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct store store;
+
+/* Who made the vectors. A store remembers the identity it was created with and refuses a model
+ * whose identity differs (EMBEDRAG_ERR_MODEL_MISMATCH, naming both). */
+typedef struct store_model {
+    const char *name;         /* the model's name ("all-MiniLM-L6-v2") */
+    int dimension;            /* vector width */
+    const char *pooling;      /* "mean", "cls", "max" */
+    const char *prompt;       /* the passage prompt applied to chunks ("" for none) */
+    const char *precision;    /* "fp32", "bf16", "fp16": what made the vectors */
+    const char *weights_hash; /* a hash of the weights file, hex */
+    const char *directory;    /* where the model was (search may open it again) */
+} store_model;
+
+/* Opens the store at `path`. To write (read_only false) it is created when absent; `model`
+ * (required then) must match a store's recorded identity on every field but directory and
+ * precision. read_only opens an existing store and ignores `model` (may be NULL). Errors name
+ * the file: not a SQLite database, a SQLite database that is not an embedrag store, a newer
+ * format, a read-only or missing location, another process writing it. On failure *out is NULL.
+ * Close with store_close. */
+int store_open(const char *path, const store_model *model, bool read_only, store **out);
+
+/* Closes the store (NULL is a no-op). A transaction still open is rolled back. */
+void store_close(store *s);
+
+/* The identity recorded in the store; valid until store_close. */
+const store_model *store_get_model(const store *s);
+
+/* One document as the indexer knows it. `key` identifies it across runs (its path, or its JSONL
+ * id); content_hash is of its bytes, so an unchanged document is recognized without model work. */
+typedef struct store_document {
+    const char *key;
+    const char *source;   /* the file it came from */
+    const char *title;    /* or NULL */
+    const char *metadata; /* a JSON object as text, or NULL */
+    uint64_t content_hash;
+    int64_t size, mtime;
+} store_document;
+
+/* A chunk to store: text (the source bytes [start, end) of the document, not NUL-terminated),
+ * its token count as embedded, and its vector (dimension floats). */
+typedef struct store_chunk {
+    const char *text;
+    size_t length;
+    int64_t start, end;
+    int tokens;
+    const float *vector;
+} store_chunk;
+
+/* Batches: everything between store_begin and store_commit is one transaction, so a process
+ * killed at any point leaves the store as it was at the last commit. Without store_begin each
+ * store_put_document is its own transaction. store_rollback undoes an open one. */
+int store_begin(store *s);
+int store_commit(store *s);
+void store_rollback(store *s);
+
+/* Whether a document with this key is stored, and its content hash (0 when not found). */
+int store_find_document(store *s, const char *key, bool *found, uint64_t *content_hash);
+
+/* Adds the document with its chunks, replacing every earlier chunk of the same key. */
+int store_put_document(store *s, const store_document *document, const store_chunk *chunks,
+                       size_t count);
+
+/* Deletes a document and its chunks; *found says whether it was there. */
+int store_delete_document(store *s, const char *key, bool *found);
+
+/* Calls fn(ctx, key, source) for every stored document, in key order; fn returns nonzero to stop
+ * (that value is returned). For pruning: the indexer collects keys whose files are gone. */
+int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const char *source),
+                        void *ctx);
+
+/* Every vector as one contiguous row-major matrix (count x dimension floats) with each row's
+ * chunk id, for scanning. The caller frees both with free(). */
+int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count);
+
+/* BM25 over chunk text (SQLite FTS5): up to k chunk ids, best first, with scores where larger is
+ * better. The query's words are searched as plain terms (any of them), never as FTS5 syntax, so
+ * user text cannot fail to parse. *found is how many were written. */
+int store_bm25(store *s, const char *query, int k, int64_t *chunk_ids, double *scores, int *found);
+
+/* A stored chunk with where it came from. Strings stay valid until the next call on the store. */
+typedef struct store_chunk_info {
+    const char *document_key, *source, *title, *metadata, *text;
+    int64_t start, end;
+    int ordinal, tokens;
+} store_chunk_info;
+int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out);
+
+typedef struct store_stats {
+    int64_t documents, chunks, tokens;
+    int64_t file_bytes; /* the database file and its write-ahead log on disk */
+} store_stats;
+int store_get_stats(store *s, store_stats *out);
+
+#endif

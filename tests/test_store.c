@@ -1,0 +1,476 @@
+/* The SQLite store: documents with chunks and vectors round-trip, replacing and deleting keep the
+ * text index in step, the model's identity is enforced, a second writer and foreign or damaged
+ * files get clear errors, batches are all-or-nothing, a process killed mid-batch (SIGKILL, at
+ * random points, many times) leaves a consistent store that takes more work, and a write that
+ * runs out of space fails cleanly. Real sentences from ../shared/data. */
+#include "store/store.h"
+
+#include "check.h"
+#include "util/error.h"
+
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DIM 8
+#define MAX_SENTENCES 400
+/* Documents of the killed-writer test: enough that a run lasts a few hundred milliseconds. */
+#define KILL_DOCUMENTS 3000
+
+static char *sentences[MAX_SENTENCES];
+static int sentence_count;
+static char dir[256];
+
+static const store_model model = {.name = "test-model",
+                                  .dimension = DIM,
+                                  .pooling = "mean",
+                                  .prompt = "",
+                                  .precision = "fp32",
+                                  .weights_hash = "abc123",
+                                  .directory = "/models/test"};
+
+static int load_sentences(void)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[4096];
+    while (sentence_count < MAX_SENTENCES && fgets(line, sizeof line, f)) {
+        char *end = line + strlen(line);
+        int commas = 0;
+        while (end > line && commas < 2)
+            if (*--end == ',') commas++;
+        if (commas < 2 || end == line) continue;
+        *end = '\0';
+        sentences[sentence_count++] = strdup(line);
+    }
+    fclose(f);
+    return sentence_count > 100 ? 0 : -1;
+}
+
+/* A deterministic vector for chunk `seed`. */
+static void vector_for(int seed, float *v)
+{
+    for (int i = 0; i < DIM; i++) v[i] = (float)sin(seed * 0.37 + i * 1.3);
+}
+
+/* Document `d`: `chunks` sentences, each a chunk with its own vector. */
+static int put_document(store *s, int d, int chunks, int salt)
+{
+    char key[64], source[96];
+    snprintf(key, sizeof key, "doc-%04d", d);
+    snprintf(source, sizeof source, "/corpus/doc-%04d.txt", d);
+    store_document doc = {.key = key,
+                          .source = source,
+                          .title = d % 3 ? NULL : "A title",
+                          .metadata = d % 2 ? "{\"lang\":\"en\"}" : NULL,
+                          .content_hash = 1000003u * (uint64_t)d + (uint64_t)salt,
+                          .size = 100 * d,
+                          .mtime = 1700000000 + d};
+    store_chunk c[16];
+    float v[16][DIM];
+    int64_t offset = 0;
+    for (int i = 0; i < chunks; i++) {
+        const char *text = sentences[(d * 7 + i + salt) % sentence_count];
+        vector_for(d * 100 + i + salt, v[i]);
+        c[i] = (store_chunk){.text = text,
+                             .length = strlen(text),
+                             .start = offset,
+                             .end = offset + (int64_t)strlen(text),
+                             .tokens = 5 + i,
+                             .vector = v[i]};
+        offset += (int64_t)strlen(text) + 1;
+    }
+    return store_put_document(s, &doc, c, (size_t)chunks);
+}
+
+static void path_in_dir(char *out, size_t size, const char *name)
+{
+    snprintf(out, size, "%s/%s", dir, name);
+}
+
+static int count_document(void *ctx, const char *key, const char *source)
+{
+    (void)source;
+    *(int *)ctx += key != NULL;
+    return 0;
+}
+
+static void test_round_trip(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "round.db");
+    store *s = NULL;
+    int rc = store_open(path, &model, false, &s);
+    CHECK(rc == 0 && s, "create: %s", err_get());
+    if (!s) return;
+    for (int d = 0; d < 20; d++) CHECK(put_document(s, d, 1 + d % 4, 0) == 0, "put: %s", err_get());
+    bool found;
+    uint64_t hash;
+    CHECK(store_find_document(s, "doc-0007", &found, &hash) == 0 && found && hash == 1000003u * 7,
+          "find doc-0007");
+    CHECK(store_find_document(s, "doc-9999", &found, &hash) == 0 && !found, "absent document");
+    store_stats st;
+    CHECK(store_get_stats(s, &st) == 0 && st.documents == 20 && st.chunks == 50 &&
+              st.file_bytes > 0,
+          "stats: %lld documents, %lld chunks", (long long)st.documents, (long long)st.chunks);
+
+    float *m;
+    int64_t *ids;
+    size_t n;
+    CHECK(store_load_vectors(s, &m, &ids, &n) == 0 && n == 50, "load: %zu vectors", n);
+    /* Row i is chunk ids[i]; its text and vector are the ones stored. */
+    int wrong = 0;
+    for (size_t i = 0; i < n; i++) {
+        store_chunk_info info;
+        if (store_get_chunk(s, ids[i], &info) != 0) {
+            wrong++;
+            continue;
+        }
+        int d = atoi(info.document_key + 4);
+        float v[DIM];
+        vector_for(d * 100 + info.ordinal, v);
+        const char *text = sentences[(d * 7 + info.ordinal) % sentence_count];
+        wrong += memcmp(v, m + i * DIM, sizeof v) != 0 || strcmp(text, info.text) != 0 ||
+                 info.tokens != 5 + info.ordinal || info.end - info.start != (int64_t)strlen(text);
+    }
+    CHECK(wrong == 0, "%d chunks differ from what was stored", wrong);
+    free(m);
+    free(ids);
+
+    /* BM25: a sentence's rarest-looking words find it first. */
+    const char *target = sentences[(7 * 7 + 2) % sentence_count]; /* doc 7's third chunk */
+    int64_t hits[10];
+    double scores[10];
+    int got = 0;
+    CHECK(store_bm25(s, target, 10, hits, scores, &got) == 0 && got > 0, "bm25: %s", err_get());
+    store_chunk_info top;
+    CHECK(got > 0 && store_get_chunk(s, hits[0], &top) == 0 && strcmp(top.text, target) == 0,
+          "bm25's best hit is the sentence searched for: '%s' vs '%s'", got ? top.text : "",
+          target);
+    for (int i = 1; i < got; i++) CHECK(scores[i] <= scores[i - 1], "bm25 scores descend");
+    /* Text that is no FTS5 syntax still searches: quotes, operators, parentheses. */
+    CHECK(store_bm25(s, "\"NEAR( AND OR * ^ -:", 10, hits, scores, &got) == 0, "odd query text: %s",
+          err_get());
+    CHECK(store_bm25(s, "!!! ???", 10, hits, scores, &got) == 0 && got == 0, "no words");
+
+    /* Replacing: the old chunks and their text go, the new ones come. */
+    const char *old_text = sentences[(3 * 7 + 0) % sentence_count];
+    CHECK(put_document(s, 3, 2, 50) == 0, "replace: %s", err_get());
+    CHECK(store_get_stats(s, &st) == 0 && st.documents == 20 && st.chunks == 50 - 4 + 2,
+          "after replace: %lld chunks", (long long)st.chunks);
+    CHECK(store_bm25(s, old_text, 50, hits, scores, &got) == 0, "bm25");
+    bool stale = false;
+    for (int i = 0; i < got; i++) {
+        store_chunk_info info;
+        if (store_get_chunk(s, hits[i], &info) == 0 && !strcmp(info.document_key, "doc-0003") &&
+            !strcmp(info.text, old_text) &&
+            strcmp(old_text, sentences[(3 * 7 + 50) % sentence_count]))
+            stale = true;
+    }
+    CHECK(!stale, "the replaced chunk's text is no longer found");
+
+    CHECK(store_delete_document(s, "doc-0004", &found) == 0 && found, "delete");
+    CHECK(store_delete_document(s, "doc-0004", &found) == 0 && !found, "delete twice");
+    CHECK(store_get_stats(s, &st) == 0 && st.documents == 19 && st.chunks == 48 - 1,
+          "after delete: %lld documents, %lld chunks", (long long)st.documents,
+          (long long)st.chunks);
+    int listed = 0;
+    CHECK(store_each_document(s, count_document, &listed) == 0 && listed == 19,
+          "every document listed: %d", listed);
+    store_close(s);
+
+    /* Read-only: the identity comes from the store. */
+    rc = store_open(path, NULL, true, &s);
+    CHECK(rc == 0, "read-only open: %s", err_get());
+    if (s) {
+        const store_model *m2 = store_get_model(s);
+        CHECK(!strcmp(m2->name, "test-model") && m2->dimension == DIM &&
+                  !strcmp(m2->weights_hash, "abc123"),
+              "identity read back");
+        CHECK(store_get_stats(s, &st) == 0 && st.documents == 19, "read-only stats");
+        store_close(s);
+    }
+}
+
+static void test_identity_and_files(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "identity.db");
+    store *s = NULL;
+    CHECK(store_open(path, &model, false, &s) == 0, "create: %s", err_get());
+    store *second = NULL;
+    int rc = store_open(path, &model, false, &second);
+    CHECK(rc == EMBEDRAG_ERR_BUSY && !second && strstr(err_get(), path) &&
+              strstr(err_get(), "another process"),
+          "a second writer is refused: %d %s", rc, err_get());
+    store *reader = NULL;
+    CHECK(store_open(path, NULL, true, &reader) == 0, "a reader beside the writer: %s", err_get());
+    store_close(reader);
+    store_close(s);
+
+    store_model other = model;
+    other.name = "other-model";
+    rc = store_open(path, &other, false, &s);
+    CHECK(rc == EMBEDRAG_ERR_MODEL_MISMATCH && !s && strstr(err_get(), "test-model") &&
+              strstr(err_get(), "other-model"),
+          "another model is refused, naming both: %s", err_get());
+    other = model;
+    other.dimension = DIM * 2;
+    rc = store_open(path, &other, false, &s);
+    CHECK(rc == EMBEDRAG_ERR_MODEL_MISMATCH, "another dimension is refused: %s", err_get());
+    other = model;
+    other.precision = "bf16";
+    other.directory = "/elsewhere";
+    rc = store_open(path, &other, false, &s);
+    CHECK(rc == 0, "another precision and directory are taken: %s", err_get());
+    if (s) {
+        CHECK(!strcmp(store_get_model(s)->directory, "/elsewhere"), "the directory is updated");
+        store_close(s);
+    }
+
+    /* Files that are no store. */
+    char junk[512];
+    path_in_dir(junk, sizeof junk, "junk.db");
+    FILE *f = fopen(junk, "wb");
+    for (int i = 0; i < 2000; i++) fputs("not a database at all ", f);
+    fclose(f);
+    rc = store_open(junk, &model, false, &s);
+    CHECK(rc == EMBEDRAG_ERR_FORMAT && strstr(err_get(), junk) &&
+              strstr(err_get(), "not a SQLite database"),
+          "junk: %d %s", rc, err_get());
+    rc = store_open(junk, NULL, true, &s);
+    CHECK(rc == EMBEDRAG_ERR_FORMAT, "junk read-only: %d %s", rc, err_get());
+    struct stat st;
+    CHECK(stat(junk, &st) == 0 && st.st_size == 2000 * 22, "the junk file is untouched");
+
+    char foreign[512], command[1200];
+    path_in_dir(foreign, sizeof foreign, "foreign.db");
+    /* A SQLite database of someone else's. */
+    snprintf(command, sizeof command,
+             "sqlite3 '%s' 'CREATE TABLE t (x); INSERT INTO t VALUES (1);'", foreign);
+    if (system(command) == 0) {
+        rc = store_open(foreign, &model, false, &s);
+        CHECK(rc == EMBEDRAG_ERR_FORMAT && strstr(err_get(), "not an embedrag store"),
+              "a foreign database: %d %s", rc, err_get());
+    } else {
+        printf("skipped the foreign-database check: no sqlite3 command\n");
+    }
+
+    char missing[512];
+    path_in_dir(missing, sizeof missing, "missing.db");
+    rc = store_open(missing, NULL, true, &s);
+    CHECK(rc == EMBEDRAG_ERR_NOT_FOUND && strstr(err_get(), missing), "missing: %s", err_get());
+    rc = store_open("/proc/no-such-dir/x.db", &model, false, &s);
+    CHECK(rc == EMBEDRAG_ERR_IO && strstr(err_get(), "/proc/no-such-dir/x.db"),
+          "unwritable location: %d %s", rc, err_get());
+}
+
+static void test_batches(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "batches.db");
+    store *s = NULL;
+    CHECK(store_open(path, &model, false, &s) == 0, "create: %s", err_get());
+    if (!s) return;
+    CHECK(store_begin(s) == 0, "begin");
+    for (int d = 0; d < 5; d++) put_document(s, d, 2, 0);
+    store_rollback(s);
+    store_stats st;
+    CHECK(store_get_stats(s, &st) == 0 && st.documents == 0 && st.chunks == 0,
+          "a rolled-back batch leaves nothing");
+    CHECK(store_begin(s) == 0, "begin");
+    for (int d = 0; d < 5; d++) put_document(s, d, 2, 0);
+    CHECK(store_commit(s) == 0, "commit: %s", err_get());
+    CHECK(store_get_stats(s, &st) == 0 && st.documents == 5 && st.chunks == 10, "committed");
+    /* A chunk without a vector fails its document only, inside the batch. */
+    store_document bad = {.key = "bad", .source = "bad.txt"};
+    store_chunk c = {.text = "x", .length = 1, .vector = NULL};
+    CHECK(store_begin(s) == 0, "begin");
+    put_document(s, 10, 1, 0);
+    CHECK(store_put_document(s, &bad, &c, 1) == EMBEDRAG_ERR_INVALID_ARGUMENT, "no vector");
+    CHECK(store_commit(s) == 0, "commit");
+    bool found;
+    uint64_t hash;
+    store_find_document(s, "bad", &found, &hash);
+    CHECK(!found, "the failed document is not stored");
+    store_find_document(s, "doc-0010", &found, &hash);
+    CHECK(found, "its batch's other document is");
+    store_close(s);
+}
+
+/* Every document has all its chunks (1 + d % 4), the text index has one row per chunk, and the
+ * database passes SQLite's integrity check. Returns the number of documents. */
+static int check_consistent(const char *path, const char *when)
+{
+    store *s = NULL;
+    if (store_open(path, NULL, true, &s) != 0) {
+        CHECK(false, "%s: reopen: %s", when, err_get());
+        return -1;
+    }
+    float *m;
+    int64_t *ids;
+    size_t n;
+    static int counts[KILL_DOCUMENTS];
+    memset(counts, 0, sizeof counts);
+    CHECK(store_load_vectors(s, &m, &ids, &n) == 0, "%s: load", when);
+    for (size_t i = 0; i < n; i++) {
+        store_chunk_info info;
+        if (store_get_chunk(s, ids[i], &info) == 0)
+            counts[atoi(info.document_key + 4) % KILL_DOCUMENTS]++;
+    }
+    int documents = 0, partial = 0;
+    for (int d = 0; d < KILL_DOCUMENTS; d++) {
+        if (counts[d]) documents++;
+        if (counts[d] && counts[d] != 1 + d % 4) partial++;
+    }
+    store_stats st;
+    store_get_stats(s, &st);
+    CHECK(partial == 0 && st.documents == documents && st.chunks == (int64_t)n,
+          "%s: %d partial documents, %lld stored, %d with chunks", when, partial,
+          (long long)st.documents, documents);
+    free(m);
+    free(ids);
+    store_close(s);
+    char command[1200];
+    snprintf(command, sizeof command,
+             "test \"$(sqlite3 '%s' 'PRAGMA integrity_check; INSERT INTO chunk_text(chunk_text) "
+             "VALUES (\"integrity-check\");' 2>&1)\" = ok",
+             path);
+    if (access("/usr/bin/sqlite3", X_OK) == 0)
+        CHECK(system(command) == 0, "%s: integrity check of the database and its text index", when);
+    return documents;
+}
+
+/* A child indexes KILL_DOCUMENTS documents in batches of 7 and is killed with SIGKILL after a
+ * random delay;
+ * the store must be consistent after every kill, and the next run adds what is missing. */
+static void test_killed_writers(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "killed.db");
+    srand(12345);
+    int kills = 0, last = 0;
+    for (int round = 0; round < 12; round++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            store *s = NULL;
+            if (store_open(path, &model, false, &s) != 0) _exit(3);
+            for (int d = 0; d < KILL_DOCUMENTS; d++) {
+                bool found;
+                uint64_t hash;
+                if (d % 7 == 0 && store_begin(s) != 0) _exit(4);
+                char key[64];
+                snprintf(key, sizeof key, "doc-%04d", d);
+                store_find_document(s, key, &found, &hash);
+                if (!found && put_document(s, d, 1 + d % 4, 0) != 0) _exit(5);
+                if (d % 7 == 6 && store_commit(s) != 0) _exit(6);
+            }
+            store_commit(s);
+            store_close(s);
+            _exit(0);
+        }
+        struct timespec t = {0, (long)(rand() % 150) * 1000000L};
+        nanosleep(&t, NULL);
+        kill(pid, SIGKILL);
+        int status = 0;
+        waitpid(pid, &status, 0);
+        if (WIFSIGNALED(status)) kills++;
+        CHECK(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) == 0),
+              "round %d: the writer failed with %d", round, WEXITSTATUS(status));
+        char when[32];
+        snprintf(when, sizeof when, "after kill %d", round);
+        int documents = check_consistent(path, when);
+        CHECK(documents >= last, "round %d: documents went from %d to %d", round, last, documents);
+        last = documents;
+    }
+    /* A last, uninterrupted run completes the corpus without duplicates. */
+    pid_t pid = fork();
+    if (pid == 0) {
+        store *s = NULL;
+        if (store_open(path, &model, false, &s) != 0) _exit(3);
+        store_begin(s);
+        for (int d = 0; d < KILL_DOCUMENTS; d++) {
+            bool found;
+            uint64_t hash;
+            char key[64];
+            snprintf(key, sizeof key, "doc-%04d", d);
+            store_find_document(s, key, &found, &hash);
+            if (!found && put_document(s, d, 1 + d % 4, 0) != 0) _exit(5);
+        }
+        _exit(store_commit(s) == 0 ? 0 : 6);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the completing run: %d", status);
+    CHECK(check_consistent(path, "completed") == KILL_DOCUMENTS, "all documents after the kills");
+    printf("killed the writer %d times mid-run; the store stayed consistent\n", kills);
+}
+
+/* Out of space: a batch larger than the file may grow fails with the file named, and what was
+ * stored before stays (RLIMIT_FSIZE stands in for a full disk). */
+static void test_out_of_space(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "full.db");
+    pid_t pid = fork();
+    if (pid == 0) {
+        store *s = NULL;
+        if (store_open(path, &model, false, &s) != 0) _exit(3);
+        for (int d = 0; d < 10; d++)
+            if (put_document(s, d, 1 + d % 4, 0) != 0) _exit(4);
+        store_close(s);
+        if (store_open(path, &model, false, &s) != 0) _exit(5);
+        signal(SIGXFSZ, SIG_IGN);
+        struct stat st;
+        stat(path, &st);
+        struct rlimit limit = {(rlim_t)st.st_size + 8192, (rlim_t)st.st_size + 8192};
+        setrlimit(RLIMIT_FSIZE, &limit);
+        store_begin(s);
+        int rc = 0;
+        for (int d = 10; d < 400 && !rc; d++) rc = put_document(s, d, 1 + d % 4, 0);
+        if (!rc) rc = store_commit(s);
+        bool named = strstr(err_get(), path) != NULL && strstr(err_get(), "disk is full") != NULL;
+        fprintf(stderr, "out of space: %d %s\n", rc, err_get());
+        store_close(s);
+        _exit(rc == 0 ? 10 : named ? 0 : 11);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+          "running out of space fails the batch with the file named (status %d)",
+          WEXITSTATUS(status));
+    int documents = check_consistent(path, "after running out of space");
+    CHECK(documents == 10, "the 10 documents stored before are there: %d", documents);
+}
+
+int main(void)
+{
+    if (load_sentences() != 0) {
+        CHECK(false, "cannot read ../shared/data/stsb-en-dev.csv");
+        return check_finish("test_store");
+    }
+    snprintf(dir, sizeof dir, "/tmp/test_store.XXXXXX");
+    if (!mkdtemp(dir)) {
+        CHECK(false, "mkdtemp");
+        return check_finish("test_store");
+    }
+    test_round_trip();
+    test_identity_and_files();
+    test_batches();
+    test_killed_writers();
+    test_out_of_space();
+    char command[600];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
+    for (int i = 0; i < sentence_count; i++) free(sentences[i]);
+    return check_finish("test_store");
+}
