@@ -700,12 +700,16 @@ static int emit_units(chunker *c, const chunk_item *items, const chunk_unit *uni
             *emitted = true;
             return append_span(c, start, end, tokens);
         }
-        if (*seed < i)
+        if (*seed < i) {
             *seed = i;
-        else if (*j > i + 1)
-            --*j;
-        else
+        } else if (*j > i + 1) {
+            /* At least one token goes, not only units of none (a long run of them would make
+             * this quadratic). */
+            int64_t removed = 0;
+            while (*j > i + 1 && removed == 0) removed += units[--*j].tokens;
+        } else {
             return pack(c, items, units[i].first, units[i].last, grain, true);
+        }
     }
 }
 
