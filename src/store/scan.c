@@ -36,6 +36,9 @@
  * next rows changed nothing measurable), so reading everything wins above ~45%; 40% is the
  * nearest round number below. */
 #define SCAN_DENSE_FILTER_PERCENT 40
+/* Batches of more queries than this (more than one pass over a block) fetch the next block while
+ * they compute. */
+#define SCAN_PREFETCH_MIN_QUERIES 4
 /* A pool of T threads splits each query's rows into T * SCAN_TASKS_PER_THREAD contiguous
  * ranges, claimed dynamically, so a thread slowed by another process on its core leaves its
  * remaining ranges to the others; ranges are at least SCAN_MIN_TASK_ROWS rows (below that the
@@ -119,6 +122,11 @@ typedef struct scan_block {
     const float *queries;
     int n_queries;
     float *scores;
+    /* Bytes the next block will read, when contiguous (else NULL): a batch's later passes, which
+     * compute from cache, fetch them a few lines per tile, so the next first pass finds them in
+     * cache too and memory time hides behind arithmetic. */
+    const char *next;
+    size_t next_bytes;
 } scan_block;
 
 typedef void (*scan_dots_fn)(const scan_block *b);
@@ -159,6 +167,33 @@ SCAN_INLINE SCAN_AVX512_TARGET float reduce_avx512(__m512 v)
     g = _mm_add_ps(g, _mm_movehl_ps(g, g));
     g = _mm_add_ss(g, _mm_movehdup_ps(g));
     return _mm_cvtss_f32(g);
+}
+
+/* reduce_avx512 of the 16 accumulators of a 4 x 4 tile at once, the same additions of the same
+ * pairs, 4 registers of sums combined per step: 15 additions and 30 shuffles instead of 64 and
+ * 64. Element 4 q + r of the result is acc[r][q]'s sum. */
+SCAN_INLINE SCAN_AVX512_TARGET __m512 reduce16_avx512(__m512 acc[4][4])
+{
+    __m512 c[8], e[4], g[2];
+    /* Lane i + lane i+8: two sums of 8 per register (a in the lower half, b in the upper). */
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; p++) {
+        __m512 a = acc[p / 2][(2 * p) % 4], b = acc[p / 2][(2 * p) % 4 + 1];
+        c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    /* Lane i + lane i+4: four sums of 4 per register, one per 128-bit quarter. */
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++)
+        e[p] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        /* Lane i + lane i+2 within quarters, then lane 0 + lane 1. */
+#pragma GCC unroll 2
+    for (int p = 0; p < 2; p++)
+        g[p] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * p], e[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(e[2 * p], e[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(g[0], g[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 /* Rows ROWS x queries QUERIES, one register of lanes each, in registers for the whole row (4 x 4
@@ -207,6 +242,15 @@ SCAN_INLINE SCAN_AVX512_TARGET void tile_avx512(const int ROWS, const int QUERIE
                 acc[r][q] = _mm512_mask3_fmadd_ps(xv[r], yv, acc[r][q], m);
         }
     }
+    if (ROWS == 4 && QUERIES == 4) {
+        __m512 sums = reduce16_avx512(acc);
+        float *out = b->scores + q0 * SCAN_BLOCK_ROWS + i;
+        _mm_storeu_ps(out, _mm512_castps512_ps128(sums));
+        _mm_storeu_ps(out + SCAN_BLOCK_ROWS, _mm512_extractf32x4_ps(sums, 1));
+        _mm_storeu_ps(out + 2 * SCAN_BLOCK_ROWS, _mm512_extractf32x4_ps(sums, 2));
+        _mm_storeu_ps(out + 3 * SCAN_BLOCK_ROWS, _mm512_extractf32x4_ps(sums, 3));
+        return;
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
 #pragma GCC unroll 4
@@ -214,13 +258,37 @@ SCAN_INLINE SCAN_AVX512_TARGET void tile_avx512(const int ROWS, const int QUERIE
             b->scores[(q0 + q) * SCAN_BLOCK_ROWS + i + r] = reduce_avx512(acc[r][q]);
 }
 
+/* Cache lines of the next block still to fetch, and how many to fetch per tile. */
+typedef struct scan_prefetch {
+    const char *at, *end;
+    size_t per_tile;
+} scan_prefetch;
+
+/* Starts fetching b's next block over `tiles` tiles. */
+SCAN_INLINE scan_prefetch prefetch_plan(const scan_block *b, size_t tiles)
+{
+    scan_prefetch f = {b->next, b->next ? b->next + b->next_bytes : NULL, 0};
+    size_t lines = b->next_bytes / 64 + 1;
+    if (b->next && tiles > 0) f.per_tile = (lines + tiles - 1) / tiles;
+    return f;
+}
+
+SCAN_INLINE void prefetch_step(scan_prefetch *f)
+{
+    for (size_t j = 0; j < f->per_tile && f->at < f->end; j++, f->at += 64)
+        _mm_prefetch(f->at, _MM_HINT_T0);
+}
+
 /* All rows of the block, a tile of ROWS at a time, against queries q0 .. q0 + QUERIES. */
 SCAN_INLINE SCAN_AVX512_TARGET void tiles_avx512(const int ROWS, const int QUERIES,
-                                                 const scan_block *b, int q0)
+                                                 const scan_block *b, int q0, scan_prefetch *f)
 {
     int i = 0;
     if (ROWS > 1)
-        for (; i + ROWS <= b->count; i += ROWS) tile_avx512(ROWS, QUERIES, b, i, q0);
+        for (; i + ROWS <= b->count; i += ROWS) {
+            if (f) prefetch_step(f);
+            tile_avx512(ROWS, QUERIES, b, i, q0);
+        }
     for (; i < b->count; i++) tile_avx512(1, QUERIES, b, i, q0);
 }
 
@@ -233,30 +301,33 @@ SCAN_AVX512_TARGET static void dots_avx512(const scan_block *b)
     int first = b->n_queries < SCAN_AVX512_TILE_QUERIES ? b->n_queries : SCAN_AVX512_TILE_QUERIES;
     switch (first) {
     case 4:
-        tiles_avx512(1, 4, b, 0);
+        tiles_avx512(1, 4, b, 0, NULL);
         break;
     case 3:
-        tiles_avx512(1, 3, b, 0);
+        tiles_avx512(1, 3, b, 0, NULL);
         break;
     case 2:
-        tiles_avx512(1, 2, b, 0);
+        tiles_avx512(1, 2, b, 0, NULL);
         break;
     default:
-        tiles_avx512(1, 1, b, 0);
+        tiles_avx512(1, 1, b, 0, NULL);
         break;
     }
     int q0 = first;
+    size_t passes =
+        (size_t)(b->n_queries - first + SCAN_AVX512_TILE_QUERIES - 1) / SCAN_AVX512_TILE_QUERIES;
+    scan_prefetch f = prefetch_plan(b, passes * (size_t)(b->count / SCAN_AVX512_TILE_ROWS));
     for (; q0 + SCAN_AVX512_TILE_QUERIES <= b->n_queries; q0 += SCAN_AVX512_TILE_QUERIES)
-        tiles_avx512(SCAN_AVX512_TILE_ROWS, SCAN_AVX512_TILE_QUERIES, b, q0);
+        tiles_avx512(SCAN_AVX512_TILE_ROWS, SCAN_AVX512_TILE_QUERIES, b, q0, &f);
     switch (b->n_queries - q0) {
     case 3:
-        tiles_avx512(SCAN_AVX512_TILE_ROWS, 3, b, q0);
+        tiles_avx512(SCAN_AVX512_TILE_ROWS, 3, b, q0, &f);
         break;
     case 2:
-        tiles_avx512(SCAN_AVX512_TILE_ROWS, 2, b, q0);
+        tiles_avx512(SCAN_AVX512_TILE_ROWS, 2, b, q0, &f);
         break;
     case 1:
-        tiles_avx512(SCAN_AVX512_TILE_ROWS, 1, b, q0);
+        tiles_avx512(SCAN_AVX512_TILE_ROWS, 1, b, q0, &f);
         break;
     default:
         break;
@@ -515,6 +586,13 @@ static void scan_task(void *ctx, int task, int thread)
             job->allowed && (size_t)count * 100 >= (stop - row) * SCAN_DENSE_FILTER_PERCENT;
         if (dense) count = allowed_rows(NULL, row, stop, index);
         b.count = count;
+        /* The next block's rows, for a batch to fetch while it computes (see scan_block). */
+        size_t next_stop =
+            stop + (size_t)job->block_rows < end ? stop + (size_t)job->block_rows : end;
+        b.next = !job->allowed && nq > SCAN_PREFETCH_MIN_QUERIES && stop < end
+                     ? (const char *)(job->rows + stop * job->dim)
+                     : NULL;
+        b.next_bytes = (next_stop - stop) * job->dim * sizeof(float);
         row = stop;
         if (b.count == 0) continue;
         job->dots(&b);
