@@ -48,8 +48,9 @@ scan_params scan_default_params(void);
  * inf * 0, inf - inf) is never returned, so a NaN query finds nothing; infinite scores rank as
  * numbers. hits has room for k entries; params NULL means scan_default_params(). Returns 0,
  * EMBEDRAG_ERR_INVALID_ARGUMENT (NULL pointers where data is needed, dim 0, a matrix larger than
- * memory can address), EMBEDRAG_ERR_UNSUPPORTED or EMBEDRAG_ERR_NO_MEMORY (per-thread heaps of k
- * entries are allocated during the call and freed before it returns). */
+ * memory can address), EMBEDRAG_ERR_UNSUPPORTED or EMBEDRAG_ERR_NO_MEMORY (a heap of up to k
+ * entries per range of rows a task scans is allocated during the call and freed before it
+ * returns). */
 int scan_topk(const float *rows, size_t n, size_t dim, const float *query, size_t k,
               const scan_params *params, scan_hit *hits, size_t *n_hits);
 
