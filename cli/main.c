@@ -1,5 +1,5 @@
-/* The `embedrag` command: dispatches to one subcommand per file (embed, tokenize, info, bench);
- * the helpers they share are in common.c. */
+/* The `embedrag` command: dispatches to one subcommand per file (embed, tokenize, info, bench;
+ * index, search and stats share store.c); the helpers they share are in common.c. */
 #include "cli.h"
 
 #include <string.h>
@@ -19,6 +19,9 @@ static const char usage[] =
     "  tokenize   print the token ids and tokens of each line\n"
     "  info       print facts about a model as JSON\n"
     "  bench      measure latency and throughput, print JSON\n"
+    "  index      index folders and JSONL files of documents into a store\n"
+    "  search     search a store: dense, BM25 or hybrid\n"
+    "  stats      describe a store\n"
     "\n"
     "Each command takes --help. The model is --model DIR, else $EMBEDRAG_MODEL, "
     "else\n" EMBEDRAG_DEFAULT_MODEL_DIR " (fetched by scripts/fetch-models.sh).\n";
@@ -42,6 +45,9 @@ int main(int argc, char **argv)
     if (!strcmp(command, "tokenize")) return cli_tokenize(argc - 1, argv + 1);
     if (!strcmp(command, "info")) return cli_info(argc - 1, argv + 1);
     if (!strcmp(command, "bench")) return cli_bench(argc - 1, argv + 1);
+    if (!strcmp(command, "index")) return cli_index(argc - 1, argv + 1);
+    if (!strcmp(command, "search")) return cli_search(argc - 1, argv + 1);
+    if (!strcmp(command, "stats")) return cli_stats(argc - 1, argv + 1);
     fprintf(stderr, "embedrag: unknown command '%s' (try embedrag --help)\n", command);
     return 2;
 }

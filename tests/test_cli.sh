@@ -160,6 +160,39 @@ EMBEDRAG_TEST_FAKE_GPUS=1 "$cli" embed --model "$model" --device cuda --format f
     <"$tmp/in.txt" >"$tmp/fake.f32"
 check "embed on a (stand-in) GPU: the CPU's bytes" cmp -s "$tmp/fake.f32" "$tmp/out.f32"
 
+# The store: index a folder and a JSONL file, search in every mode, stats; a second run does no
+# model work; errors are one line with a non-zero exit.
+mkdir -p "$tmp/docs"
+printf '# Music\n\nA man is playing a guitar on the stage.\n\nThe band plays loud rock music.\n' \
+    >"$tmp/docs/music.md"
+printf 'A cat sleeps on the warm windowsill.\nThe kitten chases a ball of yarn.\n' >"$tmp/docs/cats.txt"
+printf '{"id": "d1", "title": "Cooking", "text": "Slice the onions and fry them in butter.", "metadata": {"lang": "en"}}\n' \
+    >"$tmp/docs.jsonl"
+"$cli" index --model "$model" --store "$tmp/s.db" --json "$tmp/docs" "$tmp/docs.jsonl" \
+    >"$tmp/index.json" 2>"$tmp/err.txt"
+check "index exits 0" test $? -eq 0
+check "index indexes 3 documents" grep -q '"indexed":[[:space:]]*3' "$tmp/index.json"
+"$cli" index --model "$model" --store "$tmp/s.db" --json "$tmp/docs" "$tmp/docs.jsonl" \
+    >"$tmp/index2.json" 2>"$tmp/err.txt"
+check "a second index run embeds nothing" grep -q '"tokens":[[:space:]]*0' "$tmp/index2.json"
+check "... and finds 3 unchanged" grep -q '"unchanged":[[:space:]]*3' "$tmp/index2.json"
+"$cli" search --store "$tmp/s.db" -k 1 "someone plays the guitar" >"$tmp/search.txt"
+check "dense search finds the guitar" grep -q "music.md" "$tmp/search.txt"
+"$cli" search --store "$tmp/s.db" -k 1 --mode bm25 --json "kitten" >"$tmp/search.json"
+check "bm25 search finds the kitten" grep -q '"source":"[^"]*cats.txt"' "$tmp/search.json"
+"$cli" search --store "$tmp/s.db" -k 1 --mode hybrid --json "frying onions" >"$tmp/search.json"
+check "hybrid search finds the onions, with metadata" grep -q '"lang":"en"' "$tmp/search.json"
+"$cli" stats --store "$tmp/s.db" --json >"$tmp/stats.json"
+check "stats counts 3 documents" grep -q '"documents":[[:space:]]*3' "$tmp/stats.json"
+"$cli" search --store "$tmp/nothing.db" "x" >/dev/null 2>"$tmp/err.txt"
+check "search of a missing store exits 1" test $? -eq 1
+check "... naming it" grep -q "nothing.db: no such store" "$tmp/err.txt"
+"$cli" search --store "$tmp/s.db" --mode fuzzy "x" >/dev/null 2>"$tmp/err.txt"
+check "--mode fuzzy exits 2" test $? -eq 2
+"$cli" index --model "$model" --store "$tmp/in.txt" "$tmp/docs" >/dev/null 2>"$tmp/err.txt"
+check "indexing into a file that is no store exits 1" test $? -eq 1
+check "... saying so" grep -q "not an embedrag store" "$tmp/err.txt"
+
 # Streaming: many lines through one process, output line count matches.
 python3 -c "
 for i in range(3000): print('line number', i, 'of a longer stream')" >"$tmp/many.txt"

@@ -533,6 +533,11 @@ int embedrag_model_estimate_seconds(const embedrag_model *m, int i, size_t texts
     return 0;
 }
 
+const struct tok_tokenizer *engine_tokenizer(const embedrag_model *m)
+{
+    return m->model.tokenizer;
+}
+
 const char *embedrag_model_gpu_unavailable(const embedrag_model *m)
 {
     return m ? m->gpu_unavailable : NULL;

@@ -22,6 +22,10 @@
 int engine_embed_tokens(embedrag_model *model, const int32_t *ids, const int *offsets, int count,
                         const int *pool_skip, const embedrag_embed_params *params, float *out);
 
+/* The model's tokenizer (for the chunker), valid until the model is closed. */
+struct tok_tokenizer;
+const struct tok_tokenizer *engine_tokenizer(const embedrag_model *model);
+
 /* engine_embed_tokens that also returns the device seconds its batches took (a GPU's from CUDA
  * events around upload, forward pass and download; summed over GPUs when several shared the
  * call), for the benchmark's device time beside its wall time. */

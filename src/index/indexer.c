@@ -1,0 +1,708 @@
+/* The indexer (indexer.h). Documents flow one way: read (a file, or a JSONL line) -> hash ->
+ * skip if the store has that hash -> chunk -> queued; when the queue holds a batch of chunks
+ * they are embedded in one call (the bulk lane sorts and packs them) and their documents stored
+ * in one transaction, so a killed run loses at most the batch in flight and the next run picks
+ * up there (unchanged documents are skipped by hash). */
+#include "index/indexer.h"
+
+#include "chunk/chunker.h"
+#include "engine/engine.h"
+#include "store/store.h"
+#include "util/error.h"
+#include "util/file.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Chunks embedded per call and documents per transaction: large enough for full bulk batches
+ * (2,048 tokens on the CPU; the GPU's window of 4,096 texts), small enough that a killed run
+ * loses little. */
+#define INDEX_BATCH_CHUNKS 1024
+#define INDEX_BATCH_DOCUMENTS 256
+/* The largest document file read whole. */
+#define INDEX_MAX_FILE_BYTES ((size_t)256 << 20)
+
+uint64_t index_hash(uint64_t hash, const void *data, size_t length)
+{
+    const unsigned char *p = data;
+    for (size_t i = 0; i < length; i++) {
+        hash ^= p[i];
+        hash *= 0x100000001b3ULL;
+    }
+    return hash;
+}
+
+static double now_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* A document waiting for its chunks' vectors. */
+typedef struct pending_document {
+    store_document doc;
+    char *key, *source, *title, *metadata, *text; /* owned */
+    size_t first_chunk, chunk_count;
+    float *given_vector; /* a JSONL line's own vector (then one chunk, no model work) */
+} pending_document;
+
+typedef struct indexer {
+    embedrag_model *model;
+    const tok_tokenizer *tokenizer;
+    store *store;
+    const index_options *options;
+    index_summary *summary;
+    int dim, max_tokens;
+    const char *passage_prompt; /* the model's prompt for passages, "" for none */
+
+    pending_document *docs;
+    size_t doc_count;
+    chunk_span *spans; /* every pending chunk */
+    size_t span_count, span_capacity;
+    char **embed_texts; /* what is embedded per chunk: title + text, or the text */
+    size_t *embed_lengths;
+    float *vectors;
+    int *statuses;
+
+    char **seen; /* keys seen in this run (for --prune) */
+    size_t seen_count, seen_capacity;
+    double last_progress;
+} indexer;
+
+static void note_failure(indexer *ix, const char *what)
+{
+    ix->summary->failed++;
+    char *first = ix->summary->first_failure;
+    if (!first[0]) {
+        /* Cut to the summary's room; the whole message was built for it. */
+        size_t n = strlen(what), room = sizeof ix->summary->first_failure - 1;
+        memcpy(first, what, n < room ? n : room);
+        first[n < room ? n : room] = '\0';
+    }
+}
+
+static int remember_key(indexer *ix, const char *key)
+{
+    if (!ix->options->prune) return 0;
+    if (ix->seen_count == ix->seen_capacity) {
+        size_t grown = ix->seen_capacity ? 2 * ix->seen_capacity : 1024;
+        char **more = realloc(ix->seen, grown * sizeof *more);
+        if (!more) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory listing documents");
+        ix->seen = more;
+        ix->seen_capacity = grown;
+    }
+    ix->seen[ix->seen_count] = strdup(key);
+    if (!ix->seen[ix->seen_count]) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    ix->seen_count++;
+    return 0;
+}
+
+static void free_pending(pending_document *p)
+{
+    free(p->key);
+    free(p->source);
+    free(p->title);
+    free(p->metadata);
+    free(p->text);
+    free(p->given_vector);
+    memset(p, 0, sizeof *p);
+}
+
+static void progress(indexer *ix, bool last)
+{
+    if (!ix->options->progress) return;
+    double t = now_seconds();
+    if (!last && t - ix->last_progress < 0.25) return;
+    ix->last_progress = t;
+    const index_summary *s = ix->summary;
+    fprintf(stderr, "\rindexed %ld of %ld documents (%ld unchanged), %ld chunks, %.0f tokens/s",
+            s->indexed, s->documents, s->unchanged, s->chunks,
+            s->model_seconds > 0 ? (double)s->tokens / s->model_seconds : 0.0);
+    if (last) fputc('\n', stderr);
+}
+
+/* Embeds the pending chunks and stores the pending documents in one transaction. */
+static int flush(indexer *ix)
+{
+    if (!ix->doc_count) return 0;
+    size_t n = ix->span_count;
+    int rc = 0;
+    if (n) {
+        embedrag_embed_params p = embedrag_embed_default_params();
+        p.prompt = ix->passage_prompt;
+        p.truncate = false; /* the chunker's budget holds; an overflow is an error, not a cut */
+        p.statuses = ix->statuses;
+        p.lane = EMBEDRAG_LANE_BULK;
+        double t = now_seconds();
+        rc = embedrag_embed(ix->model, (const char *const *)ix->embed_texts, ix->embed_lengths, n,
+                            &p, ix->vectors);
+        ix->summary->model_seconds += now_seconds() - t;
+        if (rc) return rc;
+    }
+    rc = store_begin(ix->store);
+    if (rc) return rc;
+    store_chunk *chunks = NULL;
+    for (size_t d = 0; d < ix->doc_count && !rc; d++) {
+        pending_document *p = &ix->docs[d];
+        bool failed = false;
+        for (size_t c = 0; c < p->chunk_count; c++)
+            if (ix->statuses[p->first_chunk + c]) {
+                char what[600];
+                snprintf(what, sizeof what, "%s: a chunk could not be embedded (status %d)",
+                         p->source, ix->statuses[p->first_chunk + c]);
+                note_failure(ix, what);
+                failed = true;
+                break;
+            }
+        if (failed) continue;
+        size_t count = p->given_vector ? 1 : p->chunk_count;
+        store_chunk *grown = realloc(chunks, (count ? count : 1) * sizeof *chunks);
+        if (!grown) {
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory storing %s", p->source);
+            break;
+        }
+        chunks = grown;
+        if (p->given_vector) {
+            chunks[0] = (store_chunk){.text = p->text,
+                                      .length = strlen(p->text),
+                                      .start = 0,
+                                      .end = (int64_t)strlen(p->text),
+                                      .tokens = 0,
+                                      .vector = p->given_vector};
+        } else {
+            for (size_t c = 0; c < count; c++) {
+                const chunk_span *span = &ix->spans[p->first_chunk + c];
+                chunks[c] =
+                    (store_chunk){.text = p->text + span->start,
+                                  .length = span->end - span->start,
+                                  .start = (int64_t)span->start,
+                                  .end = (int64_t)span->end,
+                                  .tokens = span->tokens,
+                                  .vector = ix->vectors + (p->first_chunk + c) * (size_t)ix->dim};
+                ix->summary->tokens += span->tokens;
+            }
+        }
+        rc = store_put_document(ix->store, &p->doc, chunks, count);
+        if (!rc) {
+            ix->summary->indexed++;
+            ix->summary->chunks += (long)count;
+        }
+    }
+    free(chunks);
+    if (rc) {
+        store_rollback(ix->store);
+        return rc;
+    }
+    rc = store_commit(ix->store);
+    for (size_t d = 0; d < ix->doc_count; d++) free_pending(&ix->docs[d]);
+    for (size_t i = 0; i < ix->span_count; i++) free(ix->embed_texts[i]);
+    ix->doc_count = 0;
+    ix->span_count = 0;
+    progress(ix, false);
+    return rc;
+}
+
+/* Makes room for `more` chunks in the pending arrays. */
+static int reserve_chunks(indexer *ix, size_t more)
+{
+    size_t want = ix->span_count + more;
+    if (want <= ix->span_capacity) return 0;
+    size_t grown = ix->span_capacity ? ix->span_capacity : INDEX_BATCH_CHUNKS;
+    while (grown < want) grown *= 2;
+    chunk_span *spans = realloc(ix->spans, grown * sizeof *spans);
+    if (spans) ix->spans = spans;
+    char **texts = realloc(ix->embed_texts, grown * sizeof *texts);
+    if (texts) ix->embed_texts = texts;
+    size_t *lengths = realloc(ix->embed_lengths, grown * sizeof *lengths);
+    if (lengths) ix->embed_lengths = lengths;
+    float *vectors = realloc(ix->vectors, grown * (size_t)ix->dim * sizeof *vectors);
+    if (vectors) ix->vectors = vectors;
+    int *statuses = realloc(ix->statuses, grown * sizeof *statuses);
+    if (statuses) ix->statuses = statuses;
+    if (!spans || !texts || !lengths || !vectors || !statuses)
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory queueing %zu chunks", want);
+    ix->span_capacity = grown;
+    return 0;
+}
+
+/* Takes ownership of the strings (they are freed here on every path). A document whose stored
+ * hash matches is skipped; otherwise it is chunked and queued, and the queue flushed when full. */
+static int add_document(indexer *ix, char *key, char *source, char *title, char *metadata,
+                        char *text, size_t length, float *given_vector, int64_t size, int64_t mtime)
+{
+    index_summary *sum = ix->summary;
+    sum->documents++;
+    uint64_t hash = index_hash(INDEX_HASH_SEED, text, length);
+    hash = index_hash(hash, "\0", 1);
+    if (title) hash = index_hash(hash, title, strlen(title));
+    hash = index_hash(hash, "\0", 1);
+    if (metadata) hash = index_hash(hash, metadata, strlen(metadata));
+    if (given_vector) hash = index_hash(hash, given_vector, (size_t)ix->dim * sizeof(float));
+    int rc = remember_key(ix, key);
+    bool found = false;
+    uint64_t stored = 0;
+    if (!rc) rc = store_find_document(ix->store, key, &found, &stored);
+    if (rc || (found && stored == hash)) {
+        if (!rc) sum->unchanged++;
+        goto free_strings;
+    }
+    if (ix->doc_count == INDEX_BATCH_DOCUMENTS) {
+        rc = flush(ix);
+        if (rc) goto free_strings;
+    }
+    pending_document p = {.key = key,
+                          .source = source,
+                          .title = title,
+                          .metadata = metadata,
+                          .text = text,
+                          .given_vector = given_vector,
+                          .first_chunk = ix->span_count};
+    p.doc = (store_document){.key = key,
+                             .source = source,
+                             .title = title,
+                             .metadata = metadata,
+                             .content_hash = hash,
+                             .size = size,
+                             .mtime = mtime};
+    if (given_vector) {
+        sum->vectors_given++;
+    } else {
+        chunk_options co = chunk_default_options(ix->max_tokens);
+        if (ix->options->overlap_tokens >= 0) co.overlap_tokens = ix->options->overlap_tokens;
+        co.prompt = ix->passage_prompt;
+        co.title = title;
+        chunk_list list;
+        rc = chunk_text(ix->tokenizer, text, length, &co, &list);
+        if (rc) {
+            char what[700];
+            snprintf(what, sizeof what, "%s: %s", source, err_get());
+            note_failure(ix, what);
+            err_clear();
+            rc = 0;
+            goto free_strings;
+        }
+        rc = reserve_chunks(ix, list.count);
+        for (size_t c = 0; c < list.count && !rc; c++) {
+            const chunk_span *span = &list.spans[c];
+            size_t at = ix->span_count, len = span->end - span->start;
+            size_t title_len = list.title_used && title ? strlen(title) : 0;
+            char *t = malloc(title_len + strlen(CHUNK_TITLE_SEPARATOR) + len + 1);
+            if (!t) {
+                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory chunking %s", source);
+                break;
+            }
+            /* The title, then the chunk: what the chunker budgeted for (the engine puts the
+             * prompt first). */
+            size_t w = 0;
+            if (title_len) {
+                memcpy(t, title, title_len);
+                memcpy(t + title_len, CHUNK_TITLE_SEPARATOR, strlen(CHUNK_TITLE_SEPARATOR));
+                w = title_len + strlen(CHUNK_TITLE_SEPARATOR);
+            }
+            memcpy(t + w, text + span->start, len);
+            t[w + len] = '\0';
+            ix->spans[at] = *span;
+            ix->embed_texts[at] = t;
+            ix->embed_lengths[at] = w + len;
+            ix->statuses[at] = 0;
+            ix->span_count++;
+            p.chunk_count++;
+        }
+        chunk_list_free(&list);
+        if (rc) goto free_strings;
+    }
+    ix->docs[ix->doc_count++] = p;
+    if (ix->span_count >= INDEX_BATCH_CHUNKS) return flush(ix);
+    return 0;
+free_strings:
+    free(key);
+    free(source);
+    free(title);
+    free(metadata);
+    free(text);
+    free(given_vector);
+    return rc;
+}
+
+/* ---- files ---- */
+
+static bool has_suffix(const char *name, const char *suffix)
+{
+    size_t n = strlen(name), s = strlen(suffix);
+    return n > s && strcasecmp(name + n - s, suffix) == 0;
+}
+
+static bool is_text_file(const char *name)
+{
+    return has_suffix(name, ".txt") || has_suffix(name, ".md") || has_suffix(name, ".markdown");
+}
+
+static int index_text_file(indexer *ix, const char *path, const struct stat *st)
+{
+    ix->summary->files++;
+    char *text = NULL;
+    size_t length = 0;
+    if (file_read(path, INDEX_MAX_FILE_BYTES, &text, &length, NULL) != 0) {
+        note_failure(ix, err_get());
+        err_clear();
+        return 0;
+    }
+    char *resolved = realpath(path, NULL);
+    char *key = resolved ? resolved : strdup(path);
+    char *source = strdup(key ? key : path);
+    if (!key || !source) {
+        free(key);
+        free(source);
+        free(text);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory reading %s", path);
+    }
+    return add_document(ix, key, source, NULL, NULL, text, length, NULL, (int64_t)st->st_size,
+                        (int64_t)st->st_mtime);
+}
+
+static char *json_string_or_number(const cJSON *item)
+{
+    if (cJSON_IsString(item) && item->valuestring) return strdup(item->valuestring);
+    if (cJSON_IsNumber(item)) {
+        char buffer[64];
+        snprintf(buffer, sizeof buffer, "%.17g", item->valuedouble);
+        return strdup(buffer);
+    }
+    return NULL;
+}
+
+/* One JSONL line: {"id", "text", "title"?, "metadata"?, "vector"?}. */
+static int index_json_line(indexer *ix, const char *path, long line_number, const char *line,
+                           size_t length)
+{
+    char where[600];
+    snprintf(where, sizeof where, "%s:%ld", path, line_number);
+    cJSON *o = cJSON_ParseWithLength(line, length);
+    char what[800];
+    if (!cJSON_IsObject(o)) {
+        snprintf(what, sizeof what, "%s: not a JSON object", where);
+        note_failure(ix, what);
+        cJSON_Delete(o);
+        return 0;
+    }
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
+    const cJSON *text = cJSON_GetObjectItemCaseSensitive(o, "text");
+    const cJSON *title = cJSON_GetObjectItemCaseSensitive(o, "title");
+    const cJSON *metadata = cJSON_GetObjectItemCaseSensitive(o, "metadata");
+    const cJSON *vector = cJSON_GetObjectItemCaseSensitive(o, "vector");
+    const char *problem = !id || !(cJSON_IsString(id) || cJSON_IsNumber(id))
+                              ? "\"id\" (a string or number) is missing"
+                          : !cJSON_IsString(text) ? "\"text\" (a string) is missing"
+                          : title && !cJSON_IsString(title) && !cJSON_IsNull(title)
+                              ? "\"title\" is not a string"
+                          : metadata && !cJSON_IsObject(metadata) && !cJSON_IsNull(metadata)
+                              ? "\"metadata\" is not an object"
+                          : vector && !cJSON_IsArray(vector) ? "\"vector\" is not an array"
+                                                             : NULL;
+    float *given = NULL;
+    if (!problem && vector) {
+        if (cJSON_GetArraySize(vector) != ix->dim) {
+            snprintf(what, sizeof what,
+                     "%s: \"vector\" has %d numbers; the store's dimension is %d", where,
+                     cJSON_GetArraySize(vector), ix->dim);
+            note_failure(ix, what);
+            cJSON_Delete(o);
+            return 0;
+        }
+        given = malloc((size_t)ix->dim * sizeof *given);
+        int i = 0;
+        const cJSON *x;
+        cJSON_ArrayForEach(x, vector)
+        {
+            if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
+                problem = "\"vector\" holds a non-number";
+            if (given) given[i++] = (float)x->valuedouble;
+        }
+        if (!given) problem = "out of memory";
+    }
+    if (problem) {
+        snprintf(what, sizeof what, "%s: %s", where, problem);
+        note_failure(ix, what);
+        free(given);
+        cJSON_Delete(o);
+        return 0;
+    }
+    char *key = json_string_or_number(id);
+    char *source = strdup(where);
+    char *title_text = cJSON_IsString(title) ? strdup(title->valuestring) : NULL;
+    char *metadata_text = cJSON_IsObject(metadata) ? cJSON_PrintUnformatted(metadata) : NULL;
+    char *body = strdup(text->valuestring);
+    size_t body_length = body ? strlen(body) : 0;
+    cJSON_Delete(o);
+    if (!key || !source || !body) {
+        free(key);
+        free(source);
+        free(title_text);
+        free(metadata_text);
+        free(body);
+        free(given);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory reading %s", where);
+    }
+    return add_document(ix, key, source, title_text, metadata_text, body, body_length, given,
+                        (int64_t)length, 0);
+}
+
+static int index_jsonl_file(indexer *ix, const char *path)
+{
+    ix->summary->files++;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        char what[600];
+        snprintf(what, sizeof what, "%s: %s", path, strerror(errno));
+        note_failure(ix, what);
+        return 0;
+    }
+    char *line = NULL;
+    size_t capacity = 0;
+    ssize_t n;
+    long number = 0;
+    int rc = 0;
+    while (!rc && (n = getline(&line, &capacity, f)) >= 0) {
+        number++;
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
+        size_t blank = 0;
+        while (blank < (size_t)n && (line[blank] == ' ' || line[blank] == '\t')) blank++;
+        if (blank == (size_t)n) continue;
+        rc = index_json_line(ix, path, number, line, (size_t)n);
+    }
+    free(line);
+    fclose(f);
+    return rc;
+}
+
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Walks a folder in name order; hidden entries and symbolic links to folders are left out (no
+ * loops); other files than text, Markdown and JSONL are counted as skipped. */
+static int index_path(indexer *ix, const char *path, bool top);
+
+static int index_folder(indexer *ix, const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d) {
+        char what[600];
+        snprintf(what, sizeof what, "%s: %s", path, strerror(errno));
+        note_failure(ix, what);
+        return 0;
+    }
+    char **names = NULL;
+    size_t count = 0, capacity = 0;
+    int rc = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        if (count == capacity) {
+            capacity = capacity ? 2 * capacity : 64;
+            char **more = realloc(names, capacity * sizeof *more);
+            if (!more) {
+                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory listing %s", path);
+                break;
+            }
+            names = more;
+        }
+        names[count] = strdup(e->d_name);
+        if (!names[count]) {
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory listing %s", path);
+            break;
+        }
+        count++;
+    }
+    closedir(d);
+    if (!rc) qsort(names, count, sizeof *names, compare_names);
+    for (size_t i = 0; i < count; i++) {
+        if (!rc) {
+            char *child = NULL;
+            rc = file_join(path, names[i], &child);
+            if (!rc) rc = index_path(ix, child, false);
+            free(child);
+        }
+        free(names[i]);
+    }
+    free(names);
+    return rc;
+}
+
+static int index_path(indexer *ix, const char *path, bool top)
+{
+    struct stat st;
+    if ((top ? stat(path, &st) : lstat(path, &st)) != 0) {
+        if (top) return err_set(EMBEDRAG_ERR_NOT_FOUND, "%s: %s", path, strerror(errno));
+        return 0;
+    }
+    if (S_ISLNK(st.st_mode)) {
+        /* A link inside a folder: followed to a file, never to a folder. */
+        if (stat(path, &st) != 0 || S_ISDIR(st.st_mode)) {
+            ix->summary->skipped_files++;
+            return 0;
+        }
+    }
+    if (S_ISDIR(st.st_mode)) return index_folder(ix, path);
+    if (!S_ISREG(st.st_mode)) {
+        ix->summary->skipped_files++;
+        return 0;
+    }
+    if (has_suffix(path, ".jsonl")) return index_jsonl_file(ix, path);
+    if (is_text_file(path) || (top && !has_suffix(path, ".jsonl")))
+        return index_text_file(ix, path, &st);
+    ix->summary->skipped_files++;
+    return 0;
+}
+
+/* ---- the run ---- */
+
+static int compare_keys(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+typedef struct prune_context {
+    indexer *ix;
+    char **gone;
+    size_t count, capacity;
+} prune_context;
+
+static int collect_gone(void *ctx, const char *key, const char *source)
+{
+    (void)source;
+    prune_context *pc = ctx;
+    if (bsearch(&key, pc->ix->seen, pc->ix->seen_count, sizeof *pc->ix->seen, compare_keys))
+        return 0;
+    if (pc->count == pc->capacity) {
+        pc->capacity = pc->capacity ? 2 * pc->capacity : 64;
+        char **more = realloc(pc->gone, pc->capacity * sizeof *more);
+        if (!more) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory pruning");
+        pc->gone = more;
+    }
+    pc->gone[pc->count] = strdup(key);
+    if (!pc->gone[pc->count]) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory pruning");
+    pc->count++;
+    return 0;
+}
+
+static int prune(indexer *ix)
+{
+    qsort(ix->seen, ix->seen_count, sizeof *ix->seen, compare_keys);
+    prune_context pc = {.ix = ix};
+    int rc = store_each_document(ix->store, collect_gone, &pc);
+    if (!rc) rc = store_begin(ix->store);
+    for (size_t i = 0; i < pc.count && !rc; i++) {
+        bool found = false;
+        rc = store_delete_document(ix->store, pc.gone[i], &found);
+        if (!rc && found) ix->summary->deleted++;
+    }
+    if (!rc)
+        rc = store_commit(ix->store);
+    else
+        store_rollback(ix->store);
+    for (size_t i = 0; i < pc.count; i++) free(pc.gone[i]);
+    free(pc.gone);
+    return rc;
+}
+
+/* A hash of the model's weights file, so that a store knows the exact weights its vectors came
+ * from (two checkpoints of one name are different models). */
+static int weights_hash(const char *model_dir, char out[17])
+{
+    char *path = NULL;
+    int rc = file_join(model_dir, "model.safetensors", &path);
+    if (rc) return rc;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        rc = err_set(EMBEDRAG_ERR_IO, "%s: %s", path, strerror(errno));
+        free(path);
+        return rc;
+    }
+    uint64_t hash = INDEX_HASH_SEED;
+    static char buffer[1 << 16];
+    size_t n;
+    while ((n = fread(buffer, 1, sizeof buffer, f)) > 0) hash = index_hash(hash, buffer, n);
+    fclose(f);
+    free(path);
+    snprintf(out, 17, "%016llx", (unsigned long long)hash);
+    return 0;
+}
+
+static const char *passage_prompt(const embedrag_model *m)
+{
+    embedrag_model_info info;
+    embedrag_model_get_info(m, &info);
+    for (int i = 0; i < info.prompt_count; i++) {
+        const char *name, *text;
+        if (embedrag_model_get_prompt(m, i, &name, &text) == 0 &&
+            (!strcmp(name, "passage") || !strcmp(name, "document")))
+            return text;
+    }
+    return "";
+}
+
+int index_paths(embedrag_model *model, const char *model_dir, const char *const *paths,
+                size_t count, const index_options *options, index_summary *summary)
+{
+    memset(summary, 0, sizeof *summary);
+    double start = now_seconds();
+    embedrag_model_info info;
+    embedrag_model_get_info(model, &info);
+    static const char *const poolings[] = {"mean", "cls", "max"};
+    char hash[17];
+    int rc = weights_hash(model_dir, hash);
+    if (rc) return rc;
+    char *directory = realpath(model_dir, NULL);
+    embedrag_backend_info cpu;
+    embedrag_model_get_backend(model, 0, &cpu);
+    store_model identity = {.name = info.name,
+                            .dimension = info.dimension,
+                            .pooling = poolings[info.pooling],
+                            .prompt = passage_prompt(model),
+                            .precision = cpu.precision == EMBEDRAG_PRECISION_BF16 ? "bf16" : "fp32",
+                            .weights_hash = hash,
+                            .directory = directory ? directory : model_dir};
+    indexer ix = {.model = model,
+                  .tokenizer = engine_tokenizer(model),
+                  .options = options,
+                  .summary = summary,
+                  .dim = info.dimension,
+                  .max_tokens = info.max_tokens,
+                  .passage_prompt = identity.prompt};
+    ix.docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix.docs);
+    if (!ix.docs) {
+        free(directory);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
+    }
+    rc = store_open(options->store_path, &identity, false, &ix.store);
+    free(directory);
+    for (size_t i = 0; i < count && !rc; i++) rc = index_path(&ix, paths[i], true);
+    if (!rc) rc = flush(&ix);
+    if (!rc && options->prune) rc = prune(&ix);
+    progress(&ix, true);
+    for (size_t d = 0; d < ix.doc_count; d++) free_pending(&ix.docs[d]);
+    for (size_t i = 0; i < ix.span_count; i++) free(ix.embed_texts[i]);
+    for (size_t i = 0; i < ix.seen_count; i++) free(ix.seen[i]);
+    free(ix.seen);
+    free(ix.docs);
+    free(ix.spans);
+    free(ix.embed_texts);
+    free(ix.embed_lengths);
+    free(ix.vectors);
+    free(ix.statuses);
+    store_close(ix.store);
+    summary->seconds = now_seconds() - start;
+    return rc;
+}

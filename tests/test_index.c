@@ -1,0 +1,239 @@
+/* Indexing and search end to end on the real default model and real text: a folder of text and
+ * Markdown files plus a JSONL file (titles, metadata, a pre-computed vector, bad lines) goes into
+ * a store; a second run does no model work; a changed file is re-embedded and a deleted one
+ * pruned; the stored vectors are the ones embedrag_embed gives for the same chunk text; dense,
+ * BM25 and hybrid searches find a document by its own sentence; another model is refused. */
+#include "embedrag.h"
+#include "index/indexer.h"
+#include "index/search.h"
+#include "chunk/chunker.h"
+#include "store/store.h"
+
+#include "check.h"
+#include "util/error.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define SENTENCES 600
+static char *sentences[SENTENCES];
+static int sentence_count;
+static char dir[256], corpus[300], store_file[300], model_dir[4096];
+
+static int load_sentences(void)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[4096];
+    while (sentence_count < SENTENCES && fgets(line, sizeof line, f)) {
+        char *end = line + strlen(line);
+        int commas = 0;
+        while (end > line && commas < 2)
+            if (*--end == ',') commas++;
+        if (commas < 2 || end == line) continue;
+        *end = '\0';
+        for (char *p = line; *p; p++)
+            if (*p == '"') *p = '\'';
+        sentences[sentence_count++] = strdup(line);
+    }
+    fclose(f);
+    return sentence_count > 300 ? 0 : -1;
+}
+
+static void write_file(const char *name, const char *text)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/%s", corpus, name);
+    FILE *f = fopen(path, "wb");
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Document i: 12 consecutive sentences, as paragraphs of three. */
+static char *document_text(int i, bool markdown)
+{
+    size_t cap = 8192, len = 0;
+    char *t = malloc(cap);
+    t[0] = '\0';
+    if (markdown) len += (size_t)snprintf(t + len, cap - len, "# Notes %d\n\n", i);
+    for (int s = 0; s < 12; s++) {
+        const char *sentence = sentences[(i * 12 + s) % sentence_count];
+        if (markdown && s == 6) len += (size_t)snprintf(t + len, cap - len, "\n## Part two\n\n");
+        len += (size_t)snprintf(t + len, cap - len, "%s%s", sentence, s % 3 == 2 ? "\n\n" : " ");
+    }
+    return t;
+}
+
+static void make_corpus(void)
+{
+    snprintf(corpus, sizeof corpus, "%s/corpus", dir);
+    mkdir(corpus, 0755);
+    char sub[400];
+    snprintf(sub, sizeof sub, "%s/more", corpus);
+    mkdir(sub, 0755);
+    for (int i = 0; i < 8; i++) {
+        char name[64];
+        snprintf(name, sizeof name, i < 6 ? "doc%d.txt" : "more/doc%d.md", i);
+        char *t = document_text(i, i >= 6);
+        write_file(name, t);
+        free(t);
+    }
+    write_file("image.png", "\x89PNG not text");
+    write_file(".hidden.txt", "hidden files are left out");
+    /* JSONL: titles, metadata, a vector of the store's dimension, and bad lines. */
+    size_t cap = 1 << 16, len = 0;
+    char *j = malloc(cap);
+    for (int i = 0; i < 5; i++)
+        len += (size_t)snprintf(j + len, cap - len,
+                                "{\"id\": \"j%d\", \"title\": \"Item %d\", \"text\": \"%s %s\", "
+                                "\"metadata\": {\"n\": %d}}\n",
+                                i, i, sentences[300 + 2 * i], sentences[301 + 2 * i], i);
+    len += (size_t)snprintf(j + len, cap - len,
+                            "{\"id\": 42, \"text\": \"numeric id\", \"vector\": [");
+    for (int d = 0; d < 384; d++)
+        len += (size_t)snprintf(j + len, cap - len, "%s%.4f", d ? "," : "", d == 0 ? 1.0 : 0.0);
+    len += (size_t)snprintf(j + len, cap - len, "]}\n");
+    len += (size_t)snprintf(j + len, cap - len, "not json at all\n");
+    len += (size_t)snprintf(j + len, cap - len,
+                            "{\"id\": \"short\", \"text\": \"x\", \"vector\": [1, 2]}\n");
+    len += (size_t)snprintf(j + len, cap - len, "\n{\"text\": \"no id\"}\n");
+    write_file("items.jsonl", j);
+    free(j);
+}
+
+static embedrag_model *open_model(const char *name)
+{
+    snprintf(model_dir, sizeof model_dir, "%s/models/%s", check_source_dir(), name);
+    embedrag_model_params p = embedrag_model_default_params();
+    p.threads = 2;
+    p.device = EMBEDRAG_DEVICE_CPU;
+    embedrag_model *m = NULL;
+    CHECK(embedrag_model_open(model_dir, &p, &m) == 0, "open %s: %s", name, embedrag_last_error());
+    return m;
+}
+
+static int run_index(embedrag_model *m, bool prune, index_summary *s)
+{
+    const char *paths[] = {corpus};
+    index_options o = {.store_path = store_file, .prune = prune, .overlap_tokens = -1};
+    return index_paths(m, model_dir, paths, 1, &o, s);
+}
+
+static void test_index_and_search(void)
+{
+    embedrag_model *m = open_model("all-MiniLM-L6-v2");
+    if (!m) return;
+    index_summary s;
+    int rc = run_index(m, false, &s);
+    CHECK(rc == 0, "index: %s", err_get());
+    /* 8 files + 6 good JSONL lines (the numeric id with a vector among them); 3 bad lines. */
+    CHECK(s.files == 9 && s.documents == 14 && s.indexed == 14 && s.failed == 3 &&
+              s.skipped_files == 1 && s.vectors_given == 1 && s.chunks >= 14 && s.tokens > 0,
+          "first run: %ld files, %ld documents, %ld indexed, %ld failed, %ld skipped, %ld "
+          "vectors given, %ld chunks (%s)",
+          s.files, s.documents, s.indexed, s.failed, s.skipped_files, s.vectors_given, s.chunks,
+          s.first_failure);
+    CHECK(strstr(s.first_failure, "items.jsonl:"), "the first failure names the line: %s",
+          s.first_failure);
+    long chunks = s.chunks;
+
+    /* Again: nothing changed, no model work. */
+    rc = run_index(m, false, &s);
+    CHECK(rc == 0 && s.indexed == 0 && s.unchanged == 14 && s.tokens == 0 && s.model_seconds == 0.0,
+          "second run: %ld indexed, %ld unchanged, %ld tokens", s.indexed, s.unchanged, s.tokens);
+
+    /* The stored vectors are embedrag_embed's for the chunk text. */
+    store *st = NULL;
+    CHECK(store_open(store_file, NULL, true, &st) == 0, "open store: %s", err_get());
+    if (st) {
+        float *matrix;
+        int64_t *ids;
+        size_t n;
+        CHECK(store_load_vectors(st, &matrix, &ids, &n) == 0 && (long)n == chunks,
+              "%zu vectors for %ld chunks", n, chunks);
+        int checked = 0, differ = 0;
+        for (size_t i = 0; i < n; i++) {
+            store_chunk_info info;
+            if (store_get_chunk(st, ids[i], &info) != 0 || info.tokens == 0) continue;
+            /* Titled chunks were embedded as title, separator, text (the chunker's budget). */
+            char buffer[8192];
+            snprintf(buffer, sizeof buffer, "%s%s%s", info.title ? info.title : "",
+                     info.title ? CHUNK_TITLE_SEPARATOR : "", info.text);
+            float v[384];
+            const char *text = buffer;
+            embedrag_embed(m, &text, NULL, 1, NULL, v);
+            differ += memcmp(v, matrix + i * 384, sizeof v) != 0;
+            checked++;
+        }
+        CHECK(checked == (int)n - 1 && differ == 0,
+              "%d of %d stored vectors differ from embedding the text", differ, checked);
+        free(matrix);
+        free(ids);
+
+        /* Search by a document's own sentence: it comes first in every mode. */
+        searcher *sr = NULL;
+        CHECK(searcher_open(st, m, 2, &sr) == 0, "searcher: %s", err_get());
+        const char *query = sentences[3 * 12 + 4]; /* in doc3.txt */
+        static const search_mode modes[] = {SEARCH_DENSE, SEARCH_BM25, SEARCH_HYBRID};
+        for (int k = 0; sr && k < 3; k++) {
+            search_hit hits[5];
+            int found = 0;
+            rc = searcher_search(sr, query, modes[k], 5, hits, &found);
+            store_chunk_info info;
+            bool top = rc == 0 && found > 0 && store_get_chunk(st, hits[0].chunk_id, &info) == 0 &&
+                       strstr(info.source, "doc3.txt") && strstr(info.text, query);
+            CHECK(top, "mode %d: the top hit holds the query's sentence (rc %d, %d found, %s)", k,
+                  rc, found, found ? info.source : "");
+            for (int i = 1; i < found; i++)
+                CHECK(hits[i].score <= hits[i - 1].score, "mode %d: scores descend", k);
+        }
+        searcher_close(sr);
+        store_close(st);
+    }
+
+    /* A changed file is embedded again; a deleted one is pruned. */
+    char *t = document_text(100, false);
+    write_file("doc1.txt", t);
+    free(t);
+    char gone[600];
+    snprintf(gone, sizeof gone, "%s/doc2.txt", corpus);
+    unlink(gone);
+    rc = run_index(m, true, &s);
+    CHECK(rc == 0 && s.indexed == 1 && s.deleted == 1 && s.unchanged == 12,
+          "after a change and a deletion: %ld indexed, %ld deleted, %ld unchanged", s.indexed,
+          s.deleted, s.unchanged);
+    embedrag_model_close(m);
+
+    /* Another model is refused, naming both; the store is untouched. */
+    m = open_model("minilm-l12-stacked");
+    if (m) {
+        rc = run_index(m, false, &s);
+        CHECK(rc == EMBEDRAG_ERR_MODEL_MISMATCH && strstr(err_get(), "all-MiniLM-L6-v2"),
+              "another model: %d %s", rc, err_get());
+        embedrag_model_close(m);
+    }
+}
+
+int main(void)
+{
+    if (load_sentences() != 0) {
+        CHECK(false, "cannot read ../shared/data/stsb-en-dev.csv");
+        return check_finish("test_index");
+    }
+    snprintf(dir, sizeof dir, "/tmp/test_index.XXXXXX");
+    if (!mkdtemp(dir)) return check_finish("test_index");
+    snprintf(store_file, sizeof store_file, "%s/store.db", dir);
+    make_corpus();
+    test_index_and_search();
+    char command[600];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
+    for (int i = 0; i < sentence_count; i++) free(sentences[i]);
+    return check_finish("test_index");
+}
