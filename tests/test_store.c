@@ -167,7 +167,7 @@ static void test_round_trip(void)
     CHECK(put_document(s, 3, 2, 50) == 0, "replace: %s", err_get());
     CHECK(store_get_stats(s, &st) == 0 && st.documents == 20 && st.chunks == 50 - 4 + 2,
           "after replace: %lld chunks", (long long)st.chunks);
-    CHECK(store_bm25(s, old_text, 50, hits, scores, &got) == 0, "bm25");
+    CHECK(store_bm25(s, old_text, 10, hits, scores, &got) == 0, "bm25");
     bool stale = false;
     for (int i = 0; i < got; i++) {
         store_chunk_info info;
