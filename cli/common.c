@@ -2,6 +2,8 @@
  * a clear one-line error, number parsing and line reading. */
 #include "cli.h"
 
+#include "util/clock.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -127,7 +129,5 @@ long cli_read_line(FILE *in, char **line, size_t *capacity)
 
 double cli_seconds(void)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+    return clock_seconds();
 }

@@ -8,6 +8,7 @@
 #include "engine/lane.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -285,13 +286,6 @@ static int device_from_environment(embedrag_model_params *params)
     return 0;
 }
 
-static double now_seconds(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
 /* Runs `count` probe sequences of `len` tokens on a lane `runs` times; returns the fastest
  * run's wall seconds (queueing, staging and post-processing included, as callers see them),
  * or a status (negative, as every EMBEDRAG_ERR_*). */
@@ -317,9 +311,9 @@ static double time_probe(lane *l, const model_config *c, int count, int len, int
                                       .out = out,
                                       .dim = c->hidden_size,
                                       .normalize = false};
-            double start = now_seconds();
+            double start = clock_seconds();
             int rc = lane_run(l, &request);
-            double seconds = now_seconds() - start;
+            double seconds = clock_seconds() - start;
             if (rc) {
                 best = rc;
                 break;
@@ -382,10 +376,10 @@ static int calibrate(embedrag_model *m)
 
 /* With a CUDA backend, a pool of tokenizing threads: one per core but two (at most
  * ENGINE_MAX_TOKENIZER_THREADS). The two cores left keep a thread that waits on a GPU and a
- * caller with a query running: with every core tokenizing, a query that came during a bulk
- * job's tokenizing waited for a scheduler time slice (p99 3.2 ms against p50 0.38 ms on an
- * H200 with 16 cores). EMBEDRAG_TOKENIZER_THREADS=N sets the count (1: none), also without a
- * GPU (the tests use it). */
+ * caller with a query running. With every core tokenizing, queries during a bulk job had p99 3.2
+ * ms against p50 0.38 ms on an H200 with 16 cores (a query waiting for a core, we think; a later
+ * run with this rule, on 32 cores, had p99 1.1 ms). EMBEDRAG_TOKENIZER_THREADS=N sets the count
+ * (1: none), also without a GPU (the tests use it). */
 static int open_tokenizer_threads(embedrag_model *m)
 {
     int threads = 0;

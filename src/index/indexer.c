@@ -8,6 +8,7 @@
 #include "chunk/chunker.h"
 #include "engine/engine.h"
 #include "store/store.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/file.h"
 
@@ -39,13 +40,6 @@ uint64_t index_hash(uint64_t hash, const void *data, size_t length)
         hash *= 0x100000001b3ULL;
     }
     return hash;
-}
-
-static double now_seconds(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
 /* A document waiting for its chunks' vectors. */
@@ -121,7 +115,7 @@ static void free_pending(pending_document *p)
 static void progress(indexer *ix, bool last)
 {
     if (!ix->options->progress) return;
-    double t = now_seconds();
+    double t = clock_seconds();
     if (!last && t - ix->last_progress < 0.25) return;
     ix->last_progress = t;
     const index_summary *s = ix->summary;
@@ -143,10 +137,10 @@ static int flush(indexer *ix)
         p.truncate = false; /* the chunker's budget holds; an overflow is an error, not a cut */
         p.statuses = ix->statuses;
         p.lane = EMBEDRAG_LANE_BULK;
-        double t = now_seconds();
+        double t = clock_seconds();
         rc = embedrag_embed(ix->model, (const char *const *)ix->embed_texts, ix->embed_lengths, n,
                             &p, ix->vectors);
-        ix->summary->model_seconds += now_seconds() - t;
+        ix->summary->model_seconds += clock_seconds() - t;
         if (rc) return rc;
     }
     rc = store_begin(ix->store);
@@ -640,14 +634,14 @@ static int weights_hash(const char *model_dir, char out[17])
     return 0;
 }
 
-static const char *passage_prompt(const embedrag_model *m)
+const char *index_model_prompt(const embedrag_model *m, const char *name, const char *alias)
 {
     embedrag_model_info info;
     embedrag_model_get_info(m, &info);
     for (int i = 0; i < info.prompt_count; i++) {
-        const char *name, *text;
-        if (embedrag_model_get_prompt(m, i, &name, &text) == 0 &&
-            (!strcmp(name, "passage") || !strcmp(name, "document")))
+        const char *prompt_name, *text;
+        if (embedrag_model_get_prompt(m, i, &prompt_name, &text) == 0 &&
+            (!strcmp(prompt_name, name) || (alias && !strcmp(prompt_name, alias))))
             return text;
     }
     return "";
@@ -657,7 +651,7 @@ int index_paths(embedrag_model *model, const char *model_dir, const char *const 
                 size_t count, const index_options *options, index_summary *summary)
 {
     memset(summary, 0, sizeof *summary);
-    double start = now_seconds();
+    double start = clock_seconds();
     embedrag_model_info info;
     embedrag_model_get_info(model, &info);
     static const char *const poolings[] = {"mean", "cls", "max"};
@@ -670,7 +664,7 @@ int index_paths(embedrag_model *model, const char *model_dir, const char *const 
     store_model identity = {.name = info.name,
                             .dimension = info.dimension,
                             .pooling = poolings[info.pooling],
-                            .prompt = passage_prompt(model),
+                            .prompt = index_model_prompt(model, "passage", "document"),
                             .precision = cpu.precision == EMBEDRAG_PRECISION_BF16 ? "bf16" : "fp32",
                             .weights_hash = hash,
                             .directory = directory ? directory : model_dir};
@@ -703,6 +697,6 @@ int index_paths(embedrag_model *model, const char *model_dir, const char *const 
     free(ix.vectors);
     free(ix.statuses);
     store_close(ix.store);
-    summary->seconds = now_seconds() - start;
+    summary->seconds = clock_seconds() - start;
     return rc;
 }

@@ -6,6 +6,7 @@
 #include "backend/backend.h"
 
 #include "backend/cpu/kernels.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -100,13 +101,6 @@ struct backend_stream {
     double held_seconds, held_since;
 };
 
-static double now_seconds(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
 /* ---- who runs: one stream holds the pool, latency streams first ---- */
 
 static void exec_acquire(backend_stream *s)
@@ -119,13 +113,13 @@ static void exec_acquire(backend_stream *s)
     if (s->latency) atomic_store(&b->latency_pending, --b->latency_waiting);
     b->exec_busy = true;
     pthread_mutex_unlock(&b->exec_lock);
-    s->held_since = now_seconds();
+    s->held_since = clock_seconds();
 }
 
 static void exec_release(backend_stream *s)
 {
     cpu_backend *b = s->b;
-    s->held_seconds += now_seconds() - s->held_since;
+    s->held_seconds += clock_seconds() - s->held_since;
     pthread_mutex_lock(&b->exec_lock);
     b->exec_busy = false;
     pthread_cond_broadcast(&b->exec_free);

@@ -1,0 +1,9 @@
+/* A monotonic clock in seconds, for the timings the engine and the indexer keep (cost estimates,
+ * calibration, progress) and the command line's reports. */
+#ifndef EMBEDRAG_UTIL_CLOCK_H
+#define EMBEDRAG_UTIL_CLOCK_H
+
+/* Seconds on CLOCK_MONOTONIC (from an arbitrary start; differences only). Thread-safe. */
+double clock_seconds(void);
+
+#endif
