@@ -104,9 +104,9 @@ int cli_info(int argc, char **argv)
         static const int lengths[] = {16, 50, 128, 256};
         for (size_t k = 0; k < sizeof lengths / sizeof lengths[0]; k++) {
             size_t texts = 0;
-            for (size_t n = 1; n <= 100000 && !texts; n += n < 64 ? 1 : n / 16) {
+            for (size_t n = 1; n <= 100000 && !texts && lengths[k] <= info.max_tokens;
+                 n += n < 64 ? 1 : n / 16) {
                 double on_cpu, on_gpu;
-                if (lengths[k] > info.max_tokens + 2) break;
                 embedrag_model_estimate_seconds(model, 0, n, lengths[k], &on_cpu);
                 embedrag_model_estimate_seconds(model, i, n, lengths[k], &on_gpu);
                 if (on_gpu < on_cpu) texts = n;

@@ -38,6 +38,10 @@ typedef struct index_summary {
 int index_paths(embedrag_model *model, const char *model_dir, const char *const *paths,
                 size_t count, const index_options *options, index_summary *summary);
 
+/* The text of the model's prompt `name` (or `alias`, NULL for none), "" when it has neither: the
+ * passage prompt for indexing, the query prompt for search. Valid while the model is open. */
+const char *index_model_prompt(const embedrag_model *model, const char *name, const char *alias);
+
 /* FNV-1a, 64 bits: the content hash that tells unchanged documents. */
 uint64_t index_hash(uint64_t hash, const void *data, size_t length);
 #define INDEX_HASH_SEED 0xcbf29ce484222325ULL

@@ -1,6 +1,8 @@
 /* Search by text (search.h): dense, BM25 and their reciprocal rank fusion. */
 #include "index/search.h"
 
+#include "index/indexer.h"
+
 #include "store/scan.h"
 #include "util/error.h"
 #include "util/threadpool.h"
@@ -24,18 +26,6 @@ struct searcher {
     double *bm25_scores;
 };
 
-static const char *query_prompt(const embedrag_model *m)
-{
-    embedrag_model_info info;
-    embedrag_model_get_info(m, &info);
-    for (int i = 0; i < info.prompt_count; i++) {
-        const char *name, *text;
-        if (embedrag_model_get_prompt(m, i, &name, &text) == 0 && !strcmp(name, "query"))
-            return text;
-    }
-    return "";
-}
-
 int searcher_open(store *s, embedrag_model *model, int threads, searcher **out)
 {
     *out = NULL;
@@ -51,7 +41,7 @@ int searcher_open(store *s, embedrag_model *model, int threads, searcher **out)
     sr->store = s;
     sr->model = model;
     sr->dim = info.dimension;
-    sr->query_prompt = query_prompt(model);
+    sr->query_prompt = index_model_prompt(model, "query", NULL);
     int rc = store_load_vectors(s, &sr->matrix, &sr->chunk_ids, &sr->count);
     if (!rc) rc = threadpool_create(threads, &sr->pool);
     sr->query = malloc((size_t)sr->dim * sizeof *sr->query);

@@ -596,6 +596,11 @@ int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *co
  * digits (bytes >= 0x80 count as letters, so UTF-8 words stay whole) becomes a quoted string,
  * joined by OR; FTS5's tokenizer then splits them as it split the documents. Returns NULL when
  * the text has no words. */
+static bool is_word_byte(unsigned char c)
+{
+    return c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
+}
+
 static char *fts_query(const char *text)
 {
     size_t n = strlen(text);
@@ -603,21 +608,13 @@ static char *fts_query(const char *text)
     if (!q) return NULL;
     bool any = false;
     for (size_t i = 0; i < n;) {
-        unsigned char c = (unsigned char)text[i];
-        bool word = c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
-        if (!word) {
+        if (!is_word_byte((unsigned char)text[i])) {
             i++;
             continue;
         }
         if (any) w += sprintf(w, " OR ");
         *w++ = '"';
-        while (i < n) {
-            c = (unsigned char)text[i];
-            if (!(c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z')))
-                break;
-            *w++ = (char)c;
-            i++;
-        }
+        while (i < n && is_word_byte((unsigned char)text[i])) *w++ = text[i++];
         *w++ = '"';
         any = true;
     }
