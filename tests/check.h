@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static int check_failures;
 static int check_count;
@@ -32,6 +33,31 @@ static inline const char *check_source_dir(void)
 {
     const char *d = getenv("EMBEDRAG_SOURCE_DIR");
     return d ? d : ".";
+}
+
+/* Real text for tests: the first sentence of each STS-B dev pair (sentence1,sentence2,score: cut
+ * at the second comma from the end), up to `max`, into out[] as malloc'd strings the caller
+ * frees. Returns how many were read, or -1 when ../shared/data/stsb-en-dev.csv is missing. */
+static inline int check_stsb_sentences(char **out, int max)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[4096];
+    int n = 0;
+    while (n < max && fgets(line, sizeof line, f)) {
+        char *end = line + strlen(line);
+        int commas = 0;
+        while (end > line && commas < 2)
+            if (*--end == ',') commas++;
+        if (commas < 2 || end == line) continue;
+        *end = '\0';
+        out[n] = strdup(line);
+        if (out[n]) n++;
+    }
+    fclose(f);
+    return n;
 }
 
 #endif

@@ -465,27 +465,24 @@ static bool plain_sentence(const char *s)
 /* The first sentence of each STS-B dev pair, ending with an end mark, plain as above. */
 static int load_sentences(void)
 {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    char line[4096];
-    while (sentence_count < MAX_SENTENCES && fgets(line, sizeof line, f)) {
-        char *end = line + strlen(line);
-        int commas = 0;
-        while (end > line && commas < 2)
-            if (*--end == ',') commas++;
-        if (commas < 2 || end == line) continue;
-        *end = '\0';
+    static char *raw[MAX_SENTENCES];
+    int n = check_stsb_sentences(raw, MAX_SENTENCES);
+    for (int i = 0; i < n; i++) {
+        char *line = raw[i], *end = line + strlen(line);
         while (end > line && end[-1] == ' ') *--end = '\0';
-        if (end == line || !plain_sentence(line)) continue;
-        size_t n = strlen(line);
-        char *s = malloc(n + 2);
-        memcpy(s, line, n + 1);
-        if (!strchr(".!?", s[n - 1])) strcpy(s + n, ".");
+        if (end == line || !plain_sentence(line)) {
+            free(line);
+            continue;
+        }
+        size_t len = strlen(line);
+        char *s = realloc(line, len + 2);
+        if (!s) {
+            free(line);
+            continue;
+        }
+        if (!strchr(".!?", s[len - 1])) strcpy(s + len, ".");
         sentences[sentence_count++] = s;
     }
-    fclose(f);
     return sentence_count > 100 ? 0 : -1;
 }
 

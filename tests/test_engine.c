@@ -51,23 +51,7 @@ static double now_seconds(void)
 /* The first sentence of each STS-B dev pair (real text of 5 to 40 tokens). */
 static int load_sentences(void)
 {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    char line[4096];
-    while (sentence_count < MAX_SENTENCES && fgets(line, sizeof line, f)) {
-        char *end = line + strlen(line);
-        /* sentence1,sentence2,score: cut at the comma before sentence2 (the second from the end).
-         */
-        int commas = 0;
-        while (end > line && commas < 2)
-            if (*--end == ',') commas++;
-        if (commas < 2 || end == line) continue;
-        *end = '\0';
-        sentences[sentence_count++] = strdup(line);
-    }
-    fclose(f);
+    sentence_count = check_stsb_sentences(sentences, MAX_SENTENCES);
     return sentence_count > 100 ? 0 : -1;
 }
 

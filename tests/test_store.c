@@ -38,21 +38,7 @@ static const store_model model = {.name = "test-model",
 
 static int load_sentences(void)
 {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/../shared/data/stsb-en-dev.csv", check_source_dir());
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    char line[4096];
-    while (sentence_count < MAX_SENTENCES && fgets(line, sizeof line, f)) {
-        char *end = line + strlen(line);
-        int commas = 0;
-        while (end > line && commas < 2)
-            if (*--end == ',') commas++;
-        if (commas < 2 || end == line) continue;
-        *end = '\0';
-        sentences[sentence_count++] = strdup(line);
-    }
-    fclose(f);
+    sentence_count = check_stsb_sentences(sentences, MAX_SENTENCES);
     return sentence_count > 100 ? 0 : -1;
 }
 
