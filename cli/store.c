@@ -365,7 +365,8 @@ done:
 static const char stats_usage[] =
     "usage: embedrag stats [--store FILE] [--json]\n"
     "\n"
-    "Prints the store's documents, chunks, tokens, model and size on disk.\n";
+    "Prints the store's documents, chunks, tokens, model, size on disk, and whether the\n"
+    "search copy of its vectors (FILE-vectors, read by search) is current.\n";
 
 int cli_stats(int argc, char **argv)
 {
@@ -418,9 +419,8 @@ int cli_stats(int argc, char **argv)
         cJSON_AddStringToObject(mo, "precision", m->precision);
         cJSON_AddStringToObject(mo, "weights_hash", m->weights_hash);
         cJSON_AddStringToObject(mo, "directory", m->directory);
-        /* Searches read the vectors from SQLite at start: there is no separate copy to go
-         * stale. */
-        cJSON_AddBoolToObject(o, "search_copies_current", true);
+        cJSON_AddNumberToObject(o, "search_copy_bytes", (double)st.search_copy_bytes);
+        cJSON_AddBoolToObject(o, "search_copies_current", st.search_copy_current);
         char *text = cJSON_Print(o);
         puts(text ? text : "{}");
         cJSON_free(text);
@@ -431,6 +431,11 @@ int cli_stats(int argc, char **argv)
                (double)st.file_bytes / 1e6);
         printf("model: %s (%d dimensions, %s pooling, %s), from %s\n", m->name, m->dimension,
                m->pooling, m->precision, m->directory);
+        printf("search copy: %s (%.1f MB)\n",
+               st.search_copy_current ? "current"
+               : st.search_copy_bytes ? "stale (the next search rebuilds it)"
+                                      : "none (the next search builds it)",
+               (double)st.search_copy_bytes / 1e6);
     }
     store_close(s);
     return 0;

@@ -9,6 +9,7 @@
 #include "util/error.h"
 
 #include <math.h>
+#include <sqlite3.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -438,6 +439,148 @@ static void test_out_of_space(void)
     CHECK(documents == 10, "the 10 documents stored before are there: %d", documents);
 }
 
+/* Loads every vector and checks each row against what put_document stored for its chunk. */
+static int load_and_check(store *s, size_t expect, const char *when)
+{
+    float *m = NULL;
+    int64_t *ids = NULL;
+    size_t n = 0;
+    int rc = store_load_vectors(s, &m, &ids, &n);
+    CHECK(rc == 0 && n == expect, "%s: load %zu vectors (want %zu): %s", when, n, expect,
+          rc ? err_get() : "");
+    int wrong = 0;
+    for (size_t i = 0; !rc && i < n; i++) {
+        store_chunk_info info;
+        float v[DIM];
+        if (store_get_chunk(s, ids[i], &info) != 0 || (i && ids[i] <= ids[i - 1])) {
+            wrong++;
+            continue;
+        }
+        vector_for(atoi(info.document_key + 4) * 100 + info.ordinal, v);
+        wrong += memcmp(v, m + i * DIM, sizeof v) != 0;
+    }
+    CHECK(wrong == 0, "%s: %d rows differ from their chunks", when, wrong);
+    free(m);
+    free(ids);
+    return wrong;
+}
+
+static bool copy_current(store *s)
+{
+    store_stats st;
+    return store_get_stats(s, &st) == 0 && st.search_copy_current && st.search_copy_bytes > 0;
+}
+
+/* The search copy: written by a load, used while current, never when stale or damaged, not
+ * needed where the folder is read-only, and a format-1 store (which has no generation) is
+ * upgraded by a writer and read without a copy by a reader. */
+static void test_search_copy(void)
+{
+    char path[300], copy[320];
+    path_in_dir(path, sizeof path, "copy.db");
+    snprintf(copy, sizeof copy, "%s-vectors", path);
+    store *s = NULL;
+    CHECK(store_open(path, &model, false, &s) == 0, "create: %s", err_get());
+    if (!s) return;
+    for (int d = 0; d < 30; d++) put_document(s, d, 1 + d % 3, 0); /* 60 chunks */
+    CHECK(!copy_current(s), "no copy before the first load");
+    load_and_check(s, 60, "first load");
+    CHECK(copy_current(s), "the first load writes the copy");
+    load_and_check(s, 60, "load from the copy");
+
+    put_document(s, 5, 4, 0); /* 3 chunks -> 4 */
+    CHECK(!copy_current(s), "a change makes the copy stale");
+    load_and_check(s, 61, "load after a change");
+    CHECK(copy_current(s), "and the load writes it again");
+    bool found = false;
+    store_delete_document(s, "doc-0006", &found);
+    CHECK(found && !copy_current(s), "a deletion makes it stale");
+    /* A transaction rolled back leaves the generation, so the copy stays current. */
+    load_and_check(s, 60, "load after a deletion");
+    store_begin(s);
+    put_document(s, 7, 2, 9);
+    store_rollback(s);
+    CHECK(copy_current(s), "a rolled-back change leaves the copy current");
+    CHECK(store_refresh_search_copy(s) == 0, "refresh when current: %s", err_get());
+
+    /* Damage: a truncated copy, then a copy of another width, are ignored and replaced. */
+    CHECK(truncate(copy, 100) == 0, "truncate the copy");
+    CHECK(!copy_current(s), "a truncated copy is not current");
+    load_and_check(s, 60, "load beside a truncated copy");
+    CHECK(copy_current(s), "which is replaced");
+    FILE *f = fopen(copy, "r+b");
+    if (f) {
+        unsigned char byte = 9; /* the header's width field: 8 -> 9 */
+        fseek(f, 8, SEEK_SET);
+        fwrite(&byte, 1, 1, f);
+        fclose(f);
+    }
+    CHECK(!copy_current(s), "a copy of another width is not current");
+    load_and_check(s, 60, "load beside a copy of another width");
+
+    /* A read-only folder: loads work and write nothing. */
+    store_close(s);
+    s = NULL;
+    char ro[300], ro_db[340];
+    path_in_dir(ro, sizeof ro, "ro");
+    mkdir(ro, 0755);
+    snprintf(ro_db, sizeof ro_db, "%s/store.db", ro);
+    CHECK(store_open(ro_db, &model, false, &s) == 0, "create in ro: %s", err_get());
+    for (int d = 0; d < 10 && s; d++) put_document(s, d, 2, 0);
+    store_close(s);
+    s = NULL;
+    chmod(ro, 0555);
+    if (access(ro, W_OK) == 0) {
+        /* Root writes anywhere: a folder where the copy would go blocks the rename instead. */
+        chmod(ro, 0755);
+        char blocker[360];
+        snprintf(blocker, sizeof blocker, "%s-vectors", ro_db);
+        CHECK(mkdir(blocker, 0755) == 0, "a folder in the copy's place");
+        CHECK(store_open(ro_db, NULL, true, &s) == 0, "open read-only: %s", err_get());
+        if (s) load_and_check(s, 20, "load where the copy cannot be written");
+        CHECK(s && !copy_current(s), "no copy could be written there");
+        store_close(s);
+        s = NULL;
+        struct stat st;
+        CHECK(stat(blocker, &st) == 0 && S_ISDIR(st.st_mode), "the folder is left alone");
+        rmdir(blocker);
+    } else {
+        CHECK(store_open(ro_db, NULL, true, &s) == 0, "open read-only: %s", err_get());
+        if (s) load_and_check(s, 20, "load in a read-only folder");
+        CHECK(s && !copy_current(s), "no copy could be written there");
+        store_close(s);
+        s = NULL;
+    }
+    chmod(ro, 0755);
+
+    /* Format 1: no generation. A reader loads from the database and writes no copy; a writer
+     * upgrades the store to format 2. */
+    char old[300];
+    path_in_dir(old, sizeof old, "format1.db");
+    CHECK(store_open(old, &model, false, &s) == 0, "create: %s", err_get());
+    for (int d = 0; d < 10 && s; d++) put_document(s, d, 1, 0);
+    store_close(s);
+    s = NULL;
+    sqlite3 *db = NULL;
+    int sq = sqlite3_open(old, &db);
+    if (sq == SQLITE_OK)
+        sq = sqlite3_exec(db,
+                          "UPDATE meta SET value = '1' WHERE key = 'format';"
+                          "DELETE FROM meta WHERE key = 'generation'",
+                          NULL, NULL, NULL);
+    sqlite3_close(db);
+    CHECK(sq == SQLITE_OK, "made a format-1 store");
+    CHECK(store_open(old, NULL, true, &s) == 0, "a reader opens format 1: %s", err_get());
+    if (s) load_and_check(s, 10, "format 1 read-only");
+    CHECK(s && !copy_current(s), "format 1 has no copy");
+    store_close(s);
+    s = NULL;
+    CHECK(store_open(old, &model, false, &s) == 0, "a writer opens format 1: %s", err_get());
+    if (s) load_and_check(s, 10, "format 1 upgraded");
+    CHECK(s && copy_current(s), "the upgraded store has a copy");
+    store_close(s);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -452,6 +595,7 @@ int main(void)
     test_round_trip();
     test_identity_and_files();
     test_batches();
+    test_search_copy();
     test_killed_writers();
     test_out_of_space();
     char command[600];

@@ -685,6 +685,7 @@ int index_paths(embedrag_model *model, const char *model_dir, const char *const 
     for (size_t i = 0; i < count && !rc; i++) rc = index_path(&ix, paths[i], true);
     if (!rc) rc = flush(&ix);
     if (!rc && options->prune) rc = prune(&ix);
+    if (!rc) rc = store_refresh_search_copy(ix.store);
     progress(&ix, true);
     for (size_t d = 0; d < ix.doc_count; d++) free_pending(&ix.docs[d]);
     for (size_t i = 0; i < ix.span_count; i++) free(ix.embed_texts[i]);

@@ -6,6 +6,7 @@
 #include "store/store.h"
 
 #include "util/error.h"
+#include "util/memory.h"
 
 #include <sqlite3.h>
 
@@ -19,8 +20,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* The layout this code writes; a store with a larger number was made by a newer embedrag. */
-#define STORE_FORMAT 1
+/* The layout this code writes; a store with a larger number was made by a newer embedrag.
+ * Format 2 added the meta key "generation", which every change of the chunks bumps in its own
+ * transaction, so that the search copy of the vectors knows when it is stale; a writer upgrades
+ * a format-1 store in place (a reader of format 1 loads vectors from the database itself). */
+#define STORE_FORMAT 2
 
 /* How long a reader waits for a checkpoint or a writer's lock before it gives up. */
 #define STORE_BUSY_MILLISECONDS 5000
@@ -34,6 +38,7 @@ enum {
     SQL_DELETE_DOCUMENT,
     SQL_GET_CHUNK,
     SQL_BM25,
+    SQL_BUMP_GENERATION,
     SQL_COUNT
 };
 
@@ -52,6 +57,8 @@ static const char *const statements[SQL_COUNT] = {
                       "WHERE c.id = ?1",
     [SQL_BM25] = "SELECT rowid, -bm25(chunk_text) FROM chunk_text WHERE chunk_text MATCH ?1 "
                  "ORDER BY bm25(chunk_text) LIMIT ?2",
+    [SQL_BUMP_GENERATION] = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                            "WHERE key = 'generation'",
 };
 
 /* The schema of format 1. Chunks cascade with their document; the FTS5 table indexes chunk
@@ -168,7 +175,7 @@ static int write_meta(store *s, const char *key, const char *value)
         rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(s->db);
     }
     sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : sql_error(s, rc, "writing the model's identity");
+    return rc == SQLITE_OK ? 0 : sql_error(s, rc, "writing the store's settings");
 }
 
 static void set_identity(store *s, int field, char *value)
@@ -236,6 +243,7 @@ static int prepare_contents(store *s, const store_model *model)
         rc = exec(s, "BEGIN IMMEDIATE", "creating the store");
         if (!rc) rc = exec(s, schema, "creating the store");
         if (!rc) rc = write_meta(s, "format", format);
+        if (!rc) rc = write_meta(s, "generation", "1");
         for (int i = 0; i < IDS && !rc; i++) rc = write_meta(s, identity_keys[i], fields[i]);
         if (!rc) rc = exec(s, "COMMIT", "creating the store");
         if (rc) {
@@ -255,6 +263,18 @@ static int prepare_contents(store *s, const store_model *model)
                        "%s has store format %d; this embedrag reads format %d (a newer embedrag "
                        "made it?)",
                        s->path, version, STORE_FORMAT);
+    if (version == 1 && s->lock_fd >= 0) {
+        char latest[16];
+        snprintf(latest, sizeof latest, "%d", STORE_FORMAT);
+        rc = exec(s, "BEGIN IMMEDIATE", "upgrading the store");
+        if (!rc) rc = write_meta(s, "generation", "1");
+        if (!rc) rc = write_meta(s, "format", latest);
+        if (!rc) rc = exec(s, "COMMIT", "upgrading the store");
+        if (rc) {
+            sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+            return rc;
+        }
+    }
     for (int i = 0; i < IDS; i++) {
         char *value = read_meta(s, identity_keys[i], &rc);
         if (rc) {
@@ -505,6 +525,8 @@ int store_put_document(store *s, const store_document *d, const store_chunk *chu
         rc = run(s, st, "adding a chunk");
         if (rc) goto undo;
     }
+    rc = run(s, s->sql[SQL_BUMP_GENERATION], "storing a document");
+    if (rc) goto undo;
     return exec(s, "RELEASE put_document", "storing a document");
 undo:
     sqlite3_exec(s->db, "ROLLBACK TO put_document; RELEASE put_document", NULL, NULL, NULL);
@@ -516,11 +538,19 @@ int store_delete_document(store *s, const char *key, bool *found)
     *found = false;
     int64_t id = find_document(s, key, NULL);
     if (id <= 0) return (int)id;
+    int rc = exec(s, "SAVEPOINT delete_document", "deleting a document");
+    if (rc) return rc;
     sqlite3_stmt *st = s->sql[SQL_DELETE_DOCUMENT];
     sqlite3_bind_int64(st, 1, id);
-    int rc = run(s, st, "deleting a document");
-    *found = rc == 0;
-    return rc;
+    rc = run(s, st, "deleting a document");
+    if (!rc) rc = run(s, s->sql[SQL_BUMP_GENERATION], "deleting a document");
+    if (rc) {
+        sqlite3_exec(s->db, "ROLLBACK TO delete_document; RELEASE delete_document", NULL, NULL,
+                     NULL);
+        return rc;
+    }
+    *found = true;
+    return exec(s, "RELEASE delete_document", "deleting a document");
 }
 
 int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const char *source),
@@ -542,27 +572,152 @@ int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const ch
 
 /* ---- what searches read ---- */
 
-int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count)
+/* The search copy: "<store>-vectors", every vector as one matrix with its chunk ids, written
+ * whole after a load from the database and read back with two read() calls, because reading
+ * the vectors out of the chunks table (where they sit among the texts) takes seconds for a
+ * million chunks. It is a cache: valid only while its generation is the database's (every change
+ * of the chunks bumps that in the same transaction), replaced by renaming a complete file over
+ * it, and ignored, never trusted, when anything in it disagrees with the database. Layout, in
+ * the host's byte order: the header, the ids (count int64), zeros to a multiple of 4 KB, the
+ * matrix (count x dim float32). */
+#define SIDE_MAGIC "EMBRVEC1"
+#define SIDE_ALIGN 4096u
+#define SIDE_SUFFIX "-vectors"
+
+typedef struct side_header {
+    char magic[8];
+    uint32_t dim, reserved;
+    uint64_t count, generation, matrix_offset;
+} side_header;
+
+static char *side_path(const store *s, const char *extra)
 {
-    *matrix = NULL;
-    *chunk_ids = NULL;
-    *count = 0;
+    size_t n = strlen(s->path), a = strlen(SIDE_SUFFIX), b = extra ? strlen(extra) : 0;
+    char *p = malloc(n + a + b + 1);
+    if (!p) return NULL;
+    memcpy(p, s->path, n);
+    memcpy(p + n, SIDE_SUFFIX, a);
+    if (b) memcpy(p + n + a, extra, b);
+    p[n + a + b] = '\0';
+    return p;
+}
+
+static uint64_t side_matrix_offset(uint64_t count)
+{
+    uint64_t end = sizeof(side_header) + count * sizeof(int64_t);
+    return (end + SIDE_ALIGN - 1) / SIDE_ALIGN * SIDE_ALIGN;
+}
+
+/* read() or write() of all `bytes`, in pieces (one call moves at most ~2 GB). */
+static bool transfer(int fd, void *buffer, size_t bytes, bool writing)
+{
+    char *p = buffer;
+    while (bytes) {
+        size_t piece = bytes < ((size_t)1 << 30) ? bytes : ((size_t)1 << 30);
+        ssize_t n = writing ? write(fd, p, piece) : read(fd, p, piece);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return false;
+        p += n;
+        bytes -= (size_t)n;
+    }
+    return true;
+}
+
+/* The database's generation, or 0 for a format-1 store that has none. */
+static int read_generation(store *s, uint64_t *generation)
+{
+    int rc = 0;
+    char *value = read_meta(s, "generation", &rc);
+    *generation = value ? strtoull(value, NULL, 10) : 0;
+    free(value);
+    return rc ? sql_error(s, rc, "reading the store's generation") : 0;
+}
+
+/* Opens the search copy when its header and size say it holds `count` vectors of this store's
+ * width at `generation`; -1 otherwise (absent, stale or damaged). */
+static int side_open(store *s, uint64_t generation, size_t count, side_header *h)
+{
+    char *path = side_path(s, NULL);
+    int fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    free(path);
+    if (fd < 0) return -1;
     size_t dim = (size_t)s->model.dimension;
-    sqlite3_stmt *st = NULL;
-    int sq = sqlite3_prepare_v2(s->db, "SELECT count(*) FROM chunks", -1, &st, NULL);
-    size_t n = 0;
-    if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW)
-        n = (size_t)sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    if (sq != SQLITE_ROW) return sql_error(s, sq, "counting vectors");
-    float *m = malloc((n ? n : 1) * dim * sizeof *m);
+    struct stat st;
+    if (transfer(fd, h, sizeof *h, false) && fstat(fd, &st) == 0 &&
+        memcmp(h->magic, SIDE_MAGIC, 8) == 0 && h->dim == dim && h->count == count &&
+        h->generation == generation && h->matrix_offset == side_matrix_offset(count) &&
+        (uint64_t)st.st_size == h->matrix_offset + count * dim * sizeof(float))
+        return fd;
+    close(fd);
+    return -1;
+}
+
+/* Reads the search copy when it is of this generation and count; false leaves nothing behind. */
+static bool side_read(store *s, uint64_t generation, size_t count, float **matrix, int64_t **ids)
+{
+    size_t dim = (size_t)s->model.dimension;
+    side_header h;
+    int fd = side_open(s, generation, count, &h);
+    if (fd < 0) return false;
+    float *m = memory_alloc_huge(count * dim * sizeof *m);
+    int64_t *d = malloc((count ? count : 1) * sizeof *d);
+    bool ok = m && d && transfer(fd, d, count * sizeof *d, false) &&
+              lseek(fd, (off_t)h.matrix_offset, SEEK_SET) == (off_t)h.matrix_offset &&
+              transfer(fd, m, count * dim * sizeof *m, false);
+    close(fd);
+    if (!ok) {
+        free(m);
+        free(d);
+        return false;
+    }
+    *matrix = m;
+    *ids = d;
+    return true;
+}
+
+/* Writes the search copy to a temporary file and renames it over the old one, so a reader sees
+ * the old copy or the new one, never part of one. Failure (a read-only folder, a full disk) only
+ * costs the next open the slow load. */
+static bool side_write(store *s, uint64_t generation, size_t count, const float *matrix,
+                       const int64_t *ids)
+{
+    size_t dim = (size_t)s->model.dimension;
+    char suffix[32];
+    snprintf(suffix, sizeof suffix, ".%ld.tmp", (long)getpid());
+    char *path = side_path(s, NULL), *temporary = side_path(s, suffix);
+    int fd = temporary ? open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : -1;
+    side_header h = {.dim = (uint32_t)dim,
+                     .count = count,
+                     .generation = generation,
+                     .matrix_offset = side_matrix_offset(count)};
+    memcpy(h.magic, SIDE_MAGIC, 8);
+    static const char zeros[SIDE_ALIGN];
+    size_t padding = h.matrix_offset - sizeof h - count * sizeof *ids;
+    bool ok = fd >= 0 && path && transfer(fd, &h, sizeof h, true) &&
+              transfer(fd, (void *)ids, count * sizeof *ids, true) &&
+              transfer(fd, (void *)zeros, padding, true) &&
+              transfer(fd, (void *)matrix, count * dim * sizeof *matrix, true) && fsync(fd) == 0;
+    if (fd >= 0 && close(fd) != 0) ok = false;
+    if (ok) ok = rename(temporary, path) == 0;
+    if (!ok && temporary) unlink(temporary);
+    free(path);
+    free(temporary);
+    return ok;
+}
+
+static int load_from_database(store *s, size_t n, float **matrix, int64_t **chunk_ids,
+                              size_t *count)
+{
+    size_t dim = (size_t)s->model.dimension;
+    float *m = memory_alloc_huge((n ? n : 1) * dim * sizeof *m);
     int64_t *ids = malloc((n ? n : 1) * sizeof *ids);
     if (!m || !ids) {
         free(m);
         free(ids);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory loading %zu vectors", s->path, n);
     }
-    sq = sqlite3_prepare_v2(s->db, "SELECT id, vector FROM chunks ORDER BY id", -1, &st, NULL);
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(s->db, "SELECT id, vector FROM chunks ORDER BY id", -1, &st, NULL);
     size_t i = 0;
     int rc = 0;
     while (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW && i < n) {
@@ -590,6 +745,99 @@ int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *co
     *chunk_ids = ids;
     *count = i;
     return 0;
+}
+
+static int count_chunks(store *s, size_t *n)
+{
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(s->db, "SELECT count(*) FROM chunks", -1, &st, NULL);
+    if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW)
+        *n = (size_t)sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return sq == SQLITE_ROW ? 0 : sql_error(s, sq, "counting vectors");
+}
+
+/* Runs fn inside one read transaction (unless the handle's own write transaction is open), so
+ * the generation, the count and the vectors it reads are of one snapshot. */
+static int in_snapshot(store *s, int (*fn)(store *, void *), void *ctx)
+{
+    bool own = !s->in_transaction;
+    int rc = own ? exec(s, "BEGIN", "reading the store") : 0;
+    if (rc) return rc;
+    rc = fn(s, ctx);
+    if (own) sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
+    return rc;
+}
+
+/* What one snapshot reads: whether the search copy is current and, when `load`, the vectors
+ * (from the copy when current, else from the database, then written to a new copy). */
+typedef struct snapshot_job {
+    bool load, current;
+    float *matrix;
+    int64_t *ids;
+    size_t count;
+} snapshot_job;
+
+static int read_snapshot(store *s, void *ctx)
+{
+    snapshot_job *job = ctx;
+    uint64_t generation = 0;
+    size_t n = 0;
+    int rc = read_generation(s, &generation);
+    if (!rc) rc = count_chunks(s, &n);
+    if (rc) return rc;
+    if (!job->load) {
+        side_header h;
+        int fd = generation ? side_open(s, generation, n, &h) : -1;
+        job->current = fd >= 0;
+        if (fd >= 0) close(fd);
+        return 0;
+    }
+    if (generation && side_read(s, generation, n, &job->matrix, &job->ids)) {
+        job->count = n;
+        job->current = true;
+        return 0;
+    }
+    rc = load_from_database(s, n, &job->matrix, &job->ids, &job->count);
+    if (!rc && generation)
+        job->current = side_write(s, generation, job->count, job->matrix, job->ids);
+    return rc;
+}
+
+int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count)
+{
+    *matrix = NULL;
+    *chunk_ids = NULL;
+    *count = 0;
+    snapshot_job job = {.load = true};
+    int rc = in_snapshot(s, read_snapshot, &job);
+    if (rc) return rc;
+    *matrix = job.matrix;
+    *chunk_ids = job.ids;
+    *count = job.count;
+    return 0;
+}
+
+int store_search_copy_current(store *s, bool *current)
+{
+    snapshot_job job = {.load = false};
+    int rc = in_snapshot(s, read_snapshot, &job);
+    *current = job.current;
+    return rc;
+}
+
+int store_refresh_search_copy(store *s)
+{
+    bool current = false;
+    int rc = store_search_copy_current(s, &current);
+    if (rc || current) return rc;
+    float *m = NULL;
+    int64_t *ids = NULL;
+    size_t n = 0;
+    rc = store_load_vectors(s, &m, &ids, &n);
+    free(m);
+    free(ids);
+    return rc;
 }
 
 /* Turns free text into an FTS5 query that matches any of its words: each run of letters and
@@ -701,5 +949,8 @@ int store_get_stats(store *s, store_stats *out)
         if (stat(wal, &fs) == 0) out->file_bytes += fs.st_size;
         free(wal);
     }
-    return 0;
+    char *copy = side_path(s, NULL);
+    if (copy && stat(copy, &fs) == 0) out->search_copy_bytes = fs.st_size;
+    free(copy);
+    return store_search_copy_current(s, &out->search_copy_current);
 }

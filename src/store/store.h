@@ -82,9 +82,20 @@ int store_delete_document(store *s, const char *key, bool *found);
 int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const char *source),
                         void *ctx);
 
-/* Every vector as one contiguous row-major matrix (count x dimension floats) with each row's
- * chunk id, for scanning. The caller frees both with free(). */
+/* Every vector as one contiguous row-major matrix (count x dimension floats, 2 MB-aligned on
+ * huge pages) with each row's chunk id in ascending order, for scanning; all of one snapshot of
+ * the store. Read from the search copy ("<store>-vectors") when that is current, which is fast
+ * (a million 384-wide vectors are one 1.5 GB read); otherwise from the database, after which the
+ * search copy is written again where the folder allows (a stale or damaged copy is never used).
+ * The caller frees both with free(). */
 int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count);
+
+/* Writes the search copy now if it is stale (the indexer calls it after a run that changed
+ * something, so that the next search opens fast). */
+int store_refresh_search_copy(store *s);
+
+/* Whether the search copy is of the store's current contents. */
+int store_search_copy_current(store *s, bool *current);
 
 /* BM25 over chunk text (SQLite FTS5): up to k chunk ids, best first, with scores where larger is
  * better. The query's words are searched as plain terms (any of them), never as FTS5 syntax, so
@@ -101,7 +112,9 @@ int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out);
 
 typedef struct store_stats {
     int64_t documents, chunks, tokens;
-    int64_t file_bytes; /* the database file and its write-ahead log on disk */
+    int64_t file_bytes;        /* the database file and its write-ahead log on disk */
+    int64_t search_copy_bytes; /* the search copy on disk (0 when there is none) */
+    bool search_copy_current;  /* whether it is of the current contents */
 } store_stats;
 int store_get_stats(store *s, store_stats *out);
 
