@@ -284,19 +284,6 @@ static embedrag_embed_params bench_params(void)
     return p;
 }
 
-static int compare_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double percentile(double *v, int n, double p)
-{
-    qsort(v, (size_t)n, sizeof *v, compare_double);
-    int i = (int)ceil(p * n) - 1;
-    return v[i < 0 ? 0 : (i >= n ? n - 1 : i)];
-}
-
 typedef struct point {
     int tokens, batch; /* tokens per text (0: mixed) */
     long total_tokens;
@@ -447,8 +434,8 @@ static int run_concurrent(embedrag_model *model, const text_set *bulk, const tex
     out->texts = count;
     out->queries = n;
     out->bulk_shared_s = job.seconds;
-    out->query_p50 = percentile(latencies, n, 0.50);
-    out->query_p99 = percentile(latencies, n, 0.99);
+    out->query_p50 = cli_percentile(latencies, n, 0.50);
+    out->query_p99 = cli_percentile(latencies, n, 0.99);
     out->query_max = latencies[n - 1]; /* sorted by percentile */
     rc = 0;
 done:
@@ -622,7 +609,7 @@ int cli_bench(int argc, char **argv)
         if (i >= QUERY_WARMUP) latencies[i - QUERY_WARMUP] = now_seconds() - t;
     }
     free(vector);
-    double p50 = percentile(latencies, runs, 0.50), p99 = percentile(latencies, runs, 0.99);
+    double p50 = cli_percentile(latencies, runs, 0.50), p99 = cli_percentile(latencies, runs, 0.99);
 
     /* The backend the measured calls run on: the CPU for --device cpu or when no GPU opened,
      * else the first GPU that works (auto sends calls there once it is faster). */

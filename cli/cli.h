@@ -73,6 +73,9 @@ long cli_read_line(FILE *in, char **line, size_t *capacity);
 /* Seconds on a monotonic clock. */
 double cli_seconds(void);
 
+/* The p-quantile (0..1, nearest rank) of v[0..n), n > 0; sorts v. */
+double cli_percentile(double *v, int n, double p);
+
 int cli_embed(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 int cli_info(int argc, char **argv);

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -130,4 +131,17 @@ long cli_read_line(FILE *in, char **line, size_t *capacity)
 double cli_seconds(void)
 {
     return clock_seconds();
+}
+
+static int compare_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double cli_percentile(double *v, int n, double p)
+{
+    qsort(v, (size_t)n, sizeof *v, compare_double);
+    int i = (int)ceil(p * n) - 1;
+    return v[i < 0 ? 0 : (i >= n ? n - 1 : i)];
 }

@@ -29,8 +29,14 @@ enum {
     OPTION_JSON,
     OPTION_MODE,
     OPTION_QUERIES,
-    OPTION_QUIET
+    OPTION_QUIET,
+    OPTION_PATH,
+    OPTION_WHERE,
+    OPTION_TIMINGS
 };
+
+/* The most --where conditions one search takes. */
+#define CLI_MAX_WHERE 32
 
 /* ---- index ---- */
 
@@ -177,6 +183,12 @@ static const char search_usage[] =
     "  --mode M             dense (default: cosine over every vector, exact), bm25 (SQLite\n"
     "                       FTS5), or hybrid (both, fused by reciprocal rank)\n"
     "  --queries FILE       one query per line (- for stdin)\n"
+    "  --path GLOB          only documents whose source matches GLOB (* ? [...]; '*' also\n"
+    "                       matches '/'; sources are absolute paths, or FILE.jsonl:LINE)\n"
+    "  --where KEY=VALUE    only documents whose metadata field KEY equals VALUE (a string's\n"
+    "                       text, or a number's or boolean's JSON text); repeat to AND them\n"
+    "  --timings            print each query's time (embedding, search, fetching texts) to\n"
+    "                       stderr, and percentiles after the last\n"
     "  --json               one JSON object per query: {\"query\", \"results\": [{\"rank\",\n"
     "                       \"score\", \"document\", \"source\", \"chunk\", \"start\", \"end\",\n"
     "                       \"text\"}]}\n"
@@ -235,6 +247,10 @@ static int print_results(store *s, const char *query, const search_hit *hits, in
     return 0;
 }
 
+static int search_run(int argc, char **argv, cli_model_options *model_options,
+                      const char *store_option, const char *queries, search_mode mode, int k,
+                      bool json, const store_filter *filter, bool timings);
+
 int cli_search(int argc, char **argv)
 {
     static const struct option options[] = {CLI_MODEL_OPTIONS,
@@ -242,10 +258,17 @@ int cli_search(int argc, char **argv)
                                             {"mode", required_argument, NULL, OPTION_MODE},
                                             {"queries", required_argument, NULL, OPTION_QUERIES},
                                             {"json", no_argument, NULL, OPTION_JSON},
+                                            {"path", required_argument, NULL, OPTION_PATH},
+                                            {"where", required_argument, NULL, OPTION_WHERE},
+                                            {"timings", no_argument, NULL, OPTION_TIMINGS},
                                             {"help", no_argument, NULL, 'h'},
                                             {NULL, 0, NULL, 0}};
     cli_model_options model_options = cli_model_defaults();
     const char *store_option = NULL, *queries = NULL;
+    const char *where_keys[CLI_MAX_WHERE], *where_values[CLI_MAX_WHERE];
+    char *where_copies[CLI_MAX_WHERE];
+    store_filter filter = {.keys = where_keys, .values = where_values};
+    bool timings = false;
     search_mode mode = SEARCH_DENSE;
     int k = 5, c;
     bool json = false;
@@ -280,6 +303,28 @@ int cli_search(int argc, char **argv)
         case OPTION_JSON:
             json = true;
             break;
+        case OPTION_PATH:
+            filter.source_glob = optarg;
+            break;
+        case OPTION_WHERE: {
+            const char *equals = strchr(optarg, '=');
+            if (!equals || equals == optarg || filter.count == CLI_MAX_WHERE) {
+                fprintf(stderr,
+                        "embedrag search: --where takes KEY=VALUE (at most %d of them; got "
+                        "'%s')\n",
+                        CLI_MAX_WHERE, optarg);
+                for (int i = 0; i < filter.count; i++) free(where_copies[i]);
+                return 2;
+            }
+            where_copies[filter.count] = strndup(optarg, (size_t)(equals - optarg));
+            where_keys[filter.count] = where_copies[filter.count];
+            where_values[filter.count] = equals + 1;
+            filter.count++;
+            break;
+        }
+        case OPTION_TIMINGS:
+            timings = true;
+            break;
         case 'h':
             fputs(search_usage, stdout);
             return 0;
@@ -288,6 +333,17 @@ int cli_search(int argc, char **argv)
             return 2;
         }
     }
+    int status = search_run(argc, argv, &model_options, store_option, queries, mode, k, json,
+                            &filter, timings);
+    for (int i = 0; i < filter.count; i++) free(where_copies[i]);
+    return status;
+}
+
+/* The search itself, once the options are parsed. */
+static int search_run(int argc, char **argv, cli_model_options *model_options,
+                      const char *store_option, const char *queries, search_mode mode, int k,
+                      bool json, const store_filter *filter, bool timings)
+{
     if (!queries && optind >= argc) {
         fputs("embedrag search: give a question, or --queries FILE\n", stderr);
         return 2;
@@ -299,11 +355,11 @@ int cli_search(int argc, char **argv)
         return 1;
     }
     /* The store's model unless one is given; its directory may have moved since. */
-    if (!model_options.dir) {
+    if (!model_options->dir) {
         const char *dir = store_get_model(s)->directory;
         struct stat st;
         if (dir && *dir && stat(dir, &st) == 0) {
-            model_options.dir = dir;
+            model_options->dir = dir;
         } else if (!getenv("EMBEDRAG_MODEL")) {
             fprintf(stderr,
                     "embedrag search: the store's model (%s) was at %s, which is gone; give "
@@ -314,11 +370,11 @@ int cli_search(int argc, char **argv)
         }
     }
     int status = 1;
-    embedrag_model *model = cli_open_model(&model_options);
+    embedrag_model *model = cli_open_model(model_options);
     searcher *sr = NULL;
     search_hit *hits = malloc((size_t)k * sizeof *hits);
     if (!model || !hits) goto done;
-    if (searcher_open(s, model, model_options.threads, &sr) != 0) {
+    if (searcher_open(s, model, model_options->threads, &sr) != 0) {
         fprintf(stderr, "embedrag search: %s\n", embedrag_last_error());
         goto done;
     }
@@ -332,6 +388,8 @@ int cli_search(int argc, char **argv)
     }
     char *line = NULL;
     size_t capacity = 0;
+    double *times = NULL;
+    long timed = 0, timed_capacity = 0;
     status = 0;
     for (int q = optind; !status; q++) {
         const char *query;
@@ -343,13 +401,43 @@ int cli_search(int argc, char **argv)
             query = argv[q];
         }
         int found = 0;
-        if (searcher_search(sr, query, mode, k, hits, &found) != 0) {
+        double t0 = cli_seconds();
+        if (searcher_search(sr, query, mode, k, filter, hits, &found) != 0) {
             fprintf(stderr, "embedrag search: %s\n", embedrag_last_error());
             status = 1;
             break;
         }
+        double t1 = cli_seconds();
         status = print_results(s, query, hits, found, json);
+        if (timings) {
+            double t2 = cli_seconds();
+            fprintf(stderr, "query %ld: %.3f ms (search %.3f, texts and output %.3f)\n", timed + 1,
+                    (t2 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3);
+            if (timed == timed_capacity) {
+                timed_capacity = timed_capacity ? 2 * timed_capacity : 256;
+                double *more = realloc(times, (size_t)timed_capacity * sizeof *more);
+                if (!more) {
+                    fputs("embedrag search: out of memory\n", stderr);
+                    status = 1;
+                    break;
+                }
+                times = more;
+            }
+            times[timed++] = (t2 - t0) * 1e3;
+        }
     }
+    if (timed > 0) {
+        /* The first query pays for warming caches; the percentiles are of the others. */
+        int n = timed > 1 ? (int)timed - 1 : 1;
+        double *v = timed > 1 ? times + 1 : times;
+        double p50 = cli_percentile(v, n, 0.50), p90 = cli_percentile(v, n, 0.90),
+               p99 = cli_percentile(v, n, 0.99);
+        fprintf(stderr,
+                "%ld queries over %zu vectors: p50 %.3f ms, p90 %.3f ms, p99 %.3f ms (the first "
+                "left out)\n",
+                timed, searcher_vectors(sr), p50, p90, p99);
+    }
+    free(times);
     free(line);
     if (in && in != stdin) fclose(in);
 done:

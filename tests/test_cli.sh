@@ -170,14 +170,16 @@ printf '# Music\n\nA man is playing a guitar on the stage.\n\nThe band plays lou
 printf 'A cat sleeps on the warm windowsill.\nThe kitten chases a ball of yarn.\n' >"$tmp/docs/cats.txt"
 printf '{"id": "d1", "title": "Cooking", "text": "Slice the onions and fry them in butter.", "metadata": {"lang": "en"}}\n' \
     >"$tmp/docs.jsonl"
+printf '{"id": "d2", "text": "A woman is playing the violin in a concert hall.", "metadata": {"lang": "fr", "year": 2021}}\n' \
+    >>"$tmp/docs.jsonl"
 "$cli" index --model "$model" --store "$tmp/s.db" --json "$tmp/docs" "$tmp/docs.jsonl" \
     >"$tmp/index.json" 2>"$tmp/err.txt"
 check "index exits 0" test $? -eq 0
-check "index indexes 3 documents" grep -q '"indexed":[[:space:]]*3' "$tmp/index.json"
+check "index indexes 4 documents" grep -q '"indexed":[[:space:]]*4' "$tmp/index.json"
 "$cli" index --model "$model" --store "$tmp/s.db" --json "$tmp/docs" "$tmp/docs.jsonl" \
     >"$tmp/index2.json" 2>"$tmp/err.txt"
 check "a second index run embeds nothing" grep -q '"tokens":[[:space:]]*0' "$tmp/index2.json"
-check "... and finds 3 unchanged" grep -q '"unchanged":[[:space:]]*3' "$tmp/index2.json"
+check "... and finds 4 unchanged" grep -q '"unchanged":[[:space:]]*4' "$tmp/index2.json"
 "$cli" search --store "$tmp/s.db" -k 1 "someone plays the guitar" >"$tmp/search.txt"
 check "dense search finds the guitar" grep -q "music.md" "$tmp/search.txt"
 "$cli" search --store "$tmp/s.db" -k 1 --mode bm25 --json "kitten" >"$tmp/search.json"
@@ -185,7 +187,30 @@ check "bm25 search finds the kitten" grep -q '"source":"[^"]*cats.txt"' "$tmp/se
 "$cli" search --store "$tmp/s.db" -k 1 --mode hybrid --json "frying onions" >"$tmp/search.json"
 check "hybrid search finds the onions, with metadata" grep -q '"lang":"en"' "$tmp/search.json"
 "$cli" stats --store "$tmp/s.db" --json >"$tmp/stats.json"
-check "stats counts 3 documents" grep -q '"documents":[[:space:]]*3' "$tmp/stats.json"
+check "stats counts 4 documents" grep -q '"documents":[[:space:]]*4' "$tmp/stats.json"
+check "stats: the search copy is current after index" \
+    grep -q '"search_copies_current":[[:space:]]*true' "$tmp/stats.json"
+# Filters: by source glob and by metadata field, in every mode.
+"$cli" search --store "$tmp/s.db" -k 3 --json --path '*.jsonl:*' "someone plays music" \
+    >"$tmp/f.json"
+check "--path keeps only JSONL documents" \
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; sys.exit(not r or any(not x['source'].startswith(sys.argv[2]) for x in r))" \
+    "$tmp/f.json" "$tmp/docs.jsonl:"
+for mode in dense bm25 hybrid; do
+    "$cli" search --store "$tmp/s.db" -k 5 --json --mode $mode --where lang=fr \
+        "playing the violin and the guitar" >"$tmp/f.json"
+    check "--where lang=fr ($mode): the violin only" \
+        python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; sys.exit([x['document'] for x in r] != ['d2'])" "$tmp/f.json"
+done
+"$cli" search --store "$tmp/s.db" -k 5 --json --where year=2021 --where lang=fr "violin" >"$tmp/f.json"
+check "--where on a number, twice (AND)" grep -q '"document":"d2"' "$tmp/f.json"
+"$cli" search --store "$tmp/s.db" -k 5 --json --where year=2020 "violin" >"$tmp/f.json"
+check "--where that nothing passes: no results" grep -q '"results":\[\]' "$tmp/f.json"
+"$cli" search --store "$tmp/s.db" --where lang "x" >/dev/null 2>"$tmp/err.txt"
+check "--where without = exits 2" test $? -eq 2
+printf 'guitar\nonions\n' | "$cli" search --store "$tmp/s.db" --queries - --timings -k 1 \
+    >/dev/null 2>"$tmp/timings.txt"
+check "--timings prints percentiles" grep -q "2 queries over .* p50" "$tmp/timings.txt"
 "$cli" search --store "$tmp/nothing.db" "x" >/dev/null 2>"$tmp/err.txt"
 check "search of a missing store exits 1" test $? -eq 1
 check "... naming it" grep -q "nothing.db: no such store" "$tmp/err.txt"

@@ -143,7 +143,7 @@ static void test_index_and_search(void)
         float *matrix;
         int64_t *ids;
         size_t n;
-        CHECK(store_load_vectors(st, &matrix, &ids, &n) == 0 && (long)n == chunks,
+        CHECK(store_load_vectors(st, &matrix, &ids, &n, NULL) == 0 && (long)n == chunks,
               "%zu vectors for %ld chunks", n, chunks);
         int checked = 0, differ = 0;
         /* Passages are embedded with the model's passage prompt where it has one (the copy of
@@ -183,7 +183,7 @@ static void test_index_and_search(void)
         for (int k = 0; sr && k < 3; k++) {
             search_hit hits[5];
             int found = 0;
-            rc = searcher_search(sr, query, modes[k], 5, hits, &found);
+            rc = searcher_search(sr, query, modes[k], 5, NULL, hits, &found);
             store_chunk_info info;
             bool top = rc == 0 && found > 0 && store_get_chunk(st, hits[0].chunk_id, &info) == 0 &&
                        strstr(info.source, "doc3.txt") && strstr(info.text, query);

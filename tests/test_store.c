@@ -52,13 +52,15 @@ static void vector_for(int seed, float *v)
 /* Document `d`: `chunks` sentences, each a chunk with its own vector. */
 static int put_document(store *s, int d, int chunks, int salt)
 {
-    char key[64], source[96];
+    char key[64], source[96], metadata[96];
     snprintf(key, sizeof key, "doc-%04d", d);
     snprintf(source, sizeof source, "/corpus/doc-%04d.txt", d);
+    snprintf(metadata, sizeof metadata, "{\"lang\":\"en\",\"rank\":%d,\"draft\":%s}", d % 5,
+             d % 4 == 1 ? "true" : "false");
     store_document doc = {.key = key,
                           .source = source,
                           .title = d % 3 ? NULL : "A title",
-                          .metadata = d % 2 ? "{\"lang\":\"en\"}" : NULL,
+                          .metadata = d % 2 ? metadata : NULL,
                           .content_hash = 1000003u * (uint64_t)d + (uint64_t)salt,
                           .size = 100 * d,
                           .mtime = 1700000000 + d};
@@ -84,11 +86,34 @@ static void path_in_dir(char *out, size_t size, const char *name)
     snprintf(out, size, "%s/%s", dir, name);
 }
 
+/* A new store named `name` in the test's folder (NULL, with a failed check, when it cannot be
+ * made); its path in path[size]. */
+static store *create_store(const char *name, char *path, size_t size)
+{
+    path_in_dir(path, size, name);
+    store *s = NULL;
+    CHECK(store_open(path, &model, false, &s) == 0, "create %s: %s", name, err_get());
+    return s;
+}
+
 static int count_document(void *ctx, const char *key, const char *source)
 {
     (void)source;
     *(int *)ctx += key != NULL;
     return 0;
+}
+
+/* BM25 for `target` under `filter` into hits/scores (room for k), checked to succeed and to
+ * descend; *top is the best hit's chunk (zeroed when there is none). Returns the hit count. */
+static int bm25_checked(store *s, const char *target, const store_filter *filter, int k,
+                        int64_t *hits, double *scores, store_chunk_info *top)
+{
+    int got = 0;
+    memset(top, 0, sizeof *top);
+    CHECK(store_bm25(s, target, filter, k, hits, scores, &got) == 0, "bm25: %s", err_get());
+    for (int i = 1; i < got; i++) CHECK(scores[i] <= scores[i - 1], "bm25 scores descend");
+    if (got > 0) CHECK(store_get_chunk(s, hits[0], top) == 0, "bm25's best hit: %s", err_get());
+    return got;
 }
 
 static void test_round_trip(void)
@@ -113,7 +138,7 @@ static void test_round_trip(void)
     float *m;
     int64_t *ids;
     size_t n;
-    CHECK(store_load_vectors(s, &m, &ids, &n) == 0 && n == 50, "load: %zu vectors", n);
+    CHECK(store_load_vectors(s, &m, &ids, &n, NULL) == 0 && n == 50, "load: %zu vectors", n);
     /* Row i is chunk ids[i]; its text and vector are the ones stored. */
     int wrong = 0;
     for (size_t i = 0; i < n; i++) {
@@ -137,24 +162,23 @@ static void test_round_trip(void)
     const char *target = sentences[(7 * 7 + 2) % sentence_count]; /* doc 7's third chunk */
     int64_t hits[10];
     double scores[10];
-    int got = 0;
-    CHECK(store_bm25(s, target, 10, hits, scores, &got) == 0 && got > 0, "bm25: %s", err_get());
     store_chunk_info top;
-    CHECK(got > 0 && store_get_chunk(s, hits[0], &top) == 0 && strcmp(top.text, target) == 0,
+    int got = bm25_checked(s, target, NULL, 10, hits, scores, &top);
+    CHECK(got > 0 && strcmp(top.text, target) == 0,
           "bm25's best hit is the sentence searched for: '%s' vs '%s'", got ? top.text : "",
           target);
     for (int i = 1; i < got; i++) CHECK(scores[i] <= scores[i - 1], "bm25 scores descend");
     /* Text that is no FTS5 syntax still searches: quotes, operators, parentheses. */
-    CHECK(store_bm25(s, "\"NEAR( AND OR * ^ -:", 10, hits, scores, &got) == 0, "odd query text: %s",
-          err_get());
-    CHECK(store_bm25(s, "!!! ???", 10, hits, scores, &got) == 0 && got == 0, "no words");
+    CHECK(store_bm25(s, "\"NEAR( AND OR * ^ -:", NULL, 10, hits, scores, &got) == 0,
+          "odd query text: %s", err_get());
+    CHECK(store_bm25(s, "!!! ???", NULL, 10, hits, scores, &got) == 0 && got == 0, "no words");
 
     /* Replacing: the old chunks and their text go, the new ones come. */
     const char *old_text = sentences[(3 * 7 + 0) % sentence_count];
     CHECK(put_document(s, 3, 2, 50) == 0, "replace: %s", err_get());
     CHECK(store_get_stats(s, &st) == 0 && st.documents == 20 && st.chunks == 50 - 4 + 2,
           "after replace: %lld chunks", (long long)st.chunks);
-    CHECK(store_bm25(s, old_text, 10, hits, scores, &got) == 0, "bm25");
+    CHECK(store_bm25(s, old_text, NULL, 10, hits, scores, &got) == 0, "bm25");
     bool stale = false;
     for (int i = 0; i < got; i++) {
         store_chunk_info info;
@@ -264,9 +288,7 @@ static void test_identity_and_files(void)
 static void test_batches(void)
 {
     char path[512];
-    path_in_dir(path, sizeof path, "batches.db");
-    store *s = NULL;
-    CHECK(store_open(path, &model, false, &s) == 0, "create: %s", err_get());
+    store *s = create_store("batches.db", path, sizeof path);
     if (!s) return;
     CHECK(store_begin(s) == 0, "begin");
     for (int d = 0; d < 5; d++) put_document(s, d, 2, 0);
@@ -308,7 +330,7 @@ static int check_consistent(const char *path, const char *when)
     size_t n;
     static int counts[KILL_DOCUMENTS];
     memset(counts, 0, sizeof counts);
-    CHECK(store_load_vectors(s, &m, &ids, &n) == 0, "%s: load", when);
+    CHECK(store_load_vectors(s, &m, &ids, &n, NULL) == 0, "%s: load", when);
     for (size_t i = 0; i < n; i++) {
         store_chunk_info info;
         if (store_get_chunk(s, ids[i], &info) == 0)
@@ -439,13 +461,119 @@ static void test_out_of_space(void)
     CHECK(documents == 10, "the 10 documents stored before are there: %d", documents);
 }
 
+typedef struct collected {
+    int64_t ids[256];
+    int count;
+} collected;
+
+static int collect_chunk(void *ctx, int64_t chunk_id)
+{
+    collected *c = ctx;
+    if (c->count < 256) c->ids[c->count] = chunk_id;
+    c->count++;
+    return 0;
+}
+
+/* Whether every chunk in ids[0..n) belongs to a document `want` accepts, and how many do not. */
+static int outside(store *s, const int64_t *ids, int n, bool (*want)(int d, const char *source))
+{
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        store_chunk_info info;
+        bad += store_get_chunk(s, ids[i], &info) != 0 ||
+               !want(atoi(info.document_key + 4), info.source);
+    }
+    return bad;
+}
+
+static bool first_ten(int d, const char *source)
+{
+    return d < 10 && strncmp(source, "/corpus/doc-000", 15) == 0;
+}
+static bool odd(int d, const char *source)
+{
+    (void)source;
+    return d % 2 == 1;
+}
+static bool odd_rank_3(int d, const char *source)
+{
+    (void)source;
+    return d % 2 == 1 && d % 5 == 3;
+}
+static bool odd_draft_first_ten(int d, const char *source)
+{
+    return d % 2 == 1 && d % 4 == 1 && first_ten(d, source);
+}
+
+/* Filters by source glob and by metadata fields (strings, numbers, booleans), alone and
+ * together, for listing chunks and for BM25. */
+static void test_filters(void)
+{
+    char path[300];
+    store *s = create_store("filters.db", path, sizeof path);
+    if (!s) return;
+    for (int d = 0; d < 40; d++) put_document(s, d, 2, 0); /* 80 chunks, 2 per document */
+    static const char *const lang[] = {"lang"}, *const en[] = {"en"}, *const fr[] = {"fr"};
+    static const char *const rank_glob[] = {"rank"}, *const three[] = {"3"};
+    static const char *const draft[] = {"draft"}, *const yes[] = {"true"};
+    static const char *const quoted[] = {"la\"ng"};
+    struct {
+        store_filter filter;
+        int chunks;
+        bool (*want)(int, const char *);
+    } cases[] = {
+        {{.source_glob = "/corpus/doc-000?.txt"}, 20, first_ten},
+        {{.keys = lang, .values = en, .count = 1}, 40, odd},
+        {{.keys = lang, .values = fr, .count = 1}, 0, odd},
+        {{.keys = rank_glob, .values = three, .count = 1}, 8, odd_rank_3}, /* 3, 13, 23, 33 */
+        /* Documents 1, 5 and 9 of the first ten have "draft": true. */
+        {{.source_glob = "/corpus/doc-000*", .keys = draft, .values = yes, .count = 1},
+         6,
+         odd_draft_first_ten},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        collected c = {.count = 0};
+        int rc = store_filter_chunks(s, &cases[i].filter, collect_chunk, &c);
+        CHECK(rc == 0 && c.count == cases[i].chunks, "filter %zu: %d chunks, want %d (%s)", i,
+              c.count, cases[i].chunks, rc ? err_get() : "");
+        CHECK(outside(s, c.ids, c.count < 256 ? c.count : 256, cases[i].want) == 0,
+              "filter %zu: every chunk passes", i);
+        for (int j = 1; j < c.count && j < 256; j++)
+            CHECK(c.ids[j] > c.ids[j - 1], "filter %zu: ascending ids", i);
+    }
+    collected all = {.count = 0};
+    CHECK(store_filter_chunks(s, NULL, collect_chunk, &all) == 0 && all.count == 80,
+          "no filter lists every chunk: %d", all.count);
+    store_filter bad = {.keys = quoted, .values = en, .count = 1};
+    collected none = {.count = 0};
+    CHECK(store_filter_chunks(s, &bad, collect_chunk, &none) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "a key with '\"' is refused");
+
+    /* BM25 under a filter: a sentence of an even document, searched among odd ones, never
+     * returns its own chunk; unfiltered it comes first. */
+    const char *target = sentences[(4 * 7) % sentence_count]; /* doc 4, chunk 0 */
+    int64_t hits[20];
+    double scores[20];
+    store_chunk_info top;
+    int got = bm25_checked(s, target, NULL, 20, hits, scores, &top);
+    CHECK(got > 0 && !strcmp(top.document_key, "doc-0004"),
+          "unfiltered, the sentence's own document comes first");
+    store_filter only_odd = {.keys = lang, .values = en, .count = 1};
+    got = bm25_checked(s, target, &only_odd, 20, hits, scores, &top);
+    CHECK(got > 0 && outside(s, hits, got, odd) == 0,
+          "filtered bm25 returns only odd documents (%d hits)", got);
+    CHECK(store_bm25(s, target, &bad, 20, hits, scores, &got) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "bm25 refuses a bad filter too");
+    store_close(s);
+}
+
 /* Loads every vector and checks each row against what put_document stored for its chunk. */
 static int load_and_check(store *s, size_t expect, const char *when)
 {
     float *m = NULL;
     int64_t *ids = NULL;
     size_t n = 0;
-    int rc = store_load_vectors(s, &m, &ids, &n);
+    int rc = store_load_vectors(s, &m, &ids, &n, NULL);
     CHECK(rc == 0 && n == expect, "%s: load %zu vectors (want %zu): %s", when, n, expect,
           rc ? err_get() : "");
     int wrong = 0;
@@ -477,11 +605,9 @@ static bool copy_current(store *s)
 static void test_search_copy(void)
 {
     char path[300], copy[320];
-    path_in_dir(path, sizeof path, "copy.db");
-    snprintf(copy, sizeof copy, "%s-vectors", path);
-    store *s = NULL;
-    CHECK(store_open(path, &model, false, &s) == 0, "create: %s", err_get());
+    store *s = create_store("copy.db", path, sizeof path);
     if (!s) return;
+    snprintf(copy, sizeof copy, "%s-vectors", path);
     for (int d = 0; d < 30; d++) put_document(s, d, 1 + d % 3, 0); /* 60 chunks */
     CHECK(!copy_current(s), "no copy before the first load");
     load_and_check(s, 60, "first load");
@@ -596,6 +722,7 @@ int main(void)
     test_identity_and_files();
     test_batches();
     test_search_copy();
+    test_filters();
     test_killed_writers();
     test_out_of_space();
     char command[600];

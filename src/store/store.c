@@ -773,6 +773,7 @@ static int in_snapshot(store *s, int (*fn)(store *, void *), void *ctx)
  * (from the copy when current, else from the database, then written to a new copy). */
 typedef struct snapshot_job {
     bool load, current;
+    uint64_t generation;
     float *matrix;
     int64_t *ids;
     size_t count;
@@ -786,6 +787,7 @@ static int read_snapshot(store *s, void *ctx)
     int rc = read_generation(s, &generation);
     if (!rc) rc = count_chunks(s, &n);
     if (rc) return rc;
+    job->generation = generation;
     if (!job->load) {
         side_header h;
         int fd = generation ? side_open(s, generation, n, &h) : -1;
@@ -804,7 +806,8 @@ static int read_snapshot(store *s, void *ctx)
     return rc;
 }
 
-int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count)
+int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count,
+                       uint64_t *generation)
 {
     *matrix = NULL;
     *chunk_ids = NULL;
@@ -815,6 +818,7 @@ int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *co
     *matrix = job.matrix;
     *chunk_ids = job.ids;
     *count = job.count;
+    if (generation) *generation = job.generation;
     return 0;
 }
 
@@ -826,6 +830,11 @@ int store_search_copy_current(store *s, bool *current)
     return rc;
 }
 
+int store_generation(store *s, uint64_t *generation)
+{
+    return read_generation(s, generation);
+}
+
 int store_refresh_search_copy(store *s)
 {
     bool current = false;
@@ -834,7 +843,7 @@ int store_refresh_search_copy(store *s)
     float *m = NULL;
     int64_t *ids = NULL;
     size_t n = 0;
-    rc = store_load_vectors(s, &m, &ids, &n);
+    rc = store_load_vectors(s, &m, &ids, &n, NULL);
     free(m);
     free(ids);
     return rc;
@@ -874,27 +883,154 @@ static char *fts_query(const char *text)
     return q;
 }
 
-int store_bm25(store *s, const char *query, int k, int64_t *chunk_ids, double *scores, int *found)
+bool store_filter_active(const store_filter *f)
+{
+    return f && ((f->source_glob && *f->source_glob) || f->count > 0);
+}
+
+/* Appends the filter's conditions on documents `d` to `sql` (" AND ..." each) and records the
+ * values to bind from parameter `first` on. */
+typedef struct filter_sql {
+    char *text;     /* the conditions */
+    char **paths;   /* each key's JSON path ('$."key"'), owned */
+    int parameters; /* bound from `first` on: [glob], then (path, value) per key */
+} filter_sql;
+
+static void filter_sql_free(filter_sql *q, int count)
+{
+    for (int i = 0; q->paths && i < count; i++) free(q->paths[i]);
+    free(q->paths);
+    free(q->text);
+}
+
+static int filter_sql_build(store *s, const store_filter *f, int first, filter_sql *q)
+{
+    memset(q, 0, sizeof *q);
+    int count = f ? f->count : 0;
+    size_t room = 64 + (size_t)count * 192;
+    q->text = malloc(room);
+    q->paths = calloc((size_t)(count ? count : 1), sizeof *q->paths);
+    if (!q->text || !q->paths) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    size_t w = 0;
+    q->text[0] = '\0';
+    int p = first;
+    if (f && f->source_glob && *f->source_glob)
+        w += (size_t)snprintf(q->text + w, room - w, " AND d.source GLOB ?%d", p++);
+    for (int i = 0; i < count; i++) {
+        const char *key = f->keys ? f->keys[i] : NULL;
+        if (!key || !*key || strchr(key, '"') || !f->values || !f->values[i])
+            return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                           "%s: a metadata filter needs a field name without '\"' and a value",
+                           s->path);
+        q->paths[i] = malloc(strlen(key) + 5);
+        if (!q->paths[i]) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+        sprintf(q->paths[i], "$.\"%s\"", key);
+        /* A string field compares as its text, anything else as its JSON text. */
+        w += (size_t)snprintf(q->text + w, room - w,
+                              " AND (CASE json_type(d.metadata, ?%d) WHEN 'text' THEN "
+                              "json_extract(d.metadata, ?%d) ELSE d.metadata -> ?%d END) = ?%d",
+                              p, p, p, p + 1);
+        p += 2;
+    }
+    q->parameters = p - first;
+    return 0;
+}
+
+static void filter_sql_bind(sqlite3_stmt *st, const store_filter *f, const filter_sql *q, int first)
+{
+    int p = first;
+    if (f && f->source_glob && *f->source_glob)
+        sqlite3_bind_text(st, p++, f->source_glob, -1, SQLITE_STATIC);
+    for (int i = 0; f && i < f->count; i++) {
+        sqlite3_bind_text(st, p++, q->paths[i], -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, p++, f->values[i], -1, SQLITE_STATIC);
+    }
+}
+
+int store_filter_chunks(store *s, const store_filter *filter,
+                        int (*fn)(void *ctx, int64_t chunk_id), void *ctx)
+{
+    filter_sql q;
+    int rc = filter_sql_build(s, filter, 1, &q);
+    char *sql = NULL;
+    if (!rc && asprintf(&sql,
+                        "SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document "
+                        "WHERE 1%s ORDER BY c.id",
+                        q.text) < 0) {
+        sql = NULL;
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    }
+    sqlite3_stmt *st = NULL;
+    if (!rc) {
+        int sq = sqlite3_prepare_v2(s->db, sql, -1, &st, NULL);
+        if (sq != SQLITE_OK) rc = sql_error(s, sq, "filtering documents");
+    }
+    if (!rc) {
+        filter_sql_bind(st, filter, &q, 1);
+        int sq;
+        while (!rc && (sq = sqlite3_step(st)) == SQLITE_ROW)
+            rc = fn(ctx, sqlite3_column_int64(st, 0));
+        if (!rc && sq != SQLITE_DONE) rc = sql_error(s, sq, "filtering documents");
+    }
+    sqlite3_finalize(st);
+    free(sql);
+    filter_sql_free(&q, filter ? filter->count : 0);
+    return rc;
+}
+
+int store_bm25(store *s, const char *query, const store_filter *filter, int k, int64_t *chunk_ids,
+               double *scores, int *found)
 {
     *found = 0;
     if (k <= 0 || !query) return 0;
     char *q = fts_query(query);
     if (!q) return 0; /* no words: nothing matches */
     sqlite3_stmt *st = s->sql[SQL_BM25];
-    sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 2, k);
-    int sq, n = 0;
-    while ((sq = sqlite3_step(st)) == SQLITE_ROW && n < k) {
-        chunk_ids[n] = sqlite3_column_int64(st, 0);
-        scores[n] = sqlite3_column_double(st, 1);
-        n++;
+    filter_sql fq = {0};
+    char *sql = NULL;
+    int rc = 0;
+    bool filtered = store_filter_active(filter);
+    if (filtered) {
+        /* The text index drives the query; each match is joined to its document. */
+        rc = filter_sql_build(s, filter, 3, &fq);
+        if (!rc && asprintf(&sql,
+                            "SELECT chunk_text.rowid, -bm25(chunk_text) FROM chunk_text "
+                            "JOIN chunks c ON c.id = chunk_text.rowid JOIN documents d ON d.id = "
+                            "c.document WHERE chunk_text MATCH ?1%s ORDER BY bm25(chunk_text) "
+                            "LIMIT ?2",
+                            fq.text) < 0) {
+            sql = NULL;
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+        }
+        st = NULL;
+        if (!rc) {
+            int sq = sqlite3_prepare_v2(s->db, sql, -1, &st, NULL);
+            if (sq != SQLITE_OK) rc = sql_error(s, sq, "searching text");
+        }
+        if (!rc) filter_sql_bind(st, filter, &fq, 3);
     }
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
+    int sq = SQLITE_DONE, n = 0;
+    if (!rc) {
+        sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 2, k);
+        while ((sq = sqlite3_step(st)) == SQLITE_ROW && n < k) {
+            chunk_ids[n] = sqlite3_column_int64(st, 0);
+            scores[n] = sqlite3_column_double(st, 1);
+            n++;
+        }
+        if (sq != SQLITE_DONE && sq != SQLITE_ROW) rc = sql_error(s, sq, "searching text");
+    }
+    if (filtered) {
+        sqlite3_finalize(st);
+    } else {
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+    }
     free(q);
-    if (sq != SQLITE_DONE && sq != SQLITE_ROW) return sql_error(s, sq, "searching text");
-    *found = n;
-    return 0;
+    free(sql);
+    filter_sql_free(&fq, filter ? filter->count : 0);
+    if (!rc) *found = n;
+    return rc;
 }
 
 int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out)

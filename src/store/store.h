@@ -87,20 +87,51 @@ int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const ch
  * the store. Read from the search copy ("<store>-vectors") when that is current, which is fast
  * (a million 384-wide vectors are one 1.5 GB read); otherwise from the database, after which the
  * search copy is written again where the folder allows (a stale or damaged copy is never used).
- * The caller frees both with free(). */
-int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count);
+ * *generation is that snapshot's store_generation (may be NULL). The caller frees both with
+ * free(). */
+int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count,
+                       uint64_t *generation);
 
 /* Writes the search copy now if it is stale (the indexer calls it after a run that changed
  * something, so that the next search opens fast). */
 int store_refresh_search_copy(store *s);
 
+/* A number that changes with every committed change of the chunks (0 for a store of format 1,
+ * which has none): a searcher reloads its vectors when it differs from the one it loaded. */
+int store_generation(store *s, uint64_t *generation);
+
 /* Whether the search copy is of the store's current contents. */
 int store_search_copy_current(store *s, bool *current);
 
+/* Which documents a search may return; every condition must hold. A zeroed filter (or NULL where
+ * a filter is taken) allows everything. */
+typedef struct store_filter {
+    /* The document's source (a file's absolute path, or "FILE.jsonl:LINE") matches this glob:
+     * `*` any run of characters ('/' included), `?` one, `[...]` a set; case-sensitive. */
+    const char *source_glob;
+    /* Metadata fields (top-level names of the document's JSON object) and the values they must
+     * equal, `count` pairs: a string field's text ("en"), or another field's JSON text ("3",
+     * "true"). A document without the field does not match. */
+    const char *const *keys;
+    const char *const *values;
+    int count;
+} store_filter;
+
+/* Whether a filter has any condition. */
+bool store_filter_active(const store_filter *filter);
+
+/* Calls fn(ctx, chunk_id) for every chunk whose document passes `filter`, in ascending chunk id
+ * order; fn returns nonzero to stop (that value is returned). EMBEDRAG_ERR_INVALID_ARGUMENT
+ * for a metadata key holding '"'. */
+int store_filter_chunks(store *s, const store_filter *filter,
+                        int (*fn)(void *ctx, int64_t chunk_id), void *ctx);
+
 /* BM25 over chunk text (SQLite FTS5): up to k chunk ids, best first, with scores where larger is
  * better. The query's words are searched as plain terms (any of them), never as FTS5 syntax, so
- * user text cannot fail to parse. *found is how many were written. */
-int store_bm25(store *s, const char *query, int k, int64_t *chunk_ids, double *scores, int *found);
+ * user text cannot fail to parse. Only chunks of documents that pass `filter` (NULL: all) are
+ * returned. *found is how many were written. */
+int store_bm25(store *s, const char *query, const store_filter *filter, int k, int64_t *chunk_ids,
+               double *scores, int *found);
 
 /* A stored chunk with where it came from. Strings stay valid until the next call on the store. */
 typedef struct store_chunk_info {
