@@ -152,9 +152,8 @@ int cli_index(int argc, char **argv)
     embedrag_model *model = cli_open_model(&model_options);
     if (!model) return 1;
     index_summary summary;
-    int rc =
-        index_paths(model, cli_model_dir(model_options.dir), (const char *const *)argv + optind,
-                    (size_t)(argc - optind), &io, &summary);
+    int rc = index_paths(model, (const char *const *)argv + optind, (size_t)(argc - optind), &io,
+                         &summary);
     embedrag_model_close(model);
     if (rc) {
         fprintf(stderr, "embedrag index: %s\n", embedrag_last_error());

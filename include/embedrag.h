@@ -276,6 +276,134 @@ EMBEDRAG_API int embedrag_tokenize(const embedrag_model *model, const char *text
  * the model is closed. Thread-safe. */
 EMBEDRAG_API const char *embedrag_token_text(const embedrag_model *model, int32_t id);
 
+/* ---- The document store: index documents, search them ----
+ *
+ * A store is one SQLite file (with "-wal", "-shm" and the search copy "-vectors" beside it)
+ * holding documents, their chunks with byte offsets, one vector per chunk and a BM25 text index,
+ * under the identity of the model that made the vectors (a store refuses another model). The
+ * `embedrag index`, `search` and `stats` commands use this API. A store handle is used by one
+ * thread at a time; one process writes a store at a time (another gets EMBEDRAG_ERR_BUSY), and
+ * any number read it, also while it is written. Every add is committed before the call returns:
+ * a process killed at any moment leaves the store as it was after the last call (or the last
+ * batch of a large call). Errors come as a status with embedrag_last_error() naming the file. */
+typedef struct embedrag_store embedrag_store;
+
+typedef struct embedrag_store_params {
+    bool read_only;     /* open an existing store to search it only (default false: create it
+                           when absent, and take the writer's lock) */
+    int threads;        /* threads one search scans with; 0 (default) = every core */
+    int overlap_tokens; /* tokens consecutive chunks of a document share; -1 (default): the
+                           chunker's choice */
+} embedrag_store_params;
+
+EMBEDRAG_API embedrag_store_params embedrag_store_default_params(void);
+
+/* Opens the store at `path` with `model`, the model of its vectors: needed to add documents
+ * and to search by text, and checked against the store's identity (name and dimension; to
+ * write, also pooling, prompt and weights): EMBEDRAG_ERR_MODEL_MISMATCH names both. A
+ * read-only store may be opened with model NULL to search by vector. The model must stay open
+ * until the store is closed. `params` may be NULL for defaults. */
+EMBEDRAG_API int embedrag_store_open(const char *path, embedrag_model *model,
+                                     const embedrag_store_params *params, embedrag_store **out);
+
+/* Closes the store (NULL is a no-op); everything added was already committed. */
+EMBEDRAG_API void embedrag_store_close(embedrag_store *store);
+
+/* A document to add. Its text is cut into chunks that fit the model (Markdown headings and
+ * paragraphs, then sentences, then words; the title, where given, is put before each chunk) and
+ * each chunk is embedded with the model's passage prompt. */
+typedef struct embedrag_document {
+    const char *id;       /* required: unique in the store; adding an id again replaces it */
+    const char *text;     /* required: UTF-8 */
+    size_t length;        /* bytes of text; 0 with a non-empty text: strlen(text) */
+    const char *title;    /* or NULL */
+    const char *metadata; /* a JSON object as text (filters match its fields), or NULL */
+    const char *source;   /* where it came from (--path filters match it); NULL: the id */
+    /* NULL, or an embedding of the whole text made elsewhere (the store's dimension, and
+     * L2-normalized if searches are to be cosine): stored as the document's one chunk, without
+     * model work. */
+    const float *vector;
+} embedrag_document;
+
+/* Adds (or replaces) `count` documents, embedding them in large batches, and commits them
+ * before returning (one transaction per batch of up to 256 documents). A document whose id is
+ * stored with the same text, title, metadata and vector is left as it is, without model work.
+ * A document that cannot be added (invalid UTF-8, a NULL text) does not stop the others: with
+ * statuses (n entries, may be NULL) each gets 0 or its status, and embedrag_last_error() names
+ * the first. Returns 0 unless the store or memory failed (then nothing of the batch in flight
+ * is stored, and earlier batches are). */
+EMBEDRAG_API int embedrag_store_add(embedrag_store *store, const embedrag_document *documents,
+                                    size_t count, int *statuses);
+
+/* Adds every document under a path as `embedrag index` does: a folder (its .txt and .md files,
+ * walked in name order), a text file, or a JSONL file of {"id", "text", "title"?,
+ * "metadata"?, "vector"?} lines. Returns 0 unless the store or memory failed; documents that
+ * could not be read are counted in *failed (may be NULL). */
+EMBEDRAG_API int embedrag_store_add_path(embedrag_store *store, const char *path, long *failed);
+
+/* Deletes the document with this id and its chunks; *found (may be NULL) says whether it was
+ * there. Committed before it returns. */
+EMBEDRAG_API int embedrag_store_delete(embedrag_store *store, const char *id, bool *found);
+
+typedef enum embedrag_search_mode {
+    EMBEDRAG_SEARCH_DENSE = 0,  /* cosine over every vector, exact */
+    EMBEDRAG_SEARCH_BM25 = 1,   /* SQLite FTS5's BM25 over chunk text */
+    EMBEDRAG_SEARCH_HYBRID = 2, /* both, fused by reciprocal rank (k = 60) */
+} embedrag_search_mode;
+
+typedef struct embedrag_search_params {
+    int k;                     /* results wanted (default 10) */
+    embedrag_search_mode mode; /* default EMBEDRAG_SEARCH_DENSE; a search by vector is dense */
+    /* Only documents whose source matches this glob (`*` any run of characters, '/' included;
+     * `?` one; `[...]` a set; case-sensitive), or NULL for all. */
+    const char *source_glob;
+    /* Only documents whose metadata field metadata_keys[i] equals metadata_values[i] (a
+     * string's text, or a number's or boolean's JSON text: "en", "2021", "true"), for every i
+     * below metadata_count. */
+    const char *const *metadata_keys;
+    const char *const *metadata_values;
+    int metadata_count;
+} embedrag_search_params;
+
+EMBEDRAG_API embedrag_search_params embedrag_search_default_params(void);
+
+/* One result: a chunk, its score (cosine for dense, BM25 for bm25, the fused score for
+ * hybrid; larger is better) and where it came from. The strings stay valid until the next call
+ * on the store. */
+typedef struct embedrag_search_result {
+    double score;
+    const char *document;                  /* the document's id */
+    const char *source, *title, *metadata; /* title and metadata may be NULL */
+    const char *text;                      /* the chunk's text */
+    int chunk;                             /* its ordinal in the document, from 0 */
+    int64_t start, end;                    /* its bytes [start, end) in the document's text */
+} embedrag_search_result;
+
+/* The best params->k chunks for a question, best first; `results` has room for k and *found
+ * says how many were written. The query is embedded with the model's query prompt on the
+ * latency lane. A search sees every add committed before it, by this handle or another
+ * process (the store's vectors are loaded once and again only after a change). */
+EMBEDRAG_API int embedrag_store_search(embedrag_store *store, const char *query,
+                                       const embedrag_search_params *params,
+                                       embedrag_search_result *results, int *found);
+
+/* The same by a vector of the store's dimension (an embedding the caller made). */
+EMBEDRAG_API int embedrag_store_search_vector(embedrag_store *store, const float *vector,
+                                              const embedrag_search_params *params,
+                                              embedrag_search_result *results, int *found);
+
+typedef struct embedrag_store_info {
+    int64_t documents, chunks, tokens;
+    int64_t bytes_on_disk; /* the database and its write-ahead log */
+    int64_t search_copy_bytes;
+    bool search_copy_current; /* whether "<store>-vectors" is of the current contents */
+    const char *model;        /* the identity recorded: the model's name */
+    int dimension;
+} embedrag_store_info;
+
+/* Strings valid until the store is closed. */
+EMBEDRAG_API int embedrag_store_get_info(embedrag_store *store, embedrag_store_info *info);
+
 #ifdef __cplusplus
 }
 #endif

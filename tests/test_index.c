@@ -2,7 +2,8 @@
  * Markdown files plus a JSONL file (titles, metadata, a pre-computed vector, bad lines) goes into
  * a store; a second run does no model work; a changed file is re-embedded and a deleted one
  * pruned; the stored vectors are the ones embedrag_embed gives for the same chunk text; dense,
- * BM25 and hybrid searches find a document by its own sentence; another model is refused. */
+ * BM25 and hybrid searches find a document by its own sentence; another model is refused; and
+ * the same through the library API (embedrag_store_*). */
 #include "embedrag.h"
 #include "index/indexer.h"
 #include "index/search.h"
@@ -110,7 +111,7 @@ static int run_index(embedrag_model *m, bool prune, index_summary *s)
 {
     const char *paths[] = {corpus};
     index_options o = {.store_path = store_file, .prune = prune, .overlap_tokens = -1};
-    return index_paths(m, model_dir, paths, 1, &o, s);
+    return index_paths(m, paths, 1, &o, s);
 }
 
 static void test_index_and_search(void)
@@ -225,6 +226,155 @@ static void test_index_and_search(void)
     }
 }
 
+/* The library API (embedrag_store_*): documents from memory with per-document statuses, search
+ * by text and by vector in every mode, filters, replace, delete, a pre-computed vector, and a
+ * read-only reopen without a model. Each document is one sentence, so its one chunk is the
+ * sentence and a search for the sentence finds it at cosine 1. */
+#define API_DOCS 120
+static void test_library_api(void)
+{
+    embedrag_model *m = open_model("all-MiniLM-L6-v2");
+    if (!m) return;
+    char path[300];
+    snprintf(path, sizeof path, "%s/api.db", dir);
+    embedrag_store *st = NULL;
+    CHECK(embedrag_store_open(path, m, NULL, &st) == 0, "open: %s", embedrag_last_error());
+    if (!st) {
+        embedrag_model_close(m);
+        return;
+    }
+    static char ids[API_DOCS][16], sources[API_DOCS][32], metadata[API_DOCS][32];
+    embedrag_document docs[API_DOCS];
+    int statuses[API_DOCS];
+    for (int i = 0; i < API_DOCS; i++) {
+        snprintf(ids[i], sizeof ids[i], "doc-%03d", i);
+        snprintf(sources[i], sizeof sources[i], "api/doc-%03d", i);
+        snprintf(metadata[i], sizeof metadata[i], "{\"group\": %d}", i % 4);
+        docs[i] = (embedrag_document){
+            .id = ids[i], .text = sentences[i + 1], .source = sources[i], .metadata = metadata[i]};
+    }
+    docs[5].text = "bad \xff\xfe bytes";
+    docs[6].text = NULL;
+    int rc = embedrag_store_add(st, docs, API_DOCS, statuses);
+    CHECK(rc == 0, "add: %s", embedrag_last_error());
+    CHECK(statuses[5] == EMBEDRAG_ERR_INVALID_UTF8 && statuses[6] == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "statuses of the bad documents: %d %d", statuses[5], statuses[6]);
+    int ok = 0;
+    for (int i = 0; i < API_DOCS; i++) ok += statuses[i] == 0;
+    CHECK(ok == API_DOCS - 2, "%d documents added", ok);
+    embedrag_store_info info;
+    CHECK(embedrag_store_get_info(st, &info) == 0 && info.documents == API_DOCS - 2 &&
+              info.chunks == API_DOCS - 2 && info.dimension == 384 &&
+              !strcmp(info.model, "all-MiniLM-L6-v2"),
+          "info: %lld documents, %lld chunks", (long long)info.documents, (long long)info.chunks);
+
+    /* Each sentence finds itself, with its offsets, in every mode. */
+    embedrag_search_result r[10];
+    int found = 0, self = 0, bm25_self = 0, hybrid_self = 0;
+    embedrag_search_params sp = embedrag_search_default_params();
+    sp.k = 5;
+    for (int i = 10; i < 30; i++) {
+        const char *q = sentences[i + 1];
+        if (embedrag_store_search(st, q, &sp, r, &found) == 0 && found > 0)
+            self += r[0].score > 0.9999 && !strcmp(r[0].text, q) && r[0].start == 0 &&
+                    r[0].end == (int64_t)strlen(q) && r[0].chunk == 0 && r[0].metadata &&
+                    !strncmp(r[0].source, "api/doc-", 8);
+        sp.mode = EMBEDRAG_SEARCH_BM25;
+        if (embedrag_store_search(st, q, &sp, r, &found) == 0 && found > 0)
+            bm25_self += !strcmp(r[0].text, q);
+        sp.mode = EMBEDRAG_SEARCH_HYBRID;
+        if (embedrag_store_search(st, q, &sp, r, &found) == 0 && found > 0)
+            hybrid_self += !strcmp(r[0].text, q);
+        sp.mode = EMBEDRAG_SEARCH_DENSE;
+    }
+    CHECK(self == 20, "dense: %d of 20 sentences find themselves first", self);
+    CHECK(bm25_self >= 18 && hybrid_self >= 19, "bm25 %d, hybrid %d of 20", bm25_self, hybrid_self);
+
+    /* Filters: a metadata field and a source glob. */
+    static const char *const group[] = {"group"}, *const two[] = {"2"};
+    sp.k = 10;
+    sp.metadata_keys = group;
+    sp.metadata_values = two;
+    sp.metadata_count = 1;
+    int outside = 0;
+    for (int mode = 0; mode < 3; mode++) {
+        sp.mode = (embedrag_search_mode)mode;
+        CHECK(embedrag_store_search(st, sentences[12], &sp, r, &found) == 0 && found == 10,
+              "filtered search (mode %d): %d results, %s", mode, found, embedrag_last_error());
+        for (int j = 0; j < found; j++) outside += strstr(r[j].metadata, "\"group\": 2") == NULL;
+    }
+    CHECK(outside == 0, "%d results outside group 2", outside);
+    sp = embedrag_search_default_params();
+    sp.source_glob = "api/doc-00?";
+    CHECK(embedrag_store_search(st, sentences[3], &sp, r, &found) == 0 && found == 8,
+          "glob: %d results (doc-000..009 less the two bad ones)", found);
+    for (int j = 0; j < found; j++)
+        CHECK(!strncmp(r[j].document, "doc-00", 6), "glob result %s", r[j].document);
+
+    /* By vector: the same results as by text. */
+    float v[384];
+    embedrag_embed_params ep = embedrag_embed_default_params();
+    CHECK(embedrag_embed(m, (const char *const[]){sentences[21]}, NULL, 1, &ep, v) == 0, "embed");
+    sp = embedrag_search_default_params();
+    embedrag_search_result byvec[10];
+    int found_vec = 0;
+    CHECK(embedrag_store_search(st, sentences[21], &sp, r, &found) == 0 &&
+              embedrag_store_search_vector(st, v, &sp, byvec, &found_vec) == 0 &&
+              found == found_vec && found == 10,
+          "by vector and by text: %d and %d", found_vec, found);
+    int same = 0;
+    for (int j = 0; j < found && j < found_vec; j++)
+        same += !strcmp(r[j].document, byvec[j].document) && r[j].score == byvec[j].score;
+    CHECK(same == found, "%d of %d results identical by vector and by text", same, found);
+
+    /* Replace, re-add unchanged, delete, a pre-computed vector. */
+    embedrag_document changed = {.id = "doc-000", .text = sentences[200]};
+    CHECK(embedrag_store_add(st, &changed, 1, NULL) == 0, "replace");
+    CHECK(embedrag_store_search(st, sentences[200], &sp, r, &found) == 0 && found > 0 &&
+              !strcmp(r[0].document, "doc-000") && r[0].score > 0.9999,
+          "the replaced text is found");
+    CHECK(embedrag_store_add(st, docs + 10, 5, statuses) == 0 && statuses[0] == 0, "re-add");
+    CHECK(embedrag_store_get_info(st, &info) == 0 && info.documents == API_DOCS - 2,
+          "re-adding changes no count: %lld", (long long)info.documents);
+    bool was = false;
+    CHECK(embedrag_store_delete(st, "doc-011", &was) == 0 && was, "delete");
+    CHECK(embedrag_store_delete(st, "doc-011", &was) == 0 && !was, "delete twice");
+    CHECK(embedrag_store_search(st, sentences[12], &sp, r, &found) == 0, "search after delete");
+    for (int j = 0; j < found; j++)
+        CHECK(strcmp(r[j].document, "doc-011") != 0, "the deleted document is not found");
+    /* A vector made elsewhere (here: the embedding of a text no document has). */
+    float own[384];
+    const char *elsewhere = "Quantum gardening with a violin at midnight";
+    CHECK(embedrag_embed(m, &elsewhere, NULL, 1, &ep, own) == 0, "embed");
+    embedrag_document given = {.id = "given", .text = "a vector from elsewhere", .vector = own};
+    CHECK(embedrag_store_add(st, &given, 1, NULL) == 0, "add a vector");
+    CHECK(embedrag_store_search_vector(st, own, &sp, r, &found) == 0 && found > 0 &&
+              !strcmp(r[0].document, "given") && r[0].score > 0.9999 &&
+              !strcmp(r[0].text, "a vector from elsewhere"),
+          "the given vector is found by itself");
+    embedrag_store_close(st);
+
+    /* Read-only without a model: by vector only; nothing can be added. */
+    embedrag_store_params ro = embedrag_store_default_params();
+    ro.read_only = true;
+    st = NULL;
+    CHECK(embedrag_store_open(path, NULL, &ro, &st) == 0, "read-only open: %s",
+          embedrag_last_error());
+    if (st) {
+        CHECK(embedrag_store_get_info(st, &info) == 0 && info.search_copy_current,
+              "closing the writer left the search copy current");
+        CHECK(embedrag_store_search_vector(st, v, &sp, r, &found) == 0 && found == 10,
+              "read-only search by vector");
+        rc = embedrag_store_search(st, "a question", &sp, r, &found);
+        CHECK(rc == EMBEDRAG_ERR_INVALID_ARGUMENT && strstr(embedrag_last_error(), "model"),
+              "by text without a model: %d %s", rc, embedrag_last_error());
+        CHECK(embedrag_store_add(st, &given, 1, NULL) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+              "a read-only store takes no documents");
+        embedrag_store_close(st);
+    }
+    embedrag_model_close(m);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -236,6 +386,7 @@ int main(void)
     snprintf(store_file, sizeof store_file, "%s/store.db", dir);
     make_corpus();
     test_index_and_search();
+    test_library_api();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

@@ -47,6 +47,7 @@ struct embedrag_model {
     engine_backend backends[ENGINE_MAX_BACKENDS];
     int backend_count;
     char *gpu_unavailable;      /* why there is no GPU backend, or NULL */
+    char *directory;            /* where it was opened from, resolved */
     pthread_mutex_t route_lock; /* the backends' failed flags */
     /* Threads that tokenize a window in parallel, with a GPU backend only (one call at a time:
      * tokenizer_lock); NULL otherwise. */
@@ -434,6 +435,11 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     rc = open_backends(m, &chosen);
     if (!rc && m->backend_count > 1) rc = calibrate(m);
     if (!rc) rc = open_tokenizer_threads(m);
+    if (!rc) {
+        m->directory = realpath(dir, NULL);
+        if (!m->directory) m->directory = strdup(dir);
+        if (!m->directory) rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", dir);
+    }
     if (rc) goto close_backends;
     *out = m;
     return 0;
@@ -459,6 +465,7 @@ void embedrag_model_close(embedrag_model *m)
     if (!m) return;
     close_backends(m);
     free(m->gpu_unavailable);
+    free(m->directory);
     model_weights_free(&m->model.weights);
     tok_close(m->model.tokenizer);
     model_config_free(&m->model.config);
@@ -525,6 +532,11 @@ int embedrag_model_estimate_seconds(const embedrag_model *m, int i, size_t texts
     int tokens = (int)texts * tokens_per_text;
     *seconds = texts ? b->ops->estimate_seconds(b, tokens, (int)texts, tokens_per_text) : 0.0;
     return 0;
+}
+
+const char *engine_model_directory(const embedrag_model *m)
+{
+    return m->directory;
 }
 
 const struct tok_tokenizer *engine_tokenizer(const embedrag_model *m)

@@ -22,6 +22,10 @@
 int engine_embed_tokens(embedrag_model *model, const int32_t *ids, const int *offsets, int count,
                         const int *pool_skip, const embedrag_embed_params *params, float *out);
 
+/* The directory the model was opened from (resolved to an absolute path where it could be), so
+ * that a store can record it and hash its weights. Valid until the model is closed. */
+const char *engine_model_directory(const embedrag_model *model);
+
 /* The model's tokenizer (for the chunker), valid until the model is closed. */
 struct tok_tokenizer;
 const struct tok_tokenizer *engine_tokenizer(const embedrag_model *model);

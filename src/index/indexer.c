@@ -48,9 +48,10 @@ typedef struct pending_document {
     char *key, *source, *title, *metadata, *text; /* owned */
     size_t first_chunk, chunk_count;
     float *given_vector; /* a JSONL line's own vector (then one chunk, no model work) */
+    int *status;         /* where this document's outcome goes (library callers), or NULL */
 } pending_document;
 
-typedef struct indexer {
+struct indexer {
     embedrag_model *model;
     const tok_tokenizer *tokenizer;
     store *store;
@@ -71,10 +72,12 @@ typedef struct indexer {
     char **seen; /* keys seen in this run (for --prune) */
     size_t seen_count, seen_capacity;
     double last_progress;
-} indexer;
+    bool changed; /* whether anything was stored or deleted */
+};
 
-static void note_failure(indexer *ix, const char *what)
+static void note_failure(indexer *ix, const char *what, int status, int *status_out)
 {
+    if (status_out) *status_out = status ? status : EMBEDRAG_ERR_INVALID_ARGUMENT;
     ix->summary->failed++;
     char *first = ix->summary->first_failure;
     if (!first[0]) {
@@ -154,7 +157,7 @@ static int flush(indexer *ix)
                 char what[600];
                 snprintf(what, sizeof what, "%s: a chunk could not be embedded (status %d)",
                          p->source, ix->statuses[p->first_chunk + c]);
-                note_failure(ix, what);
+                note_failure(ix, what, ix->statuses[p->first_chunk + c], p->status);
                 failed = true;
                 break;
             }
@@ -188,6 +191,7 @@ static int flush(indexer *ix)
         }
         rc = store_put_document(ix->store, &p->doc, chunks, count);
         if (!rc) {
+            ix->changed = true;
             ix->summary->indexed++;
             ix->summary->chunks += (long)count;
         }
@@ -232,8 +236,10 @@ static int reserve_chunks(indexer *ix, size_t more)
 /* Takes ownership of the strings (they are freed here on every path). A document whose stored
  * hash matches is skipped; otherwise it is chunked and queued, and the queue flushed when full. */
 static int add_document(indexer *ix, char *key, char *source, char *title, char *metadata,
-                        char *text, size_t length, float *given_vector, int64_t size, int64_t mtime)
+                        char *text, size_t length, float *given_vector, int64_t size, int64_t mtime,
+                        int *status_out)
 {
+    if (status_out) *status_out = 0;
     index_summary *sum = ix->summary;
     sum->documents++;
     uint64_t hash = index_hash(INDEX_HASH_SEED, text, length);
@@ -260,6 +266,7 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
                           .metadata = metadata,
                           .text = text,
                           .given_vector = given_vector,
+                          .status = status_out,
                           .first_chunk = ix->span_count};
     p.doc = (store_document){.key = key,
                              .source = source,
@@ -280,7 +287,7 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
         if (rc) {
             char what[700];
             snprintf(what, sizeof what, "%s: %s", source, err_get());
-            note_failure(ix, what);
+            note_failure(ix, what, rc, status_out);
             err_clear();
             rc = 0;
             goto free_strings;
@@ -346,8 +353,9 @@ static int index_text_file(indexer *ix, const char *path, const struct stat *st)
     ix->summary->files++;
     char *text = NULL;
     size_t length = 0;
-    if (file_read(path, INDEX_MAX_FILE_BYTES, &text, &length, NULL) != 0) {
-        note_failure(ix, err_get());
+    int read = file_read(path, INDEX_MAX_FILE_BYTES, &text, &length, NULL);
+    if (read != 0) {
+        note_failure(ix, err_get(), read, NULL);
         err_clear();
         return 0;
     }
@@ -361,7 +369,7 @@ static int index_text_file(indexer *ix, const char *path, const struct stat *st)
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory reading %s", path);
     }
     return add_document(ix, key, source, NULL, NULL, text, length, NULL, (int64_t)st->st_size,
-                        (int64_t)st->st_mtime);
+                        (int64_t)st->st_mtime, NULL);
 }
 
 static char *json_string_or_number(const cJSON *item)
@@ -385,7 +393,7 @@ static int index_json_line(indexer *ix, const char *path, long line_number, cons
     char what[800];
     if (!cJSON_IsObject(o)) {
         snprintf(what, sizeof what, "%s: not a JSON object", where);
-        note_failure(ix, what);
+        note_failure(ix, what, EMBEDRAG_ERR_FORMAT, NULL);
         cJSON_Delete(o);
         return 0;
     }
@@ -409,7 +417,7 @@ static int index_json_line(indexer *ix, const char *path, long line_number, cons
             snprintf(what, sizeof what,
                      "%s: \"vector\" has %d numbers; the store's dimension is %d", where,
                      cJSON_GetArraySize(vector), ix->dim);
-            note_failure(ix, what);
+            note_failure(ix, what, EMBEDRAG_ERR_FORMAT, NULL);
             cJSON_Delete(o);
             return 0;
         }
@@ -426,7 +434,7 @@ static int index_json_line(indexer *ix, const char *path, long line_number, cons
     }
     if (problem) {
         snprintf(what, sizeof what, "%s: %s", where, problem);
-        note_failure(ix, what);
+        note_failure(ix, what, EMBEDRAG_ERR_FORMAT, NULL);
         free(given);
         cJSON_Delete(o);
         return 0;
@@ -448,7 +456,7 @@ static int index_json_line(indexer *ix, const char *path, long line_number, cons
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory reading %s", where);
     }
     return add_document(ix, key, source, title_text, metadata_text, body, body_length, given,
-                        (int64_t)length, 0);
+                        (int64_t)length, 0, NULL);
 }
 
 static int index_jsonl_file(indexer *ix, const char *path)
@@ -458,7 +466,7 @@ static int index_jsonl_file(indexer *ix, const char *path)
     if (!f) {
         char what[600];
         snprintf(what, sizeof what, "%s: %s", path, strerror(errno));
-        note_failure(ix, what);
+        note_failure(ix, what, EMBEDRAG_ERR_IO, NULL);
         return 0;
     }
     char *line = NULL;
@@ -494,7 +502,7 @@ static int index_folder(indexer *ix, const char *path)
     if (!d) {
         char what[600];
         snprintf(what, sizeof what, "%s: %s", path, strerror(errno));
-        note_failure(ix, what);
+        note_failure(ix, what, EMBEDRAG_ERR_IO, NULL);
         return 0;
     }
     char **names = NULL;
@@ -601,6 +609,7 @@ static int prune(indexer *ix)
         bool found = false;
         rc = store_delete_document(ix->store, pc.gone[i], &found);
         if (!rc && found) ix->summary->deleted++;
+        if (!rc && found) ix->changed = true;
     }
     if (!rc)
         rc = store_commit(ix->store);
@@ -647,57 +656,144 @@ const char *index_model_prompt(const embedrag_model *m, const char *name, const 
     return "";
 }
 
-int index_paths(embedrag_model *model, const char *model_dir, const char *const *paths,
-                size_t count, const index_options *options, index_summary *summary)
+int index_model_identity(const embedrag_model *model, store_model *out, char hash[17])
 {
-    memset(summary, 0, sizeof *summary);
-    double start = clock_seconds();
     embedrag_model_info info;
     embedrag_model_get_info(model, &info);
     static const char *const poolings[] = {"mean", "cls", "max"};
-    char hash[17];
-    int rc = weights_hash(model_dir, hash);
+    const char *directory = engine_model_directory(model);
+    int rc = weights_hash(directory, hash);
     if (rc) return rc;
-    char *directory = realpath(model_dir, NULL);
     embedrag_backend_info cpu;
     embedrag_model_get_backend(model, 0, &cpu);
-    store_model identity = {.name = info.name,
-                            .dimension = info.dimension,
-                            .pooling = poolings[info.pooling],
-                            .prompt = index_model_prompt(model, "passage", "document"),
-                            .precision = cpu.precision == EMBEDRAG_PRECISION_BF16 ? "bf16" : "fp32",
-                            .weights_hash = hash,
-                            .directory = directory ? directory : model_dir};
-    indexer ix = {.model = model,
-                  .tokenizer = engine_tokenizer(model),
-                  .options = options,
-                  .summary = summary,
-                  .dim = info.dimension,
-                  .max_tokens = info.max_tokens,
-                  .passage_prompt = identity.prompt};
-    ix.docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix.docs);
-    if (!ix.docs) {
-        free(directory);
+    *out = (store_model){.name = info.name,
+                         .dimension = info.dimension,
+                         .pooling = poolings[info.pooling],
+                         .prompt = index_model_prompt(model, "passage", "document"),
+                         .precision = cpu.precision == EMBEDRAG_PRECISION_BF16 ? "bf16" : "fp32",
+                         .weights_hash = hash,
+                         .directory = directory};
+    return 0;
+}
+
+int indexer_open(embedrag_model *model, store *s, const index_options *options,
+                 index_summary *summary, indexer **out)
+{
+    *out = NULL;
+    embedrag_model_info info;
+    embedrag_model_get_info(model, &info);
+    const store_model *sm = store_get_model(s);
+    if (strcmp(sm->name, info.name) != 0 || sm->dimension != info.dimension)
+        return err_set(EMBEDRAG_ERR_MODEL_MISMATCH,
+                       "the store was built with %s (%d dimensions); the model given is %s (%d)",
+                       sm->name, sm->dimension, info.name, info.dimension);
+    indexer *ix = calloc(1, sizeof *ix);
+    if (!ix) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
+    *ix = (indexer){.model = model,
+                    .tokenizer = engine_tokenizer(model),
+                    .store = s,
+                    .options = options,
+                    .summary = summary,
+                    .dim = info.dimension,
+                    .max_tokens = info.max_tokens,
+                    .passage_prompt = index_model_prompt(model, "passage", "document")};
+    ix->docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->docs);
+    if (!ix->docs) {
+        free(ix);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
     }
-    rc = store_open(options->store_path, &identity, false, &ix.store);
-    free(directory);
-    for (size_t i = 0; i < count && !rc; i++) rc = index_path(&ix, paths[i], true);
-    if (!rc) rc = flush(&ix);
-    if (!rc && options->prune) rc = prune(&ix);
-    if (!rc) rc = store_refresh_search_copy(ix.store);
-    progress(&ix, true);
-    for (size_t d = 0; d < ix.doc_count; d++) free_pending(&ix.docs[d]);
-    for (size_t i = 0; i < ix.span_count; i++) free(ix.embed_texts[i]);
-    for (size_t i = 0; i < ix.seen_count; i++) free(ix.seen[i]);
-    free(ix.seen);
-    free(ix.docs);
-    free(ix.spans);
-    free(ix.embed_texts);
-    free(ix.embed_lengths);
-    free(ix.vectors);
-    free(ix.statuses);
-    store_close(ix.store);
+    *out = ix;
+    return 0;
+}
+
+int indexer_add_path(indexer *ix, const char *path)
+{
+    return index_path(ix, path, true);
+}
+
+static char *copy_or_null(const char *text, bool *failed)
+{
+    if (!text) return NULL;
+    char *copy = strdup(text);
+    if (!copy) *failed = true;
+    return copy;
+}
+
+int indexer_add_document(indexer *ix, const index_document *d, int *status)
+{
+    if (status) *status = 0;
+    if (!d || !d->key || !d->text)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "a document needs an id and a text");
+    bool failed = false;
+    char *key = copy_or_null(d->key, &failed);
+    char *source = copy_or_null(d->source ? d->source : d->key, &failed);
+    char *title = copy_or_null(d->title, &failed);
+    char *metadata = copy_or_null(d->metadata, &failed);
+    char *text = malloc(d->length + 1);
+    float *vector = d->vector ? malloc((size_t)ix->dim * sizeof *vector) : NULL;
+    if (failed || !text || (d->vector && !vector)) {
+        free(key);
+        free(source);
+        free(title);
+        free(metadata);
+        free(text);
+        free(vector);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory adding %s", d->key);
+    }
+    memcpy(text, d->text, d->length);
+    text[d->length] = '\0';
+    if (vector) memcpy(vector, d->vector, (size_t)ix->dim * sizeof *vector);
+    return add_document(ix, key, source, title, metadata, text, d->length, vector,
+                        (int64_t)d->length, 0, status);
+}
+
+int indexer_flush(indexer *ix)
+{
+    return flush(ix);
+}
+
+int indexer_finish(indexer *ix)
+{
+    int rc = flush(ix);
+    if (!rc && ix->options->prune) rc = prune(ix);
+    if (!rc && ix->changed) rc = store_refresh_search_copy(ix->store);
+    progress(ix, true);
+    return rc;
+}
+
+void indexer_close(indexer *ix)
+{
+    if (!ix) return;
+    for (size_t d = 0; d < ix->doc_count; d++) free_pending(&ix->docs[d]);
+    for (size_t i = 0; i < ix->span_count; i++) free(ix->embed_texts[i]);
+    for (size_t i = 0; i < ix->seen_count; i++) free(ix->seen[i]);
+    free(ix->seen);
+    free(ix->docs);
+    free(ix->spans);
+    free(ix->embed_texts);
+    free(ix->embed_lengths);
+    free(ix->vectors);
+    free(ix->statuses);
+    free(ix);
+}
+
+int index_paths(embedrag_model *model, const char *const *paths, size_t count,
+                const index_options *options, index_summary *summary)
+{
+    memset(summary, 0, sizeof *summary);
+    double start = clock_seconds();
+    store_model identity;
+    char hash[17];
+    int rc = index_model_identity(model, &identity, hash);
+    store *s = NULL;
+    indexer *ix = NULL;
+    if (!rc) rc = store_open(options->store_path, &identity, false, &s);
+    if (!rc) rc = indexer_open(model, s, options, summary, &ix);
+    for (size_t i = 0; i < count && !rc; i++) rc = indexer_add_path(ix, paths[i]);
+    if (!rc) rc = indexer_finish(ix);
+    if (rc && ix) progress(ix, true); /* ends the progress line before the error */
+    indexer_close(ix);
+    store_close(s);
     summary->seconds = clock_seconds() - start;
     return rc;
 }

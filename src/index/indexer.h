@@ -6,6 +6,7 @@
 #define EMBEDRAG_INDEX_INDEXER_H
 
 #include "embedrag.h"
+#include "store/store.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -30,13 +31,46 @@ typedef struct index_summary {
     char first_failure[512]; /* what went wrong first, "" when nothing did */
 } index_summary;
 
-/* Indexes `count` paths (folders, .txt/.md files, .jsonl files) into the store with this model.
- * A document that fails (unreadable, invalid UTF-8, a bad JSONL line) is counted and named in
- * the summary, and the run goes on; a store failure (disk full, another writer) ends the run
- * with every earlier batch kept. `model_dir` is recorded in the store so that search can open
- * the model again. */
-int index_paths(embedrag_model *model, const char *model_dir, const char *const *paths,
-                size_t count, const index_options *options, index_summary *summary);
+/* Indexes `count` paths (folders, .txt/.md files, .jsonl files) into the store at
+ * options->store_path with this model (created when absent). A document that fails
+ * (unreadable, invalid UTF-8, a bad JSONL line) is counted and named in the summary, and the run
+ * goes on; a store failure (disk full, another writer) ends the run with every earlier batch
+ * kept. The model's directory is recorded in the store so that search can open it again. */
+int index_paths(embedrag_model *model, const char *const *paths, size_t count,
+                const index_options *options, index_summary *summary);
+
+/* The model's identity as a store records it (its name, width, pooling, passage prompt, the
+ * precision the CPU runs, a hash of its weights file into hash, its directory); the strings
+ * stay valid while the model is open and `hash` lives. */
+int index_model_identity(const embedrag_model *model, store_model *out, char hash[17]);
+
+/* The steps of index_paths, for callers that bring documents themselves (the library API): an
+ * indexer adds to an open store (whose model must be this one), queueing documents until a
+ * batch is full; indexer_flush embeds and stores what is queued (one transaction);
+ * indexer_finish flushes, prunes (options->prune: every stored document not added since open)
+ * and brings the search copy up to date; indexer_close drops what is still queued. `options`
+ * (store_path unused) and `summary` must outlive the indexer; the summary accumulates. */
+typedef struct indexer indexer;
+int indexer_open(embedrag_model *model, store *s, const index_options *options,
+                 index_summary *summary, indexer **out);
+int indexer_add_path(indexer *ix, const char *path);
+
+/* One document from memory; the indexer copies what it keeps. */
+typedef struct index_document {
+    const char *key, *text;                /* required */
+    size_t length;                         /* bytes of text */
+    const char *title, *metadata, *source; /* or NULL (source: the key) */
+    const float *vector; /* the store's dimension: stored as the one chunk, without model work */
+} index_document;
+
+/* Queues the document (or skips it when stored unchanged). *status (may be NULL) becomes 0, or
+ * the reason it failed (invalid UTF-8 when it is chunked; an embedding failure at the flush
+ * that embeds it), so it must stay valid until that flush. Returns nonzero only for failures
+ * of the store or of memory, which end the run. */
+int indexer_add_document(indexer *ix, const index_document *document, int *status);
+int indexer_flush(indexer *ix);
+int indexer_finish(indexer *ix);
+void indexer_close(indexer *ix);
 
 /* The text of the model's prompt `name` (or `alias`, NULL for none), "" when it has neither: the
  * passage prompt for indexing, the query prompt for search. Valid while the model is open. */
