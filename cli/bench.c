@@ -43,6 +43,9 @@ static const char bench_usage[] =
     "another thread sends a 16-token query every 10 ms, and reports the queries' latency and\n"
     "the bulk job's slowdown.\n"
     "\n"
+    "With --search N, times dense search over N synthetic vectors instead (see\n"
+    "embedrag bench --search 1 --help).\n"
+    "\n"
     "options:\n" CLI_MODEL_OPTIONS_HELP
     "                     (bf16: fractions of peak stay of the fp32 peak)\n"
     "  --data FILE        sentences to build texts from (default: " EMBEDRAG_BENCH_DATA ")\n"
@@ -469,6 +472,9 @@ static double point_flops(const embedrag_model_info *info, int intermediate,
 
 int cli_bench(int argc, char **argv)
 {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--search") || !strncmp(argv[i], "--search=", 9))
+            return cli_bench_search(argc, argv);
     enum {
         OPTION_DATA = 0x200,
         OPTION_DUMP,

@@ -80,6 +80,7 @@ int cli_embed(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 int cli_info(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_bench_search(int argc, char **argv); /* bench --search */
 int cli_index(int argc, char **argv);
 int cli_search(int argc, char **argv);
 int cli_stats(int argc, char **argv);
