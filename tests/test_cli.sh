@@ -220,6 +220,20 @@ check "--mode fuzzy exits 2" test $? -eq 2
 check "indexing into a file that is no store exits 1" test $? -eq 1
 check "... saying so" grep -q "not an embedrag store" "$tmp/err.txt"
 
+# bench --search: a small run in JSON, with the store's open timed.
+"$cli" bench --search 3000 --queries 20 --dim 64 --open --dir "$tmp" --json >"$tmp/bs.json" \
+    2>"$tmp/err.txt"
+check "bench --search exits 0" test $? -eq 0
+check "bench --search: exact recall 1, both data kinds, open times" python3 -c "
+import json, sys
+o = json.load(open(sys.argv[1]))
+kinds = [d['kind'] for d in o['data']]
+exact = [r for d in o['data'] for r in d['results'] if r['mode'] == 'exact']
+ok = kinds == ['uniform', 'clustered'] and exact and all(r['recall_at_10'] == 1.0 and r['p50_ms'] > 0 for r in exact)
+ok = ok and all(d['store']['open_from_search_copy_s'] > 0 for d in o['data'])
+sys.exit(not ok)" "$tmp/bs.json"
+check "bench --search leaves no store behind" test -z "$(ls "$tmp" | grep embedrag-bench-search)"
+
 # Streaming: many lines through one process, output line count matches.
 python3 -c "
 for i in range(3000): print('line number', i, 'of a longer stream')" >"$tmp/many.txt"

@@ -562,6 +562,21 @@ static void test_filters(void)
     got = bm25_checked(s, target, &only_odd, 20, hits, scores, &top);
     CHECK(got > 0 && outside(s, hits, got, odd) == 0,
           "filtered bm25 returns only odd documents (%d hits)", got);
+    /* Words at least half of the chunks hold are left out of a query, unless it has no other:
+     * "a" is in most of these sentences. */
+    collected with_a = {.count = 0};
+    for (int i = 0; i < all.count && i < 256; i++) {
+        store_chunk_info info;
+        if (store_get_chunk(s, all.ids[i], &info) == 0 &&
+            (strstr(info.text, " a ") || !strncmp(info.text, "A ", 2)))
+            with_a.count++;
+    }
+    CHECK(2 * with_a.count >= all.count, "'a' is common here (%d of %d chunks)", with_a.count,
+          all.count);
+    got = bm25_checked(s, "a", NULL, 20, hits, scores, &top);
+    CHECK(got == 20, "a query of only common words still finds chunks: %d", got);
+    got = bm25_checked(s, target, NULL, 20, hits, scores, &top);
+    CHECK(got > 0 && !strcmp(top.document_key, "doc-0004"), "and its rarer words rank as before");
     CHECK(store_bm25(s, target, &bad, 20, hits, scores, &got) == EMBEDRAG_ERR_INVALID_ARGUMENT,
           "bm25 refuses a bad filter too");
     store_close(s);
