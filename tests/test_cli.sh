@@ -220,6 +220,19 @@ check "--mode fuzzy exits 2" test $? -eq 2
 check "indexing into a file that is no store exits 1" test $? -eq 1
 check "... saying so" grep -q "not an embedrag store" "$tmp/err.txt"
 
+# examples/ask.c: the library API end to end (index a folder, ask, ask again without work).
+ask="$(dirname "$cli")/ask"
+if [ -x "$ask" ]; then
+    "$ask" "$model" "$tmp/ask.db" "who plays the guitar?" "$tmp/docs" >"$tmp/ask.txt" 2>"$tmp/err.txt"
+    check "ask exits 0" test $? -eq 0
+    check "ask finds the guitar first" bash -c "head -1 '$tmp/ask.txt' | grep -q music.md"
+    "$ask" "$model" "$tmp/ask.db" "a kitten" >"$tmp/ask2.txt" 2>"$tmp/err.txt"
+    check "ask again, from the store alone" bash -c "head -1 '$tmp/ask2.txt' | grep -q cats.txt"
+    "$ask" "$model" "$tmp/in.txt" "x" >/dev/null 2>"$tmp/err.txt"
+    check "ask on a file that is no store exits 1" test $? -eq 1
+    check "... saying so" grep -q 'not an embedrag store' "$tmp/err.txt"
+fi
+
 # bench --search: a small run in JSON, with the store's open timed.
 "$cli" bench --search 3000 --queries 20 --dim 64 --open --dir "$tmp" --json >"$tmp/bs.json" \
     2>"$tmp/err.txt"
