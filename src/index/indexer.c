@@ -73,6 +73,12 @@ struct indexer {
     size_t seen_count, seen_capacity;
     double last_progress;
     bool changed; /* whether anything was stored or deleted */
+    /* For the progress line's share and ETA: what the paths hold (counted first by a walk that
+     * reads nothing) and how much of it has been read. */
+    bool counting;
+    long total_files;
+    int64_t total_bytes, done_bytes; /* done: of documents stored, skipped or failed */
+    double started;
 };
 
 static void note_failure(indexer *ix, const char *what, int status, int *status_out)
@@ -122,9 +128,20 @@ static void progress(indexer *ix, bool last)
     if (!last && t - ix->last_progress < 0.25) return;
     ix->last_progress = t;
     const index_summary *s = ix->summary;
-    fprintf(stderr, "\rindexed %ld of %ld documents (%ld unchanged), %ld chunks, %.0f tokens/s",
-            s->indexed, s->documents, s->unchanged, s->chunks,
-            s->model_seconds > 0 ? (double)s->tokens / s->model_seconds : 0.0);
+    char files[48] = "", share[64] = "";
+    if (ix->total_files)
+        snprintf(files, sizeof files, "%ld/%ld files, ", s->files, ix->total_files);
+    if (ix->total_bytes > 0 && ix->done_bytes > 0 && !last) {
+        double done = (double)ix->done_bytes / (double)ix->total_bytes;
+        if (done > 1.0) done = 1.0;
+        double left = (t - ix->started) * (1.0 - done) / done;
+        snprintf(share, sizeof share, ", %.0f%%, %d:%02d left", 100.0 * done, (int)left / 60,
+                 (int)left % 60);
+    }
+    fprintf(stderr,
+            "\r%s%ld documents (%ld unchanged, %ld failed), %ld chunks, %.0f tokens/s%s\033[K",
+            files, s->indexed, s->unchanged, s->failed, s->chunks,
+            s->model_seconds > 0 ? (double)s->tokens / s->model_seconds : 0.0, share);
     if (last) fputc('\n', stderr);
 }
 
@@ -151,6 +168,7 @@ static int flush(indexer *ix)
     store_chunk *chunks = NULL;
     for (size_t d = 0; d < ix->doc_count && !rc; d++) {
         pending_document *p = &ix->docs[d];
+        ix->done_bytes += p->doc.size;
         bool failed = false;
         for (size_t c = 0; c < p->chunk_count; c++)
             if (ix->statuses[p->first_chunk + c]) {
@@ -254,6 +272,8 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
     if (!rc) rc = store_find_document(ix->store, key, &found, &stored);
     if (rc || (found && stored == hash)) {
         if (!rc) sum->unchanged++;
+        ix->done_bytes += size;
+        progress(ix, false);
         goto free_strings;
     }
     if (ix->doc_count == INDEX_BATCH_DOCUMENTS) {
@@ -561,6 +581,13 @@ static int index_path(indexer *ix, const char *path, bool top)
         ix->summary->skipped_files++;
         return 0;
     }
+    if (ix->counting) {
+        if (has_suffix(path, ".jsonl") || is_text_file(path) || top) {
+            ix->total_files++;
+            ix->total_bytes += st.st_size;
+        }
+        return 0;
+    }
     if (has_suffix(path, ".jsonl")) return index_jsonl_file(ix, path);
     if (is_text_file(path) || (top && !has_suffix(path, ".jsonl")))
         return index_text_file(ix, path, &st);
@@ -696,7 +723,8 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
                     .summary = summary,
                     .dim = info.dimension,
                     .max_tokens = info.max_tokens,
-                    .passage_prompt = index_model_prompt(model, "passage", "document")};
+                    .passage_prompt = index_model_prompt(model, "passage", "document"),
+                    .started = clock_seconds()};
     ix->docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->docs);
     if (!ix->docs) {
         free(ix);
@@ -709,6 +737,17 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
 int indexer_add_path(indexer *ix, const char *path)
 {
     return index_path(ix, path, true);
+}
+
+void indexer_expect_paths(indexer *ix, const char *const *paths, size_t count)
+{
+    index_summary scratch = {0}, *real = ix->summary;
+    ix->summary = &scratch;
+    ix->counting = true;
+    for (size_t i = 0; i < count; i++) index_path(ix, paths[i], true);
+    ix->counting = false;
+    ix->summary = real;
+    err_clear();
 }
 
 static char *copy_or_null(const char *text, bool *failed)
@@ -789,6 +828,7 @@ int index_paths(embedrag_model *model, const char *const *paths, size_t count,
     indexer *ix = NULL;
     if (!rc) rc = store_open(options->store_path, &identity, false, &s);
     if (!rc) rc = indexer_open(model, s, options, summary, &ix);
+    if (!rc && options->progress) indexer_expect_paths(ix, paths, count);
     for (size_t i = 0; i < count && !rc; i++) rc = indexer_add_path(ix, paths[i]);
     if (!rc) rc = indexer_finish(ix);
     if (rc && ix) progress(ix, true); /* ends the progress line before the error */

@@ -55,6 +55,10 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
                  index_summary *summary, indexer **out);
 int indexer_add_path(indexer *ix, const char *path);
 
+/* Walks the paths without reading them, so that the progress line can show the files and the
+ * share of bytes done and estimate the time left (options->progress only). */
+void indexer_expect_paths(indexer *ix, const char *const *paths, size_t count);
+
 /* One document from memory; the indexer copies what it keeps. */
 typedef struct index_document {
     const char *key, *text;                /* required */
