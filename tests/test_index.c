@@ -299,7 +299,10 @@ static void test_library_api(void)
     int outside = 0;
     for (int mode = 0; mode < 3; mode++) {
         sp.mode = (embedrag_search_mode)mode;
-        CHECK(embedrag_store_search(st, sentences[12], &sp, r, &found) == 0 && found == 10,
+        /* BM25 finds only chunks sharing a word with the question that not half of all chunks
+         * hold; dense and hybrid rank every chunk. */
+        CHECK(embedrag_store_search(st, sentences[12], &sp, r, &found) == 0 &&
+                  (mode == EMBEDRAG_SEARCH_BM25 ? found > 0 : found == 10),
               "filtered search (mode %d): %d results, %s", mode, found, embedrag_last_error());
         for (int j = 0; j < found; j++) outside += strstr(r[j].metadata, "\"group\": 2") == NULL;
     }
