@@ -230,7 +230,7 @@ static void test_index_and_search(void)
  * by text and by vector in every mode, filters, replace, delete, a pre-computed vector, and a
  * read-only reopen without a model. Each document is one sentence, so its one chunk is the
  * sentence and a search for the sentence finds it at cosine 1. */
-#define API_DOCS 120
+#define API_DOCS 590
 static void test_library_api(void)
 {
     embedrag_model *m = open_model("all-MiniLM-L6-v2");
@@ -288,7 +288,9 @@ static void test_library_api(void)
         sp.mode = EMBEDRAG_SEARCH_DENSE;
     }
     CHECK(self == 20, "dense: %d of 20 sentences find themselves first", self);
-    CHECK(bm25_self >= 18 && hybrid_self >= 19, "bm25 %d, hybrid %d of 20", bm25_self, hybrid_self);
+    /* BM25 ranks by shared words alone: a shorter sentence with the same rare words may come
+     * first. */
+    CHECK(bm25_self >= 15 && hybrid_self >= 18, "bm25 %d, hybrid %d of 20", bm25_self, hybrid_self);
 
     /* Filters: a metadata field and a source glob. */
     static const char *const group[] = {"group"}, *const two[] = {"2"};
@@ -331,9 +333,10 @@ static void test_library_api(void)
     CHECK(same == found, "%d of %d results identical by vector and by text", same, found);
 
     /* Replace, re-add unchanged, delete, a pre-computed vector. */
-    embedrag_document changed = {.id = "doc-000", .text = sentences[200]};
+    const char *replacement = "The keeper of the lighthouse paints the stairs blue.";
+    embedrag_document changed = {.id = "doc-000", .text = replacement};
     CHECK(embedrag_store_add(st, &changed, 1, NULL) == 0, "replace");
-    CHECK(embedrag_store_search(st, sentences[200], &sp, r, &found) == 0 && found > 0 &&
+    CHECK(embedrag_store_search(st, replacement, &sp, r, &found) == 0 && found > 0 &&
               !strcmp(r[0].document, "doc-000") && r[0].score > 0.9999,
           "the replaced text is found");
     CHECK(embedrag_store_add(st, docs + 10, 5, statuses) == 0 && statuses[0] == 0, "re-add");

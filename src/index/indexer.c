@@ -1,8 +1,9 @@
 /* The indexer (indexer.h). Documents flow one way: read (a file, or a JSONL line) -> hash ->
- * skip if the store has that hash -> chunk -> queued; when the queue holds a batch of chunks
- * they are embedded in one call (the bulk lane sorts and packs them) and their documents stored
- * in one transaction, so a killed run loses at most the batch in flight and the next run picks
- * up there (unchanged documents are skipped by hash). */
+ * skip if the store has that hash -> chunk -> queued in a batch; when the batch holds enough
+ * chunks it is embedded in one call (the bulk lane sorts and packs them) on a thread of its own
+ * while the next batch fills, and then its documents are stored in one transaction on the
+ * calling thread, so a killed run loses at most the batches in flight and the next run picks up
+ * there (unchanged documents are skipped by hash). */
 #include "index/indexer.h"
 
 #include "chunk/chunker.h"
@@ -16,6 +17,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +53,19 @@ typedef struct pending_document {
     int *status;         /* where this document's outcome goes (library callers), or NULL */
 } pending_document;
 
+/* A batch of documents and their chunks: filled while reading, then embedded (on a thread of
+ * its own while the next batch fills), then stored. */
+typedef struct batch {
+    pending_document *docs; /* room for INDEX_BATCH_DOCUMENTS */
+    size_t doc_count;
+    chunk_span *spans; /* every chunk of the batch */
+    size_t span_count, span_capacity;
+    char **embed_texts; /* what is embedded per chunk: title + text, or the text */
+    size_t *embed_lengths;
+    float *vectors;
+    int *statuses;
+} batch;
+
 struct indexer {
     embedrag_model *model;
     const tok_tokenizer *tokenizer;
@@ -60,14 +75,15 @@ struct indexer {
     int dim, max_tokens;
     const char *passage_prompt; /* the model's prompt for passages, "" for none */
 
-    pending_document *docs;
-    size_t doc_count;
-    chunk_span *spans; /* every pending chunk */
-    size_t span_count, span_capacity;
-    char **embed_texts; /* what is embedded per chunk: title + text, or the text */
-    size_t *embed_lengths;
-    float *vectors;
-    int *statuses;
+    /* Reading and chunking fill one batch while the model embeds the other (the GPU then never
+     * waits for files and the tokenizer); SQLite is only ever used from the calling thread. */
+    batch fill, flight;
+    bool pipeline; /* off: each batch is embedded where it was filled */
+    bool flying;   /* a thread is embedding `flight` */
+    pthread_t thread;
+    int flight_status; /* the thread's result, and its message */
+    double flight_seconds;
+    char flight_error[512];
 
     char **seen; /* keys seen in this run (for --prune) */
     size_t seen_count, seen_capacity;
@@ -145,37 +161,62 @@ static void progress(indexer *ix, bool last)
     if (last) fputc('\n', stderr);
 }
 
-/* Embeds the pending chunks and stores the pending documents in one transaction. */
-static int flush(indexer *ix)
+static void batch_clear(batch *b)
 {
-    if (!ix->doc_count) return 0;
-    size_t n = ix->span_count;
-    int rc = 0;
-    if (n) {
-        embedrag_embed_params p = embedrag_embed_default_params();
-        p.prompt = ix->passage_prompt;
-        p.truncate = false; /* the chunker's budget holds; an overflow is an error, not a cut */
-        p.statuses = ix->statuses;
-        p.lane = EMBEDRAG_LANE_BULK;
-        double t = clock_seconds();
-        rc = embedrag_embed(ix->model, (const char *const *)ix->embed_texts, ix->embed_lengths, n,
-                            &p, ix->vectors);
-        ix->summary->model_seconds += clock_seconds() - t;
-        if (rc) return rc;
-    }
-    rc = store_begin(ix->store);
+    for (size_t d = 0; d < b->doc_count; d++) free_pending(&b->docs[d]);
+    for (size_t i = 0; i < b->span_count; i++) free(b->embed_texts[i]);
+    b->doc_count = 0;
+    b->span_count = 0;
+}
+
+static void batch_free(batch *b)
+{
+    if (b->docs) batch_clear(b);
+    free(b->docs);
+    free(b->spans);
+    free(b->embed_texts);
+    free(b->embed_lengths);
+    free(b->vectors);
+    free(b->statuses);
+    memset(b, 0, sizeof *b);
+}
+
+/* Embeds a batch's chunks (any thread: the model is thread-safe, and nothing here touches the
+ * store). On failure the message is copied into `error`, since errors are per thread. */
+static int embed_batch(indexer *ix, batch *b, double *seconds, char *error, size_t error_size)
+{
+    *seconds = 0;
+    if (!b->span_count) return 0;
+    embedrag_embed_params p = embedrag_embed_default_params();
+    p.prompt = ix->passage_prompt;
+    p.truncate = false; /* the chunker's budget holds; an overflow is an error, not a cut */
+    p.statuses = b->statuses;
+    p.lane = EMBEDRAG_LANE_BULK;
+    double t = clock_seconds();
+    int rc = embedrag_embed(ix->model, (const char *const *)b->embed_texts, b->embed_lengths,
+                            b->span_count, &p, b->vectors);
+    *seconds = clock_seconds() - t;
+    if (rc) snprintf(error, error_size, "%s", embedrag_last_error());
+    return rc;
+}
+
+/* Stores an embedded batch's documents in one transaction, then empties the batch. */
+static int store_batch(indexer *ix, batch *b)
+{
+    if (!b->doc_count) return 0;
+    int rc = store_begin(ix->store);
     if (rc) return rc;
     store_chunk *chunks = NULL;
-    for (size_t d = 0; d < ix->doc_count && !rc; d++) {
-        pending_document *p = &ix->docs[d];
+    for (size_t d = 0; d < b->doc_count && !rc; d++) {
+        pending_document *p = &b->docs[d];
         ix->done_bytes += p->doc.size;
         bool failed = false;
         for (size_t c = 0; c < p->chunk_count; c++)
-            if (ix->statuses[p->first_chunk + c]) {
+            if (b->statuses[p->first_chunk + c]) {
                 char what[600];
                 snprintf(what, sizeof what, "%s: a chunk could not be embedded (status %d)",
-                         p->source, ix->statuses[p->first_chunk + c]);
-                note_failure(ix, what, ix->statuses[p->first_chunk + c], p->status);
+                         p->source, b->statuses[p->first_chunk + c]);
+                note_failure(ix, what, b->statuses[p->first_chunk + c], p->status);
                 failed = true;
                 break;
             }
@@ -196,14 +237,14 @@ static int flush(indexer *ix)
                                       .vector = p->given_vector};
         } else {
             for (size_t c = 0; c < count; c++) {
-                const chunk_span *span = &ix->spans[p->first_chunk + c];
+                const chunk_span *span = &b->spans[p->first_chunk + c];
                 chunks[c] =
                     (store_chunk){.text = p->text + span->start,
                                   .length = span->end - span->start,
                                   .start = (int64_t)span->start,
                                   .end = (int64_t)span->end,
                                   .tokens = span->tokens,
-                                  .vector = ix->vectors + (p->first_chunk + c) * (size_t)ix->dim};
+                                  .vector = b->vectors + (p->first_chunk + c) * (size_t)ix->dim};
                 ix->summary->tokens += span->tokens;
             }
         }
@@ -220,34 +261,94 @@ static int flush(indexer *ix)
         return rc;
     }
     rc = store_commit(ix->store);
-    for (size_t d = 0; d < ix->doc_count; d++) free_pending(&ix->docs[d]);
-    for (size_t i = 0; i < ix->span_count; i++) free(ix->embed_texts[i]);
-    ix->doc_count = 0;
-    ix->span_count = 0;
+    batch_clear(b);
     progress(ix, false);
     return rc;
 }
 
-/* Makes room for `more` chunks in the pending arrays. */
+static void *embed_thread(void *arg)
+{
+    indexer *ix = arg;
+    ix->flight_status = embed_batch(ix, &ix->flight, &ix->flight_seconds, ix->flight_error,
+                                    sizeof ix->flight_error);
+    return NULL;
+}
+
+/* Stores the batch in flight once it is embedded. */
+static int settle(indexer *ix)
+{
+    ix->summary->model_seconds += ix->flight_seconds;
+    if (ix->flight_status) {
+        batch_clear(&ix->flight);
+        return err_set(ix->flight_status, "%s", ix->flight_error);
+    }
+    return store_batch(ix, &ix->flight);
+}
+
+/* Waits for the batch in flight, if any, and stores it. */
+static int land(indexer *ix)
+{
+    if (!ix->flying) return 0;
+    pthread_join(ix->thread, NULL);
+    ix->flying = false;
+    return settle(ix);
+}
+
+/* The filling batch is full: lands the one in flight, then sends this one off to be embedded
+ * while the next one fills (or embeds and stores it here, without the pipeline). */
+static int launch(indexer *ix)
+{
+    int rc = land(ix);
+    if (rc || !ix->fill.doc_count) return rc;
+    batch full = ix->fill;
+    ix->fill = ix->flight;
+    ix->flight = full;
+    if (ix->pipeline && pthread_create(&ix->thread, NULL, embed_thread, ix) == 0) {
+        ix->flying = true;
+        return 0;
+    }
+    ix->flight_status = embed_batch(ix, &ix->flight, &ix->flight_seconds, ix->flight_error,
+                                    sizeof ix->flight_error);
+    return settle(ix);
+}
+
+/* Embeds and stores everything queued, the batch in flight first; returns when it is stored. */
+static int flush(indexer *ix)
+{
+    int rc = land(ix);
+    if (rc || !ix->fill.doc_count) return rc;
+    double seconds = 0;
+    char error[512];
+    rc = embed_batch(ix, &ix->fill, &seconds, error, sizeof error);
+    ix->summary->model_seconds += seconds;
+    if (rc) {
+        batch_clear(&ix->fill);
+        return err_set(rc, "%s", error);
+    }
+    return store_batch(ix, &ix->fill);
+}
+
+/* Makes room for `more` chunks in the filling batch. */
 static int reserve_chunks(indexer *ix, size_t more)
 {
-    size_t want = ix->span_count + more;
-    if (want <= ix->span_capacity) return 0;
-    size_t grown = ix->span_capacity ? ix->span_capacity : INDEX_BATCH_CHUNKS;
+    batch *b = &ix->fill;
+    size_t want = b->span_count + more;
+    if (want <= b->span_capacity) return 0;
+    size_t grown = b->span_capacity ? b->span_capacity : INDEX_BATCH_CHUNKS;
     while (grown < want) grown *= 2;
-    chunk_span *spans = realloc(ix->spans, grown * sizeof *spans);
-    if (spans) ix->spans = spans;
-    char **texts = realloc(ix->embed_texts, grown * sizeof *texts);
-    if (texts) ix->embed_texts = texts;
-    size_t *lengths = realloc(ix->embed_lengths, grown * sizeof *lengths);
-    if (lengths) ix->embed_lengths = lengths;
-    float *vectors = realloc(ix->vectors, grown * (size_t)ix->dim * sizeof *vectors);
-    if (vectors) ix->vectors = vectors;
-    int *statuses = realloc(ix->statuses, grown * sizeof *statuses);
-    if (statuses) ix->statuses = statuses;
+    chunk_span *spans = realloc(b->spans, grown * sizeof *spans);
+    if (spans) b->spans = spans;
+    char **texts = realloc(b->embed_texts, grown * sizeof *texts);
+    if (texts) b->embed_texts = texts;
+    size_t *lengths = realloc(b->embed_lengths, grown * sizeof *lengths);
+    if (lengths) b->embed_lengths = lengths;
+    float *vectors = realloc(b->vectors, grown * (size_t)ix->dim * sizeof *vectors);
+    if (vectors) b->vectors = vectors;
+    int *statuses = realloc(b->statuses, grown * sizeof *statuses);
+    if (statuses) b->statuses = statuses;
     if (!spans || !texts || !lengths || !vectors || !statuses)
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory queueing %zu chunks", want);
-    ix->span_capacity = grown;
+    b->span_capacity = grown;
     return 0;
 }
 
@@ -276,8 +377,9 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
         progress(ix, false);
         goto free_strings;
     }
-    if (ix->doc_count == INDEX_BATCH_DOCUMENTS) {
-        rc = flush(ix);
+    batch *b = &ix->fill;
+    if (b->doc_count == INDEX_BATCH_DOCUMENTS) {
+        rc = launch(ix);
         if (rc) goto free_strings;
     }
     pending_document p = {.key = key,
@@ -287,7 +389,7 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
                           .text = text,
                           .given_vector = given_vector,
                           .status = status_out,
-                          .first_chunk = ix->span_count};
+                          .first_chunk = b->span_count};
     p.doc = (store_document){.key = key,
                              .source = source,
                              .title = title,
@@ -315,7 +417,7 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
         rc = reserve_chunks(ix, list.count);
         for (size_t c = 0; c < list.count && !rc; c++) {
             const chunk_span *span = &list.spans[c];
-            size_t at = ix->span_count, len = span->end - span->start;
+            size_t at = b->span_count, len = span->end - span->start;
             size_t title_len = list.title_used && title ? strlen(title) : 0;
             char *t = malloc(title_len + strlen(CHUNK_TITLE_SEPARATOR) + len + 1);
             if (!t) {
@@ -332,18 +434,18 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
             }
             memcpy(t + w, text + span->start, len);
             t[w + len] = '\0';
-            ix->spans[at] = *span;
-            ix->embed_texts[at] = t;
-            ix->embed_lengths[at] = w + len;
-            ix->statuses[at] = 0;
-            ix->span_count++;
+            b->spans[at] = *span;
+            b->embed_texts[at] = t;
+            b->embed_lengths[at] = w + len;
+            b->statuses[at] = 0;
+            b->span_count++;
             p.chunk_count++;
         }
         chunk_list_free(&list);
         if (rc) goto free_strings;
     }
-    ix->docs[ix->doc_count++] = p;
-    if (ix->span_count >= INDEX_BATCH_CHUNKS) return flush(ix);
+    b->docs[b->doc_count++] = p;
+    if (b->span_count >= INDEX_BATCH_CHUNKS) return launch(ix);
     return 0;
 free_strings:
     free(key);
@@ -725,9 +827,14 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
                     .max_tokens = info.max_tokens,
                     .passage_prompt = index_model_prompt(model, "passage", "document"),
                     .started = clock_seconds()};
-    ix->docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->docs);
-    if (!ix->docs) {
-        free(ix);
+    /* EMBEDRAG_INDEX_PIPELINE=0 embeds each batch on the calling thread (to measure what the
+     * overlap gives). */
+    const char *pipeline = getenv("EMBEDRAG_INDEX_PIPELINE");
+    ix->pipeline = !(pipeline && !strcmp(pipeline, "0"));
+    ix->fill.docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->fill.docs);
+    ix->flight.docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->flight.docs);
+    if (!ix->fill.docs || !ix->flight.docs) {
+        indexer_close(ix);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
     }
     *out = ix;
@@ -803,16 +910,11 @@ int indexer_finish(indexer *ix)
 void indexer_close(indexer *ix)
 {
     if (!ix) return;
-    for (size_t d = 0; d < ix->doc_count; d++) free_pending(&ix->docs[d]);
-    for (size_t i = 0; i < ix->span_count; i++) free(ix->embed_texts[i]);
+    if (ix->flying) pthread_join(ix->thread, NULL); /* its batch is dropped, never stored */
+    batch_free(&ix->fill);
+    batch_free(&ix->flight);
     for (size_t i = 0; i < ix->seen_count; i++) free(ix->seen[i]);
     free(ix->seen);
-    free(ix->docs);
-    free(ix->spans);
-    free(ix->embed_texts);
-    free(ix->embed_lengths);
-    free(ix->vectors);
-    free(ix->statuses);
     free(ix);
 }
 
