@@ -18,6 +18,9 @@
 #             against one GPU's, and a run where GPU 0 fails mid-run
 #   rss       memory over time while `embedrag embed --device gpu` streams 1,000,000 texts
 #             (the default model), sampled every 0.25 s
+#   store     the document store on the GPU (bench/store_bench.py): `embedrag index` of 20,000
+#             documents against `embedrag embed` of the same chunks (with and without the
+#             indexer's pipeline), and questions answered over 100,000 chunks
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
 #             fp16) and one query (1 x 16)
@@ -355,6 +358,34 @@ json.dump({"wall_s": wall, "rc": p.returncode, "samples": samples}, open(out, "w
 PY
 fi
 # ---- compute-sanitizer ----
+if run_step store; then
+    model=$src/models/all-MiniLM-L6-v2
+    for pipeline in 1 0; do
+        EMBEDRAG_INDEX_PIPELINE=$pipeline python3 "$src/bench/store_bench.py" --cli "$build/embedrag" \
+            --model "$model" --data "$bundle/shared/data/stsb-en-dev.csv" --threads "$(nproc)" \
+            --documents "${EMBEDRAG_STORE_DOCUMENTS:-20000}" --chunks 100000 --queries 200 \
+            $([ "$pipeline" = 0 ] && echo --skip query) --json \
+            >"$logs/store-$pipeline.json" 2>"$logs/store-$pipeline.log"
+        python3 - "$logs/store-$pipeline.json" "$pipeline" <<'PY' | tee -a "$summary"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("store (pipeline %s): no result (%s)" % (sys.argv[2], e)); sys.exit()
+i = r["indexing"]
+print("store (pipeline %s): index %d docs, %d chunks, %d tokens: %.0f tok/s; embed %.0f tok/s; "
+      "index/embed %.0f%% (index model time %.1f of %.1f s)" % (sys.argv[2], i["documents"],
+      i["chunks"], i["tokens"], i["index_tokens_per_second"], i["embed_tokens_per_second"],
+      100 * i["ratio"], i["index_model_seconds"] or 0, i["index_seconds"]))
+q = r.get("query")
+if q:
+    for mode in ("dense", "hybrid", "bm25"):
+        print("store: query over %d chunks, %s: p50 %.2f ms, p99 %.2f ms" % (q["chunks"], mode,
+              q[mode]["p50_ms"], q[mode]["p99_ms"]))
+PY
+    done
+fi
+
 if run_step sanitize; then
     for run in memcheck:0 memcheck:1 racecheck:1 synccheck:1; do
         tool=${run%%:*} small=${run#*:}

@@ -12,6 +12,7 @@
 #include "util/clock.h"
 #include "util/error.h"
 #include "util/file.h"
+#include "util/threadpool.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -26,11 +27,13 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Chunks embedded per call and documents per transaction: large enough for full bulk batches
- * (2,048 tokens on the CPU; the GPU's window of 4,096 texts), small enough that a killed run
- * loses little. */
-#define INDEX_BATCH_CHUNKS 1024
+/* A batch (embedded in one call, stored in one transaction) closes at this many documents or
+ * bytes of text: on the CPU about 1,024 chunks of a 256-token model (full bulk batches of 2,048
+ * tokens, and a killed run loses little); with a GPU 8 times more, so that one call fills the
+ * GPU's windows and the chunking threads keep up. */
 #define INDEX_BATCH_DOCUMENTS 256
+#define INDEX_BATCH_BYTES ((size_t)1 << 20)
+#define INDEX_GPU_BATCH_SCALE 8
 /* The largest document file read whole. */
 #define INDEX_MAX_FILE_BYTES ((size_t)256 << 20)
 
@@ -49,15 +52,20 @@ typedef struct pending_document {
     store_document doc;
     char *key, *source, *title, *metadata, *text; /* owned */
     size_t first_chunk, chunk_count;
+    size_t length;       /* bytes of text */
     float *given_vector; /* a JSONL line's own vector (then one chunk, no model work) */
     int *status;         /* where this document's outcome goes (library callers), or NULL */
+    /* Chunked with its batch, in parallel with the batch's other documents. */
+    chunk_list chunks;
+    int chunk_status; /* nonzero: why it could not be chunked (chunk_error says more) */
+    char *chunk_error;
 } pending_document;
 
 /* A batch of documents and their chunks: filled while reading, then embedded (on a thread of
  * its own while the next batch fills), then stored. */
 typedef struct batch {
-    pending_document *docs; /* room for INDEX_BATCH_DOCUMENTS */
-    size_t doc_count;
+    pending_document *docs; /* room for the batch's documents */
+    size_t doc_count, bytes;
     chunk_span *spans; /* every chunk of the batch */
     size_t span_count, span_capacity;
     char **embed_texts; /* what is embedded per chunk: title + text, or the text */
@@ -78,8 +86,11 @@ struct indexer {
     /* Reading and chunking fill one batch while the model embeds the other (the GPU then never
      * waits for files and the tokenizer); SQLite is only ever used from the calling thread. */
     batch fill, flight;
-    bool pipeline; /* off: each batch is embedded where it was filled */
-    bool flying;   /* a thread is embedding `flight` */
+    bool pipeline;                       /* off: each batch is embedded where it was filled */
+    bool flying;                         /* a thread is embedding `flight` */
+    size_t batch_documents, batch_bytes; /* when a batch closes */
+    threadpool *chunkers;                /* chunk a batch's documents in parallel */
+    batch *chunking;                     /* the batch they chunk */
     pthread_t thread;
     int flight_status; /* the thread's result, and its message */
     double flight_seconds;
@@ -134,6 +145,8 @@ static void free_pending(pending_document *p)
     free(p->metadata);
     free(p->text);
     free(p->given_vector);
+    chunk_list_free(&p->chunks);
+    free(p->chunk_error);
     memset(p, 0, sizeof *p);
 }
 
@@ -167,6 +180,7 @@ static void batch_clear(batch *b)
     for (size_t i = 0; i < b->span_count; i++) free(b->embed_texts[i]);
     b->doc_count = 0;
     b->span_count = 0;
+    b->bytes = 0;
 }
 
 static void batch_free(batch *b)
@@ -181,11 +195,100 @@ static void batch_free(batch *b)
     memset(b, 0, sizeof *b);
 }
 
+/* Makes room for `more` chunks in batch b. */
+static int reserve_chunks(indexer *ix, batch *b, size_t more)
+{
+    size_t want = b->span_count + more;
+    if (want <= b->span_capacity) return 0;
+    size_t grown = b->span_capacity ? b->span_capacity : 1024;
+    while (grown < want) grown *= 2;
+    chunk_span *spans = realloc(b->spans, grown * sizeof *spans);
+    if (spans) b->spans = spans;
+    char **texts = realloc(b->embed_texts, grown * sizeof *texts);
+    if (texts) b->embed_texts = texts;
+    size_t *lengths = realloc(b->embed_lengths, grown * sizeof *lengths);
+    if (lengths) b->embed_lengths = lengths;
+    float *vectors = realloc(b->vectors, grown * (size_t)ix->dim * sizeof *vectors);
+    if (vectors) b->vectors = vectors;
+    int *statuses = realloc(b->statuses, grown * sizeof *statuses);
+    if (statuses) b->statuses = statuses;
+    if (!spans || !texts || !lengths || !vectors || !statuses)
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory queueing %zu chunks", want);
+    b->span_capacity = grown;
+    return 0;
+}
+
+/* Chunks one document of the batch (a task of the chunking pool). */
+static void chunk_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    indexer *ix = ctx;
+    pending_document *p = &ix->chunking->docs[task];
+    if (p->given_vector) return;
+    chunk_options co = chunk_default_options(ix->max_tokens);
+    if (ix->options->overlap_tokens >= 0) co.overlap_tokens = ix->options->overlap_tokens;
+    co.prompt = ix->passage_prompt;
+    co.title = p->title;
+    p->chunk_status = chunk_text(ix->tokenizer, p->text, p->length, &co, &p->chunks);
+    if (p->chunk_status) {
+        p->chunk_error = strdup(err_get()); /* errors are per thread */
+        err_clear();
+    }
+}
+
+/* Chunks every document of the batch (in parallel) and lays their chunks out as the texts one
+ * embedding call takes: the title, where the chunker counted it, then the chunk's text (the
+ * engine puts the prompt first). */
+static int prepare_batch(indexer *ix, batch *b)
+{
+    ix->chunking = b;
+    if (ix->chunkers && b->doc_count > 1)
+        threadpool_run(ix->chunkers, (int)b->doc_count, chunk_task, ix);
+    else
+        for (size_t d = 0; d < b->doc_count; d++) chunk_task(ix, (int)d, 0);
+    int rc = 0;
+    for (size_t d = 0; d < b->doc_count && !rc; d++) {
+        pending_document *p = &b->docs[d];
+        p->first_chunk = b->span_count;
+        p->chunk_count = 0;
+        if (p->given_vector || p->chunk_status) continue;
+        const chunk_list *list = &p->chunks;
+        rc = reserve_chunks(ix, b, list->count);
+        size_t title_len = list->title_used && p->title ? strlen(p->title) : 0;
+        size_t separator = title_len ? strlen(CHUNK_TITLE_SEPARATOR) : 0;
+        for (size_t c = 0; c < list->count && !rc; c++) {
+            const chunk_span *span = &list->spans[c];
+            size_t at = b->span_count, len = span->end - span->start;
+            char *t = malloc(title_len + separator + len + 1);
+            if (!t) {
+                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory chunking %s", p->source);
+                break;
+            }
+            memcpy(t, p->title ? p->title : "", title_len);
+            memcpy(t + title_len, CHUNK_TITLE_SEPARATOR, separator);
+            memcpy(t + title_len + separator, p->text + span->start, len);
+            t[title_len + separator + len] = '\0';
+            b->spans[at] = *span;
+            b->embed_texts[at] = t;
+            b->embed_lengths[at] = title_len + separator + len;
+            b->statuses[at] = 0;
+            b->span_count++;
+            p->chunk_count++;
+        }
+    }
+    return rc;
+}
+
 /* Embeds a batch's chunks (any thread: the model is thread-safe, and nothing here touches the
  * store). On failure the message is copied into `error`, since errors are per thread. */
 static int embed_batch(indexer *ix, batch *b, double *seconds, char *error, size_t error_size)
 {
     *seconds = 0;
+    int rc = prepare_batch(ix, b);
+    if (rc) {
+        snprintf(error, error_size, "%s", err_get());
+        return rc;
+    }
     if (!b->span_count) return 0;
     embedrag_embed_params p = embedrag_embed_default_params();
     p.prompt = ix->passage_prompt;
@@ -193,8 +296,8 @@ static int embed_batch(indexer *ix, batch *b, double *seconds, char *error, size
     p.statuses = b->statuses;
     p.lane = EMBEDRAG_LANE_BULK;
     double t = clock_seconds();
-    int rc = embedrag_embed(ix->model, (const char *const *)b->embed_texts, b->embed_lengths,
-                            b->span_count, &p, b->vectors);
+    rc = embedrag_embed(ix->model, (const char *const *)b->embed_texts, b->embed_lengths,
+                        b->span_count, &p, b->vectors);
     *seconds = clock_seconds() - t;
     if (rc) snprintf(error, error_size, "%s", embedrag_last_error());
     return rc;
@@ -210,6 +313,13 @@ static int store_batch(indexer *ix, batch *b)
     for (size_t d = 0; d < b->doc_count && !rc; d++) {
         pending_document *p = &b->docs[d];
         ix->done_bytes += p->doc.size;
+        if (p->chunk_status) {
+            char what[800];
+            snprintf(what, sizeof what, "%s: %s", p->source,
+                     p->chunk_error ? p->chunk_error : "could not be chunked");
+            note_failure(ix, what, p->chunk_status, p->status);
+            continue;
+        }
         bool failed = false;
         for (size_t c = 0; c < p->chunk_count; c++)
             if (b->statuses[p->first_chunk + c]) {
@@ -328,32 +438,8 @@ static int flush(indexer *ix)
     return store_batch(ix, &ix->fill);
 }
 
-/* Makes room for `more` chunks in the filling batch. */
-static int reserve_chunks(indexer *ix, size_t more)
-{
-    batch *b = &ix->fill;
-    size_t want = b->span_count + more;
-    if (want <= b->span_capacity) return 0;
-    size_t grown = b->span_capacity ? b->span_capacity : INDEX_BATCH_CHUNKS;
-    while (grown < want) grown *= 2;
-    chunk_span *spans = realloc(b->spans, grown * sizeof *spans);
-    if (spans) b->spans = spans;
-    char **texts = realloc(b->embed_texts, grown * sizeof *texts);
-    if (texts) b->embed_texts = texts;
-    size_t *lengths = realloc(b->embed_lengths, grown * sizeof *lengths);
-    if (lengths) b->embed_lengths = lengths;
-    float *vectors = realloc(b->vectors, grown * (size_t)ix->dim * sizeof *vectors);
-    if (vectors) b->vectors = vectors;
-    int *statuses = realloc(b->statuses, grown * sizeof *statuses);
-    if (statuses) b->statuses = statuses;
-    if (!spans || !texts || !lengths || !vectors || !statuses)
-        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory queueing %zu chunks", want);
-    b->span_capacity = grown;
-    return 0;
-}
-
 /* Takes ownership of the strings (they are freed here on every path). A document whose stored
- * hash matches is skipped; otherwise it is chunked and queued, and the queue flushed when full. */
+ * hash matches is skipped; otherwise it is queued, and the batch sent off when full. */
 static int add_document(indexer *ix, char *key, char *source, char *title, char *metadata,
                         char *text, size_t length, float *given_vector, int64_t size, int64_t mtime,
                         int *status_out)
@@ -378,74 +464,24 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
         goto free_strings;
     }
     batch *b = &ix->fill;
-    if (b->doc_count == INDEX_BATCH_DOCUMENTS) {
-        rc = launch(ix);
-        if (rc) goto free_strings;
-    }
-    pending_document p = {.key = key,
-                          .source = source,
-                          .title = title,
-                          .metadata = metadata,
-                          .text = text,
-                          .given_vector = given_vector,
-                          .status = status_out,
-                          .first_chunk = b->span_count};
-    p.doc = (store_document){.key = key,
-                             .source = source,
-                             .title = title,
-                             .metadata = metadata,
-                             .content_hash = hash,
-                             .size = size,
-                             .mtime = mtime};
-    if (given_vector) {
-        sum->vectors_given++;
-    } else {
-        chunk_options co = chunk_default_options(ix->max_tokens);
-        if (ix->options->overlap_tokens >= 0) co.overlap_tokens = ix->options->overlap_tokens;
-        co.prompt = ix->passage_prompt;
-        co.title = title;
-        chunk_list list;
-        rc = chunk_text(ix->tokenizer, text, length, &co, &list);
-        if (rc) {
-            char what[700];
-            snprintf(what, sizeof what, "%s: %s", source, err_get());
-            note_failure(ix, what, rc, status_out);
-            err_clear();
-            rc = 0;
-            goto free_strings;
-        }
-        rc = reserve_chunks(ix, list.count);
-        for (size_t c = 0; c < list.count && !rc; c++) {
-            const chunk_span *span = &list.spans[c];
-            size_t at = b->span_count, len = span->end - span->start;
-            size_t title_len = list.title_used && title ? strlen(title) : 0;
-            char *t = malloc(title_len + strlen(CHUNK_TITLE_SEPARATOR) + len + 1);
-            if (!t) {
-                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory chunking %s", source);
-                break;
-            }
-            /* The title, then the chunk: what the chunker budgeted for (the engine puts the
-             * prompt first). */
-            size_t w = 0;
-            if (title_len) {
-                memcpy(t, title, title_len);
-                memcpy(t + title_len, CHUNK_TITLE_SEPARATOR, strlen(CHUNK_TITLE_SEPARATOR));
-                w = title_len + strlen(CHUNK_TITLE_SEPARATOR);
-            }
-            memcpy(t + w, text + span->start, len);
-            t[w + len] = '\0';
-            b->spans[at] = *span;
-            b->embed_texts[at] = t;
-            b->embed_lengths[at] = w + len;
-            b->statuses[at] = 0;
-            b->span_count++;
-            p.chunk_count++;
-        }
-        chunk_list_free(&list);
-        if (rc) goto free_strings;
-    }
-    b->docs[b->doc_count++] = p;
-    if (b->span_count >= INDEX_BATCH_CHUNKS) return launch(ix);
+    b->docs[b->doc_count++] = (pending_document){.doc = {.key = key,
+                                                         .source = source,
+                                                         .title = title,
+                                                         .metadata = metadata,
+                                                         .content_hash = hash,
+                                                         .size = size,
+                                                         .mtime = mtime},
+                                                 .key = key,
+                                                 .source = source,
+                                                 .title = title,
+                                                 .metadata = metadata,
+                                                 .text = text,
+                                                 .length = length,
+                                                 .given_vector = given_vector,
+                                                 .status = status_out};
+    if (given_vector) sum->vectors_given++;
+    b->bytes += length;
+    if (b->doc_count >= ix->batch_documents || b->bytes >= ix->batch_bytes) return launch(ix);
     return 0;
 free_strings:
     free(key);
@@ -831,8 +867,23 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
      * overlap gives). */
     const char *pipeline = getenv("EMBEDRAG_INDEX_PIPELINE");
     ix->pipeline = !(pipeline && !strcmp(pipeline, "0"));
-    ix->fill.docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->fill.docs);
-    ix->flight.docs = calloc(INDEX_BATCH_DOCUMENTS, sizeof *ix->flight.docs);
+    ix->batch_documents = INDEX_BATCH_DOCUMENTS;
+    ix->batch_bytes = INDEX_BATCH_BYTES;
+    for (int i = 0; i < info.backend_count; i++) {
+        embedrag_backend_info backend;
+        if (embedrag_model_get_backend(model, i, &backend) == 0 &&
+            backend.kind == EMBEDRAG_DEVICE_GPU) {
+            ix->batch_documents = INDEX_BATCH_DOCUMENTS * INDEX_GPU_BATCH_SCALE;
+            ix->batch_bytes = INDEX_BATCH_BYTES * INDEX_GPU_BATCH_SCALE;
+        }
+    }
+    ix->fill.docs = calloc(ix->batch_documents, sizeof *ix->fill.docs);
+    ix->flight.docs = calloc(ix->batch_documents, sizeof *ix->flight.docs);
+    int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
+    if (rc) {
+        indexer_close(ix);
+        return rc;
+    }
     if (!ix->fill.docs || !ix->flight.docs) {
         indexer_close(ix);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
@@ -913,6 +964,7 @@ void indexer_close(indexer *ix)
     if (ix->flying) pthread_join(ix->thread, NULL); /* its batch is dropped, never stored */
     batch_free(&ix->fill);
     batch_free(&ix->flight);
+    threadpool_destroy(ix->chunkers);
     for (size_t i = 0; i < ix->seen_count; i++) free(ix->seen[i]);
     free(ix->seen);
     free(ix);
