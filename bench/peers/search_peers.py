@@ -369,10 +369,39 @@ SETUPS = {
 # ---------------------------------------------------------------- measurement
 
 
+class ForeignLoad:
+    """How many CPUs other processes kept busy meanwhile: the machine's busy time (/proc/stat)
+    less this process's own (os.times), over the wall time. The lock in the README keeps other
+    benchmarks out, not builds and tests; on the 2-vCPU VM a figure near 1 means the second
+    thread had no core of its own."""
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    def __init__(self):
+        t = os.times()
+        self.start = (self._busy(), t.user + t.system, time.perf_counter())
+
+    def cpus(self):
+        busy0, own0, wall0 = self.start
+        busy1 = self._busy()
+        if busy0 is None or busy1 is None:
+            return None
+        t = os.times()
+        return max(0.0, (busy1 - busy0 - (t.user + t.system - own0)) / (time.perf_counter() - wall0))
+
+
 def measure(single, batch, Q, truth, args):
     import numpy as np
 
     m = len(Q)
+    load = ForeignLoad()
     n_single = min(args.single, m)
     for q in Q[m - min(WARMUP, m) :]:
         single(q)
@@ -394,6 +423,7 @@ def measure(single, batch, Q, truth, args):
     }
     if batch is None:
         row["recall_at_10"] = recall_at_k(found, truth[: len(found)])
+        row["foreign_cpus"] = load.cpus()
         return row
     nb = min(args.batch, m)
     if np.median(times) * nb > args.max_batch_s:
@@ -410,6 +440,7 @@ def measure(single, batch, Q, truth, args):
     row["batch_qps"] = nb / float(np.median(calls))
     row["batch_n"] = nb
     row["recall_at_10"] = recall_at_k(np.asarray(result), truth[:nb])
+    row["foreign_cpus"] = load.cpus()
     return row
 
 
@@ -469,7 +500,7 @@ def versions():
 # ---------------------------------------------------------------- report
 
 HEADER = (f"{'peer':<11} {'mode':<21} {'thr':>3} {'C':>5} {'p50 ms':>9} {'p99 ms':>9} "
-          f"{'batch q/s':>10} {'recall@10':>9} {'build s':>8}")
+          f"{'batch q/s':>10} {'recall@10':>9} {'build s':>8} {'other':>5}")
 
 
 def format_row(r):
@@ -478,7 +509,8 @@ def format_row(r):
 
     text = (f"{r['peer']:<11} {r['mode']:<21} {r['threads']:>3} {num(r['candidates'], 'd'):>5} "
             f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {num(r['batch_qps'], '.0f'):>10} "
-            f"{r['recall_at_10']:>9.4f} {num(r['build_s'], '.2f'):>8}")
+            f"{r['recall_at_10']:>9.4f} {num(r['build_s'], '.2f'):>8} "
+            f"{num(r.get('foreign_cpus'), '.2f'):>5}")
     notes = []
     if r.get("single_n") is not None and r["single_n"] < SINGLE_QUERIES:
         notes.append(f"{r['single_n']} single")
