@@ -14,11 +14,13 @@
 
 #include <cjson/cJSON.h>
 #include <getopt.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define SEARCH_K 10
@@ -48,6 +50,10 @@ static const char search_usage[] =
     "  --dir DIR          where --open builds its store (default /tmp)\n"
     "  --save PREFIX      write PREFIX-KIND-base.f32 and PREFIX-KIND-queries.f32 (raw float32,\n"
     "                     row-major) for bench/peers/search_peers.py\n"
+    "  --vectors FILE     time these vectors instead (raw float32, rows of --dim; N is the\n"
+    "                     file's row count, at most the N given), with --query-vectors FILE;\n"
+    "                     the data is then named after the file\n"
+    "  --query-vectors FILE  the queries for --vectors (the first --queries rows)\n"
     "  --seed S           generator seed (default 1)\n"
     "  --json             print JSON instead of a table\n"
     "  -h, --help         this help\n";
@@ -102,6 +108,28 @@ static int save(const char *prefix, const char *kind, const char *what, const fl
     bool ok = f && fwrite(rows, sizeof *rows, count, f) == count;
     if (f && fclose(f) != 0) ok = false;
     if (!ok) fprintf(stderr, "embedrag bench: cannot write %s\n", path);
+    return ok ? 0 : 1;
+}
+
+/* How many rows of `dim` floats the file holds, capped at *rows when that is set (> 0). */
+static int file_rows(const char *path, int dim, int *rows)
+{
+    struct stat st;
+    if (stat(path, &st) != 0 || st.st_size % ((off_t)dim * 4) != 0 || st.st_size == 0) {
+        fprintf(stderr, "embedrag bench: %s is not a file of float32 rows of %d\n", path, dim);
+        return 1;
+    }
+    long long count = (long long)(st.st_size / ((off_t)dim * 4));
+    if (*rows <= 0 || count < *rows) *rows = count > INT_MAX ? INT_MAX : (int)count;
+    return 0;
+}
+
+static int read_rows(const char *path, float *out, size_t count)
+{
+    FILE *f = fopen(path, "rb");
+    bool ok = f && fread(out, sizeof *out, count, f) == count;
+    if (f) fclose(f);
+    if (!ok) fprintf(stderr, "embedrag bench: cannot read %zu floats from %s\n", count, path);
     return ok ? 0 : 1;
 }
 
@@ -291,20 +319,26 @@ int cli_bench_search(int argc, char **argv)
         OPTION_DIR,
         OPTION_SAVE,
         OPTION_SEED,
-        OPTION_JSON
+        OPTION_JSON,
+        OPTION_VECTORS,
+        OPTION_QUERY_VECTORS
     };
-    static const struct option options[] = {{"search", required_argument, NULL, OPTION_SEARCH},
-                                            {"dim", required_argument, NULL, OPTION_DIM},
-                                            {"queries", required_argument, NULL, OPTION_QUERIES},
-                                            {"data", required_argument, NULL, OPTION_DATA},
-                                            {"threads", required_argument, NULL, OPTION_THREADS},
-                                            {"open", no_argument, NULL, OPTION_OPEN},
-                                            {"dir", required_argument, NULL, OPTION_DIR},
-                                            {"save", required_argument, NULL, OPTION_SAVE},
-                                            {"seed", required_argument, NULL, OPTION_SEED},
-                                            {"json", no_argument, NULL, OPTION_JSON},
-                                            {"help", no_argument, NULL, 'h'},
-                                            {NULL, 0, NULL, 0}};
+    static const struct option options[] = {
+        {"search", required_argument, NULL, OPTION_SEARCH},
+        {"dim", required_argument, NULL, OPTION_DIM},
+        {"queries", required_argument, NULL, OPTION_QUERIES},
+        {"data", required_argument, NULL, OPTION_DATA},
+        {"threads", required_argument, NULL, OPTION_THREADS},
+        {"open", no_argument, NULL, OPTION_OPEN},
+        {"dir", required_argument, NULL, OPTION_DIR},
+        {"save", required_argument, NULL, OPTION_SAVE},
+        {"seed", required_argument, NULL, OPTION_SEED},
+        {"json", no_argument, NULL, OPTION_JSON},
+        {"vectors", required_argument, NULL, OPTION_VECTORS},
+        {"query-vectors", required_argument, NULL, OPTION_QUERY_VECTORS},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *vectors_file = NULL, *queries_file = NULL;
     int n = 0, dim = 384, m = 200, threads = threadpool_online_cores(), seed = 1, c;
     bool json = false, open_store = false, uniform = true, clustered = true;
     const char *dir = "/tmp", *prefix = NULL;
@@ -348,6 +382,12 @@ int cli_bench_search(int argc, char **argv)
         case OPTION_JSON:
             json = true;
             break;
+        case OPTION_VECTORS:
+            vectors_file = optarg;
+            break;
+        case OPTION_QUERY_VECTORS:
+            queries_file = optarg;
+            break;
         case 'h':
             fputs(search_usage, stdout);
             return 0;
@@ -356,6 +396,12 @@ int cli_bench_search(int argc, char **argv)
             return 2;
         }
     }
+    if (!vectors_file != !queries_file) {
+        fputs("embedrag bench: --vectors and --query-vectors go together\n", stderr);
+        return 2;
+    }
+    if (vectors_file && (file_rows(vectors_file, dim, &n) || file_rows(queries_file, dim, &m)))
+        return 1;
     size_t rows_bytes = (size_t)n * (size_t)dim * sizeof(float);
     float *rows = memory_alloc_huge(rows_bytes);
     float *queries = malloc((size_t)m * (size_t)dim * sizeof *queries);
@@ -391,11 +437,19 @@ int cli_bench_search(int argc, char **argv)
     generate(centers, SEARCH_CLUSTERS, (size_t)dim, NULL, &state);
     for (int pass = 0; pass < 2; pass++) {
         bool is_clustered = pass == 1;
-        if (is_clustered ? !clustered : !uniform) continue;
         const char *kind = is_clustered ? "clustered" : "uniform";
-        const float *around = is_clustered ? centers : NULL;
-        generate(rows, (size_t)n, (size_t)dim, around, &state);
-        generate(queries, (size_t)m, (size_t)dim, around, &state);
+        if (vectors_file) {
+            if (pass == 1) break;
+            kind = vectors_file;
+            if (read_rows(vectors_file, rows, (size_t)n * (size_t)dim) ||
+                read_rows(queries_file, queries, (size_t)m * (size_t)dim))
+                goto done;
+        } else {
+            if (is_clustered ? !clustered : !uniform) continue;
+            const float *around = is_clustered ? centers : NULL;
+            generate(rows, (size_t)n, (size_t)dim, around, &state);
+            generate(queries, (size_t)m, (size_t)dim, around, &state);
+        }
         if (prefix && (save(prefix, kind, "base", rows, (size_t)n * (size_t)dim) ||
                        save(prefix, kind, "queries", queries, (size_t)m * (size_t)dim)))
             goto done;
