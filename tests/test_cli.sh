@@ -7,17 +7,8 @@ src=${EMBEDRAG_SOURCE_DIR:?set by ctest}
 model=$src/models/all-MiniLM-L6-v2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-checks=0
-failures=0
-check() { # check DESCRIPTION COMMAND...
-    local what=$1
-    shift
-    checks=$((checks + 1))
-    if ! "$@"; then
-        failures=$((failures + 1))
-        echo "FAILED: $what" >&2
-    fi
-}
+# shellcheck source=check.sh
+. "$src/tests/check.sh"
 
 printf 'first line\nsecond line, a bit longer\n\nthird\n' >"$tmp/in.txt"
 

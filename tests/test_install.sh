@@ -11,17 +11,8 @@ cmake=${CMAKE_COMMAND:-cmake}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 prefix=$tmp/prefix
-checks=0
-failures=0
-check() { # check DESCRIPTION COMMAND...
-    local what=$1
-    shift
-    checks=$((checks + 1))
-    if ! "$@"; then
-        failures=$((failures + 1))
-        echo "FAILED: $what" >&2
-    fi
-}
+# shellcheck source=check.sh
+. "$src/tests/check.sh"
 # usage PROGRAM [ENV...]: run without arguments, expect status 2 and the usage line.
 usage() {
     local program=$1 status
