@@ -644,6 +644,29 @@ static void test_search_copy(void)
     CHECK(copy_current(s), "a rolled-back change leaves the copy current");
     CHECK(store_refresh_search_copy(s) == 0, "refresh when current: %s", err_get());
 
+    /* A cache file: read back at its generation only, whole. */
+    uint64_t generation = 0;
+    CHECK(store_generation(s, &generation) == 0 && generation > 0, "a generation");
+    const char payload[] = "codes of the vectors";
+    CHECK(store_cache_write(s, "test-cache", generation, payload, sizeof payload), "cache write");
+    void *data = NULL;
+    size_t bytes = 0;
+    CHECK(store_cache_read(s, "test-cache", generation, &data, &bytes) == 0 && data &&
+              bytes == sizeof payload && !memcmp(data, payload, bytes),
+          "cache read back");
+    free(data);
+    CHECK(store_cache_read(s, "test-cache", generation + 1, &data, &bytes) == 0 && !data,
+          "a cache of another generation is not read");
+    CHECK(store_cache_read(s, "no-such-cache", generation, &data, &bytes) == 0 && !data,
+          "an absent cache is not an error");
+    char cache_file[340];
+    snprintf(cache_file, sizeof cache_file, "%s-test-cache", path);
+    CHECK(truncate(cache_file, 30) == 0, "truncate the cache");
+    CHECK(store_cache_read(s, "test-cache", generation, &data, &bytes) == 0 && !data,
+          "a truncated cache is not read");
+    CHECK(!store_cache_write(s, "test-cache", 0, payload, sizeof payload),
+          "generation 0 (format 1) writes no cache");
+
     /* Damage: a truncated copy, then a copy of another width, are ignored and replaced. */
     CHECK(truncate(copy, 100) == 0, "truncate the copy");
     CHECK(!copy_current(s), "a truncated copy is not current");

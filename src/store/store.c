@@ -586,31 +586,12 @@ int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const ch
  * matrix (count x dim float32). */
 #define SIDE_MAGIC "EMBRVEC1"
 #define SIDE_ALIGN 4096u
-#define SIDE_SUFFIX "-vectors"
 
 typedef struct side_header {
     char magic[8];
     uint32_t dim, reserved;
     uint64_t count, generation, matrix_offset;
 } side_header;
-
-static char *side_path(const store *s, const char *extra)
-{
-    size_t n = strlen(s->path), a = strlen(SIDE_SUFFIX), b = extra ? strlen(extra) : 0;
-    char *p = malloc(n + a + b + 1);
-    if (!p) return NULL;
-    memcpy(p, s->path, n);
-    memcpy(p + n, SIDE_SUFFIX, a);
-    if (b) memcpy(p + n + a, extra, b);
-    p[n + a + b] = '\0';
-    return p;
-}
-
-static uint64_t side_matrix_offset(uint64_t count)
-{
-    uint64_t end = sizeof(side_header) + count * sizeof(int64_t);
-    return (end + SIDE_ALIGN - 1) / SIDE_ALIGN * SIDE_ALIGN;
-}
 
 /* read() or write() of all `bytes`, in pieces (one call moves at most ~2 GB). */
 static bool transfer(int fd, void *buffer, size_t bytes, bool writing)
@@ -627,6 +608,44 @@ static bool transfer(int fd, void *buffer, size_t bytes, bool writing)
     return true;
 }
 
+static char *cache_path(const store *s, const char *name, const char *extra)
+{
+    char suffix[96];
+    snprintf(suffix, sizeof suffix, "-%s%s", name, extra ? extra : "");
+    size_t n = strlen(s->path), a = strlen(suffix);
+    char *p = malloc(n + a + 1);
+    if (!p) return NULL;
+    memcpy(p, s->path, n);
+    memcpy(p + n, suffix, a + 1);
+    return p;
+}
+
+/* Writes the pieces to a temporary file beside the store and renames it over "<store>-NAME",
+ * so that a reader sees the old file or the new one, never part of one. */
+static bool replace_file(store *s, const char *name, const void *const *pieces, const size_t *sizes,
+                         int count)
+{
+    char suffix[32];
+    snprintf(suffix, sizeof suffix, ".%ld.tmp", (long)getpid());
+    char *path = cache_path(s, name, NULL), *temporary = cache_path(s, name, suffix);
+    int fd = temporary ? open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : -1;
+    bool ok = fd >= 0 && path;
+    for (int i = 0; ok && i < count; i++) ok = transfer(fd, (void *)pieces[i], sizes[i], true);
+    if (ok) ok = fsync(fd) == 0;
+    if (fd >= 0 && close(fd) != 0) ok = false;
+    if (ok) ok = rename(temporary, path) == 0;
+    if (!ok && temporary) unlink(temporary);
+    free(path);
+    free(temporary);
+    return ok;
+}
+
+static uint64_t side_matrix_offset(uint64_t count)
+{
+    uint64_t end = sizeof(side_header) + count * sizeof(int64_t);
+    return (end + SIDE_ALIGN - 1) / SIDE_ALIGN * SIDE_ALIGN;
+}
+
 /* The database's generation, or 0 for a format-1 store that has none. */
 static int read_generation(store *s, uint64_t *generation)
 {
@@ -641,7 +660,7 @@ static int read_generation(store *s, uint64_t *generation)
  * width at `generation`; -1 otherwise (absent, stale or damaged). */
 static int side_open(store *s, uint64_t generation, size_t count, side_header *h)
 {
-    char *path = side_path(s, NULL);
+    char *path = cache_path(s, "vectors", NULL);
     int fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
     free(path);
     if (fd < 0) return -1;
@@ -686,27 +705,17 @@ static bool side_write(store *s, uint64_t generation, size_t count, const float 
                        const int64_t *ids)
 {
     size_t dim = (size_t)s->model.dimension;
-    char suffix[32];
-    snprintf(suffix, sizeof suffix, ".%ld.tmp", (long)getpid());
-    char *path = side_path(s, NULL), *temporary = side_path(s, suffix);
-    int fd = temporary ? open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : -1;
     side_header h = {.dim = (uint32_t)dim,
                      .count = count,
                      .generation = generation,
                      .matrix_offset = side_matrix_offset(count)};
     memcpy(h.magic, SIDE_MAGIC, 8);
     static const char zeros[SIDE_ALIGN];
-    size_t padding = h.matrix_offset - sizeof h - count * sizeof *ids;
-    bool ok = fd >= 0 && path && transfer(fd, &h, sizeof h, true) &&
-              transfer(fd, (void *)ids, count * sizeof *ids, true) &&
-              transfer(fd, (void *)zeros, padding, true) &&
-              transfer(fd, (void *)matrix, count * dim * sizeof *matrix, true) && fsync(fd) == 0;
-    if (fd >= 0 && close(fd) != 0) ok = false;
-    if (ok) ok = rename(temporary, path) == 0;
-    if (!ok && temporary) unlink(temporary);
-    free(path);
-    free(temporary);
-    return ok;
+    const void *pieces[] = {&h, ids, zeros, matrix};
+    size_t sizes[] = {sizeof h, count * sizeof *ids,
+                      h.matrix_offset - sizeof h - count * sizeof *ids,
+                      count * dim * sizeof *matrix};
+    return replace_file(s, "vectors", pieces, sizes, 4);
 }
 
 static int load_from_database(store *s, size_t n, float **matrix, int64_t **chunk_ids,
@@ -832,6 +841,56 @@ int store_search_copy_current(store *s, bool *current)
     int rc = in_snapshot(s, read_snapshot, &job);
     *current = job.current;
     return rc;
+}
+
+/* Cache files ("<store>-NAME"): bytes derived from the vectors at one generation (the search's
+ * quantized codes), checked and replaced like the search copy. Header: magic, generation,
+ * payload bytes. */
+#define CACHE_MAGIC "EMBRCACH"
+
+typedef struct cache_header {
+    char magic[8];
+    uint64_t generation, bytes;
+} cache_header;
+
+int store_cache_read(store *s, const char *name, uint64_t generation, void **data, size_t *bytes)
+{
+    *data = NULL;
+    *bytes = 0;
+    char *path = cache_path(s, name, NULL);
+    if (!path) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    free(path);
+    if (fd < 0) return 0;
+    cache_header h;
+    struct stat st;
+    void *buffer = NULL;
+    if (generation && transfer(fd, &h, sizeof h, false) && fstat(fd, &st) == 0 &&
+        memcmp(h.magic, CACHE_MAGIC, 8) == 0 && h.generation == generation &&
+        (uint64_t)st.st_size == sizeof h + h.bytes && h.bytes > 0 && h.bytes <= SIZE_MAX) {
+        buffer = malloc((size_t)h.bytes);
+        if (buffer && !transfer(fd, buffer, (size_t)h.bytes, false)) {
+            free(buffer);
+            buffer = NULL;
+        }
+    }
+    close(fd);
+    if (buffer) {
+        *data = buffer;
+        *bytes = (size_t)h.bytes;
+    }
+    return 0;
+}
+
+bool store_cache_write(store *s, const char *name, uint64_t generation, const void *data,
+                       size_t bytes)
+{
+    if (!generation) return false;
+    cache_header h = {.generation = generation, .bytes = bytes};
+    memcpy(h.magic, CACHE_MAGIC, 8);
+    const void *pieces[] = {&h, data};
+    size_t sizes[] = {sizeof h, bytes};
+    return replace_file(s, name, pieces, sizes, 2);
 }
 
 int store_generation(store *s, uint64_t *generation)
@@ -1148,7 +1207,7 @@ int store_get_stats(store *s, store_stats *out)
         if (stat(wal, &fs) == 0) out->file_bytes += fs.st_size;
         free(wal);
     }
-    char *copy = side_path(s, NULL);
+    char *copy = cache_path(s, "vectors", NULL);
     if (copy && stat(copy, &fs) == 0) out->search_copy_bytes = fs.st_size;
     free(copy);
     return store_search_copy_current(s, &out->search_copy_current);

@@ -96,6 +96,16 @@ int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *co
  * something, so that the next search opens fast). */
 int store_refresh_search_copy(store *s);
 
+/* Cache files beside the store ("<store>-NAME"): bytes derived from its vectors at one
+ * generation (a search's quantized codes), so that they are built once per change, not once per
+ * open. store_cache_read gives a malloc'd copy when the file is of `generation` (0 never is),
+ * else *data NULL (not an error); store_cache_write replaces the file whole (by rename), and
+ * says whether it could (a read-only folder or a full disk only costs the next open the
+ * rebuild). */
+int store_cache_read(store *s, const char *name, uint64_t generation, void **data, size_t *bytes);
+bool store_cache_write(store *s, const char *name, uint64_t generation, const void *data,
+                       size_t bytes);
+
 /* A number that changes with every committed change of the chunks (0 for a store of format 1,
  * which has none): a searcher reloads its vectors when it differs from the one it loaded. */
 int store_generation(store *s, uint64_t *generation);
