@@ -3,6 +3,8 @@
 #ifndef EMBEDRAG_TESTS_CHECK_H
 #define EMBEDRAG_TESTS_CHECK_H
 
+#include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +28,32 @@ static inline int check_finish(const char *name)
 {
     printf("%s: %d checks, %d failed\n", name, check_count, check_failures);
     return check_failures ? 1 : 0;
+}
+
+/* Random test data, the same on every run: xorshift64 (check_random), uniform in [-1, 1)
+ * (check_uniform), and scaling a vector to unit length (check_normalize; a zero vector becomes
+ * the first axis). */
+static inline uint64_t check_random(void)
+{
+    static uint64_t state = 0x9E3779B97F4A7C15ull;
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+}
+
+static inline float check_uniform(void)
+{
+    return (float)((check_random() >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+static inline void check_normalize(float *v, size_t dim)
+{
+    double s = 0;
+    for (size_t j = 0; j < dim; j++) s += (double)v[j] * v[j];
+    if (s == 0) v[0] = 1.0f, s = 1.0;
+    float inv = (float)(1.0 / sqrt(s));
+    for (size_t j = 0; j < dim; j++) v[j] *= inv;
 }
 
 /* Directory of the source tree (set by ctest; "." otherwise). */

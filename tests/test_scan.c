@@ -7,6 +7,7 @@
 #include "util/error.h"
 
 #include "check.h"
+#include "check_hits.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -44,30 +45,6 @@
  * sum |x_i y_i| <= 52 * 6e-8 = 3.1e-6 at 768 dimensions (sum |x_i y_i| <= 1 for unit vectors). */
 #define SCORE_TOLERANCE 1e-5
 
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-
-static uint64_t next_random(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
-}
-
-static float uniform(void)
-{
-    return (float)((next_random() >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
-}
-
-static void normalize(float *v, size_t dim)
-{
-    double s = 0;
-    for (size_t j = 0; j < dim; j++) s += (double)v[j] * v[j];
-    if (s == 0) v[0] = 1.0f, s = 1.0;
-    float inv = (float)(1.0 / sqrt(s));
-    for (size_t j = 0; j < dim; j++) v[j] *= inv;
-}
-
 /* Floats after each matrix and query, NaN: a kernel reading past the end returns NaN scores. */
 #define SENTINELS 16
 
@@ -79,12 +56,13 @@ static float *make_vectors(size_t n, size_t dim, bool clustered)
     float *m = malloc((n * dim + SENTINELS) * sizeof(float));
     for (size_t i = 0; i < SENTINELS; i++) m[n * dim + i] = NAN;
     float *centres = malloc(CLUSTERS * dim * sizeof(float));
-    for (size_t i = 0; i < CLUSTERS * dim; i++) centres[i] = uniform();
+    for (size_t i = 0; i < CLUSTERS * dim; i++) centres[i] = check_uniform();
     for (size_t i = 0; i < n; i++) {
         float *v = m + i * dim;
-        const float *c = centres + (next_random() % CLUSTERS) * dim;
-        for (size_t j = 0; j < dim; j++) v[j] = clustered ? c[j] + 0.1f * uniform() : uniform();
-        normalize(v, dim);
+        const float *c = centres + (check_random() % CLUSTERS) * dim;
+        for (size_t j = 0; j < dim; j++)
+            v[j] = clustered ? c[j] + 0.1f * check_uniform() : check_uniform();
+        check_normalize(v, dim);
     }
     free(centres);
     return m;
@@ -149,15 +127,6 @@ static void check_hits(const char *what, const float *rows, size_t n, size_t dim
     free(ref);
 }
 
-static bool same_hits(const scan_hit *a, size_t na, const scan_hit *b, size_t nb)
-{
-    if (na != nb) return false;
-    for (size_t i = 0; i < na; i++)
-        if (a[i].row != b[i].row || memcmp(&a[i].score, &b[i].score, sizeof(float)) != 0)
-            return false;
-    return true;
-}
-
 static int isas[3];
 static int n_isas;
 static threadpool *pools[4]; /* pools[t]: t threads (pools[1] is NULL: the calling thread) */
@@ -174,7 +143,7 @@ static scan_params params_for(int isa, int threads, const uint8_t *allowed)
 static uint8_t *random_bitmap(size_t n, unsigned percent)
 {
     uint8_t *bits = calloc(scan_bitmap_bytes(n) + 1, 1);
-    for (size_t i = 0; i < n; i++) scan_bitmap_set(bits, i, next_random() % 100 < percent);
+    for (size_t i = 0; i < n; i++) scan_bitmap_set(bits, i, check_random() % 100 < percent);
     return bits;
 }
 
@@ -198,7 +167,7 @@ static void test_matches_reference(size_t n, size_t dim, bool clustered, const u
             for (int threads = 1; threads <= 3; threads++) {
                 p = params_for(isas[i], threads, allowed);
                 CHECK(scan_topk(rows, n, dim, query, k, &p, hits, &n_hits) == 0, "%s", err_get());
-                CHECK(same_hits(base, n_base, hits, n_hits),
+                CHECK(check_same_hits(base, n_base, hits, n_hits),
                       "n %zu dim %zu k %zu %s%s: %s on %d threads differs from generic on one", n,
                       dim, k, clustered ? "clustered" : "uniform", allowed ? " filtered" : "",
                       scan_isa_name(isas[i]), threads);
@@ -228,7 +197,7 @@ static void test_large_matrix(bool clustered)
             if (isas[i] == scan_isa() && threads == 1) continue;
             p = params_for(isas[i], threads, NULL);
             CHECK(scan_topk(rows, n, dim, query, k, &p, hits, &n_hits) == 0, "%s", err_get());
-            CHECK(same_hits(base, n_base, hits, n_hits), "large: %s on %d threads differs",
+            CHECK(check_same_hits(base, n_base, hits, n_hits), "large: %s on %d threads differs",
                   scan_isa_name(isas[i]), threads);
         }
     free(query);
@@ -253,7 +222,7 @@ static void test_batch_matches_single(size_t n, size_t dim, size_t m, size_t k,
             for (size_t q = 0; q < m; q++) {
                 CHECK(scan_topk(rows, n, dim, queries + q * dim, k, &p, one, &n_one) == 0, "%s",
                       err_get());
-                differ += !same_hits(one, n_one, batch + q * k, n_batch[q]);
+                differ += !check_same_hits(one, n_one, batch + q * k, n_batch[q]);
             }
             CHECK(differ == 0,
                   "batch of %zu (dim %zu, k %zu%s) on %s, %d threads: %d queries "
@@ -316,8 +285,8 @@ static void test_filter_reads_only_allowed_rows(void)
     uint8_t *bits = calloc(scan_bitmap_bytes(n), 1);
     for (size_t i = 0; i < n; i++) {
         float *v = rows + i * dim;
-        for (size_t j = 0; j < dim; j++) v[j] = uniform();
-        normalize(v, dim);
+        for (size_t j = 0; j < dim; j++) v[j] = check_uniform();
+        check_normalize(v, dim);
         bool allowed = i % 7 == 3 || (i >= 150 && i < 153);
         scan_bitmap_set(bits, i, allowed);
     }

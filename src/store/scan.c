@@ -475,9 +475,7 @@ static void heap_sift_down(scan_hit *h, size_t size, size_t i)
     h[i] = x;
 }
 
-/* Offers x to a heap of capacity cap (>= 1) holding *size entries. Returns the score a row must
- * reach (>=) to be offered next time: the root's once the heap is full, -inf before. */
-static float heap_offer(scan_hit *h, size_t *size, size_t cap, scan_hit x)
+float scan_hits_offer(scan_hit *h, size_t *size, size_t cap, scan_hit x)
 {
     if (*size < cap) {
         size_t i = (*size)++;
@@ -497,8 +495,7 @@ static float heap_offer(scan_hit *h, size_t *size, size_t cap, scan_hit x)
     return h[0].score;
 }
 
-/* Sorts a heap in place, best first. */
-static void heap_sort(scan_hit *h, size_t size)
+void scan_hits_sort(scan_hit *h, size_t size)
 {
     for (size_t end = size; end > 1; end--) {
         scan_hit worst = h[0];
@@ -613,7 +610,7 @@ static void scan_task(void *ctx, int task, int thread)
             /* NaN fails >= and is never offered. */
             for (int i = 0; i < b.count; i++)
                 if (s[i] >= t && (!dense || scan_bitmap_get(job->allowed, index[i])))
-                    t = heap_offer(heap, &sizes[q], job->cap, (scan_hit){index[i], s[i]});
+                    t = scan_hits_offer(heap, &sizes[q], job->cap, (scan_hit){index[i], s[i]});
             threshold[q] = t;
         }
     }
@@ -720,9 +717,9 @@ int scan_topk_batch(const float *rows, size_t n, size_t dim, const float *querie
             for (int t = 0; t < tasks; t++) {
                 const scan_hit *h = job.heaps + ((size_t)t * group + (size_t)q) * cap;
                 size_t count = job.sizes[(size_t)t * group + (size_t)q];
-                for (size_t j = 0; j < count; j++) heap_offer(out, &size, k, h[j]);
+                for (size_t j = 0; j < count; j++) scan_hits_offer(out, &size, k, h[j]);
             }
-            heap_sort(out, size);
+            scan_hits_sort(out, size);
             n_hits[q0 + (size_t)q] = size;
         }
     }
@@ -736,6 +733,21 @@ int scan_topk(const float *rows, size_t n, size_t dim, const float *query, size_
               const scan_params *params, scan_hit *hits, size_t *n_hits)
 {
     return scan_topk_batch(rows, n, dim, query, 1, k, params, hits, n_hits);
+}
+
+void scan_score_rows(const float *rows, size_t dim, const size_t *index, size_t count,
+                     const float *query, int isa, float *scores)
+{
+    scan_dots_fn dots = dots_for(isa == SCAN_ISA_AUTO ? scan_isa() : isa);
+    float block_scores[SCAN_BLOCK_ROWS];
+    scan_block b = {.rows = rows, .dim = dim, .queries = query, .n_queries = 1};
+    b.scores = block_scores;
+    for (size_t i = 0; i < count; i += SCAN_BLOCK_ROWS) {
+        b.index = index + i;
+        b.count = count - i < SCAN_BLOCK_ROWS ? (int)(count - i) : SCAN_BLOCK_ROWS;
+        dots(&b);
+        memcpy(scores + i, block_scores, (size_t)b.count * sizeof(float));
+    }
 }
 
 /* ---- memory bandwidth ----------------------------------------------------------------------- */

@@ -61,6 +61,21 @@ int scan_topk(const float *rows, size_t n, size_t dim, const float *query, size_
 int scan_topk_batch(const float *rows, size_t n, size_t dim, const float *queries, size_t m,
                     size_t k, const scan_params *params, scan_hit *hits, size_t *n_hits);
 
+/* For searches that score only some rows (a quantized search's shortlist, src/store/quant.h):
+ * scores[i] = <rows[index[i] * dim ..], query> for i < count, the same bits scan_topk computes
+ * for those rows with instruction set `isa` (SCAN_ISA_AUTO: scan_isa(); the caller checks
+ * scan_isa_supported). Rows are read in the order given: ascending order reads fastest. */
+void scan_score_rows(const float *rows, size_t dim, const size_t *index, size_t count,
+                     const float *query, int isa, float *scores);
+
+/* The bounded heap scan_topk keeps a range's best hits in, ordered as its results are (higher
+ * score first, then lower row): scan_hits_offer offers x to a heap of capacity cap (>= 1)
+ * holding *size entries, and returns the score a hit must reach (>=) to be worth offering next
+ * time (the worst kept once full, -inf before); NaN scores must not be offered.
+ * scan_hits_sort sorts a heap of `size` entries in place, best first. */
+float scan_hits_offer(scan_hit *heap, size_t *size, size_t cap, scan_hit x);
+void scan_hits_sort(scan_hit *heap, size_t size);
+
 /* Queries that share one pass over the matrix in scan_topk_batch: enough to make the pass
  * compute-bound (each row then costs 64 x 2 x dim FLOPs per 4 x dim bytes, about 6 times the
  * FLOP-per-byte balance of a 2-core VM here), few enough for their scores and heaps to stay

@@ -19,12 +19,14 @@
 #define CPUID1_ECX_OSXSAVE (1u << 27)
 #define CPUID1_ECX_AVX (1u << 28)
 #define CPUID1_ECX_F16C (1u << 29)
-/* CPUID leaf 7 subleaf 0, EBX and EDX. */
+/* CPUID leaf 7 subleaf 0, EBX, ECX and EDX. */
 #define CPUID7_EBX_AVX2 (1u << 5)
 #define CPUID7_EBX_AVX512F (1u << 16)
 #define CPUID7_EBX_AVX512DQ (1u << 17)
 #define CPUID7_EBX_AVX512BW (1u << 30)
 #define CPUID7_EBX_AVX512VL (1u << 31)
+#define CPUID7_ECX_AVX512_VNNI (1u << 11)
+#define CPUID7_ECX_AVX512_VPOPCNTDQ (1u << 14)
 #define CPUID7_EDX_AMX_BF16 (1u << 22)
 #define CPUID7_EDX_AMX_TILE (1u << 24)
 /* CPUID leaf 7 subleaf 1, EAX. */
@@ -59,13 +61,15 @@ static void detect(void)
     features.f16c = leaf1_ecx & CPUID1_ECX_F16C;
     if (__get_cpuid_max(0, NULL) < 7) return;
     __cpuid_count(7, 0, a, b, c, d);
-    unsigned max_subleaf = a, leaf7_ebx = b, leaf7_edx = d;
+    unsigned max_subleaf = a, leaf7_ebx = b, leaf7_ecx = c, leaf7_edx = d;
     features.avx2 = leaf7_ebx & CPUID7_EBX_AVX2;
     if ((xcr0_lo & XCR0_AVX512) == XCR0_AVX512) {
         features.avx512f = leaf7_ebx & CPUID7_EBX_AVX512F;
         features.avx512dq = features.avx512f && (leaf7_ebx & CPUID7_EBX_AVX512DQ);
         features.avx512bw = features.avx512f && (leaf7_ebx & CPUID7_EBX_AVX512BW);
         features.avx512vl = features.avx512f && (leaf7_ebx & CPUID7_EBX_AVX512VL);
+        features.avx512_vnni = features.avx512f && (leaf7_ecx & CPUID7_ECX_AVX512_VNNI);
+        features.avx512_vpopcntdq = features.avx512f && (leaf7_ecx & CPUID7_ECX_AVX512_VPOPCNTDQ);
         if (features.avx512f && max_subleaf >= 1) {
             __cpuid_count(7, 1, a, b, c, d);
             features.avx512_bf16 = a & CPUID7_1_EAX_AVX512_BF16;

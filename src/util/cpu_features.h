@@ -10,7 +10,9 @@
 typedef struct cpu_features {
     bool avx2, fma, f16c;
     bool avx512f, avx512dq, avx512bw, avx512vl;
-    bool avx512_bf16; /* VDPBF16PS and the fp32 -> bfloat16 conversions */
+    bool avx512_bf16;      /* VDPBF16PS and the fp32 -> bfloat16 conversions */
+    bool avx512_vnni;      /* VPDPBUSD: u8 x s8 dot products into int32 (the int8 codes' scan) */
+    bool avx512_vpopcntdq; /* VPOPCNTQ: popcount of 64-bit lanes (the 1-bit codes' scan) */
     /* AMX tiles and their bfloat16 multiply, with the tile state enabled by the OS. On Linux a
      * process must still ask for that state before its first tile instruction:
      * cpu_features_amx_permitted(). */
