@@ -32,7 +32,8 @@ enum {
     OPTION_QUIET,
     OPTION_PATH,
     OPTION_WHERE,
-    OPTION_TIMINGS
+    OPTION_TIMINGS,
+    OPTION_EXACT
 };
 
 /* The most --where conditions one search takes. */
@@ -186,6 +187,9 @@ static const char search_usage[] =
     "                       matches '/'; sources are absolute paths, or FILE.jsonl:LINE)\n"
     "  --where KEY=VALUE    only documents whose metadata field KEY equals VALUE (a string's\n"
     "                       text, or a number's or boolean's JSON text); repeat to AND them\n"
+    "  --exact              dense: scan every vector (by default a store of 50,000 vectors or\n"
+    "                       more is searched through 1-bit codes, recall@10 >= 0.99, exact\n"
+    "                       scores)\n"
     "  --timings            print each query's time (embedding, search, fetching texts) to\n"
     "                       stderr, and percentiles after the last\n"
     "  --json               one JSON object per query: {\"query\", \"results\": [{\"rank\",\n"
@@ -248,7 +252,7 @@ static int print_results(store *s, const char *query, const search_hit *hits, in
 
 static int search_run(int argc, char **argv, cli_model_options *model_options,
                       const char *store_option, const char *queries, search_mode mode, int k,
-                      bool json, const store_filter *filter, bool timings);
+                      bool json, const store_filter *filter, bool timings, bool exact);
 
 int cli_search(int argc, char **argv)
 {
@@ -260,6 +264,7 @@ int cli_search(int argc, char **argv)
                                             {"path", required_argument, NULL, OPTION_PATH},
                                             {"where", required_argument, NULL, OPTION_WHERE},
                                             {"timings", no_argument, NULL, OPTION_TIMINGS},
+                                            {"exact", no_argument, NULL, OPTION_EXACT},
                                             {"help", no_argument, NULL, 'h'},
                                             {NULL, 0, NULL, 0}};
     cli_model_options model_options = cli_model_defaults();
@@ -267,7 +272,7 @@ int cli_search(int argc, char **argv)
     const char *where_keys[CLI_MAX_WHERE], *where_values[CLI_MAX_WHERE];
     char *where_copies[CLI_MAX_WHERE];
     store_filter filter = {.keys = where_keys, .values = where_values};
-    bool timings = false;
+    bool timings = false, exact = false;
     search_mode mode = SEARCH_DENSE;
     int k = 5, c;
     bool json = false;
@@ -324,6 +329,9 @@ int cli_search(int argc, char **argv)
         case OPTION_TIMINGS:
             timings = true;
             break;
+        case OPTION_EXACT:
+            exact = true;
+            break;
         case 'h':
             fputs(search_usage, stdout);
             return 0;
@@ -333,7 +341,7 @@ int cli_search(int argc, char **argv)
         }
     }
     int status = search_run(argc, argv, &model_options, store_option, queries, mode, k, json,
-                            &filter, timings);
+                            &filter, timings, exact);
     for (int i = 0; i < filter.count; i++) free(where_copies[i]);
     return status;
 }
@@ -341,7 +349,7 @@ int cli_search(int argc, char **argv)
 /* The search itself, once the options are parsed. */
 static int search_run(int argc, char **argv, cli_model_options *model_options,
                       const char *store_option, const char *queries, search_mode mode, int k,
-                      bool json, const store_filter *filter, bool timings)
+                      bool json, const store_filter *filter, bool timings, bool exact)
 {
     if (!queries && optind >= argc) {
         fputs("embedrag search: give a question, or --queries FILE\n", stderr);
@@ -377,6 +385,7 @@ static int search_run(int argc, char **argv, cli_model_options *model_options,
         fprintf(stderr, "embedrag search: %s\n", embedrag_last_error());
         goto done;
     }
+    searcher_set_exact(sr, exact);
     FILE *in = NULL;
     if (queries) {
         in = strcmp(queries, "-") ? fopen(queries, "rb") : stdin;
@@ -432,9 +441,10 @@ static int search_run(int argc, char **argv, cli_model_options *model_options,
         double p50 = cli_percentile(v, n, 0.50), p90 = cli_percentile(v, n, 0.90),
                p99 = cli_percentile(v, n, 0.99);
         fprintf(stderr,
-                "%ld queries over %zu vectors: p50 %.3f ms, p90 %.3f ms, p99 %.3f ms (the first "
-                "left out)\n",
-                timed, searcher_vectors(sr), p50, p90, p99);
+                "%ld queries over %zu vectors (%s): p50 %.3f ms, p90 %.3f ms, p99 %.3f ms (the "
+                "first left out)\n",
+                timed, searcher_vectors(sr), searcher_quantized(sr) ? "quantized" : "exact", p50,
+                p90, p99);
     }
     free(times);
     free(line);

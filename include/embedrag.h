@@ -363,6 +363,12 @@ typedef struct embedrag_search_params {
     const char *const *metadata_keys;
     const char *const *metadata_values;
     int metadata_count;
+    /* Dense: scan every vector. By default (false) a store of 50,000 vectors or more is
+     * searched through 1-bit codes that pick a shortlist sized to keep recall@10 >= 0.99, and
+     * the shortlist is scored exactly (the scores are exact; which chunks are found may differ
+     * from the exact scan's in rare cases): 1.9 ms instead of 50 for a million vectors on two
+     * cores. */
+    bool exact;
 } embedrag_search_params;
 
 EMBEDRAG_API embedrag_search_params embedrag_search_default_params(void);

@@ -381,6 +381,107 @@ static void test_library_api(void)
     embedrag_model_close(m);
 }
 
+/* Clustered unit vectors: `centers` directions, each row one of them plus noise. */
+static void clustered_rows(float *rows, size_t n, const float *centers, int center_count)
+{
+    for (size_t r = 0; r < n; r++) {
+        const float *c = centers + (check_random() % (uint64_t)center_count) * 384;
+        for (int d = 0; d < 384; d++) rows[r * 384 + d] = c[d] + 0.08f * check_uniform();
+        check_normalize(rows + r * 384, 384);
+    }
+}
+
+/* A store past SEARCH_QUANT_MIN_ROWS searches through quantized codes by default: recall@10
+ * against the exact scan at least 0.99, every score the exact one, filters honoured, and the
+ * codes cached for the next open. Vectors brought by the documents (no model work). */
+#define QUANT_DOCS 60000
+#define QUANT_QUERIES 40
+static void test_quantized_store(void)
+{
+    embedrag_model *m = open_model("all-MiniLM-L6-v2");
+    if (!m) return;
+    char path[300], codes[330];
+    snprintf(path, sizeof path, "%s/quant.db", dir);
+    snprintf(codes, sizeof codes, "%s-codes", path);
+    float *centers = malloc(200 * 384 * sizeof *centers);
+    float *rows = malloc((size_t)QUANT_DOCS * 384 * sizeof *rows);
+    float *queries = malloc(QUANT_QUERIES * 384 * sizeof *queries);
+    embedrag_document *docs = calloc(QUANT_DOCS, sizeof *docs);
+    char(*ids)[24] = malloc((size_t)QUANT_DOCS * sizeof *ids);
+    static const char *const groups[] = {"{\"g\": 0}", "{\"g\": 1}", "{\"g\": 2}", "{\"g\": 3}"};
+    embedrag_store *st = NULL;
+    if (!centers || !rows || !queries || !docs || !ids) goto done;
+    for (int c = 0; c < 200 * 384; c++) centers[c] = check_uniform();
+    for (int c = 0; c < 200; c++) check_normalize(centers + c * 384, 384);
+    clustered_rows(rows, QUANT_DOCS, centers, 200);
+    clustered_rows(queries, QUANT_QUERIES, centers, 200);
+    for (int i = 0; i < QUANT_DOCS; i++) {
+        snprintf(ids[i], sizeof ids[i], "v%d", i);
+        docs[i] = (embedrag_document){
+            .id = ids[i], .text = ids[i], .metadata = groups[i % 4], .vector = rows + i * 384};
+    }
+    CHECK(embedrag_store_open(path, m, NULL, &st) == 0, "open: %s", embedrag_last_error());
+    if (!st) goto done;
+    CHECK(embedrag_store_add(st, docs, QUANT_DOCS, NULL) == 0, "add: %s", embedrag_last_error());
+    static const char *const g[] = {"g"}, *const one[] = {"1"};
+    for (int pass = 0; pass < 2; pass++) {
+        /* Pass 1: a new handle, read-only and without a model, with the cached codes. */
+        int found_hits = 0, total = 0, inexact = 0, outside = 0;
+        for (int filtered = 0; filtered < 2; filtered++)
+            for (int q = 0; q < QUANT_QUERIES; q++) {
+                embedrag_search_params sp = embedrag_search_default_params();
+                if (filtered) {
+                    sp.metadata_keys = g;
+                    sp.metadata_values = one;
+                    sp.metadata_count = 1;
+                }
+                embedrag_search_result quick[10], exact[10];
+                int nq = 0, ne = 0;
+                bool ok = embedrag_store_search_vector(st, queries + q * 384, &sp, quick, &nq) == 0;
+                char quick_ids[10][24];
+                for (int i = 0; i < nq; i++) snprintf(quick_ids[i], 24, "%s", quick[i].document);
+                double quick_scores[10];
+                for (int i = 0; i < nq; i++) quick_scores[i] = quick[i].score;
+                for (int i = 0; i < nq; i++) outside += filtered && !strstr(quick[i].metadata, "1");
+                sp.exact = true;
+                ok =
+                    ok && embedrag_store_search_vector(st, queries + q * 384, &sp, exact, &ne) == 0;
+                CHECK(ok && nq == 10 && ne == 10, "searches: %d %d %s", nq, ne,
+                      embedrag_last_error());
+                for (int i = 0; i < ne; i++) {
+                    total++;
+                    for (int j = 0; j < nq; j++)
+                        if (!strcmp(exact[i].document, quick_ids[j])) {
+                            found_hits++;
+                            inexact += exact[i].score != quick_scores[j];
+                        }
+                }
+            }
+        double recall = total ? (double)found_hits / total : 0;
+        CHECK(recall >= 0.99, "pass %d: recall@10 of the quantized search %.4f", pass, recall);
+        CHECK(inexact == 0, "pass %d: %d scores differ from the exact scan's", pass, inexact);
+        CHECK(outside == 0, "pass %d: %d results outside the filter", pass, outside);
+        CHECK(access(codes, R_OK) == 0, "pass %d: the codes are cached in %s", pass, codes);
+        embedrag_store_close(st);
+        st = NULL;
+        if (pass == 0) {
+            embedrag_store_params ro = embedrag_store_default_params();
+            ro.read_only = true;
+            CHECK(embedrag_store_open(path, NULL, &ro, &st) == 0, "reopen: %s",
+                  embedrag_last_error());
+            if (!st) break;
+        }
+    }
+done:
+    embedrag_store_close(st);
+    free(centers);
+    free(rows);
+    free(queries);
+    free(docs);
+    free(ids);
+    embedrag_model_close(m);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -393,6 +494,7 @@ int main(void)
     make_corpus();
     test_index_and_search();
     test_library_api();
+    test_quantized_store();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

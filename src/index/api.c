@@ -257,6 +257,7 @@ static int search(embedrag_store *s, search_request request, const embedrag_sear
                            .keys = params->metadata_keys,
                            .values = params->metadata_values,
                            .count = params->metadata_count};
+    searcher_set_exact(s->searcher, params->exact);
     int n = 0;
     static const search_mode modes[] = {SEARCH_DENSE, SEARCH_BM25, SEARCH_HYBRID};
     rc = request.vector

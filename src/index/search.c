@@ -3,6 +3,7 @@
 
 #include "index/indexer.h"
 
+#include "store/quant.h"
 #include "store/scan.h"
 #include "util/error.h"
 #include "util/threadpool.h"
@@ -26,6 +27,10 @@ struct searcher {
     scan_hit *scan_hits;
     int64_t *bm25_ids;
     double *bm25_scores;
+    /* The quantized codes of the matrix (stores of SEARCH_QUANT_MIN_ROWS vectors and more), or
+     * NULL: then dense search scans every vector. */
+    quant_codes *codes;
+    bool exact; /* scan every vector even where there are codes */
     /* The last filter's rows, kept while the same filter comes again (a batch of queries). */
     char *filter_key;
     uint8_t *allowed;
@@ -39,15 +44,51 @@ static void forget_filter(searcher *sr)
     sr->allowed = NULL;
 }
 
+/* The codes of the loaded vectors: from the store's cache file when it is of this generation,
+ * else built (a second or so for a million vectors) and cached for the next open. */
+static int load_codes(searcher *sr)
+{
+    if (sr->count < SEARCH_QUANT_MIN_ROWS) return 0;
+    void *data = NULL;
+    size_t bytes = 0;
+    int rc = store_cache_read(sr->store, SEARCH_CODES_CACHE, sr->generation, &data, &bytes);
+    if (rc) return rc;
+    if (data) {
+        quant_codes_info info;
+        if (quant_codes_load(data, bytes, &sr->codes) == 0) {
+            quant_codes_get_info(sr->codes, &info);
+            if (info.n != sr->count || info.dim != (size_t)sr->dim) {
+                quant_codes_free(sr->codes);
+                sr->codes = NULL;
+            }
+        }
+        err_clear();
+        free(data);
+        if (sr->codes) return 0;
+    }
+    quant_build_params bp = quant_default_build_params();
+    bp.pool = sr->pool;
+    rc = quant_codes_build(sr->matrix, sr->count, (size_t)sr->dim, &bp, &sr->codes);
+    if (rc) return rc;
+    const void *built = NULL;
+    quant_codes_bytes(sr->codes, &built, &bytes);
+    store_cache_write(sr->store, SEARCH_CODES_CACHE, sr->generation, built, bytes);
+    return 0;
+}
+
 static int load(searcher *sr)
 {
     free(sr->matrix);
     free(sr->chunk_ids);
+    quant_codes_free(sr->codes);
     sr->matrix = NULL;
     sr->chunk_ids = NULL;
+    sr->codes = NULL;
     sr->count = 0;
     forget_filter(sr);
-    return store_load_vectors(sr->store, &sr->matrix, &sr->chunk_ids, &sr->count, &sr->generation);
+    int rc =
+        store_load_vectors(sr->store, &sr->matrix, &sr->chunk_ids, &sr->count, &sr->generation);
+    return rc ? rc : load_codes(sr);
 }
 
 /* Loads the vectors again when the store has changed since they were loaded. */
@@ -80,8 +121,8 @@ int searcher_open(store *s, embedrag_model *model, int threads, searcher **out)
     sr->model = model;
     sr->dim = sm->dimension;
     sr->query_prompt = prompt;
-    int rc = load(sr);
-    if (!rc) rc = threadpool_create(threads, &sr->pool);
+    int rc = threadpool_create(threads, &sr->pool);
+    if (!rc) rc = load(sr);
     sr->query = malloc((size_t)sr->dim * sizeof *sr->query);
     if (!rc && !sr->query) rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
     if (rc) {
@@ -96,6 +137,7 @@ void searcher_close(searcher *sr)
 {
     if (!sr) return;
     threadpool_destroy(sr->pool);
+    quant_codes_free(sr->codes);
     free(sr->matrix);
     free(sr->chunk_ids);
     free(sr->query);
@@ -109,6 +151,16 @@ void searcher_close(searcher *sr)
 size_t searcher_vectors(const searcher *sr)
 {
     return sr->count;
+}
+
+void searcher_set_exact(searcher *sr, bool exact)
+{
+    sr->exact = exact;
+}
+
+bool searcher_quantized(const searcher *sr)
+{
+    return sr->codes && !sr->exact;
 }
 
 /* ---- filters ---- */
