@@ -6,6 +6,7 @@
  * same data. */
 #include "cli.h"
 
+#include "store/quant.h"
 #include "store/scan.h"
 #include "store/store.h"
 #include "util/error.h"
@@ -167,11 +168,25 @@ static double recall_at_10(const search_setup *s, const scan_hit *hits, const si
     return total ? (double)hit / (double)total : 1.0;
 }
 
-static int time_exact(const search_setup *s, threadpool *pool, int threads, double bandwidth,
-                      search_result *out)
+/* One search of query q by `mode` (NULL codes: the exact scan). */
+static int search_one(const search_setup *s, const quant_codes *codes, int mode, threadpool *pool,
+                      const float *query, size_t m, scan_hit *hits, size_t *found)
 {
-    scan_params p = scan_default_params();
+    if (!codes) {
+        scan_params p = scan_default_params();
+        p.pool = pool;
+        return m == 1 ? scan_topk(s->rows, s->n, s->dim, query, SEARCH_K, &p, hits, found)
+                      : scan_topk_batch(s->rows, s->n, s->dim, query, m, SEARCH_K, &p, hits, found);
+    }
+    quant_params p = quant_default_params();
     p.pool = pool;
+    p.mode = mode;
+    return quant_search_batch(codes, s->rows, s->n, s->dim, query, m, SEARCH_K, &p, hits, found);
+}
+
+static int time_mode(const search_setup *s, const char *name, const quant_codes *codes, int mode,
+                     threadpool *pool, int threads, double bandwidth, search_result *out)
+{
     size_t runs = s->m + SEARCH_WARMUP;
     double *ms = malloc(runs * sizeof *ms);
     scan_hit *hits = malloc(s->m * SEARCH_K * sizeof *hits);
@@ -180,27 +195,29 @@ static int time_exact(const search_setup *s, threadpool *pool, int threads, doub
     for (size_t r = 0; r < runs && !rc; r++) {
         size_t q = r < SEARCH_WARMUP ? r % s->m : r - SEARCH_WARMUP;
         double t = cli_seconds();
-        rc = scan_topk(s->rows, s->n, s->dim, s->queries + q * s->dim, SEARCH_K, &p,
-                       hits + q * SEARCH_K, &found[q]);
+        rc = search_one(s, codes, mode, pool, s->queries + q * s->dim, 1, hits + q * SEARCH_K,
+                        &found[q]);
         ms[r] = (cli_seconds() - t) * 1e3;
     }
     double best = 0;
     for (int pass = 0; pass < 3 && !rc; pass++) {
         double t = cli_seconds();
-        rc = scan_topk_batch(s->rows, s->n, s->dim, s->queries, s->m, SEARCH_K, &p, hits, found);
+        rc = search_one(s, codes, mode, pool, s->queries, s->m, hits, found);
         double seconds = cli_seconds() - t;
         if (seconds > 0 && (double)s->m / seconds > best) best = (double)s->m / seconds;
     }
     if (!rc) {
         double *v = ms + SEARCH_WARMUP;
-        *out = (search_result){.mode = "exact",
+        *out = (search_result){.mode = name,
                                .threads = threads,
                                .p50_ms = cli_percentile(v, (int)s->m, 0.50),
                                .p99_ms = cli_percentile(v, (int)s->m, 0.99),
                                .batch_qps = best,
                                .recall = recall_at_10(s, hits, found)};
+        /* Of the exact scan only: the bytes a quantized search reads depend on its shortlist. */
         double bytes = (double)s->n * (double)s->dim * sizeof(float);
-        out->bandwidth_fraction = bandwidth > 0 ? bytes / (out->p50_ms * 1e-3) / bandwidth : 0;
+        if (!codes)
+            out->bandwidth_fraction = bandwidth > 0 ? bytes / (out->p50_ms * 1e-3) / bandwidth : 0;
     }
     free(ms);
     free(hits);
@@ -476,17 +493,44 @@ int cli_bench_search(int argc, char **argv)
             fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
             goto done;
         }
-        search_result results[8];
-        int count = 0;
-        int thread_counts[2] = {1, threads};
-        for (int t = 0; t < (pool ? 2 : 1); t++) {
-            if (time_exact(&setup, t ? pool : NULL, thread_counts[t], bandwidth[t],
-                           &results[count]) != 0) {
-                fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
-                goto done;
-            }
-            count++;
+        /* The codes as a store of this size builds them (with the int8 codes, so every mode can
+         * run: the default builds them only where the bits' shortlist is long). */
+        quant_build_params bp = quant_default_build_params();
+        bp.pool = pool;
+        bp.int8 = QUANT_INT8_ON;
+        quant_codes *codes = NULL;
+        double build_t = cli_seconds();
+        if (quant_codes_build(rows, (size_t)n, (size_t)dim, &bp, &codes) != 0) {
+            fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
+            goto done;
         }
+        double build_s = cli_seconds() - build_t;
+        quant_codes_info info;
+        quant_codes_get_info(codes, &info);
+        /* Which mode the default (QUANT_MODE_AUTO) runs with codes built the default way. */
+        const char *auto_runs =
+            info.shortlist > QUANT_CASCADE_MIN_SHORTLIST ? "1-bit->int8->exact" : "1-bit->exact";
+        static const struct {
+            const char *name;
+            int mode;
+        } modes[] = {{"exact", -1},
+                     {"1-bit", QUANT_MODE_BITS},
+                     {"cascade", QUANT_MODE_CASCADE},
+                     {"int8", QUANT_MODE_INT8}};
+        search_result results[16];
+        int count = 0, thread_counts[2] = {1, threads};
+        for (size_t md = 0; md < sizeof modes / sizeof *modes; md++)
+            for (int t = 0; t < (pool ? 2 : 1); t++) {
+                if (time_mode(&setup, modes[md].name, modes[md].mode < 0 ? NULL : codes,
+                              modes[md].mode, t ? pool : NULL, thread_counts[t], bandwidth[t],
+                              &results[count]) != 0) {
+                    fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
+                    quant_codes_free(codes);
+                    goto done;
+                }
+                count++;
+            }
+        quant_codes_free(codes);
         open_times opened = {0};
         if (open_store && time_open(dir, rows, (size_t)n, (size_t)dim, &opened) != 0) {
             fprintf(stderr, "embedrag bench: %s\n", embedrag_last_error());
@@ -495,6 +539,13 @@ int cli_bench_search(int argc, char **argv)
         if (root) {
             cJSON *o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "kind", kind);
+            cJSON *qo = cJSON_AddObjectToObject(o, "codes");
+            cJSON_AddNumberToObject(qo, "build_s", build_s);
+            cJSON_AddNumberToObject(qo, "bytes", (double)info.bytes);
+            cJSON_AddNumberToObject(qo, "shortlist", (double)info.shortlist);
+            cJSON_AddNumberToObject(qo, "calibrated_recall", info.calibrated_recall);
+            cJSON_AddStringToObject(qo, "default_runs", auto_runs);
+            cJSON_AddStringToObject(qo, "isa", quant_isa_name(quant_isa()));
             cJSON_AddNumberToObject(o, "bandwidth_gbs_1_thread", bandwidth[0] / 1e9);
             if (pool) cJSON_AddNumberToObject(o, "bandwidth_gbs_all_threads", bandwidth[1] / 1e9);
             cJSON *list = cJSON_AddArrayToObject(o, "results");
@@ -522,6 +573,10 @@ int cli_bench_search(int argc, char **argv)
             if (pool) printf(", %.1f GB/s (%d threads)", bandwidth[1] / 1e9, threads);
             printf("\n");
             print_table(kind, results, count);
+            printf("  codes: built in %.2f s, %.0f MB with int8; 1-bit shortlist %zu rows "
+                   "(calibrated recall %.3f); a store's default search runs %s\n",
+                   build_s, (double)info.bytes / 1e6, info.shortlist, info.calibrated_recall,
+                   auto_runs);
             if (open_store)
                 printf("  store of %d chunks: built in %.1f s; opened in %.2f s from the database, "
                        "%.2f s from its search copy\n",
