@@ -81,9 +81,12 @@ int embedrag_store_open(const char *path, embedrag_model *model,
 void embedrag_store_close(embedrag_store *s)
 {
     if (!s) return;
-    /* Leaves the search copy current for the next open (a failure only slows that open). */
-    if (s->changed) store_refresh_search_copy(s->store);
+    /* Leaves the search copy and the codes current for the next open (a failure only slows
+     * that open). */
     searcher_close(s->searcher);
+    s->searcher = NULL;
+    if (s->changed && searcher_open(s->store, NULL, s->params.threads, &s->searcher) == 0)
+        searcher_close(s->searcher);
     store_close(s->store);
     free(s->hits);
     free(s->strings);

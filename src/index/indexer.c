@@ -6,6 +6,8 @@
  * there (unchanged documents are skipped by hash). */
 #include "index/indexer.h"
 
+#include "index/search.h"
+
 #include "chunk/chunker.h"
 #include "engine/engine.h"
 #include "store/store.h"
@@ -986,6 +988,13 @@ int index_paths(embedrag_model *model, const char *const *paths, size_t count,
     for (size_t i = 0; i < count && !rc; i++) rc = indexer_add_path(ix, paths[i]);
     if (!rc) rc = indexer_finish(ix);
     if (rc && ix) progress(ix, true); /* ends the progress line before the error */
+    if (!rc && (summary->indexed || summary->deleted)) {
+        /* The search's quantized codes too, so that the first search after a run of a large
+         * store opens at once (a store that cannot have them only loads its vectors here). */
+        searcher *sr = NULL;
+        if (searcher_open(s, NULL, 0, &sr) == 0) searcher_close(sr);
+        err_clear();
+    }
     indexer_close(ix);
     store_close(s);
     summary->seconds = clock_seconds() - start;
