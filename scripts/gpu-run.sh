@@ -21,6 +21,9 @@
 #   store     the document store on the GPU (bench/store_bench.py): `embedrag index` of 20,000
 #             documents against `embedrag embed` of the same chunks (with and without the
 #             indexer's pipeline), and questions answered over 100,000 chunks
+#   realvec   quantized search on real embeddings: a million texts (pairs of STS-B sentences)
+#             and 1,000 questions (single sentences) embedded on the GPU, then
+#             `embedrag bench --search --vectors` on them (recall@10 against exact, every mode)
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
 #             fp16) and one query (1 x 16)
@@ -382,6 +385,48 @@ if q:
     for mode in ("dense", "hybrid", "bm25"):
         print("store: query over %d chunks, %s: p50 %.2f ms, p99 %.2f ms" % (q["chunks"], mode,
               q[mode]["p50_ms"], q[mode]["p99_ms"]))
+PY
+    done
+fi
+
+if run_step realvec; then
+    model=$src/models/all-MiniLM-L6-v2
+    rv=/tmp/realvec
+    mkdir -p "$rv"
+    python3 - "$bundle/shared/data/stsb-en-dev.csv" "$rv" "${EMBEDRAG_REALVEC_N:-1000000}" <<'PY'
+import random, sys
+rows = [l.rstrip("\n").rsplit(",", 2) for l in open(sys.argv[1], encoding="utf-8")]
+sents = sorted({r[i] for r in rows if len(r) == 3 for i in (0, 1)})
+rng = random.Random(1)
+rng.shuffle(sents)
+held = sents[:1000]       # questions: sentences that no passage contains
+pool = sents[1000:]
+with open(sys.argv[2] + "/texts.txt", "w", encoding="utf-8") as f:
+    for _ in range(int(sys.argv[3])):
+        f.write(rng.choice(pool) + " " + rng.choice(pool) + "\n")
+with open(sys.argv[2] + "/queries.txt", "w", encoding="utf-8") as f:
+    f.write("\n".join(held) + "\n")
+PY
+    start_rv=$(date +%s)
+    "$build/embedrag" embed --model "$model" --input "$rv/texts.txt" --format f32 --quiet \
+        --output "$rv/base.f32" 2>"$logs/realvec-embed.log" &&
+    "$build/embedrag" embed --model "$model" --input "$rv/queries.txt" --format f32 --quiet \
+        --output "$rv/queries.f32" 2>>"$logs/realvec-embed.log"
+    note "realvec: embedded $(wc -l <"$rv/texts.txt") texts and 1000 questions in $(($(date +%s) - start_rv)) s"
+    for threads in 2 "$(nproc)"; do
+        "$build/embedrag" bench --search "${EMBEDRAG_REALVEC_N:-1000000}" --vectors "$rv/base.f32" \
+            --query-vectors "$rv/queries.f32" --queries 1000 --threads "$threads" --json \
+            >"$logs/realvec-$threads.json" 2>"$logs/realvec-$threads.log"
+        python3 - "$logs/realvec-$threads.json" <<'PY' | tee -a "$summary"
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))["data"][0]
+except Exception as e:
+    print("realvec: no result (%s)" % e); sys.exit()
+c = d["codes"]
+print("realvec: codes %.2f s, shortlist %d (calibrated %.3f), default %s" % (c["build_s"], c["shortlist"], c["calibrated_recall"], c["default_runs"]))
+for r in d["results"]:
+    print("realvec: %-8s %2d threads p50 %7.3f ms p99 %7.3f ms batch %6.0f q/s recall@10 %.4f" % (r["mode"], r["threads"], r["p50_ms"], r["p99_ms"], r["batch_qps"], r["recall_at_10"]))
 PY
     done
 fi
