@@ -413,9 +413,10 @@ PY
     "$build/embedrag" embed --model "$model" --input "$rv/queries.txt" --format f32 --quiet \
         --output "$rv/queries.f32" 2>>"$logs/realvec-embed.log"
     note "realvec: embedded $(wc -l <"$rv/texts.txt") texts and 1000 questions in $(($(date +%s) - start_rv)) s"
-    for threads in 2 "$(nproc)"; do
+    for threads in ${EMBEDRAG_REALVEC_THREADS:-2 $(nproc)}; do
         "$build/embedrag" bench --search "${EMBEDRAG_REALVEC_N:-1000000}" --vectors "$rv/base.f32" \
-            --query-vectors "$rv/queries.f32" --queries 1000 --threads "$threads" --json \
+            --query-vectors "$rv/queries.f32" --queries "${EMBEDRAG_REALVEC_QUERIES:-300}" \
+            --threads "$threads" --json \
             >"$logs/realvec-$threads.json" 2>"$logs/realvec-$threads.log"
         python3 - "$logs/realvec-$threads.json" <<'PY' | tee -a "$summary"
 import json, sys
