@@ -23,12 +23,12 @@
 
 #include "util/cpu_features.h"
 #include "util/error.h"
+#include "util/memory.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define QUANT_X86 1
@@ -44,7 +44,6 @@
      QUANT_HAS_INT8)
 /* Arrays start on cache lines; allocations of a huge page or more start on one. */
 #define QUANT_ALIGN 64
-#define QUANT_HUGE_PAGE_BYTES ((size_t)2 << 20)
 /* The bits are stored in blocks of 8 rows, word w of the 8 rows side by side (64 bytes, one
  * AVX-512 register: 8 rows' popcounts at once). Rows are scored 64 at a time (a chunk: 8 blocks,
  * one 64-bit word of an `allowed` bitmap), then selected. */
@@ -132,13 +131,10 @@ static void point_into(quant_codes *c)
 /* An allocation of `bytes`, on huge pages where it is large (the scans stream it). */
 static void *allocate(size_t bytes)
 {
-    size_t align = bytes >= QUANT_HUGE_PAGE_BYTES ? QUANT_HUGE_PAGE_BYTES : QUANT_ALIGN;
+    if (bytes >= MEMORY_HUGE_PAGE_BYTES)
+        return memory_alloc_huge(round_up(bytes, MEMORY_HUGE_PAGE_BYTES));
     void *p = NULL;
-    if (posix_memalign(&p, align, round_up(bytes, align)) != 0) return NULL;
-#ifdef MADV_HUGEPAGE
-    if (align == QUANT_HUGE_PAGE_BYTES) madvise(p, round_up(bytes, align), MADV_HUGEPAGE);
-#endif
-    return p;
+    return posix_memalign(&p, QUANT_ALIGN, round_up(bytes, QUANT_ALIGN)) == 0 ? p : NULL;
 }
 
 /* ---- instruction set ------------------------------------------------------------------------ */

@@ -6,14 +6,14 @@
 #include "store/scan.h"
 
 #include "util/cpu_features.h"
+#include "util/clock.h"
 #include "util/error.h"
+#include "util/memory.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SCAN_X86 1
@@ -49,8 +49,6 @@
 /* The per-task heaps of one batch group (tasks x queries x k entries) stay below this; a batch
  * with a large k shares the matrix pass among fewer queries. */
 #define SCAN_HEAP_BUDGET_BYTES ((size_t)8 << 20)
-/* Alignment of scan_measure_bandwidth's own buffer: an x86 huge page. */
-#define SCAN_HUGE_PAGE_BYTES ((size_t)2 << 20)
 /* Below this a bandwidth measurement is mostly overhead. */
 #define SCAN_MIN_BANDWIDTH_BYTES 4096
 
@@ -823,13 +821,6 @@ static void bandwidth_task(void *ctx, int task, int thread)
     job->sums[task] = s;
 }
 
-static double seconds_now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
 int scan_measure_bandwidth(const void *buffer, size_t bytes, threadpool *pool, int isa, int repeats,
                            double *bytes_per_second)
 {
@@ -848,14 +839,11 @@ int scan_measure_bandwidth(const void *buffer, size_t bytes, threadpool *pool, i
     if (!buffer) {
         /* On huge pages where the OS gives them (transparent huge pages in "madvise" mode, as on
          * Debian): with 4 KB pages one thread read ~18 GB/s on the Zen 4 VM, with 2 MB ~28. */
-        if (posix_memalign((void **)&owned, SCAN_HUGE_PAGE_BYTES, bytes) != 0) owned = NULL;
+        owned = memory_alloc_huge(bytes);
         if (!owned)
             return err_set(EMBEDRAG_ERR_NO_MEMORY, "scan_measure_bandwidth: %zu bytes", bytes);
         /* Written once so every page is mapped before the timing. */
         for (size_t i = 0; i < bytes / sizeof(float); i++) owned[i] = (float)(i & 1023);
-#ifdef MADV_HUGEPAGE
-        madvise(owned, bytes, MADV_HUGEPAGE);
-#endif
         buffer = owned;
     }
     /* The same split as a scan: its task count for as many rows as there are 64-byte lines. */
@@ -871,12 +859,12 @@ int scan_measure_bandwidth(const void *buffer, size_t bytes, threadpool *pool, i
     }
     double best = 0;
     for (int pass = -1; pass < repeats; pass++) { /* pass -1 warms up */
-        double start = seconds_now();
+        double start = clock_seconds();
         if (pool && job.tasks > 1)
             threadpool_run(pool, job.tasks, bandwidth_task, &job);
         else
             for (int t = 0; t < job.tasks; t++) bandwidth_task(&job, t, 0);
-        double seconds = seconds_now() - start;
+        double seconds = clock_seconds() - start;
         if (pass >= 0 && seconds > 0 && (double)(job.count * sizeof(float)) / seconds > best)
             best = (double)(job.count * sizeof(float)) / seconds;
     }
