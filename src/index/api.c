@@ -83,10 +83,13 @@ void embedrag_store_close(embedrag_store *s)
     if (!s) return;
     /* Leaves the search copy and the codes current for the next open (a failure only slows
      * that open). */
+    if (s->changed) {
+        if (s->searcher)
+            searcher_refresh(s->searcher); /* loads again only what changed since the last search */
+        else if (searcher_open(s->store, NULL, s->params.threads, &s->searcher) != 0)
+            s->searcher = NULL;
+    }
     searcher_close(s->searcher);
-    s->searcher = NULL;
-    if (s->changed && searcher_open(s->store, NULL, s->params.threads, &s->searcher) == 0)
-        searcher_close(s->searcher);
     store_close(s->store);
     free(s->hits);
     free(s->strings);

@@ -955,7 +955,6 @@ int indexer_finish(indexer *ix)
 {
     int rc = flush(ix);
     if (!rc && ix->options->prune) rc = prune(ix);
-    if (!rc && ix->changed) rc = store_refresh_search_copy(ix->store);
     progress(ix, true);
     return rc;
 }
@@ -989,11 +988,11 @@ int index_paths(embedrag_model *model, const char *const *paths, size_t count,
     if (!rc) rc = indexer_finish(ix);
     if (rc && ix) progress(ix, true); /* ends the progress line before the error */
     if (!rc && (summary->indexed || summary->deleted)) {
-        /* The search's quantized codes too, so that the first search after a run of a large
-         * store opens at once (a store that cannot have them only loads its vectors here). */
+        /* Loading the vectors once writes the search copy, and builds the quantized codes where
+         * the store is large enough, so the first search after the run opens at once. */
         searcher *sr = NULL;
-        if (searcher_open(s, NULL, 0, &sr) == 0) searcher_close(sr);
-        err_clear();
+        rc = searcher_open(s, NULL, 0, &sr);
+        searcher_close(sr);
     }
     indexer_close(ix);
     store_close(s);

@@ -47,8 +47,9 @@ int index_model_identity(const embedrag_model *model, store_model *out, char has
 /* The steps of index_paths, for callers that bring documents themselves (the library API): an
  * indexer adds to an open store (whose model must be this one), queueing documents until a
  * batch is full; indexer_flush embeds and stores what is queued (one transaction);
- * indexer_finish flushes, prunes (options->prune: every stored document not added since open)
- * and brings the search copy up to date; indexer_close drops what is still queued. `options`
+ * indexer_finish flushes and prunes (options->prune: every stored document not added since
+ * open); indexer_close drops what is still queued. Bringing the search copy and codes up to
+ * date is the caller's (a searcher's load does it). `options`
  * (store_path unused) and `summary` must outlive the indexer; the summary accumulates. */
 typedef struct indexer indexer;
 int indexer_open(embedrag_model *model, store *s, const index_options *options,

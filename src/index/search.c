@@ -91,8 +91,7 @@ static int load(searcher *sr)
     return rc ? rc : load_codes(sr);
 }
 
-/* Loads the vectors again when the store has changed since they were loaded. */
-static int ensure_current(searcher *sr)
+int searcher_refresh(searcher *sr)
 {
     uint64_t generation = 0;
     int rc = store_generation(sr->store, &generation);
@@ -325,7 +324,7 @@ int searcher_search(searcher *sr, const char *query, search_mode mode, int k,
 {
     *found = 0;
     if (!query || k < 1) return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "search: no query or k < 1");
-    int rc = ensure_current(sr);
+    int rc = searcher_refresh(sr);
     const uint8_t *allowed = NULL;
     if (!rc && mode != SEARCH_BM25) rc = allowed_rows(sr, filter, &allowed);
     if (rc) return rc;
@@ -346,7 +345,7 @@ int searcher_search_vector(searcher *sr, const float *vector, int k, const store
     *found = 0;
     if (!vector || k < 1)
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "search: no vector or k < 1");
-    int rc = ensure_current(sr);
+    int rc = searcher_refresh(sr);
     const uint8_t *allowed = NULL;
     if (!rc) rc = allowed_rows(sr, filter, &allowed);
     if (rc) return rc;

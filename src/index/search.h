@@ -31,6 +31,10 @@ typedef struct search_hit {
 int searcher_open(store *s, embedrag_model *model, int threads, searcher **out);
 void searcher_close(searcher *sr);
 
+/* Loads the vectors (and codes) again when the store has changed since they were loaded; every
+ * search does this first. */
+int searcher_refresh(searcher *sr);
+
 /* The top k chunks for `query` among those `filter` allows (NULL: all); *found is how many were
  * written to hits (room for k). */
 int searcher_search(searcher *sr, const char *query, search_mode mode, int k,

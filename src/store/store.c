@@ -898,20 +898,6 @@ int store_generation(store *s, uint64_t *generation)
     return read_generation(s, generation);
 }
 
-int store_refresh_search_copy(store *s)
-{
-    bool current = false;
-    int rc = store_search_copy_current(s, &current);
-    if (rc || current) return rc;
-    float *m = NULL;
-    int64_t *ids = NULL;
-    size_t n = 0;
-    rc = store_load_vectors(s, &m, &ids, &n, NULL);
-    free(m);
-    free(ids);
-    return rc;
-}
-
 /* A byte of a word in a query: ASCII letters and digits, and every byte of a multi-byte UTF-8
  * character. */
 static bool is_word_byte(unsigned char c)

@@ -92,10 +92,6 @@ int store_each_document(store *s, int (*fn)(void *ctx, const char *key, const ch
 int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count,
                        uint64_t *generation);
 
-/* Writes the search copy now if it is stale (the indexer calls it after a run that changed
- * something, so that the next search opens fast). */
-int store_refresh_search_copy(store *s);
-
 /* Cache files beside the store ("<store>-NAME"): bytes derived from its vectors at one
  * generation (a search's quantized codes), so that they are built once per change, not once per
  * open. store_cache_read gives a malloc'd copy when the file is of `generation` (0 never is),
