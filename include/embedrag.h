@@ -234,6 +234,10 @@ typedef struct embedrag_embed_params {
      * filled with NaN, the others are embedded, and the call returns 0; embedrag_last_error()
      * and embedrag_last_error_index() then describe the first such text. */
     int *statuses;
+    /* Which end of a text longer than the model's limit truncation keeps: false (the default)
+     * keeps the start, true the end (TEI's truncation_direction "Left"); [CLS] and [SEP] stay
+     * either way, and a prompt, being at the start, is cut first. */
+    bool truncate_left;
 } embedrag_embed_params;
 
 EMBEDRAG_API embedrag_embed_params embedrag_embed_default_params(void);
@@ -264,6 +268,16 @@ EMBEDRAG_API int embedrag_embed_dimension(const embedrag_model *model,
 EMBEDRAG_API int embedrag_embed(embedrag_model *model, const char *const *texts,
                                 const size_t *lengths, size_t n,
                                 const embedrag_embed_params *params, float *out);
+
+/* Embeds n sequences of token ids, as embedrag_tokenize returns them ([CLS] and [SEP]
+ * included; no prompt is added): sequence i is ids[offsets[i] .. offsets[i + 1]), offsets has
+ * n + 1 entries (offsets[0] need not be 0, so a caller can pass a slice of a larger call). Writes
+ * rows as embedrag_embed does, with the same exactness; params' prompt, truncate and statuses
+ * fields do not apply. A sequence that is empty, longer than the model's positions, or holds an id
+ * outside the vocabulary is EMBEDRAG_ERR_INVALID_ARGUMENT naming it. Thread-safe. */
+EMBEDRAG_API int embedrag_embed_tokens(embedrag_model *model, const int32_t *ids,
+                                       const size_t *offsets, size_t n,
+                                       const embedrag_embed_params *params, float *out);
 
 /* Tokenizes one text exactly as embedrag_embed would (prompt, [CLS]/[SEP], truncation).
  * Writes at most `capacity` ids into `ids` and the full count into *count (which may exceed
@@ -397,6 +411,27 @@ EMBEDRAG_API int embedrag_store_search(embedrag_store *store, const char *query,
 EMBEDRAG_API int embedrag_store_search_vector(embedrag_store *store, const float *vector,
                                               const embedrag_search_params *params,
                                               embedrag_search_result *results, int *found);
+
+/* One stored chunk of a document. */
+typedef struct embedrag_chunk {
+    const char *text;
+    int chunk;          /* its ordinal in the document, from 0 */
+    int64_t start, end; /* its bytes [start, end) in the document's text */
+    int tokens;         /* tokens as embedded */
+} embedrag_chunk;
+
+/* A stored document and its chunks, in order. */
+typedef struct embedrag_document_info {
+    const char *id, *source;
+    const char *title, *metadata; /* or NULL */
+    const embedrag_chunk *chunks;
+    int chunk_count; /* 0 for an empty text */
+} embedrag_document_info;
+
+/* Fills *info with the document stored under `id`, or returns EMBEDRAG_ERR_NOT_FOUND. The
+ * strings and chunks stay valid until the next call on the store. */
+EMBEDRAG_API int embedrag_store_get_document(embedrag_store *store, const char *id,
+                                             embedrag_document_info *info);
 
 typedef struct embedrag_store_info {
     int64_t documents, chunks, tokens;

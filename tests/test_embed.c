@@ -248,6 +248,41 @@ static void test_options(embedrag_model *m, const fixture *fx)
     CHECK(fabs(small_norm - 1.0) < 1e-5, "truncated vector renormalized (%g)", small_norm);
     CHECK(cosine(small, raw, 128) > 0.999999, "truncated vector is not the raw prefix");
 
+    /* Token ids from embedrag_tokenize give the text's vector, bit for bit, also as a slice of
+     * a larger call (offsets not from 0); truncation from the left keeps the text's end. */
+    int32_t ids[1024];
+    size_t count = 0;
+    p = embedrag_embed_default_params();
+    CHECK(embedrag_tokenize(m, text, strlen(text), &p, ids + 7, 1000, &count) == 0, "tokenize");
+    size_t offsets[2] = {7, 7 + count};
+    float from_ids[4096];
+    CHECK(embedrag_embed_tokens(m, ids, offsets, 1, &p, from_ids) == 0, "embed tokens: %s",
+          embedrag_last_error());
+    CHECK(memcmp(from_ids, full, sizeof(float) * dim) == 0, "token ids give the text's vector");
+    ids[8] = 1 << 30;
+    CHECK(embedrag_embed_tokens(m, ids, offsets, 1, &p, from_ids) == EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "an id past the vocabulary is refused");
+    embedrag_model_info model_info;
+    embedrag_model_get_info(m, &model_info);
+    size_t long_length = (size_t)model_info.max_tokens * 8;
+    char *long_text = malloc(long_length + 1);
+    for (size_t i = 0; i < long_length; i++) long_text[i] = "abcdefgh "[i % 9];
+    memcpy(long_text + long_length - 9, " omega  z", 9);
+    long_text[long_length] = '\0';
+    p.truncate_left = true;
+    CHECK(embedrag_tokenize(m, long_text, long_length, &p, ids, 1024, &count) == 0 &&
+              count == (size_t)model_info.max_tokens,
+          "left truncation keeps max_tokens ids (%zu)", count);
+    const char *last = embedrag_token_text(m, ids[count - 2]);
+    CHECK(last && !strcmp(last, "z"), "left truncation keeps the last word (%s)", last);
+    float left[4096], right[4096];
+    const char *long_texts[1] = {long_text};
+    CHECK(embedrag_embed(m, long_texts, NULL, 1, &p, left) == 0, "embed truncated left");
+    p.truncate_left = false;
+    CHECK(embedrag_embed(m, long_texts, NULL, 1, &p, right) == 0, "embed truncated right");
+    CHECK(memcmp(left, right, sizeof(float) * dim) != 0, "left and right truncation differ");
+    free(long_text);
+
     /* A literal prompt equals the named one it spells out. */
     embedrag_model_info info;
     embedrag_model_get_info(m, &info);

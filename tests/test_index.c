@@ -268,6 +268,18 @@ static void test_library_api(void)
               !strcmp(info.model, "all-MiniLM-L6-v2"),
           "info: %lld documents, %lld chunks", (long long)info.documents, (long long)info.chunks);
 
+    /* A document read back: its fields and its one chunk; a missing id is NOT_FOUND. */
+    embedrag_document_info d;
+    CHECK(embedrag_store_get_document(st, "doc-007", &d) == 0 && !strcmp(d.id, "doc-007") &&
+              !strcmp(d.source, "api/doc-007") && d.title == NULL &&
+              !strcmp(d.metadata, "{\"group\": 3}") && d.chunk_count == 1 &&
+              !strcmp(d.chunks[0].text, sentences[8]) && d.chunks[0].chunk == 0 &&
+              d.chunks[0].start == 0 && d.chunks[0].end == (int64_t)strlen(sentences[8]) &&
+              d.chunks[0].tokens > 2,
+          "get document: %s", embedrag_last_error());
+    CHECK(embedrag_store_get_document(st, "doc-005", &d) == EMBEDRAG_ERR_NOT_FOUND,
+          "the document that failed to add is not there");
+
     /* Each sentence finds itself, with its offsets, in every mode. */
     embedrag_search_result r[10];
     int found = 0, self = 0, bm25_self = 0, hybrid_self = 0;

@@ -526,6 +526,15 @@ static void test_truncation(const tok_tokenizer *t)
         int m = tok_encode(t, NULL, text, strlen(text), again, max, NULL);
         CHECK(m == n && memcmp(again, ids, (size_t)n * sizeof *ids) == 0,
               "max %d: same ids without the count", max);
+        /* From the left: the last pieces, in order, between [CLS] and [SEP]. */
+        int32_t tail[64];
+        untruncated = -1;
+        int k = tok_encode_tail(t, NULL, text, strlen(text), tail, max, &untruncated);
+        CHECK(k == want && tail[0] == MINILM_CLS && tail[k - 1] == MINILM_SEP,
+              "max %d: tail of %d ids, [CLS] first, [SEP] last", max, k);
+        CHECK(memcmp(tail + 1, full + (n_full - 1) - (k - 2), (size_t)(k - 2) * sizeof *tail) == 0,
+              "max %d: a suffix of the full pieces", max);
+        CHECK(untruncated == n_full, "max %d: tail's untruncated %d", max, untruncated);
     }
     int32_t ids[4];
     CHECK(tok_encode(t, NULL, "x", 1, ids, 1, NULL) == EMBEDRAG_ERR_INVALID_ARGUMENT,

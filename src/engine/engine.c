@@ -152,7 +152,8 @@ embedrag_embed_params embedrag_embed_default_params(void)
                                .batch_tokens = 0,
                                .device = EMBEDRAG_DEVICE_AUTO,
                                .lane = EMBEDRAG_LANE_AUTO,
-                               .statuses = NULL};
+                               .statuses = NULL,
+                               .truncate_left = false};
     return p;
 }
 
@@ -642,8 +643,8 @@ int embedrag_tokenize(const embedrag_model *m, const char *text, size_t length,
     if (!buffer)
         return model_failed(m, err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory tokenizing"));
     int untruncated = 0;
-    int n = tok_encode(m->model.tokenizer, prompt, text ? text : "", length, buffer, max_tokens,
-                       &untruncated);
+    int n = (params->truncate_left ? tok_encode_tail : tok_encode)(
+        m->model.tokenizer, prompt, text ? text : "", length, buffer, max_tokens, &untruncated);
     if (n < 0) {
         free(buffer);
         return model_failed(m, n);
@@ -988,6 +989,31 @@ int engine_embed_tokens_timed(embedrag_model *m, const int32_t *ids, const int *
     return rc ? model_failed(m, rc) : 0;
 }
 
+int embedrag_embed_tokens(embedrag_model *m, const int32_t *ids, const size_t *offsets, size_t n,
+                          const embedrag_embed_params *params, float *out)
+{
+    if (!m || (n && (!ids || !offsets || !out)))
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_embed_tokens: NULL argument");
+    if (n == 0) return 0;
+    /* The engine counts in int: a call holds fewer than 2^31 ids and sequences. */
+    if (n >= INT_MAX || offsets[n] < offsets[0] || offsets[n] - offsets[0] >= INT_MAX)
+        return model_failed(m, err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                                       "embedrag_embed_tokens: a call holds fewer than 2^31 ids"));
+    int *narrow = malloc((n + 1) * sizeof *narrow);
+    if (!narrow) return model_failed(m, err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory"));
+    for (size_t i = 0; i <= n; i++) {
+        if (i > 0 && offsets[i] < offsets[i - 1]) {
+            free(narrow);
+            return model_failed(m, err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                                           "embedrag_embed_tokens: offsets decrease at %zu", i));
+        }
+        narrow[i] = (int)(offsets[i] - offsets[0]);
+    }
+    int rc = engine_embed_tokens(m, ids + offsets[0], narrow, (int)n, NULL, params, out);
+    free(narrow);
+    return rc;
+}
+
 /* ---- embedding texts ---- */
 
 /* Fills a skipped text's row with NaN, so that it cannot pass for a vector. */
@@ -1005,7 +1031,7 @@ typedef struct tokenize_job {
     const size_t *lengths;
     size_t base;
     int count, max_tokens;
-    bool truncate;
+    bool truncate, truncate_left;
     int32_t *ids;
     int *got;
     pthread_mutex_t *lock; /* when tokenizing on several threads */
@@ -1031,9 +1057,9 @@ static void tokenize_texts(void *ctx, int task, int thread)
         } else {
             size_t len = job->lengths ? job->lengths[at] : strlen(text);
             int untruncated = 0;
-            got = tok_encode(job->m->model.tokenizer, job->prompt, text, len,
-                             job->ids + (size_t)i * (size_t)job->max_tokens, job->max_tokens,
-                             &untruncated);
+            got = (job->truncate_left ? tok_encode_tail : tok_encode)(
+                job->m->model.tokenizer, job->prompt, text, len,
+                job->ids + (size_t)i * (size_t)job->max_tokens, job->max_tokens, &untruncated);
             if (got < 0)
                 got = err_prefix(got, "text %zu: ", at);
             else if (!job->truncate && untruncated > job->max_tokens)
@@ -1184,6 +1210,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
                                    .lengths = lengths,
                                    .max_tokens = max_tokens,
                                    .truncate = params->truncate,
+                                   .truncate_left = params->truncate_left,
                                    .ids = slot->ids,
                                    .got = slot->got};
     }

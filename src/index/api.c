@@ -24,6 +24,9 @@ struct embedrag_store {
     int hits_capacity;
     char *strings; /* the last results' strings */
     size_t strings_capacity;
+    /* The last embedrag_store_get_document's strings and chunks. */
+    char *document_strings;
+    embedrag_chunk *document_chunks;
 };
 
 embedrag_store_params embedrag_store_default_params(void)
@@ -93,6 +96,8 @@ void embedrag_store_close(embedrag_store *s)
     store_close(s->store);
     free(s->hits);
     free(s->strings);
+    free(s->document_strings);
+    free(s->document_chunks);
     free(s);
 }
 
@@ -296,6 +301,98 @@ int embedrag_store_search_vector(embedrag_store *s, const float *vector,
                        "embedrag_store_search_vector: vector is NULL");
     }
     return search(s, (search_request){.vector = vector}, params, results, found);
+}
+
+/* One document's chunks as gathered: the records, and their strings in one block whose
+ * offsets become pointers once it stops growing. */
+typedef struct document_gather {
+    char *strings;
+    size_t used, capacity;
+    embedrag_chunk *chunks;
+    size_t *texts; /* each chunk's text offset in strings */
+    int count, room;
+    size_t fields[4]; /* the document's id, source, title, metadata (SIZE_MAX: NULL) */
+} document_gather;
+
+/* Copies text into the block; SIZE_MAX for NULL; *failed on no memory. */
+static size_t gather_string(document_gather *g, const char *text, bool *failed)
+{
+    if (!text) return SIZE_MAX;
+    size_t n = strlen(text) + 1;
+    if (g->used + n > g->capacity) {
+        size_t grown = g->capacity ? g->capacity : 4096;
+        while (grown < g->used + n) grown *= 2;
+        char *more = realloc(g->strings, grown);
+        if (!more) {
+            *failed = true;
+            return SIZE_MAX;
+        }
+        g->strings = more;
+        g->capacity = grown;
+    }
+    memcpy(g->strings + g->used, text, n);
+    g->used += n;
+    return g->used - n;
+}
+
+static int gather_chunk(void *ctx, const store_chunk_info *c)
+{
+    document_gather *g = ctx;
+    bool failed = false;
+    if (g->count == 0 && g->used == 0) {
+        const char *fields[4] = {c->document_key, c->source, c->title, c->metadata};
+        for (int i = 0; i < 4; i++) g->fields[i] = gather_string(g, fields[i], &failed);
+    }
+    if (c->text && !failed) {
+        if (g->count == g->room) {
+            int room = g->room ? 2 * g->room : 16;
+            embedrag_chunk *chunks = realloc(g->chunks, (size_t)room * sizeof *chunks);
+            if (chunks) g->chunks = chunks;
+            size_t *texts = chunks ? realloc(g->texts, (size_t)room * sizeof *texts) : NULL;
+            if (texts) g->texts = texts;
+            if (!chunks || !texts) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+            g->room = room;
+        }
+        g->texts[g->count] = gather_string(g, c->text, &failed);
+        g->chunks[g->count++] = (embedrag_chunk){
+            .chunk = c->ordinal, .start = c->start, .end = c->end, .tokens = c->tokens};
+    }
+    return failed ? err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory") : 0;
+}
+
+int embedrag_store_get_document(embedrag_store *s, const char *id, embedrag_document_info *info)
+{
+    if (!s || !id || !info)
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_store_get_document: NULL");
+    memset(info, 0, sizeof *info);
+    free(s->document_strings);
+    free(s->document_chunks);
+    s->document_strings = NULL;
+    s->document_chunks = NULL;
+    document_gather g = {0};
+    bool found = false;
+    int rc = store_document_chunks(s->store, id, &found, gather_chunk, &g);
+    if (!rc && !found) rc = err_set(EMBEDRAG_ERR_NOT_FOUND, "no document with id '%s'", id);
+    if (rc) {
+        free(g.strings);
+        free(g.chunks);
+        free(g.texts);
+        return rc;
+    }
+    for (int i = 0; i < g.count; i++) g.chunks[i].text = g.strings + g.texts[i];
+    free(g.texts);
+    const char *fields[4];
+    for (int i = 0; i < 4; i++)
+        fields[i] = g.fields[i] == SIZE_MAX ? NULL : g.strings + g.fields[i];
+    s->document_strings = g.strings;
+    s->document_chunks = g.chunks;
+    *info = (embedrag_document_info){.id = fields[0],
+                                     .source = fields[1],
+                                     .title = fields[2],
+                                     .metadata = fields[3],
+                                     .chunks = g.chunks,
+                                     .chunk_count = g.count};
+    return 0;
 }
 
 int embedrag_store_get_info(embedrag_store *s, embedrag_store_info *info)

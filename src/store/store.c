@@ -1168,6 +1168,38 @@ int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out)
     return 0;
 }
 
+int store_document_chunks(store *s, const char *key, bool *found,
+                          int (*fn)(void *ctx, const store_chunk_info *chunk), void *ctx)
+{
+    *found = false;
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(s->db,
+                                "SELECT d.key, d.source, d.title, d.metadata, c.text, c.start, "
+                                "c.end, c.ordinal, c.tokens FROM documents d LEFT JOIN chunks c "
+                                "ON c.document = d.id WHERE d.key = ?1 ORDER BY c.ordinal",
+                                -1, &st, NULL);
+    if (sq != SQLITE_OK) return sql_error(s, sq, "reading a document");
+    sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+    int rc = 0;
+    while (!rc && (sq = sqlite3_step(st)) == SQLITE_ROW) {
+        *found = true;
+        bool chunk = sqlite3_column_type(st, 4) != SQLITE_NULL;
+        store_chunk_info info = {.document_key = (const char *)sqlite3_column_text(st, 0),
+                                 .source = (const char *)sqlite3_column_text(st, 1),
+                                 .title = (const char *)sqlite3_column_text(st, 2),
+                                 .metadata = (const char *)sqlite3_column_text(st, 3),
+                                 .text = chunk ? (const char *)sqlite3_column_text(st, 4) : NULL,
+                                 .start = sqlite3_column_int64(st, 5),
+                                 .end = sqlite3_column_int64(st, 6),
+                                 .ordinal = chunk ? sqlite3_column_int(st, 7) : -1,
+                                 .tokens = sqlite3_column_int(st, 8)};
+        rc = fn(ctx, &info);
+    }
+    if (!rc && sq != SQLITE_DONE) rc = sql_error(s, sq, "reading a document");
+    sqlite3_finalize(st);
+    return rc;
+}
+
 int store_get_stats(store *s, store_stats *out)
 {
     memset(out, 0, sizeof *out);

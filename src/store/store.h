@@ -147,6 +147,13 @@ typedef struct store_chunk_info {
 } store_chunk_info;
 int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out);
 
+/* Calls fn(ctx, chunk) for each chunk of the document with this key, in order (the chunk's
+ * document fields are the document's); *found says whether the document is stored. A document
+ * without chunks (an empty text) is found and calls fn once with text NULL and ordinal -1, so
+ * that its fields can be read. fn returns nonzero to stop (that value is returned). */
+int store_document_chunks(store *s, const char *key, bool *found,
+                          int (*fn)(void *ctx, const store_chunk_info *chunk), void *ctx);
+
 typedef struct store_stats {
     int64_t documents, chunks, tokens;
     int64_t file_bytes;        /* the database file and its write-ahead log on disk */

@@ -143,7 +143,8 @@ typedef struct encoder {
     int64_t capacity; /* room in out */
     int64_t produced; /* pieces so far, counting past capacity when count_all */
     bool count_all;
-    bool stopped; /* out is full and the count is not wanted, or an allocation failed */
+    bool keep_end; /* out is a ring that keeps the last `capacity` pieces (left truncation) */
+    bool stopped;  /* out is full and the count is not wanted, or an allocation failed */
     int status;
 
     /* The current combining sequence (a starter and the marks after it), held back so that
@@ -178,6 +179,7 @@ static void encoder_init(encoder *e, const tok_tokenizer *tok, int32_t *out, int
     e->capacity = capacity;
     e->produced = 0;
     e->count_all = count_all;
+    e->keep_end = false;
     e->stopped = !count_all && capacity <= 0;
     e->status = 0;
     e->run = e->run_inline;
@@ -211,6 +213,11 @@ static void encoder_fail(encoder *e)
 
 static inline void emit(encoder *e, int32_t id)
 {
+    if (e->keep_end) {
+        if (e->capacity > 0) e->out[e->produced % e->capacity] = id;
+        e->produced++;
+        return;
+    }
     if (e->produced < e->capacity) e->out[e->produced] = id;
     e->produced++;
     if (!e->count_all && e->produced >= e->capacity) e->stopped = true;
@@ -574,8 +581,17 @@ static int check_text(const char *text, size_t len, const char *what)
     return 0;
 }
 
-int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *text, size_t len,
-               int32_t *ids, int max_tokens, int *untruncated)
+static void reverse_ids(int32_t *v, int64_t n)
+{
+    for (int64_t i = 0, j = n - 1; i < j; i++, j--) {
+        int32_t t = v[i];
+        v[i] = v[j];
+        v[j] = t;
+    }
+}
+
+static int encode_ids(const tok_tokenizer *tokenizer, const char *prefix, const char *text,
+                      size_t len, int32_t *ids, int max_tokens, int *untruncated, bool keep_end)
 {
     if (!tokenizer || !ids || max_tokens < 2 || (!text && len > 0))
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
@@ -602,7 +618,8 @@ int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *t
     }
 
     encoder e;
-    encoder_init(&e, tokenizer, ids + 1, max_tokens - 2, untruncated != NULL);
+    encoder_init(&e, tokenizer, ids + 1, max_tokens - 2, untruncated != NULL || keep_end);
+    e.keep_end = keep_end;
     encode_text(&e, s, n);
     status = e.status;
     int64_t produced = e.produced;
@@ -611,10 +628,29 @@ int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *t
     if (status) return status;
 
     int64_t kept = produced < max_tokens - 2 ? produced : max_tokens - 2;
+    if (keep_end && produced > kept && kept > 0) {
+        /* The ring's oldest piece sits at produced % kept: rotate it to the front. */
+        int64_t r = produced % kept;
+        reverse_ids(ids + 1, r);
+        reverse_ids(ids + 1 + r, kept - r);
+        reverse_ids(ids + 1, kept);
+    }
     ids[0] = tokenizer->cls_id;
     ids[kept + 1] = tokenizer->sep_id;
     if (untruncated) *untruncated = produced > INT_MAX - 2 ? INT_MAX : (int)produced + 2;
     return (int)kept + 2;
+}
+
+int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *text, size_t len,
+               int32_t *ids, int max_tokens, int *untruncated)
+{
+    return encode_ids(tokenizer, prefix, text, len, ids, max_tokens, untruncated, false);
+}
+
+int tok_encode_tail(const tok_tokenizer *tokenizer, const char *prefix, const char *text,
+                    size_t len, int32_t *ids, int max_tokens, int *untruncated)
+{
+    return encode_ids(tokenizer, prefix, text, len, ids, max_tokens, untruncated, true);
 }
 
 int tok_count(const tok_tokenizer *tokenizer, const char *prefix)

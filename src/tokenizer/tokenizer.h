@@ -43,6 +43,12 @@ void tok_close(tok_tokenizer *tokenizer);
 int tok_encode(const tok_tokenizer *tokenizer, const char *prefix, const char *text, size_t len,
                int32_t *ids, int max_tokens, int *untruncated);
 
+/* tok_encode with truncation from the left: a long text keeps its last word pieces (TEI's
+ * truncation_direction "Left"), still between [CLS] and [SEP]; the prompt, being first, is
+ * what goes first. The whole text is always read. */
+int tok_encode_tail(const tok_tokenizer *tokenizer, const char *prefix, const char *text,
+                    size_t len, int32_t *ids, int max_tokens, int *untruncated);
+
 /* Number of ids `prefix` alone contributes (without [CLS]/[SEP]; sentence-transformers'
  * prompt_length is this plus one, for [CLS]). A negative status for invalid UTF-8. */
 int tok_count(const tok_tokenizer *tokenizer, const char *prefix);
