@@ -84,5 +84,6 @@ int cli_bench_search(int argc, char **argv); /* bench --search */
 int cli_index(int argc, char **argv);
 int cli_search(int argc, char **argv);
 int cli_stats(int argc, char **argv);
+int cli_serve(int argc, char **argv);
 
 #endif

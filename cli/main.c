@@ -22,6 +22,7 @@ static const char usage[] =
     "  index      index folders and JSONL files of documents into a store\n"
     "  search     search a store: dense, BM25 or hybrid\n"
     "  stats      describe a store\n"
+    "  serve      serve embeddings and search over HTTP (OpenAI and TEI compatible)\n"
     "\n"
     "Each command takes --help. The model is --model DIR, else $EMBEDRAG_MODEL, "
     "else\n" EMBEDRAG_DEFAULT_MODEL_DIR " (fetched by scripts/fetch-models.sh).\n";
@@ -48,6 +49,7 @@ int main(int argc, char **argv)
     if (!strcmp(command, "index")) return cli_index(argc - 1, argv + 1);
     if (!strcmp(command, "search")) return cli_search(argc - 1, argv + 1);
     if (!strcmp(command, "stats")) return cli_stats(argc - 1, argv + 1);
+    if (!strcmp(command, "serve")) return cli_serve(argc - 1, argv + 1);
     fprintf(stderr, "embedrag: unknown command '%s' (try embedrag --help)\n", command);
     return 2;
 }

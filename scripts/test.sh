@@ -10,13 +10,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
 
-scripts/install-deps.sh
+scripts/install-deps.sh --tests
 scripts/fetch-models.sh
 
-# Reference tokenizer for the parity fixtures (tests only; never a runtime dependency).
-if [ ! -x .venv-test/bin/python ] || ! .venv-test/bin/python -c 'import tokenizers' 2>/dev/null; then
-    python3 -m venv .venv-test
-    .venv-test/bin/pip install --quiet --disable-pip-version-check tokenizers==0.23.3
+# Tests only, never runtime dependencies: the reference tokenizer for the parity fixtures, and
+# OpenAI's Python client, which test_server drives the server with.
+if [ ! -x .venv-test/bin/python ] ||
+    ! .venv-test/bin/python -c 'import tokenizers, openai' 2>/dev/null; then
+    [ -x .venv-test/bin/python ] || python3 -m venv .venv-test
+    .venv-test/bin/pip install --quiet --disable-pip-version-check tokenizers==0.23.3 \
+        openai==3.57.0
 fi
 .venv-test/bin/python tests/fixtures/make_tokenizer_fixtures.py
 
