@@ -8,8 +8,9 @@
 #                 the default model with F16 weights (45 MB instead of 91), made from
 #                 models/all-MiniLM-L6-v2 by scripts/make_stacked_model.py with each layer once
 #   DEST/shared   ../shared/data (STS-B dev sentences: benchmarks and test_engine read them)
-#   DEST/debs     Debian 12 packages of utf8proc, cJSON, SQLite and pkgconf, which gpu-run.sh unpacks
-#                 into a private prefix (their libraries run on newer glibc too)
+#   DEST/debs     Debian 12 packages of utf8proc, cJSON, SQLite, libmicrohttpd and pkgconf,
+#                 which gpu-run.sh unpacks into a private prefix (their libraries run on newer
+#                 glibc too)
 # Usage: scripts/gpu-bundle.sh DEST
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +24,7 @@ mkdir -p "$dest/src" "$dest/shared/data" "$dest/debs"
 cp "$src/../shared/data/stsb-en-dev.csv" "$dest/shared/data/"
 
 packages=(libutf8proc-dev libutf8proc2 libcjson-dev libcjson1 libsqlite3-dev libsqlite3-0
-          pkgconf-bin libpkgconf3)
+          libmicrohttpd-dev libmicrohttpd12 pkgconf-bin libpkgconf3)
 for p in "${packages[@]}"; do
     compgen -G "$dest/debs/${p}_*.deb" >/dev/null || (cd "$dest/debs" && apt-get download "$p")
 done

@@ -24,6 +24,10 @@
 #   realvec   quantized search on real embeddings: a million texts (pairs of STS-B sentences)
 #             and 1,000 questions (single sentences) embedded on the GPU, then
 #             `embedrag bench --search --vectors` on them (recall@10 against exact, every mode)
+#   serve     `embedrag serve` on the GPU: tests/test_server_gpu.py (a GPU failing mid-load,
+#             every request still answered), then bench/server_load.py: 64 clients mixing
+#             16-token queries and 100-text batches, and batches alone against `embedrag embed`
+#             of the same texts
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
 #             fp16) and one query (1 x 16)
@@ -48,6 +52,9 @@ mkdir -p "$deps"
 for f in "$bundle"/debs/*.deb; do dpkg -x "$f" "$deps"; done
 lib=$deps/usr/lib/x86_64-linux-gnu
 sed -i "s|=/usr|=$deps/usr|" "$lib"/pkgconfig/*.pc
+# libmicrohttpd links the machine's own GnuTLS (libgnutls30 is in every Ubuntu), whose
+# development files are not there: its pkg-config file must not ask for them.
+sed -i '/^Requires.private: gnutls/d' "$lib"/pkgconfig/libmicrohttpd.pc
 export PKG_CONFIG_PATH=$lib/pkgconfig
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 pkgconfig=$(command -v pkg-config || echo "$deps/usr/bin/pkgconf")
@@ -386,6 +393,22 @@ if q:
         print("store: query over %d chunks, %s: p50 %.2f ms, p99 %.2f ms" % (q["chunks"], mode,
               q[mode]["p50_ms"], q[mode]["p99_ms"]))
 PY
+    done
+fi
+
+if run_step serve; then
+    EMBEDRAG_CLI=$build/embedrag EMBEDRAG_SOURCE_DIR=$src python3 "$src/tests/test_server_gpu.py" \
+        >"$logs/serve-gpu.log" 2>&1
+    note "serve: GPU failure mid-load: $(grep -c '^ok' "$logs/serve-gpu.log") ok, $(grep -c '^not ok' "$logs/serve-gpu.log") not ok"
+    grep -E '^not ok|skipped' "$logs/serve-gpu.log" | tee -a "$summary"
+    model=$src/models/all-MiniLM-L6-v2
+    counts=/tmp/serve-counts.json
+    for mix in 0.5 0; do
+        python3 "$src/bench/server_load.py" --cli "$build/embedrag" --model "$model" \
+            --clients 64 --duration "${EMBEDRAG_SERVE_DURATION:-30}" --mix "$mix" \
+            --token-counts "$counts" $([ "$mix" = 0 ] && echo --baseline-embed) \
+            --json "$logs/serve-load-$mix.json" >"$logs/serve-load-$mix.log" 2>&1
+        tail -n 14 "$logs/serve-load-$mix.log" | sed "s/^/serve (mix $mix): /" | tee -a "$summary"
     done
 fi
 

@@ -45,7 +45,7 @@ struct metrics {
     pthread_mutex_t lock;
     unsigned long requests[ROUTE_COUNT][STATUS_MAX];
     histogram durations[ROUTE_COUNT];
-    histogram tokens, texts;
+    histogram tokens, texts, tokenize, inference;
     unsigned long long tokens_total, texts_total;
     long queue[METRICS_LANES];
     const char *reasons[REASONS];
@@ -80,6 +80,8 @@ int metrics_create(metrics **out)
         failed |= histogram_init(&m->durations[r], duration_bounds, COUNT_OF(duration_bounds));
     failed |= histogram_init(&m->tokens, token_bounds, COUNT_OF(token_bounds));
     failed |= histogram_init(&m->texts, text_bounds, COUNT_OF(text_bounds));
+    failed |= histogram_init(&m->tokenize, duration_bounds, COUNT_OF(duration_bounds));
+    failed |= histogram_init(&m->inference, duration_bounds, COUNT_OF(duration_bounds));
     if (failed) {
         metrics_destroy(m);
         return -1;
@@ -94,6 +96,8 @@ void metrics_destroy(metrics *m)
     for (int r = 0; r < ROUTE_COUNT; r++) free(m->durations[r].buckets);
     free(m->tokens.buckets);
     free(m->texts.buckets);
+    free(m->tokenize.buckets);
+    free(m->inference.buckets);
     pthread_mutex_destroy(&m->lock);
     free(m);
 }
@@ -107,9 +111,12 @@ void metrics_request(metrics *m, metrics_route route, int status, double seconds
     pthread_mutex_unlock(&m->lock);
 }
 
-void metrics_batch(metrics *m, size_t texts, size_t tokens)
+void metrics_batch(metrics *m, size_t texts, size_t tokens, double tokenize_seconds,
+                   double inference_seconds)
 {
     pthread_mutex_lock(&m->lock);
+    histogram_add(&m->tokenize, tokenize_seconds);
+    histogram_add(&m->inference, inference_seconds);
     histogram_add(&m->texts, (double)texts);
     histogram_add(&m->tokens, (double)tokens);
     m->texts_total += texts;
@@ -183,6 +190,13 @@ void metrics_write(metrics *m, out_buffer *out, const char *backends)
     out_text(out, "# HELP embedrag_batch_texts Texts per embedding request.\n"
                   "# TYPE embedrag_batch_texts histogram\n");
     write_histogram(out, "embedrag_batch_texts", "", &m->texts);
+    out_text(out, "# HELP embedrag_tokenize_seconds Tokenization time per embedding request.\n"
+                  "# TYPE embedrag_tokenize_seconds histogram\n");
+    write_histogram(out, "embedrag_tokenize_seconds", "", &m->tokenize);
+    out_text(out, "# HELP embedrag_inference_seconds Time per embedding request in the engine: "
+                  "waiting in its lane and computing.\n"
+                  "# TYPE embedrag_inference_seconds histogram\n");
+    write_histogram(out, "embedrag_inference_seconds", "", &m->inference);
     out_format(out,
                "# HELP embedrag_tokens_total Tokens embedded.\n# TYPE embedrag_tokens_total "
                "counter\nembedrag_tokens_total %llu\n"

@@ -167,8 +167,9 @@ static bool embed_sequences(server *s, const request *rq, embedrag_embed_params 
     }
     /* What a failure or a departure left unrun leaves the queue too. */
     if (first < e->count) metrics_queue(s->metrics, lane, -(long)(e->count - first));
-    if (ok) metrics_batch(s->metrics, e->count, e->tokens);
     e->inference_seconds = clock_seconds() - start;
+    if (ok)
+        metrics_batch(s->metrics, e->count, e->tokens, e->tokenize_seconds, e->inference_seconds);
     return ok;
 }
 
