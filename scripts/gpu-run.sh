@@ -403,12 +403,21 @@ if run_step serve; then
     grep -E '^not ok|skipped' "$logs/serve-gpu.log" | tee -a "$summary"
     model=$src/models/all-MiniLM-L6-v2
     counts=/tmp/serve-counts.json
-    for mix in 0.5 0; do
+    duration=${EMBEDRAG_SERVE_DURATION:-30}
+    # Runs (EMBEDRAG_SERVE_RUNS): mix = 32 closed-loop query clients beside 32 batch clients;
+    # paced = the query clients at 500 queries/s in all; ratio = batch clients only, against
+    # `embedrag embed` of the same texts; memory = 1,000,000 requests, RSS sampled.
+    for run in ${EMBEDRAG_SERVE_RUNS:-mix paced ratio memory}; do
+        case $run in
+        mix) args=(--duration "$duration" --mix 0.5) ;;
+        paced) args=(--duration "$duration" --mix 0.5 --query-rate 500) ;;
+        ratio) args=(--duration "$duration" --mix 0 --baseline-embed) ;;
+        memory) args=(--requests 1000000 --mix 0.9) ;;
+        esac
         python3 "$src/bench/server_load.py" --cli "$build/embedrag" --model "$model" \
-            --clients 64 --duration "${EMBEDRAG_SERVE_DURATION:-30}" --mix "$mix" \
-            --token-counts "$counts" $([ "$mix" = 0 ] && echo --baseline-embed) \
-            --json "$logs/serve-load-$mix.json" >"$logs/serve-load-$mix.log" 2>&1
-        tail -n 14 "$logs/serve-load-$mix.log" | sed "s/^/serve (mix $mix): /" | tee -a "$summary"
+            --clients 64 --token-counts "$counts" "${args[@]}" \
+            --json "$logs/serve-$run.json" >"$logs/serve-$run.log" 2>&1
+        tail -n 14 "$logs/serve-$run.log" | sed "s/^/serve ($run): /" | tee -a "$summary"
     done
 fi
 
