@@ -948,12 +948,14 @@ int indexer_add_document(indexer *ix, const index_document *d, int *status)
 
 int indexer_flush(indexer *ix)
 {
-    return flush(ix);
+    int rc = flush(ix);
+    return rc ? rc : store_index_text(ix->store);
 }
 
 int indexer_finish(indexer *ix)
 {
     int rc = flush(ix);
+    if (!rc) rc = store_index_text(ix->store);
     if (!rc && ix->options->prune) rc = prune(ix);
     progress(ix, true);
     return rc;

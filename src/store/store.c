@@ -22,9 +22,19 @@
 
 /* The layout this code writes; a store with a larger number was made by a newer embedrag.
  * Format 2 added the meta key "generation", which every change of the chunks bumps in its own
- * transaction, so that the search copy of the vectors knows when it is stale; a writer upgrades
- * a format-1 store in place (a reader of format 1 loads vectors from the database itself). */
-#define STORE_FORMAT 2
+ * transaction, so that the search copy of the vectors knows when it is stale. Format 3 defers
+ * the text index: a new chunk's id goes to the table text_pending (in the transaction that adds
+ * the chunk), and store_index_text adds every pending chunk to the FTS5 index in one statement,
+ * which costs a third of what a row-by-row trigger did (SQLite 3.40: 1.8 s against 8.3 s for
+ * 100,000 chunks of 100 words, added in transactions of 256), and left SQLite's one writer, not
+ * the model, the bound of indexing on a GPU. A writer upgrades older stores in place; readers
+ * of older formats need nothing new. */
+#define STORE_FORMAT 3
+
+/* A writer adds pending chunks to the text index after a commit that leaves this many waiting,
+ * so that a long `index` run keeps BM25 close behind it for other processes; one statement of
+ * this many costs a few seconds on two cores. */
+#define STORE_TEXT_INDEX_BATCH 65536
 
 /* How long a reader waits for a checkpoint or a writer's lock before it gives up. */
 #define STORE_BUSY_MILLISECONDS 5000
@@ -79,6 +89,20 @@ static const char schema[] =
     "CREATE TRIGGER chunks_unindexed AFTER DELETE ON chunks BEGIN"
     " INSERT INTO chunk_text (chunk_text, rowid, text) VALUES ('delete', old.id, old.text); END;";
 
+/* Format 3's text index in arrears (see STORE_FORMAT): new chunks are queued in text_pending;
+ * a deleted chunk leaves the FTS5 index only if it was in it, and the queue either way. Applied
+ * after `schema` for a new store, and to upgrade one of format 1 or 2. */
+static const char schema_pending[] =
+    "CREATE TABLE IF NOT EXISTS text_pending (id INTEGER PRIMARY KEY);"
+    "DROP TRIGGER IF EXISTS chunks_indexed;"
+    "CREATE TRIGGER chunks_indexed AFTER INSERT ON chunks BEGIN"
+    " INSERT INTO text_pending (id) VALUES (new.id); END;"
+    "DROP TRIGGER IF EXISTS chunks_unindexed;"
+    "CREATE TRIGGER chunks_unindexed AFTER DELETE ON chunks BEGIN"
+    " INSERT INTO chunk_text (chunk_text, rowid, text) SELECT 'delete', old.id, old.text"
+    " WHERE NOT EXISTS (SELECT 1 FROM text_pending WHERE id = old.id);"
+    " DELETE FROM text_pending WHERE id = old.id; END;";
+
 /* The identity fields, as meta keys. */
 static const char *const identity_keys[] = {"model",     "dimension",    "pooling",  "prompt",
                                             "precision", "weights_hash", "directory"};
@@ -92,6 +116,9 @@ struct store {
     sqlite3_stmt *sql[SQL_COUNT];
     sqlite3_stmt *vocabulary; /* a word's chunk count, prepared at the first BM25 search */
     int64_t counted_chunks;   /* the chunk count at counted_generation */
+    int64_t text_pending;     /* chunks this writer queued for the text index (a rollback may
+                                 have taken some back: store_index_text finds what is there) */
+    bool text_pending_known;  /* whether a writer checked the queue since it opened */
     uint64_t counted_generation;
     store_model model;
     char *identity[IDS]; /* owned strings behind model */
@@ -103,15 +130,19 @@ static int sql_error(const store *s, int rc, const char *what)
 {
     const char *detail = s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc);
     int system_error = s->db ? sqlite3_system_errno(s->db) : 0;
-    /* A write refused for space comes as a full database or as an I/O error of the write. */
+    /* A write refused for space comes as a full database or as an I/O error of the write,
+     * whose errno SQLite does not always keep (a write cut short by a file size limit has
+     * none). */
+    int extended = s->db ? sqlite3_extended_errcode(s->db) : rc;
     if ((rc & 0xff) == SQLITE_IOERR &&
-        (system_error == ENOSPC || system_error == EFBIG || system_error == EDQUOT))
+        (system_error == ENOSPC || system_error == EFBIG || system_error == EDQUOT ||
+         (extended == SQLITE_IOERR_WRITE && system_error == 0)))
         rc = SQLITE_FULL;
     switch (rc & 0xff) {
     case SQLITE_FULL:
         return err_set(EMBEDRAG_ERR_IO,
-                       "%s: %s: the disk is full (nothing of this batch was stored; free space "
-                       "and run again)",
+                       "%s: %s: the disk is full or refused the write (nothing of this batch was "
+                       "stored; free space and run again)",
                        s->path, what);
     case SQLITE_READONLY:
     case SQLITE_CANTOPEN:
@@ -245,6 +276,7 @@ static int prepare_contents(store *s, const store_model *model)
         snprintf(format, sizeof format, "%d", STORE_FORMAT);
         rc = exec(s, "BEGIN IMMEDIATE", "creating the store");
         if (!rc) rc = exec(s, schema, "creating the store");
+        if (!rc) rc = exec(s, schema_pending, "creating the store");
         if (!rc) rc = write_meta(s, "format", format);
         if (!rc) rc = write_meta(s, "generation", "1");
         for (int i = 0; i < IDS && !rc; i++) rc = write_meta(s, identity_keys[i], fields[i]);
@@ -266,11 +298,12 @@ static int prepare_contents(store *s, const store_model *model)
                        "%s has store format %d; this embedrag reads format %d (a newer embedrag "
                        "made it?)",
                        s->path, version, STORE_FORMAT);
-    if (version == 1 && s->lock_fd >= 0) {
+    if (version < STORE_FORMAT && s->lock_fd >= 0) {
         char latest[16];
         snprintf(latest, sizeof latest, "%d", STORE_FORMAT);
         rc = exec(s, "BEGIN IMMEDIATE", "upgrading the store");
-        if (!rc) rc = write_meta(s, "generation", "1");
+        if (!rc && version < 2) rc = write_meta(s, "generation", "1");
+        if (!rc) rc = exec(s, schema_pending, "upgrading the store");
         if (!rc) rc = write_meta(s, "format", latest);
         if (!rc) rc = exec(s, "COMMIT", "upgrading the store");
         if (rc) {
@@ -383,6 +416,9 @@ void store_close(store *s)
 {
     if (!s) return;
     if (s->in_transaction) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    /* Readers of the store see what waits for the text index only once a writer adds it. */
+    else if (s->text_pending && s->db)
+        store_index_text(s);
     for (int i = 0; i < SQL_COUNT; i++) sqlite3_finalize(s->sql[i]);
     sqlite3_finalize(s->vocabulary);
     if (s->db) sqlite3_close(s->db);
@@ -417,7 +453,29 @@ int store_commit(store *s)
         err_prefix(rc, "nothing of this batch was stored: ");
     }
     s->in_transaction = false;
+    if (!rc && s->text_pending >= STORE_TEXT_INDEX_BATCH) rc = store_index_text(s);
     return rc;
+}
+
+int store_index_text(store *s)
+{
+    if (s->lock_fd < 0 || s->in_transaction) return 0;
+    if (s->text_pending == 0 && s->text_pending_known) return 0;
+    /* What a process killed before it got here left queued is taken on by the next writer. */
+    int rc = exec(s, "BEGIN IMMEDIATE", "indexing text");
+    if (!rc)
+        rc = exec(s,
+                  "INSERT INTO chunk_text (rowid, text) SELECT c.id, c.text FROM text_pending p"
+                  " JOIN chunks c ON c.id = p.id; DELETE FROM text_pending;",
+                  "indexing text");
+    if (!rc) rc = exec(s, "COMMIT", "indexing text");
+    if (rc) {
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        return rc;
+    }
+    s->text_pending = 0;
+    s->text_pending_known = true;
+    return 0;
 }
 
 void store_rollback(store *s)
@@ -531,7 +589,9 @@ int store_put_document(store *s, const store_document *d, const store_chunk *chu
     }
     rc = run(s, s->sql[SQL_BUMP_GENERATION], "storing a document");
     if (rc) goto undo;
-    return exec(s, "RELEASE put_document", "storing a document");
+    rc = exec(s, "RELEASE put_document", "storing a document");
+    if (!rc) s->text_pending += (int64_t)count;
+    return rc;
 undo:
     sqlite3_exec(s->db, "ROLLBACK TO put_document; RELEASE put_document", NULL, NULL, NULL);
     return rc;
@@ -1091,6 +1151,11 @@ int store_bm25(store *s, const char *query, const store_filter *filter, int k, i
 {
     *found = 0;
     if (k <= 0 || !query) return 0;
+    /* A writer's searches see everything it committed: what waits for the text index goes in
+     * first. A reader sees what the writer has indexed (at the end of each add, and every
+     * STORE_TEXT_INDEX_BATCH chunks of a long run). */
+    int pending = store_index_text(s);
+    if (pending) return pending;
     char *q = fts_query(s, query);
     if (!q) return 0; /* no words: nothing matches */
     sqlite3_stmt *st = s->sql[SQL_BM25];

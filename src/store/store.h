@@ -74,6 +74,12 @@ int store_find_document(store *s, const char *key, bool *found, uint64_t *conten
 int store_put_document(store *s, const store_document *document, const store_chunk *chunks,
                        size_t count);
 
+/* Adds the chunks committed since the last call to the BM25 text index, in one transaction
+ * (new chunks wait for it in a queue: see STORE_FORMAT in store.c). Writers only, outside a
+ * transaction; a no-op otherwise and when nothing waits. The indexer calls it when it finishes
+ * an add; store_commit when many wait; store_bm25 before it searches. */
+int store_index_text(store *s);
+
 /* Deletes a document and its chunks; *found says whether it was there. */
 int store_delete_document(store *s, const char *key, bool *found);
 
