@@ -8,6 +8,36 @@
 
 #ifdef EMBEDRAG_HAVE_SERVER
 #include "server.h"
+#include "store/store.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* As `search` does: a store's own model serves it unless --model (or $EMBEDRAG_MODEL) says
+ * otherwise. Returns 0 with options->dir set when the store names a model directory that
+ * exists, or leaves it for the default; 1 after an error when that directory is gone. */
+static int model_of_store(const char *path, cli_model_options *options, char **dir)
+{
+    *dir = NULL;
+    if (options->dir || getenv("EMBEDRAG_MODEL") || access(path, F_OK) != 0) return 0;
+    store *s = NULL;
+    if (store_open(path, NULL, true, &s) != 0) return 0; /* embedrag_store_open will say why */
+    const store_model *m = store_get_model(s);
+    struct stat st;
+    int status = 0;
+    if (m->directory && *m->directory && stat(m->directory, &st) == 0) {
+        *dir = strdup(m->directory);
+        options->dir = *dir;
+    } else {
+        fprintf(stderr,
+                "embedrag serve: the store's model (%s) was at %s, which is gone; give "
+                "--model DIR\n",
+                m->name, m->directory && *m->directory ? m->directory : "(not recorded)");
+        status = 1;
+    }
+    store_close(s);
+    return status;
+}
 
 static const char usage[] =
     "usage: embedrag serve [options]\n"
@@ -19,7 +49,8 @@ static const char usage[] =
     "when ready; SIGTERM or Ctrl-C finishes the requests in flight and exits.\n"
     "\n"
     "options:\n" CLI_MODEL_OPTIONS_HELP
-    "  --store FILE         a store to search and add documents to (created if absent)\n"
+    "  --store FILE         a store to search and add documents to (created if absent); its\n"
+    "                       model serves unless --model is given\n"
     "  --host ADDRESS       address to listen on (default 127.0.0.1: this machine only; 0.0.0.0\n"
     "                       or :: for every interface)\n"
     "  --port N             port (default 8080; 0 picks a free one)\n"
@@ -131,20 +162,23 @@ int cli_serve(int argc, char **argv)
         fprintf(stderr, "embedrag serve: unexpected argument '%s' (see --help)\n", argv[optind]);
         return 2;
     }
+    char *store_model_dir = NULL;
+    if (o.store_path && model_of_store(o.store_path, &model_options, &store_model_dir)) return 1;
     embedrag_model *model = cli_open_model(&model_options);
+    free(store_model_dir); /* the model keeps its own copy of the path */
     if (!model) return 1;
-    embedrag_store *store = NULL;
+    embedrag_store *opened = NULL;
     if (o.store_path) {
         embedrag_store_params sp = embedrag_store_default_params();
         sp.read_only = o.read_only;
-        if (embedrag_store_open(o.store_path, model, &sp, &store) != 0) {
+        if (embedrag_store_open(o.store_path, model, &sp, &opened) != 0) {
             fprintf(stderr, "embedrag serve: %s\n", embedrag_last_error());
             embedrag_model_close(model);
             return 1;
         }
     }
-    int status = server_run(model, store, &o);
-    embedrag_store_close(store);
+    int status = server_run(model, opened, &o);
+    embedrag_store_close(opened);
     embedrag_model_close(model);
     return status;
 }

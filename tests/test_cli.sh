@@ -238,6 +238,26 @@ ok = ok and all(d['store']['open_from_search_copy_s'] > 0 for d in o['data'])
 sys.exit(not ok)" "$tmp/bs.json"
 check "bench --search leaves no store behind" test -z "$(ls "$tmp" | grep embedrag-bench-search)"
 
+# serve with a store and no --model runs the store's model, as search does (a store made with
+# the 12-layer test model here); `serve --help` works in any build.
+check "serve --help exits 0" "$cli" serve --help
+if "$cli" serve --help | grep -q -- --store && [ -d "$src/models/minilm-l12-stacked" ]; then
+    printf 'a short note about serving\n' >"$tmp/note.txt"
+    "$cli" index --model "$src/models/minilm-l12-stacked" --store "$tmp/l12.db" --quiet \
+        "$tmp/note.txt" >/dev/null
+    "$cli" serve --port 0 --store "$tmp/l12.db" --quiet >"$tmp/serve.out" 2>"$tmp/serve.err" &
+    serve_pid=$!
+    for _ in $(seq 100); do grep -q listening "$tmp/serve.out" && break; sleep 0.1; done
+    url=$(sed -n 's/^listening on //p' "$tmp/serve.out")
+    check "serve runs the store's model" python3 -c "
+import json, sys, urllib.request
+info = json.load(urllib.request.urlopen(sys.argv[1] + '/info'))
+sys.exit(info['model_id'] != 'minilm-l12-stacked')" "$url"
+    kill -TERM "$serve_pid"
+    wait "$serve_pid"
+    check "serve exits 0 on SIGTERM" test $? -eq 0
+fi
+
 # Streaming: many lines through one process, output line count matches.
 python3 -c "
 for i in range(3000): print('line number', i, 'of a longer stream')" >"$tmp/many.txt"
