@@ -76,6 +76,13 @@ double cli_seconds(void);
 /* The p-quantile (0..1, nearest rank) of v[0..n), n > 0; sorts v. */
 double cli_percentile(double *v, int n, double p);
 
+/* For the commands that answer from a store (search, serve): unless --model is given, the
+ * model is the one the store records, where its directory still exists (options->dir then
+ * points into s, valid while it is open). Returns 0, or 1 after printing "embedrag COMMAND:
+ * ..." when that directory is gone and $EMBEDRAG_MODEL names none instead. */
+struct store;
+int cli_store_model(const char *command, const struct store *s, cli_model_options *options);
+
 int cli_embed(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 int cli_info(int argc, char **argv);

@@ -10,30 +10,21 @@
 #include "server.h"
 #include "store/store.h"
 
-#include <sys/stat.h>
 #include <unistd.h>
 
-/* As `search` does: a store's own model serves it unless --model (or $EMBEDRAG_MODEL) says
- * otherwise. Returns 0 with options->dir set when the store names a model directory that
- * exists, or leaves it for the default; 1 after an error when that directory is gone. */
+/* A store's own model serves it unless --model says otherwise, as for `search` (a copy of its
+ * directory in *dir, since the store is closed before the model opens). Returns 1 after an
+ * error. */
 static int model_of_store(const char *path, cli_model_options *options, char **dir)
 {
     *dir = NULL;
-    if (options->dir || getenv("EMBEDRAG_MODEL") || access(path, F_OK) != 0) return 0;
+    if (options->dir || access(path, F_OK) != 0) return 0;
     store *s = NULL;
     if (store_open(path, NULL, true, &s) != 0) return 0; /* embedrag_store_open will say why */
-    const store_model *m = store_get_model(s);
-    struct stat st;
-    int status = 0;
-    if (m->directory && *m->directory && stat(m->directory, &st) == 0) {
-        *dir = strdup(m->directory);
+    int status = cli_store_model("serve", s, options);
+    if (!status && options->dir) {
+        *dir = strdup(options->dir);
         options->dir = *dir;
-    } else {
-        fprintf(stderr,
-                "embedrag serve: the store's model (%s) was at %s, which is gone; give "
-                "--model DIR\n",
-                m->name, m->directory && *m->directory ? m->directory : "(not recorded)");
-        status = 1;
     }
     store_close(s);
     return status;

@@ -167,6 +167,24 @@ int cli_index(int argc, char **argv)
     return summary.failed ? 1 : 0;
 }
 
+int cli_store_model(const char *command, const store *s, cli_model_options *options)
+{
+    if (options->dir) return 0;
+    /* Its directory may have moved since the store was made. */
+    const char *dir = store_get_model(s)->directory;
+    struct stat st;
+    if (dir && *dir && stat(dir, &st) == 0) {
+        options->dir = dir;
+    } else if (!getenv("EMBEDRAG_MODEL")) {
+        fprintf(stderr,
+                "embedrag %s: the store's model (%s) was at %s, which is gone; give --model "
+                "DIR\n",
+                command, store_get_model(s)->name, dir && *dir ? dir : "(not recorded)");
+        return 1;
+    }
+    return 0;
+}
+
 /* ---- search ---- */
 
 static const char search_usage[] =
@@ -361,20 +379,9 @@ static int search_run(int argc, char **argv, cli_model_options *model_options,
         fprintf(stderr, "embedrag search: %s\n", embedrag_last_error());
         return 1;
     }
-    /* The store's model unless one is given; its directory may have moved since. */
-    if (!model_options->dir) {
-        const char *dir = store_get_model(s)->directory;
-        struct stat st;
-        if (dir && *dir && stat(dir, &st) == 0) {
-            model_options->dir = dir;
-        } else if (!getenv("EMBEDRAG_MODEL")) {
-            fprintf(stderr,
-                    "embedrag search: the store's model (%s) was at %s, which is gone; give "
-                    "--model DIR\n",
-                    store_get_model(s)->name, dir && *dir ? dir : "(not recorded)");
-            store_close(s);
-            return 1;
-        }
+    if (cli_store_model("search", s, model_options)) {
+        store_close(s);
+        return 1;
     }
     int status = 1;
     embedrag_model *model = cli_open_model(model_options);

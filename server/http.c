@@ -392,7 +392,8 @@ static enum MHD_Result handle(void *context, struct MHD_Connection *c, const cha
                   .socket = info ? info->connect_fd : -1};
     reply r = {.status = 500};
     dispatch(s, &rq, x->route, &r);
-    if (r.status == 499) { /* the client left: nobody to answer */
+    if (r.status == 499) { /* the client left while its work waited: nobody to answer */
+        metrics_rejected(s->metrics, "disconnected");
         free(r.body.data);
         metrics_request(s->metrics, x->route, 499, clock_seconds() - x->start);
         return MHD_NO;

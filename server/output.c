@@ -1,7 +1,10 @@
 /* Response writing for the server: see output.h. */
 #include "output.h"
 
+#include "util/utf8.h"
+
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -55,38 +58,6 @@ void out_format(out_buffer *b, const char *format, ...)
     b->length += (size_t)n;
 }
 
-/* The length of the valid UTF-8 sequence at s (at most n bytes), or 0 when it is not one
- * (overlong forms, surrogates and values past U+10FFFF are not). */
-static size_t utf8_sequence(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    size_t len;
-    uint32_t cp, min;
-    if (c < 0x80) return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2;
-        cp = c & 0x1f;
-        min = 0x80;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3;
-        cp = c & 0x0f;
-        min = 0x800;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4;
-        cp = c & 0x07;
-        min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (len > n) return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80) return 0;
-        cp = cp << 6 | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-    return len;
-}
-
 void out_json_string(out_buffer *b, const char *text, size_t n)
 {
     if (!text) {
@@ -125,7 +96,7 @@ void out_json_string(out_buffer *b, const char *text, size_t n)
             }
             i++;
         } else {
-            size_t len = utf8_sequence(s + i, n - i);
+            size_t len = utf8_sequence_length(s + i, n - i);
             if (len) {
                 memcpy(o, s + i, len);
                 o += len;
@@ -146,18 +117,21 @@ void out_json_cstring(out_buffer *b, const char *text)
     out_json_string(b, text, text ? strlen(text) : 0);
 }
 
-/* Powers of ten from 1e-31 to 1e54, the range 9 digits of any float need. */
+/* Powers of ten from 1e-31 to 1e54, the range 9 digits of any float need; filled once. */
 #define POWER_MIN (-31)
 #define POWER_MAX 54
+static double powers[POWER_MAX - POWER_MIN + 1];
+static pthread_once_t powers_once = PTHREAD_ONCE_INIT;
+
+static void fill_powers(void)
+{
+    for (int i = POWER_MIN; i <= POWER_MAX; i++) powers[i - POWER_MIN] = pow(10.0, i);
+}
+
 static double power_of_ten(int e)
 {
-    static double table[POWER_MAX - POWER_MIN + 1];
-    static int ready; /* benign: every thread computes the same values */
-    if (!ready) {
-        for (int i = POWER_MIN; i <= POWER_MAX; i++) table[i - POWER_MIN] = pow(10.0, i);
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
-    return table[e - POWER_MIN];
+    pthread_once(&powers_once, fill_powers);
+    return powers[e - POWER_MIN];
 }
 
 /* Why 9 digits from double arithmetic is exact enough: a float has 24 bits, so 9 significant

@@ -40,26 +40,16 @@ static void fail_request(reply *r, error_style style, const request_error *e)
     reply_error(r, style, e->status, e->field, "%s", e->message);
 }
 
-/* Whether `name` is one of the model's prompts (or NULL); if not, replies 422. */
+/* Whether `name` is one of the model's prompts (or NULL); if not, replies 422 naming the field
+ * with the engine's message (which lists the prompts the model has). */
 static bool known_prompt(server *s, const char *name, reply *r, error_style style)
 {
     if (!name) return true;
-    out_buffer known = {0};
-    for (int i = 0; i < s->info.prompt_count; i++) {
-        const char *prompt_name, *text;
-        if (embedrag_model_get_prompt(s->model, i, &prompt_name, &text) != 0) continue;
-        if (!strcmp(prompt_name, name)) {
-            free(known.data);
-            return true;
-        }
-        out_format(&known, "%s\"%s\"", i ? ", " : "", prompt_name);
-    }
-    out_bytes(&known, "", 1);
-    reply_error(r, style, 422, "prompt_name",
-                "prompt_name \"%.64s\" is not one of this model's "
-                "prompts (%s)",
-                name, known.data && known.data[0] ? known.data : "it has none");
-    free(known.data);
+    embedrag_embed_params params = embedrag_embed_default_params();
+    params.prompt_name = name;
+    size_t count = 0;
+    if (embedrag_tokenize(s->model, "", 0, &params, NULL, 0, &count) == 0) return true;
+    reply_error(r, style, 422, "prompt_name", "prompt_name: %s", embedrag_last_error());
     return false;
 }
 
@@ -144,7 +134,6 @@ static bool embed_sequences(server *s, const request *rq, embedrag_embed_params 
     size_t first = 0;
     while (first < e->count) {
         if (first > 0 && request_client_gone(rq)) {
-            metrics_rejected(s->metrics, "disconnected");
             reply_error(r, style, 499, NULL, "the client closed the connection");
             ok = false;
             break;
@@ -556,7 +545,6 @@ void route_documents_post(server *s, const request *rq, reply *r)
     documents_body body;
     request_error e;
     int *statuses = NULL;
-    char **messages = NULL;
     if (request_parse_documents(root, &body, &e)) {
         fail_request(r, ERRORS_TEI, &e);
         goto done;
@@ -604,7 +592,6 @@ void route_documents_post(server *s, const request *rq, reply *r)
     out_bytes(o, "}", 1);
     r->status = stored ? 200 : 422;
 done:
-    free(messages);
     free(statuses);
     request_free_documents(&body);
     cJSON_Delete(root);

@@ -4,6 +4,7 @@
 #include "tokenizer/tokenizer_internal.h"
 
 #include "util/error.h"
+#include "util/utf8.h"
 
 #include <limits.h>
 #include <stdlib.h>
@@ -24,9 +25,8 @@
 /* ------------------------------------------------------------------------------------------ */
 /* UTF-8. */
 
-/* Checks that s[0, n) is UTF-8 as Rust's str accepts it (no overlong forms, no surrogates,
- * nothing above U+10FFFF). Returns n, or the offset of the first byte of the first bad
- * sequence. */
+/* Checks that s[0, n) is UTF-8 (util/utf8.h says which forms are). Returns n, or the offset of
+ * the first byte of the first bad sequence. */
 static size_t utf8_check(const unsigned char *s, size_t n)
 {
     size_t i = 0;
@@ -39,35 +39,9 @@ static size_t utf8_check(const unsigned char *s, size_t n)
                 continue;
             }
         }
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t need;
-        unsigned lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
-        if (c >= 0xC2 && c <= 0xDF) {
-            need = 1;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            need = 2;
-            if (c == 0xE0)
-                lo = 0xA0; /* overlong */
-            else if (c == 0xED)
-                hi = 0x9F; /* surrogates */
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            need = 3;
-            if (c == 0xF0)
-                lo = 0x90; /* overlong */
-            else if (c == 0xF4)
-                hi = 0x8F; /* above U+10FFFF */
-        } else {
-            return i; /* stray continuation byte, overlong C0/C1, or F5..FF */
-        }
-        if (n - i <= need) return i; /* truncated */
-        if (s[i + 1] < lo || s[i + 1] > hi) return i;
-        for (size_t k = 2; k <= need; k++)
-            if ((s[i + k] & 0xC0) != 0x80) return i;
-        i += need + 1;
+        size_t length = utf8_sequence_length(s + i, n - i);
+        if (!length) return i;
+        i += length;
     }
     return n;
 }
