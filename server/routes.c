@@ -5,6 +5,7 @@
 #include "server_internal.h"
 #include "util/clock.h"
 #include "util/json.h"
+#include "util/threadpool.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -61,10 +62,16 @@ typedef struct embedding {
     int dim;
     float *vectors; /* count x dim */
     double tokenize_seconds, inference_seconds;
+    /* A request for the bulk lane runs on its connection thread as bulk work until it is
+     * answered (threadpool_bulk_enter): its wake-ups to format a finished batch's JSON then
+     * never take a core from a query's thread. */
+    threadpool_sched bulk;
 } embedding;
 
 static void embedding_free(embedding *e)
 {
+    threadpool_bulk_leave(&e->bulk);
+    e->bulk.changed = 0;
     free(e->ids);
     free(e->offsets);
     free(e->vectors);
@@ -128,6 +135,7 @@ static bool embed_sequences(server *s, const request *rq, embedrag_embed_params 
     }
     metrics_lane lane = e->tokens <= LATENCY_LANE_TOKENS ? METRICS_LANE_LATENCY : METRICS_LANE_BULK;
     params->lane = lane == METRICS_LANE_LATENCY ? EMBEDRAG_LANE_LATENCY : EMBEDRAG_LANE_BULK;
+    if (lane == METRICS_LANE_BULK) threadpool_bulk_enter(&e->bulk);
     metrics_queue(s->metrics, lane, (long)e->count);
     double start = clock_seconds();
     bool ok = true;

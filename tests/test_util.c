@@ -1,14 +1,19 @@
 /* Tests of the shared helpers in src/util: whole-file reads (missing, empty, oversized and
- * unreadable files), path joining, and the JSON helpers' parsing, typed getters and messages. */
+ * unreadable files), path joining, the JSON helpers' parsing, typed getters and messages, and the
+ * thread pool (every task once per run, per-thread scratch never shared, bulk scheduling mode
+ * followed by the workers). Runs under ThreadSanitizer too. */
 #include "check.h"
 
 #include "util/error.h"
 #include "util/file.h"
 #include "util/json.h"
+#include "util/threadpool.h"
 
 #include "embedrag.h"
 
 #include <cjson/cJSON.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -248,6 +253,127 @@ static void test_json_read_file(void)
     free(path);
 }
 
+/* ---- the thread pool ---- */
+
+#define POOL_MAX_TASKS 96
+#define POOL_THREADS 4
+
+typedef struct pool_check {
+    int run;                              /* which run the tasks belong to */
+    atomic_int runs_of[POOL_MAX_TASKS];   /* how often each task ran in this run */
+    atomic_int busy[POOL_THREADS];        /* tasks running on each thread index right now */
+    atomic_int bad_thread, shared_thread; /* thread index out of range; two tasks on one index */
+    atomic_int wrong_policy;              /* tasks that ran under a policy other than `want` */
+    int want_policy;                      /* -1: do not check */
+} pool_check;
+
+static void pool_task(void *ctx, int task, int thread)
+{
+    pool_check *c = ctx;
+    if (thread < 0 || thread >= POOL_THREADS) {
+        atomic_fetch_add(&c->bad_thread, 1);
+        return;
+    }
+    if (atomic_fetch_add(&c->busy[thread], 1) != 0) atomic_fetch_add(&c->shared_thread, 1);
+    /* Uneven tasks, so that runs end while a worker is still inside the previous one. */
+    volatile unsigned spin = 0;
+    for (int i = 0; i < (task % 7) * 50; i++) spin = spin + (unsigned)i;
+    (void)spin;
+    atomic_fetch_add(&c->runs_of[task], 1);
+    if (c->want_policy >= 0 && sched_getscheduler(0) != c->want_policy)
+        atomic_fetch_add(&c->wrong_policy, 1);
+    atomic_fetch_sub(&c->busy[thread], 1);
+}
+
+/* Thousands of runs of 2 to 96 tasks on a pool of more threads than this machine may have cores:
+ * each task runs exactly once per run, every index is in range, and no two tasks ever share a
+ * thread index at once (the per-thread scratch the forward pass relies on). */
+static void test_threadpool_runs_each_task_once(void)
+{
+    threadpool *p = NULL;
+    CHECK(threadpool_create(POOL_THREADS, &p) == 0 && p, "threadpool_create: %s",
+          embedrag_last_error());
+    if (!p) return;
+    CHECK(threadpool_threads(p) == POOL_THREADS, "threads %d", threadpool_threads(p));
+    static pool_check c;
+    int wrong = 0, first_wrong_run = -1;
+    for (int run = 0; run < 4000; run++) {
+        int n = 2 + (int)(check_random() % (POOL_MAX_TASKS - 1));
+        for (int t = 0; t < POOL_MAX_TASKS; t++) atomic_store(&c.runs_of[t], 0);
+        c.run = run;
+        c.want_policy = -1;
+        threadpool_run(p, n, pool_task, &c);
+        for (int t = 0; t < POOL_MAX_TASKS; t++) {
+            int got = atomic_load(&c.runs_of[t]), want = t < n ? 1 : 0;
+            if (got != want) {
+                wrong++;
+                if (first_wrong_run < 0) first_wrong_run = run;
+            }
+        }
+    }
+    CHECK(wrong == 0,
+          "%d task counts wrong (first in run %d): a task ran twice, never, or in "
+          "another run",
+          wrong, first_wrong_run);
+    CHECK(atomic_load(&c.bad_thread) == 0, "%d tasks got a thread index out of range",
+          atomic_load(&c.bad_thread));
+    CHECK(atomic_load(&c.shared_thread) == 0, "%d times two tasks ran on one thread index",
+          atomic_load(&c.shared_thread));
+    threadpool_destroy(p);
+}
+
+/* threadpool_bulk_enter makes the calling thread SCHED_BATCH until leave, nested calls change
+ * nothing, and the workers run a bulk caller's tasks as SCHED_BATCH and a normal caller's as
+ * SCHED_OTHER. Where the policy cannot be changed here (a sandbox refusing sched_setattr), enter
+ * reports no change and the tasks must all stay SCHED_OTHER. */
+static void test_threadpool_bulk_mode(void)
+{
+    int before = sched_getscheduler(0);
+    CHECK(before == SCHED_OTHER, "the test thread starts as policy %d", before);
+    threadpool_sched outer, inner;
+    threadpool_bulk_enter(&outer);
+    bool changed = outer.changed != 0;
+    if (!changed)
+        printf("test_util: note: this system refused SCHED_BATCH; checking that nothing changed\n");
+    int in_bulk = changed ? SCHED_BATCH : SCHED_OTHER;
+    CHECK(sched_getscheduler(0) == in_bulk, "after enter: policy %d, want %d",
+          sched_getscheduler(0), in_bulk);
+    threadpool_bulk_enter(&inner);
+    CHECK(!inner.changed, "a nested enter changed the policy again");
+
+    threadpool *p = NULL;
+    CHECK(threadpool_create(POOL_THREADS, &p) == 0 && p, "threadpool_create: %s",
+          embedrag_last_error());
+    if (!p) return;
+    static pool_check c;
+    for (int round = 0; round < 3; round++) {
+        /* Bulk caller, then a normal one, then bulk again: the workers follow each time. */
+        for (int phase = 0; phase < 2; phase++) {
+            bool bulk_phase = phase == 0;
+            if (!bulk_phase) threadpool_bulk_leave(&outer);
+            c.want_policy = bulk_phase ? in_bulk : SCHED_OTHER;
+            atomic_store(&c.wrong_policy, 0);
+            for (int run = 0; run < 200; run++) {
+                for (int t = 0; t < POOL_MAX_TASKS; t++) atomic_store(&c.runs_of[t], 0);
+                threadpool_run(p, 64, pool_task, &c);
+            }
+            CHECK(atomic_load(&c.wrong_policy) == 0,
+                  "round %d, %s caller: %d tasks ran under the wrong policy", round,
+                  bulk_phase ? "bulk" : "normal", atomic_load(&c.wrong_policy));
+            if (!bulk_phase) {
+                threadpool_bulk_enter(&outer);
+                CHECK(sched_getscheduler(0) == in_bulk, "re-enter: policy %d",
+                      sched_getscheduler(0));
+            }
+        }
+    }
+    threadpool_bulk_leave(&inner); /* nested: nothing to undo */
+    CHECK(sched_getscheduler(0) == in_bulk, "a nested leave undid the outer enter");
+    threadpool_bulk_leave(&outer);
+    CHECK(sched_getscheduler(0) == SCHED_OTHER, "after leave: policy %d", sched_getscheduler(0));
+    threadpool_destroy(p);
+}
+
 int main(void)
 {
     const char *tmp = getenv("TMPDIR");
@@ -265,6 +391,8 @@ int main(void)
     test_json_getters_name_file_and_field();
     test_json_integer_and_value_text();
     test_json_read_file();
+    test_threadpool_runs_each_task_once();
+    test_threadpool_bulk_mode();
 
     static const char *const created[] = {"bytes.bin", "empty.txt", "bad.json"};
     for (size_t i = 0; i < sizeof created / sizeof created[0]; i++) {

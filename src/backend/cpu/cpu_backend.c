@@ -520,9 +520,14 @@ static int cpu_submit(backend_stream *s, const backend_batch *batch, float *out,
         return 0;
     }
     s->held_seconds = 0.0;
+    /* A bulk pass runs as SCHED_BATCH (see threadpool_bulk_enter): when a query's pass releases
+     * the pool, waking this thread must not take the core from the query's thread. */
+    threadpool_sched sched = {0};
+    if (!s->latency) threadpool_bulk_enter(&sched);
     exec_acquire(s);
     forward(s, batch, out);
     exec_release(s);
+    threadpool_bulk_leave(&sched);
     record_rate(s->b, batch, s->held_seconds);
     ticket->device_seconds = s->held_seconds;
     ticket->done = true;
