@@ -197,6 +197,21 @@ typedef struct embedrag_backend_info {
 EMBEDRAG_API int embedrag_model_get_backend(const embedrag_model *model, int i,
                                             embedrag_backend_info *info);
 
+/* The work backend i has finished since the model opened, on one lane: what the engine's
+ * routing chose, as counters (`GET /metrics` of `embedrag serve` exports them). A batch that
+ * failed is not counted; the timing batches the engine runs at open when it has a GPU are. */
+typedef struct embedrag_backend_work {
+    uint64_t batches; /* forward passes */
+    uint64_t texts;   /* sequences embedded */
+    uint64_t tokens;  /* their tokens, [CLS] and [SEP] included */
+    double seconds;   /* the backend's own time for those batches (a GPU's from CUDA events) */
+} embedrag_backend_work;
+
+/* Fills *work for backend i and `lane` (EMBEDRAG_LANE_LATENCY or EMBEDRAG_LANE_BULK; AUTO sums
+ * both). Returns 0 or EMBEDRAG_ERR_INVALID_ARGUMENT. Thread-safe. */
+EMBEDRAG_API int embedrag_model_get_backend_work(const embedrag_model *model, int i,
+                                                 embedrag_lane lane, embedrag_backend_work *work);
+
 /* The router's estimate of the seconds backend i would take for `texts` texts of
  * `tokens_per_text` tokens each on an idle device (its measured cost line: the engine times each
  * backend at open when there is more than one, and every completed batch refines it). Comparing

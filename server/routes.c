@@ -660,10 +660,51 @@ void route_document_delete(server *s, const request *rq, const char *id, reply *
     }
 }
 
+/* What the engine's routing chose: each backend's finished work by lane, read live. */
+static void backend_work_lines(server *s, out_buffer *out)
+{
+    static const struct {
+        const char *name, *help;
+    } series[4] = {
+        {"embedrag_backend_batches_total", "Forward passes finished, by backend and lane."},
+        {"embedrag_backend_texts_total", "Texts embedded, by backend and lane (the routing's "
+                                         "choices; the engine's timing batches at open "
+                                         "included)."},
+        {"embedrag_backend_tokens_total", "Tokens embedded, by backend and lane."},
+        {"embedrag_backend_seconds_total", "The backends' own compute time for those batches, "
+                                           "by backend and lane."},
+    };
+    static const embedrag_lane lanes[2] = {EMBEDRAG_LANE_LATENCY, EMBEDRAG_LANE_BULK};
+    static const char *lane_labels[2] = {"latency", "bulk"};
+    for (int k = 0; k < 4; k++) {
+        out_format(out, "# HELP %s %s\n# TYPE %s counter\n", series[k].name, series[k].help,
+                   series[k].name);
+        for (int i = 0; i < s->info.backend_count; i++) {
+            embedrag_backend_info b;
+            if (embedrag_model_get_backend(s->model, i, &b) != 0) continue;
+            for (int l = 0; l < 2; l++) {
+                embedrag_backend_work w;
+                if (embedrag_model_get_backend_work(s->model, i, lanes[l], &w) != 0) continue;
+                out_format(out, "%s{backend=", series[k].name);
+                out_json_cstring(out, b.name);
+                out_format(out, ",lane=\"%s\"} ", lane_labels[l]);
+                if (k == 3)
+                    out_format(out, "%.9g\n", w.seconds);
+                else
+                    out_format(out, "%llu\n",
+                               (unsigned long long)(k == 0   ? w.batches
+                                                    : k == 1 ? w.texts
+                                                             : w.tokens));
+            }
+        }
+    }
+}
+
 void route_metrics(server *s, const request *rq, reply *r)
 {
     (void)rq;
     metrics_write(s->metrics, &r->body, s->backend_lines ? s->backend_lines : "");
+    backend_work_lines(s, &r->body);
     r->content_type = "text/plain; version=0.0.4";
     r->status = 200;
 }

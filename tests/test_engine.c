@@ -299,13 +299,47 @@ static void test_errors_statuses_devices_and_lanes(embedrag_model *m)
     CHECK(embedrag_embed(m, &text, NULL, 1, &p, v) == 0, "auto lane");
     embedrag_lane lanes[2] = {EMBEDRAG_LANE_LATENCY, EMBEDRAG_LANE_BULK};
     int budgets[3] = {0, 8192, 1 << 30};
+    int32_t text_ids[16];
+    size_t text_tokens = 0;
+    CHECK(embedrag_tokenize(m, text, strlen(text), NULL, text_ids, 16, &text_tokens) == 0 &&
+              text_tokens > 2,
+          "tokenize: %s", embedrag_last_error());
     for (int l = 0; l < 2; l++)
         for (int b = 0; b < 3; b++) {
             p.lane = lanes[l];
             p.batch_tokens = budgets[b];
+            embedrag_backend_work before[2], after[2];
+            for (int k = 0; k < 2; k++) embedrag_model_get_backend_work(m, 0, lanes[k], &before[k]);
             CHECK(embedrag_embed(m, &text, NULL, 1, &p, w) == 0 && memcmp(v, w, sizeof v) == 0,
                   "lane %d, batch_tokens %d: %s", lanes[l], budgets[b], embedrag_last_error());
+            /* The work is counted on the lane that ran it, and only there. */
+            for (int k = 0; k < 2; k++) {
+                embedrag_model_get_backend_work(m, 0, lanes[k], &after[k]);
+                uint64_t grew = k == l;
+                CHECK(after[k].batches - before[k].batches == grew &&
+                          after[k].texts - before[k].texts == grew &&
+                          after[k].tokens - before[k].tokens == grew * text_tokens &&
+                          (after[k].seconds > before[k].seconds) == (bool)grew,
+                      "lane %d's work after a call on lane %d: %llu batches, %llu texts, %llu "
+                      "tokens more",
+                      lanes[k], lanes[l],
+                      (unsigned long long)(after[k].batches - before[k].batches),
+                      (unsigned long long)(after[k].texts - before[k].texts),
+                      (unsigned long long)(after[k].tokens - before[k].tokens));
+            }
         }
+    embedrag_backend_work both, latency, bulk;
+    CHECK(embedrag_model_get_backend_work(m, 0, EMBEDRAG_LANE_AUTO, &both) == 0 &&
+              embedrag_model_get_backend_work(m, 0, EMBEDRAG_LANE_LATENCY, &latency) == 0 &&
+              embedrag_model_get_backend_work(m, 0, EMBEDRAG_LANE_BULK, &bulk) == 0 &&
+              both.texts == latency.texts + bulk.texts &&
+              both.tokens == latency.tokens + bulk.tokens,
+          "AUTO sums the lanes");
+    CHECK(embedrag_model_get_backend_work(m, info.backend_count, EMBEDRAG_LANE_AUTO, &both) ==
+                  EMBEDRAG_ERR_INVALID_ARGUMENT &&
+              embedrag_model_get_backend_work(m, 0, (embedrag_lane)9, &both) ==
+                  EMBEDRAG_ERR_INVALID_ARGUMENT,
+          "work of no backend or no lane");
 
     /* Pre-tokenized ids are checked once, in the engine. */
     int32_t ids[3] = {101, 30522, 102};
@@ -416,6 +450,21 @@ static int failed_backends(embedrag_model *m)
     return failed;
 }
 
+/* Texts and tokens all of a model's backends have finished, and those of one backend. */
+static void work_done(embedrag_model *m, int only, uint64_t *texts, uint64_t *tokens)
+{
+    embedrag_model_info info;
+    embedrag_model_get_info(m, &info);
+    *texts = *tokens = 0;
+    for (int i = 0; i < info.backend_count; i++) {
+        embedrag_backend_work w;
+        if (only >= 0 && i != only) continue;
+        embedrag_model_get_backend_work(m, i, EMBEDRAG_LANE_AUTO, &w);
+        *texts += w.texts;
+        *tokens += w.tokens;
+    }
+}
+
 static void test_fake_gpus(embedrag_model *cpu_model)
 {
     enum { TEXTS = 120 };
@@ -430,13 +479,29 @@ static void test_fake_gpus(embedrag_model *cpu_model)
 
     /* Two GPUs share a bulk call; the vectors are the CPU's. */
     embedrag_model *m = open_with_fake_gpus("2:%d", -1, EMBEDRAG_DEVICE_AUTO);
+    size_t call_tokens = 0;
+    for (int i = 0; i < TEXTS; i++) {
+        size_t count = 0;
+        embedrag_tokenize(cpu_model, texts[i], strlen(texts[i]), NULL, NULL, 0, &count);
+        call_tokens += count;
+    }
     if (m) {
         embedrag_model_info info;
         embedrag_model_get_info(m, &info);
         CHECK(info.backend_count == 3, "two fake GPUs and the CPU: %d backends",
               info.backend_count);
+        uint64_t texts0, tokens0, texts1, tokens1, cpu0, cpu1, unused;
+        work_done(m, -1, &texts0, &tokens0);
+        work_done(m, 0, &cpu0, &unused);
         CHECK(embed_and_compare(m, texts, TEXTS, &bulk, reference, "two GPUs") == 0, "%s",
               embedrag_last_error());
+        /* The routing, as counted: every text once, all on the (faster) GPUs. */
+        work_done(m, -1, &texts1, &tokens1);
+        work_done(m, 0, &cpu1, &unused);
+        CHECK(texts1 - texts0 == TEXTS && tokens1 - tokens0 == call_tokens && cpu1 == cpu0,
+              "work counted: %llu texts and %llu tokens (want %d and %zu), %llu on the CPU",
+              (unsigned long long)(texts1 - texts0), (unsigned long long)(tokens1 - tokens0), TEXTS,
+              call_tokens, (unsigned long long)(cpu1 - cpu0));
         embedrag_embed_params query = embedrag_embed_default_params();
         CHECK(embed_and_compare(m, texts, 1, &query, reference, "a query") == 0, "%s",
               embedrag_last_error());
@@ -454,8 +519,16 @@ static void test_fake_gpus(embedrag_model *cpu_model)
      * wrong, the failure is reported, and later calls still run (on GPU 1). */
     m = open_with_fake_gpus("2:%d", 2, EMBEDRAG_DEVICE_AUTO);
     if (m) {
+        uint64_t texts0, tokens0, texts1, tokens1;
+        work_done(m, -1, &texts0, &tokens0);
         CHECK(embed_and_compare(m, texts, TEXTS, &bulk, reference, "a GPU fails mid-call") == 0,
               "%s", embedrag_last_error());
+        /* The failed batches are not counted, their redone work is: each text once. */
+        work_done(m, -1, &texts1, &tokens1);
+        CHECK(texts1 - texts0 == TEXTS && tokens1 - tokens0 == call_tokens,
+              "work counted with a failure: %llu texts and %llu tokens (want %d and %zu)",
+              (unsigned long long)(texts1 - texts0), (unsigned long long)(tokens1 - tokens0), TEXTS,
+              call_tokens);
         embedrag_backend_info b;
         embedrag_model_get_backend(m, 1, &b);
         CHECK(b.failure != NULL && strstr(b.failure, "fake-gpu:0"),

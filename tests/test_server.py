@@ -1053,6 +1053,40 @@ def check_metrics_backend_info(ctx):
                f"precision: {{{m}}}")
 
 
+def backend_work(text):
+    """{(series, backend, lane): value} of the embedrag_backend_*_total counters."""
+    found = {}
+    for m in re.finditer(r'^(embedrag_backend_\w+_total)\{backend="([^"]+)",lane="(\w+)"\} (\S+)$',
+                         text, re.M):
+        found[(m.group(1), m.group(2), m.group(3))] = float(m.group(4))
+    return found
+
+
+def check_metrics_backend_work(ctx):
+    """Where the engine sent the work: a one-text request is counted on the CPU's latency lane,
+    a request past 512 tokens on its bulk lane, each text and token exactly once."""
+    srv = ctx["M"]
+    reps = 512 // max(1, ctx["ntokens"]) + 2
+    for inputs, lane in ((TEXTS[:1], "latency"), (TEXTS * reps, "bulk")):
+        tokens = len(ctx["cli_ids"][0]) if len(inputs) == 1 else ctx["ntokens"] * reps
+        before = backend_work(want(req(srv, "GET", "/metrics"), 200, "/metrics").body.decode())
+        expect(("embedrag_backend_texts_total", "cpu", lane) in before,
+               f"no embedrag_backend_texts_total{{backend=\"cpu\",lane=\"{lane}\"}}")
+        want(req(srv, "POST", "/embed", {"inputs": inputs}), 200, f"/embed ({lane})")
+        after = backend_work(want(req(srv, "GET", "/metrics"), 200, "/metrics").body.decode())
+        for key in after:
+            grew = after[key] - before.get(key, 0.0)
+            series, backend, on = key
+            want_grew = {"embedrag_backend_texts_total": len(inputs),
+                         "embedrag_backend_tokens_total": tokens}.get(series)
+            if backend != "cpu" or on != lane:
+                expect(grew == 0, f"{series} on {backend}/{on} grew by {grew} after a {lane} request")
+            elif want_grew is not None:
+                expect(grew == want_grew, f"{series} on cpu/{lane} grew by {grew}, want {want_grew}")
+            else:
+                expect(grew > 0, f"{series} on cpu/{lane} did not grow")
+
+
 def check_sigterm(ctx):
     srv, n = ctx["M"], ctx["n_sigterm"]
     texts = [f"sentence number {i} about a long and winding road" for i in range(n)]
@@ -1282,6 +1316,7 @@ def main():
             check("DELETE /documents/{id}", check_store_delete, ctx)
         check("/metrics counters grow", check_metrics, ctx)
         check("/metrics embedrag_backend_info{name,device,precision}", check_metrics_backend_info, ctx)
+        check("/metrics embedrag_backend_*_total count the work where it ran", check_metrics_backend_work, ctx)
         check("a client that disconnects mid-request leaves the server healthy", check_disconnect, ctx)
         check("its remaining work is dropped", check_disconnect_drops_work, ctx)
         check("embedrag_queue_texts is back to 0 after the disconnects", check_disconnect_gauge, ctx)

@@ -522,6 +522,29 @@ int embedrag_model_get_backend(const embedrag_model *m, int i, embedrag_backend_
     return 0;
 }
 
+int embedrag_model_get_backend_work(const embedrag_model *m, int i, embedrag_lane which,
+                                    embedrag_backend_work *work)
+{
+    if (!m || !work || i < 0 || i >= m->backend_count ||
+        (which != EMBEDRAG_LANE_AUTO && which != EMBEDRAG_LANE_LATENCY &&
+         which != EMBEDRAG_LANE_BULK))
+        return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT,
+                       "embedrag_model_get_backend_work: no backend %d or lane %d", i, (int)which);
+    *work = (embedrag_backend_work){0};
+    for (int k = 0; k < LANE_KINDS; k++) {
+        if ((which == EMBEDRAG_LANE_LATENCY && k != LANE_LATENCY) ||
+            (which == EMBEDRAG_LANE_BULK && k != LANE_BULK))
+            continue;
+        lane_totals t;
+        lane_get_totals(m->backends[i].lanes[k], &t);
+        work->batches += t.batches;
+        work->texts += t.sequences;
+        work->tokens += t.tokens;
+        work->seconds += t.device_seconds;
+    }
+    return 0;
+}
+
 int embedrag_model_estimate_seconds(const embedrag_model *m, int i, size_t texts,
                                     int tokens_per_text, double *seconds)
 {
@@ -655,7 +678,9 @@ int embedrag_tokenize(const embedrag_model *m, const char *text, size_t length,
                                        "the text has %d tokens; the model takes at most %d",
                                        untruncated, max_tokens));
     }
-    memcpy(ids, buffer, (size_t)(n < (int)capacity ? n : (int)capacity) * sizeof *ids);
+    /* ids may be NULL with capacity 0 (a caller asking only for the count). */
+    size_t copy = (size_t)n < capacity ? (size_t)n : capacity;
+    if (copy) memcpy(ids, buffer, copy * sizeof *ids);
     *count = (size_t)n;
     free(buffer);
     return 0;

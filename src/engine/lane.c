@@ -39,6 +39,7 @@ struct lane {
     engine_request *head, *tail;
     bool leader_active;
     long queued_tokens, queued_sequences; /* not yet handed to a batch */
+    lane_totals totals;                   /* finished work */
 
     /* Staging, used only by the leader. */
     int32_t *ids;
@@ -283,6 +284,10 @@ static void lead_one_batch(lane *l)
     if (rc) {
         for (int i = 0; i < n; i++) fail_request(l, l->refs[i].request, rc);
     } else {
+        l->totals.batches++;
+        l->totals.sequences += (uint64_t)n;
+        l->totals.tokens += (uint64_t)batch.tokens;
+        l->totals.device_seconds += ticket.device_seconds;
         for (int i = 0; i < n; i++) {
             engine_request *r = l->refs[i].request;
             /* Once per request in the batch: its sequences are consecutive there. */
@@ -325,6 +330,13 @@ int lane_run(lane *l, engine_request *r)
     pthread_mutex_unlock(&l->lock);
     if (r->status) return err_set(r->status, "%s", r->message);
     return 0;
+}
+
+void lane_get_totals(lane *l, lane_totals *totals)
+{
+    pthread_mutex_lock(&l->lock);
+    *totals = l->totals;
+    pthread_mutex_unlock(&l->lock);
 }
 
 double lane_cost_seconds(lane *l, int tokens, int sequences, int max_len)

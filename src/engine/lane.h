@@ -55,6 +55,15 @@ int lane_run(lane *l, engine_request *request);
  * plus the batch itself. Thread-safe. */
 double lane_cost_seconds(lane *l, int tokens, int sequences, int max_len);
 
+/* Work a lane has finished since it was created (failed batches are not counted). */
+typedef struct lane_totals {
+    uint64_t batches, sequences, tokens;
+    double device_seconds; /* the backend's own timing of those batches */
+} lane_totals;
+
+/* The lane's totals so far. Thread-safe. */
+void lane_get_totals(lane *l, lane_totals *totals);
+
 /* The backend this lane runs on. */
 backend *lane_backend(const lane *l);
 
