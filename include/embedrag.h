@@ -88,14 +88,15 @@ typedef enum embedrag_precision {
      * On a GPU, its accuracy mode (several times slower than fp16 there). */
     EMBEDRAG_PRECISION_FP32 = 0,
     /* Opt-in, for CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids) or AVX512-BF16 (AMD Zen
-     * 4 and 5, Intel Cooper Lake): the weights and each product's inputs are rounded to bfloat16,
-     * sums stay fp32; everything else (attention, LayerNorm, GELU, pooling) stays fp32. About 3x
-     * the bulk throughput with AMX and 1.4-2x with AVX512-BF16 (measured on AMD Zen 4), about
-     * half the single-query latency with either; a vector's cosine to its fp32 counterpart is
-     * typically 0.99999 and was at worst 0.9977 over the tests' texts (BENCHMARKS.md), and it is
-     * still identical alone or in any batch. Where the CPU cannot run it, the model opens in
-     * fp32 and embedrag_model_info.precision says so. An unknown value is
-     * EMBEDRAG_ERR_INVALID_ARGUMENT. */
+     * 4 and 5, Intel Cooper Lake): the weights and each matrix product's inputs are rounded to
+     * bfloat16, sums stay fp32. With AVX512-BF16 the attention's two products (queries by keys,
+     * probabilities by values) take bfloat16 inputs too; the softmax, LayerNorm, GELU and
+     * pooling stay fp32. About 3x the bulk throughput with AMX and 1.8-2x with AVX512-BF16
+     * (measured on AMD Zen 4), about half the single-query latency with either; a vector's
+     * cosine to its fp32 counterpart is typically 0.99999 and was at worst 0.9977 over the
+     * tests' texts (BENCHMARKS.md), and it is still identical alone or in any batch. Where the
+     * CPU cannot run it, the model opens in fp32 and embedrag_model_info.precision says so. An
+     * unknown value is EMBEDRAG_ERR_INVALID_ARGUMENT. */
     EMBEDRAG_PRECISION_BF16 = 1,
     /* IEEE half-precision weights and activations with fp32 sums: a GPU's fast mode and its
      * default. The CPU runs fp32 when asked for it; embedrag_backend_info.precision says what

@@ -181,7 +181,51 @@ static void test_layer_norm(void)
     CHECK(worst < 1e-5, "layer norm max error %g", worst);
 }
 
-static void test_attention(int len, int d)
+typedef void (*attention_fn)(const float *, const float *, const float *, size_t, int, int, float,
+                             float *, size_t, float *, float *);
+
+/* One attention head against a double-precision reference. The fp32 kernel: within 2e-5. The
+ * bfloat16 kernel, where it runs: against a reference that rounds as it does (queries times the
+ * scale, keys, values and the exponentials rounded to bfloat16, nearest even), within
+ * BF16_ATTENTION_ROUNDED of the values' range (its own fp32 sums and exponential, and the
+ * occasional exponential rounded the other way); against the exact one within
+ * BF16_ATTENTION_EXACT (what rounding to 8 significant bits costs on these peaky scores); and
+ * never identical to fp32 in every row. */
+#define BF16_ATTENTION_ROUNDED 1e-3
+#define BF16_ATTENTION_EXACT 0.03
+static double attention_reference(const float *qkv, size_t ld, int h, int len, int d, float scale,
+                                  bool rounded, const float *out, double *p)
+{
+    double worst = 0;
+    for (int i = 0; i < len; i++) {
+        double m = -1e300, s = 0;
+        for (int j = 0; j < len; j++) {
+            double dot = 0;
+            for (int dd = 0; dd < d; dd++) {
+                float q = qkv[i * ld + dd], k = qkv[j * ld + h + dd];
+                dot += rounded ? round_bf16(q * scale) * round_bf16(k) : (double)q * k * scale;
+            }
+            p[j] = dot;
+            if (p[j] > m) m = p[j];
+        }
+        for (int j = 0; j < len; j++) {
+            double e = exp(p[j] - m);
+            s += (p[j] = rounded ? round_bf16((float)e) : e);
+        }
+        for (int dd = 0; dd < d; dd++) {
+            double o = 0;
+            for (int j = 0; j < len; j++) {
+                float v = qkv[j * ld + 2 * h + dd];
+                o += p[j] / s * (rounded ? round_bf16(v) : (double)v);
+            }
+            double e = fabs(o - out[(size_t)i * h + dd]);
+            if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
+        }
+    }
+    return worst;
+}
+
+static void test_attention_with(int len, int d, bool bf16_kernel)
 {
     int h = d * 2; /* two heads side by side, we test the first */
     size_t ld = 3 * (size_t)h;
@@ -192,31 +236,47 @@ static void test_attention(int len, int d)
     fill(qkv, (size_t)len * ld);
     for (size_t i = 0; i < (size_t)len * ld; i++) qkv[i] *= 4.0f; /* peaky softmax */
     float scale = 1.0f / sqrtf((float)d);
-    cpu_attention_head(qkv, qkv + h, qkv + 2 * h, ld, len, d, scale, out, (size_t)h, scores, head);
-    double worst = 0;
+    attention_fn fn = bf16_kernel ? cpu_attention_head_bf16 : cpu_attention_head;
+    for (size_t i = 0; i < (size_t)len * h; i++) out[i] = NAN; /* every output written */
+    fn(qkv, qkv + h, qkv + 2 * h, ld, len, d, scale, out, (size_t)h, scores, head);
+    double range = 0;
+    for (int j = 0; j < len; j++)
+        for (int dd = 0; dd < d; dd++) range = fmax(range, fabs(qkv[j * ld + 2 * h + dd]));
     double *p = malloc(sizeof(double) * len);
-    for (int i = 0; i < len; i++) {
-        double m = -1e300, s = 0;
-        for (int j = 0; j < len; j++) {
-            double dot = 0;
-            for (int dd = 0; dd < d; dd++) dot += (double)qkv[i * ld + dd] * qkv[j * ld + h + dd];
-            p[j] = dot * scale;
-            if (p[j] > m) m = p[j];
-        }
-        for (int j = 0; j < len; j++) s += (p[j] = exp(p[j] - m));
-        for (int dd = 0; dd < d; dd++) {
-            double o = 0;
-            for (int j = 0; j < len; j++) o += p[j] / s * qkv[j * ld + 2 * h + dd];
-            double e = fabs(o - out[(size_t)i * h + dd]);
-            if (e > worst) worst = e;
-        }
+    double worst = attention_reference(qkv, ld, h, len, d, scale, false, out, p);
+    if (!bf16_kernel || !cpu_attention_bf16_available(d)) {
+        CHECK(worst < 2e-5, "attention%s len=%d d=%d max error %g", bf16_kernel ? " (bf16)" : "",
+              len, d, worst);
+    } else {
+        double rounded = attention_reference(qkv, ld, h, len, d, scale, true, out, p);
+        float *exact = malloc(sizeof(float) * (size_t)len * h);
+        cpu_attention_head(qkv, qkv + h, qkv + 2 * h, ld, len, d, scale, exact, (size_t)h, scores,
+                           head);
+        int same = 0;
+        for (int i = 0; i < len; i++)
+            same += !memcmp(exact + (size_t)i * h, out + (size_t)i * h, sizeof(float) * d);
+        CHECK(same < len, "bf16 attention len=%d d=%d equals fp32 in every row", len, d);
+        free(exact);
+        printf("bf16 attention len=%d d=%d: max error %.2e to the rounded reference, %.2e to the "
+               "exact one, values within %.2f\n",
+               len, d, rounded, worst, range);
+        CHECK(rounded < BF16_ATTENTION_ROUNDED * range,
+              "bf16 attention len=%d d=%d: max error %g to the rounded reference", len, d, rounded);
+        CHECK(worst < BF16_ATTENTION_EXACT * range,
+              "bf16 attention len=%d d=%d: max error %g to the exact reference", len, d, worst);
     }
-    CHECK(worst < 2e-5, "attention len=%d d=%d max error %g", len, d, worst);
     free(p);
     free(qkv);
     free(out);
     free(scores);
     free(head);
+}
+
+static void test_attention(int len, int d)
+{
+    test_attention_with(len, d, false);
+    /* Everywhere: where the bf16 kernel cannot run, the fp32 one answers. */
+    test_attention_with(len, d, true);
 }
 
 static void test_gemm_kernels(void)
@@ -282,5 +342,8 @@ int main(void)
     test_attention(200, 32);
     test_attention(33, 128);
     test_attention(64, 16);
+    test_attention(2, 64);
+    test_attention(511, 32);
+    test_attention(512, 64);
     return check_finish("test_kernels");
 }

@@ -73,6 +73,11 @@ typedef struct cpu_backend {
     int latency_waiting;
     atomic_int latency_pending; /* latency_waiting, read without the lock at checkpoints */
     int preempt;                /* PREEMPT_*: where bulk passes check for latency work */
+    /* Attention's products in bfloat16 (cpu_attention_head_bf16): with the VDPBF16PS GEMM. The
+     * AMX path keeps fp32 attention (its accuracy was measured so; AMX CPUs reach this kernel
+     * through EMBEDRAG_CPU_BF16=avx512bf16). EMBEDRAG_CPU_ATTENTION=fp32 turns it off, to
+     * measure what it changes. */
+    bool bf16_attention;
 
     /* Measured seconds per FLOP of completed batches (guarded by rate_lock). */
     pthread_mutex_t rate_lock;
@@ -390,9 +395,10 @@ static void attention_worker(void *ctx, int task, int thread)
     size_t ld = 3 * (size_t)h;
     const float *q = s->qkv + (size_t)start * ld + (size_t)head * (size_t)d;
     float *out = s->ctx + (size_t)start * (size_t)h + (size_t)head * (size_t)d;
-    cpu_attention_head(q, q + h, q + 2 * h, ld, len, d, 1.0f / sqrtf((float)d), out, (size_t)h,
-                       s->scores + (size_t)thread * CPU_ATTENTION_SCORES(s->capacity_len),
-                       s->head + (size_t)thread * CPU_ATTENTION_HEAD(s->capacity_len, d));
+    (s->b->bf16_attention ? cpu_attention_head_bf16 : cpu_attention_head)(
+        q, q + h, q + 2 * h, ld, len, d, 1.0f / sqrtf((float)d), out, (size_t)h,
+        s->scores + (size_t)thread * CPU_ATTENTION_SCORES(s->capacity_len),
+        s->head + (size_t)thread * CPU_ATTENTION_HEAD(s->capacity_len, d));
 }
 
 /* ---- the forward pass ---- */
@@ -730,6 +736,10 @@ int cpu_backend_create(const backend_params *params, const model_config *config,
     caps->kernels = !bf16                                   ? cpu_kernels_isa()
                     : strcmp(cpu_bf16_kernel(), "amx") == 0 ? "amx-bf16"
                                                             : cpu_bf16_kernel();
+    const char *attention = getenv("EMBEDRAG_CPU_ATTENTION");
+    b->bf16_attention = bf16 && strcmp(cpu_bf16_kernel(), "avx512bf16") == 0 &&
+                        cpu_attention_bf16_available(config->hidden_size / config->num_heads) &&
+                        !(attention && strcmp(attention, "fp32") == 0);
     caps->preferred_batch_tokens = CPU_PREFERRED_BATCH_TOKENS;
     caps->max_batch_tokens = CPU_MAX_BATCH_TOKENS;
     int rc = threadpool_create(params->kind == BACKEND_FAKE_GPU ? 1 : params->threads, &b->threads);

@@ -4,8 +4,6 @@
  * differs: rows rounded to bfloat16 pairs, and the micro-tile on pairs of k steps. */
 #include "backend/cpu/kernels_internal.h"
 
-#define BF16_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16,fma")))
-
 /* Distance, in k pairs, at which the micro-tile prefetches the panel stream into L1: 8 pairs of
  * 128 bytes, the same 1 KiB ahead as the fp32 tile's 8 k steps. */
 #define BF16_PREFETCH_PAIRS 8

@@ -111,6 +111,15 @@ void cpu_layer_norm(float *y, const float *x, int n, const float *gamma, const f
 void cpu_attention_head(const float *q, const float *k, const float *v, size_t ld, int len, int d,
                         float scale, float *out, size_t ldo, float *scores, float *head);
 
+/* As cpu_attention_head, with both products (queries x keys, probabilities x values) on
+ * bfloat16 inputs summed in fp32 (VDPBF16PS), for the bf16 precision: where
+ * cpu_attention_bf16_available(d) (head widths 32 and 64, a CPU with AVX512-BF16 and the AVX-512
+ * kernels), else exactly cpu_attention_head. Same scratch sizes. */
+bool cpu_attention_bf16_available(int d);
+void cpu_attention_head_bf16(const float *q, const float *k, const float *v, size_t ld, int len,
+                             int d, float scale, float *out, size_t ldo, float *scores,
+                             float *head);
+
 /* Which instruction set the kernels use: "avx512" or "generic". Chosen once from the CPU's
  * features, overridable with EMBEDRAG_CPU_ISA=generic for testing the portable path. */
 const char *cpu_kernels_isa(void);

@@ -25,6 +25,8 @@
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #define AVX512_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+/* The VDPBF16PS kernels (the bf16 GEMM tile and attention). */
+#define BF16_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16,fma")))
 
 /* Rows per micro-tile of the AVX-512 GEMMs: 14 rows x 2 registers = 28 accumulators, leaving
  * registers for the two weight vectors and the broadcast. */
