@@ -71,7 +71,6 @@ typedef struct embedding {
 static void embedding_free(embedding *e)
 {
     threadpool_bulk_leave(&e->bulk);
-    e->bulk.changed = 0;
     free(e->ids);
     free(e->offsets);
     free(e->vectors);
@@ -660,44 +659,56 @@ void route_document_delete(server *s, const request *rq, const char *id, reply *
     }
 }
 
-/* What the engine's routing chose: each backend's finished work by lane, read live. */
+/* What the engine's routing chose: each backend's finished work by lane, read once per scrape
+ * so that the four series agree with each other. */
 static void backend_work_lines(server *s, out_buffer *out)
 {
-    static const struct {
-        const char *name, *help;
-    } series[4] = {
-        {"embedrag_backend_batches_total", "Forward passes finished, by backend and lane."},
-        {"embedrag_backend_texts_total", "Texts embedded, by backend and lane (the routing's "
-                                         "choices; the engine's timing batches at open "
-                                         "included)."},
-        {"embedrag_backend_tokens_total", "Tokens embedded, by backend and lane."},
-        {"embedrag_backend_seconds_total", "The backends' own compute time for those batches, "
-                                           "by backend and lane."},
-    };
-    static const embedrag_lane lanes[2] = {EMBEDRAG_LANE_LATENCY, EMBEDRAG_LANE_BULK};
-    static const char *lane_labels[2] = {"latency", "bulk"};
-    for (int k = 0; k < 4; k++) {
-        out_format(out, "# HELP %s %s\n# TYPE %s counter\n", series[k].name, series[k].help,
-                   series[k].name);
-        for (int i = 0; i < s->info.backend_count; i++) {
-            embedrag_backend_info b;
-            if (embedrag_model_get_backend(s->model, i, &b) != 0) continue;
-            for (int l = 0; l < 2; l++) {
-                embedrag_backend_work w;
-                if (embedrag_model_get_backend_work(s->model, i, lanes[l], &w) != 0) continue;
-                out_format(out, "%s{backend=", series[k].name);
-                out_json_cstring(out, b.name);
-                out_format(out, ",lane=\"%s\"} ", lane_labels[l]);
-                if (k == 3)
-                    out_format(out, "%.9g\n", w.seconds);
-                else
-                    out_format(out, "%llu\n",
-                               (unsigned long long)(k == 0   ? w.batches
-                                                    : k == 1 ? w.texts
-                                                             : w.tokens));
-            }
+    enum { SERIES = 4, LANES = 2 };
+    static const char *names[SERIES] = {
+        "embedrag_backend_batches_total", "embedrag_backend_texts_total",
+        "embedrag_backend_tokens_total", "embedrag_backend_seconds_total"};
+    static const char *helps[SERIES] = {
+        "Forward passes finished, by backend and lane.",
+        ("Texts embedded, by backend and lane (the routing's choices; the engine's timing "
+         "batches at open included)."),
+        "Tokens embedded, by backend and lane.",
+        "The backends' own compute time for those batches, by backend and lane."};
+    static const embedrag_lane lanes[LANES] = {EMBEDRAG_LANE_LATENCY, EMBEDRAG_LANE_BULK};
+    static const char *lane_labels[LANES] = {"latency", "bulk"};
+    int n = s->info.backend_count;
+    const char **backend_names = calloc((size_t)n, sizeof *backend_names);
+    embedrag_backend_work *work = calloc((size_t)n * LANES, sizeof *work);
+    if (!backend_names || !work) {
+        out->failed = true; /* answered as out of memory, as any reply that could not grow */
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        embedrag_backend_info b;
+        if (embedrag_model_get_backend(s->model, i, &b) != 0) continue;
+        backend_names[i] = b.name;
+        for (int l = 0; l < LANES; l++)
+            embedrag_model_get_backend_work(s->model, i, lanes[l], &work[i * LANES + l]);
+    }
+    for (int k = 0; k < SERIES; k++) {
+        out_format(out, "# HELP %s %s\n# TYPE %s counter\n", names[k], helps[k], names[k]);
+        for (int i = 0; i < n * LANES; i++) {
+            if (!backend_names[i / LANES]) continue;
+            const embedrag_backend_work *w = &work[i];
+            out_format(out, "%s{backend=", names[k]);
+            out_json_cstring(out, backend_names[i / LANES]);
+            out_format(out, ",lane=\"%s\"} ", lane_labels[i % LANES]);
+            if (k == SERIES - 1)
+                out_format(out, "%.9g\n", w->seconds);
+            else
+                out_format(out, "%llu\n",
+                           (unsigned long long)(k == 0   ? w->batches
+                                                : k == 1 ? w->texts
+                                                         : w->tokens));
         }
     }
+done:
+    free(backend_names);
+    free(work);
 }
 
 void route_metrics(server *s, const request *rq, reply *r)

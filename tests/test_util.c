@@ -259,7 +259,6 @@ static void test_json_read_file(void)
 #define POOL_THREADS 4
 
 typedef struct pool_check {
-    int run;                              /* which run the tasks belong to */
     atomic_int runs_of[POOL_MAX_TASKS];   /* how often each task ran in this run */
     atomic_int busy[POOL_THREADS];        /* tasks running on each thread index right now */
     atomic_int bad_thread, shared_thread; /* thread index out of range; two tasks on one index */
@@ -300,7 +299,6 @@ static void test_threadpool_runs_each_task_once(void)
     for (int run = 0; run < 4000; run++) {
         int n = 2 + (int)(check_random() % (POOL_MAX_TASKS - 1));
         for (int t = 0; t < POOL_MAX_TASKS; t++) atomic_store(&c.runs_of[t], 0);
-        c.run = run;
         c.want_policy = -1;
         threadpool_run(p, n, pool_task, &c);
         for (int t = 0; t < POOL_MAX_TASKS; t++) {

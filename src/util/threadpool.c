@@ -134,15 +134,15 @@ void threadpool_bulk_enter(threadpool_sched *saved)
 #endif
 }
 
-void threadpool_bulk_leave(const threadpool_sched *saved)
+void threadpool_bulk_leave(threadpool_sched *saved)
 {
+    if (!saved->changed) return;
+    saved->changed = 0;
 #if defined(__linux__) && defined(SYS_sched_setattr) && defined(SYS_sched_getattr)
     sched_attr_v1 a;
-    if (!saved->changed || !sched_get(&a)) return;
+    if (!sched_get(&a)) return;
     sched_set(&a, saved->policy, saved->slice_ns);
     thread_bulk = false;
-#else
-    (void)saved;
 #endif
 }
 

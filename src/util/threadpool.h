@@ -38,7 +38,8 @@ typedef struct threadpool_sched {
 } threadpool_sched;
 
 void threadpool_bulk_enter(threadpool_sched *saved);
-void threadpool_bulk_leave(const threadpool_sched *saved);
+/* Restores what enter saved, once: it clears saved->changed, so a second leave does nothing. */
+void threadpool_bulk_leave(threadpool_sched *saved);
 
 /* Online cores of this machine (at least 1). */
 int threadpool_online_cores(void);
