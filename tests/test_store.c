@@ -655,6 +655,18 @@ static void test_search_copy(void)
     put_document(s, 7, 2, 9);
     store_rollback(s);
     CHECK(copy_current(s), "a rolled-back change leaves the copy current");
+    /* A batch bumps the generation once, whatever it holds: the second change of a batch must
+     * not undo the first's staleness, nor a batch that ends in a deletion. */
+    CHECK(store_begin(s) == 0, "begin");
+    put_document(s, 40, 2, 0);
+    put_document(s, 41, 1, 0);
+    store_delete_document(s, "doc-0040", &found);
+    bool found_too = false;
+    store_delete_document(s, "doc-0041", &found_too);
+    CHECK(found && found_too && store_commit(s) == 0, "a batch of four changes: %s", err_get());
+    CHECK(!copy_current(s), "a batch of changes makes the copy stale");
+    load_and_check(s, 60, "load after a batch");
+    CHECK(copy_current(s), "and the load writes it again");
 
     /* A cache file: read back at its generation only, whole. */
     uint64_t generation = 0;

@@ -1,9 +1,9 @@
 /* The indexer (indexer.h). Documents flow one way: read (a file, or a JSONL line) -> hash ->
  * skip if the store has that hash -> chunk -> queued in a batch; when the batch holds enough
  * chunks it is embedded in one call (the bulk lane sorts and packs them) on a thread of its own
- * while the next batch fills, and then its documents are stored in one transaction on the
- * calling thread, so a killed run loses at most the batches in flight and the next run picks up
- * there (unchanged documents are skipped by hash). */
+ * while the next batch fills, and then its documents are stored in one transaction on a third
+ * thread while the batch after it is embedded, so a killed run loses at most the batches in
+ * flight and the next run picks up there (unchanged documents are skipped by hash). */
 #include "index/indexer.h"
 
 #include "index/search.h"
@@ -63,8 +63,17 @@ typedef struct pending_document {
     char *chunk_error;
 } pending_document;
 
+/* What storing a batch did (the store thread counts here, the calling thread merges it). */
+typedef struct batch_result {
+    long indexed, chunks, tokens, failed;
+    int64_t done_bytes;
+    bool changed;
+    char first_failure[512];
+} batch_result;
+
 /* A batch of documents and their chunks: filled while reading, then embedded (on a thread of
- * its own while the next batch fills), then stored. */
+ * its own while the next batch fills), then stored (on another, while the one after it is
+ * embedded). */
 typedef struct batch {
     pending_document *docs; /* room for the batch's documents */
     size_t doc_count, bytes;
@@ -74,6 +83,8 @@ typedef struct batch {
     size_t *embed_lengths;
     float *vectors;
     int *statuses;
+    /* What storing it did, merged into the summary by the calling thread once it is stored. */
+    batch_result result;
 } batch;
 
 struct indexer {
@@ -85,18 +96,23 @@ struct indexer {
     int dim, max_tokens;
     const char *passage_prompt; /* the model's prompt for passages, "" for none */
 
-    /* Reading and chunking fill one batch while the model embeds the other (the GPU then never
-     * waits for files and the tokenizer); SQLite is only ever used from the calling thread. */
-    batch fill, flight;
-    bool pipeline;                       /* off: each batch is embedded where it was filled */
-    bool flying;                         /* a thread is embedding `flight` */
+    /* Three stages, a batch in each: the calling thread reads documents into `fill` (looking
+     * them up through a connection of its own), a thread chunks and embeds `flight`, and
+     * another stores `landing` in one transaction on the store's handle, which no other thread
+     * touches meanwhile. So SQLite's one writer, the model and the reading overlap. */
+    batch fill, flight, landing;
+    bool pipeline;                       /* off: each batch is embedded and stored in turn */
+    bool flying, storing;                /* a thread is embedding `flight`, storing `landing` */
     size_t batch_documents, batch_bytes; /* when a batch closes */
     threadpool *chunkers;                /* chunk a batch's documents in parallel */
     batch *chunking;                     /* the batch they chunk */
-    pthread_t thread;
-    int flight_status; /* the thread's result, and its message */
+    store_lookup *lookup;                /* the calling thread's connection (pipeline only) */
+    pthread_t thread, store_thread;
+    int flight_status; /* the embedding thread's result, and its message */
     double flight_seconds;
     char flight_error[512];
+    int landing_status; /* the store thread's result, and its message */
+    char landing_error[512];
 
     char **seen; /* keys seen in this run (for --prune) */
     size_t seen_count, seen_capacity;
@@ -110,17 +126,43 @@ struct indexer {
     double started;
 };
 
+/* Keeps the first failure's message, cut to the summary's room. */
+static void keep_first(char first[512], const char *what)
+{
+    if (first[0]) return;
+    size_t n = strlen(what), room = 511;
+    memcpy(first, what, n < room ? n : room);
+    first[n < room ? n : room] = '\0';
+}
+
 static void note_failure(indexer *ix, const char *what, int status, int *status_out)
 {
     if (status_out) *status_out = status ? status : EMBEDRAG_ERR_INVALID_ARGUMENT;
     ix->summary->failed++;
-    char *first = ix->summary->first_failure;
-    if (!first[0]) {
-        /* Cut to the summary's room; the whole message was built for it. */
-        size_t n = strlen(what), room = sizeof ix->summary->first_failure - 1;
-        memcpy(first, what, n < room ? n : room);
-        first[n < room ? n : room] = '\0';
-    }
+    keep_first(ix->summary->first_failure, what);
+}
+
+/* A document of a batch that failed, counted in the batch (the store thread's side). */
+static void note_batch_failure(batch *b, const char *what, int status, int *status_out)
+{
+    if (status_out) *status_out = status ? status : EMBEDRAG_ERR_INVALID_ARGUMENT;
+    b->result.failed++;
+    keep_first(b->result.first_failure, what);
+}
+
+/* Adds what storing a batch did to the summary (the calling thread, once it is stored). */
+static void merge_result(indexer *ix, batch *b)
+{
+    batch_result *r = &b->result;
+    index_summary *s = ix->summary;
+    s->indexed += r->indexed;
+    s->chunks += r->chunks;
+    s->tokens += r->tokens;
+    s->failed += r->failed;
+    if (r->first_failure[0]) keep_first(s->first_failure, r->first_failure);
+    ix->done_bytes += r->done_bytes;
+    ix->changed |= r->changed;
+    memset(r, 0, sizeof *r);
 }
 
 static int remember_key(indexer *ix, const char *key)
@@ -305,21 +347,24 @@ static int embed_batch(indexer *ix, batch *b, double *seconds, char *error, size
     return rc;
 }
 
-/* Stores an embedded batch's documents in one transaction, then empties the batch. */
+/* Stores an embedded batch's documents in one transaction, counting into b->result (the
+ * store thread: nothing here touches the summary). The batch is emptied by the caller once the
+ * result is merged. */
 static int store_batch(indexer *ix, batch *b)
 {
     if (!b->doc_count) return 0;
     int rc = store_begin(ix->store);
     if (rc) return rc;
+    batch_result *r = &b->result;
     store_chunk *chunks = NULL;
     for (size_t d = 0; d < b->doc_count && !rc; d++) {
         pending_document *p = &b->docs[d];
-        ix->done_bytes += p->doc.size;
+        r->done_bytes += p->doc.size;
         if (p->chunk_status) {
             char what[800];
             snprintf(what, sizeof what, "%s: %s", p->source,
                      p->chunk_error ? p->chunk_error : "could not be chunked");
-            note_failure(ix, what, p->chunk_status, p->status);
+            note_batch_failure(b, what, p->chunk_status, p->status);
             continue;
         }
         bool failed = false;
@@ -328,7 +373,7 @@ static int store_batch(indexer *ix, batch *b)
                 char what[600];
                 snprintf(what, sizeof what, "%s: a chunk could not be embedded (status %d)",
                          p->source, b->statuses[p->first_chunk + c]);
-                note_failure(ix, what, b->statuses[p->first_chunk + c], p->status);
+                note_batch_failure(b, what, b->statuses[p->first_chunk + c], p->status);
                 failed = true;
                 break;
             }
@@ -340,6 +385,7 @@ static int store_batch(indexer *ix, batch *b)
             break;
         }
         chunks = grown;
+        long tokens = 0;
         if (p->given_vector) {
             chunks[0] = (store_chunk){.text = p->text,
                                       .length = strlen(p->text),
@@ -357,14 +403,22 @@ static int store_batch(indexer *ix, batch *b)
                                   .end = (int64_t)span->end,
                                   .tokens = span->tokens,
                                   .vector = b->vectors + (p->first_chunk + c) * (size_t)ix->dim};
-                ix->summary->tokens += span->tokens;
+                tokens += span->tokens;
             }
         }
         rc = store_put_document(ix->store, &p->doc, chunks, count);
-        if (!rc) {
-            ix->changed = true;
-            ix->summary->indexed++;
-            ix->summary->chunks += (long)count;
+        if (rc == EMBEDRAG_ERR_INVALID_ARGUMENT) {
+            /* This document alone (checked before anything was written). */
+            char what[800];
+            snprintf(what, sizeof what, "%s", err_get());
+            err_clear();
+            note_batch_failure(b, what, rc, p->status);
+            rc = 0;
+        } else if (!rc) {
+            r->changed = true;
+            r->indexed++;
+            r->chunks += (long)count;
+            r->tokens += tokens;
         }
     }
     free(chunks);
@@ -372,12 +426,10 @@ static int store_batch(indexer *ix, batch *b)
         store_rollback(ix->store);
         return rc;
     }
-    rc = store_commit(ix->store);
-    batch_clear(b);
-    progress(ix, false);
-    return rc;
+    return store_commit(ix->store);
 }
 
+/* Chunks and embeds `flight` (the embedding thread). */
 static void *embed_thread(void *arg)
 {
     indexer *ix = arg;
@@ -386,58 +438,94 @@ static void *embed_thread(void *arg)
     return NULL;
 }
 
-/* Stores the batch in flight once it is embedded. */
-static int settle(indexer *ix)
+/* Stores `landing` (the store thread); errors are per thread, so the message is copied. */
+static void *store_thread(void *arg)
+{
+    indexer *ix = arg;
+    ix->landing_status = store_batch(ix, &ix->landing);
+    if (ix->landing_status) snprintf(ix->landing_error, sizeof ix->landing_error, "%s", err_get());
+    return NULL;
+}
+
+/* After `flight` was embedded (by its thread, or here): counts the model's time; a failed call
+ * drops the batch and ends the run. */
+static int settle_flight(indexer *ix)
 {
     ix->summary->model_seconds += ix->flight_seconds;
-    if (ix->flight_status) {
-        batch_clear(&ix->flight);
-        return err_set(ix->flight_status, "%s", ix->flight_error);
-    }
-    return store_batch(ix, &ix->flight);
+    ix->flight_seconds = 0;
+    if (!ix->flight_status) return 0;
+    batch_clear(&ix->flight);
+    return err_set(ix->flight_status, "%s", ix->flight_error);
 }
 
-/* Waits for the batch in flight, if any, and stores it. */
-static int land(indexer *ix)
+/* After `landing` was stored (by its thread, or here): counts what it did and empties it. A
+ * batch that failed to store (a full disk, a lost lock) left nothing in the store. */
+static int settle_landing(indexer *ix)
 {
-    if (!ix->flying) return 0;
-    pthread_join(ix->thread, NULL);
-    ix->flying = false;
-    return settle(ix);
+    int rc = ix->landing_status;
+    if (rc)
+        err_set(rc, "%s", ix->landing_error);
+    else
+        merge_result(ix, &ix->landing);
+    memset(&ix->landing.result, 0, sizeof ix->landing.result);
+    batch_clear(&ix->landing);
+    progress(ix, false);
+    return rc;
 }
 
-/* The filling batch is full: lands the one in flight, then sends this one off to be embedded
- * while the next one fills (or embeds and stores it here, without the pipeline). */
-static int launch(indexer *ix)
+static void swap_batches(batch *a, batch *b)
 {
-    int rc = land(ix);
-    if (rc || !ix->fill.doc_count) return rc;
-    batch full = ix->fill;
-    ix->fill = ix->flight;
-    ix->flight = full;
-    if (ix->pipeline && pthread_create(&ix->thread, NULL, embed_thread, ix) == 0) {
-        ix->flying = true;
-        return 0;
-    }
-    ix->flight_status = embed_batch(ix, &ix->flight, &ix->flight_seconds, ix->flight_error,
-                                    sizeof ix->flight_error);
-    return settle(ix);
+    batch t = *a;
+    *a = *b;
+    *b = t;
 }
 
-/* Embeds and stores everything queued, the batch in flight first; returns when it is stored. */
+/* Moves every stage one step: waits for the threads, sends the embedded batch to be stored and
+ * the filled one to be embedded, and leaves an empty one to fill. Without the pipeline (or
+ * without a thread) each step runs here. */
+static int advance(indexer *ix)
+{
+    int embedded = 0, rc = 0;
+    if (ix->flying) {
+        pthread_join(ix->thread, NULL);
+        ix->flying = false;
+        embedded = settle_flight(ix);
+    }
+    if (ix->storing) {
+        pthread_join(ix->store_thread, NULL);
+        ix->storing = false;
+        rc = settle_landing(ix);
+    }
+    if (rc || embedded) return rc ? rc : embedded;
+    if (ix->flight.doc_count) {
+        swap_batches(&ix->landing, &ix->flight);
+        if (ix->pipeline && pthread_create(&ix->store_thread, NULL, store_thread, ix) == 0) {
+            ix->storing = true;
+        } else {
+            store_thread(ix);
+            rc = settle_landing(ix);
+            if (rc) return rc;
+        }
+    }
+    if (ix->fill.doc_count) {
+        swap_batches(&ix->flight, &ix->fill);
+        if (ix->pipeline && pthread_create(&ix->thread, NULL, embed_thread, ix) == 0) {
+            ix->flying = true;
+        } else {
+            embed_thread(ix);
+            rc = settle_flight(ix);
+        }
+    }
+    return rc;
+}
+
+/* Embeds and stores everything queued; returns when it is stored. */
 static int flush(indexer *ix)
 {
-    int rc = land(ix);
-    if (rc || !ix->fill.doc_count) return rc;
-    double seconds = 0;
-    char error[512];
-    rc = embed_batch(ix, &ix->fill, &seconds, error, sizeof error);
-    ix->summary->model_seconds += seconds;
-    if (rc) {
-        batch_clear(&ix->fill);
-        return err_set(rc, "%s", error);
-    }
-    return store_batch(ix, &ix->fill);
+    int rc = 0;
+    while (!rc && (ix->fill.doc_count || ix->flight.doc_count || ix->flying || ix->storing))
+        rc = advance(ix);
+    return rc;
 }
 
 /* Takes ownership of the strings (they are freed here on every path). A document whose stored
@@ -458,7 +546,9 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
     int rc = remember_key(ix, key);
     bool found = false;
     uint64_t stored = 0;
-    if (!rc) rc = store_find_document(ix->store, key, &found, &stored);
+    if (!rc)
+        rc = ix->lookup ? store_lookup_find(ix->lookup, key, &found, &stored)
+                        : store_find_document(ix->store, key, &found, &stored);
     if (rc || (found && stored == hash)) {
         if (!rc) sum->unchanged++;
         ix->done_bytes += size;
@@ -483,7 +573,7 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
                                                  .status = status_out};
     if (given_vector) sum->vectors_given++;
     b->bytes += length;
-    if (b->doc_count >= ix->batch_documents || b->bytes >= ix->batch_bytes) return launch(ix);
+    if (b->doc_count >= ix->batch_documents || b->bytes >= ix->batch_bytes) return advance(ix);
     return 0;
 free_strings:
     free(key);
@@ -881,12 +971,14 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
     }
     ix->fill.docs = calloc(ix->batch_documents, sizeof *ix->fill.docs);
     ix->flight.docs = calloc(ix->batch_documents, sizeof *ix->flight.docs);
+    ix->landing.docs = calloc(ix->batch_documents, sizeof *ix->landing.docs);
     int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
+    if (!rc && ix->pipeline) rc = store_lookup_open(s, &ix->lookup);
     if (rc) {
         indexer_close(ix);
         return rc;
     }
-    if (!ix->fill.docs || !ix->flight.docs) {
+    if (!ix->fill.docs || !ix->flight.docs || !ix->landing.docs) {
         indexer_close(ix);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
     }
@@ -964,9 +1056,14 @@ int indexer_finish(indexer *ix)
 void indexer_close(indexer *ix)
 {
     if (!ix) return;
-    if (ix->flying) pthread_join(ix->thread, NULL); /* its batch is dropped, never stored */
+    /* A batch still being embedded is dropped, never stored; one being stored is waited for
+     * (it commits whole or not at all). */
+    if (ix->flying) pthread_join(ix->thread, NULL);
+    if (ix->storing) pthread_join(ix->store_thread, NULL);
+    store_lookup_close(ix->lookup);
     batch_free(&ix->fill);
     batch_free(&ix->flight);
+    batch_free(&ix->landing);
     threadpool_destroy(ix->chunkers);
     for (size_t i = 0; i < ix->seen_count; i++) free(ix->seen[i]);
     free(ix->seen);

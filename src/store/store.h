@@ -70,6 +70,14 @@ void store_rollback(store *s);
 /* Whether a document with this key is stored, and its content hash (0 when not found). */
 int store_find_document(store *s, const char *key, bool *found, uint64_t *content_hash);
 
+/* A connection of its own for finding documents from another thread than the one writing with
+ * the store's handle (the indexer looks documents up while its store thread writes). It sees
+ * what is committed, not the writer's open batch. Open after the store, close before it. */
+typedef struct store_lookup store_lookup;
+int store_lookup_open(const store *s, store_lookup **out);
+int store_lookup_find(store_lookup *l, const char *key, bool *found, uint64_t *content_hash);
+void store_lookup_close(store_lookup *l);
+
 /* Adds the document with its chunks, replacing every earlier chunk of the same key. */
 int store_put_document(store *s, const store_document *document, const store_chunk *chunks,
                        size_t count);
