@@ -974,6 +974,12 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
     ix->landing.docs = calloc(ix->batch_documents, sizeof *ix->landing.docs);
     int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
     if (!rc && ix->pipeline) rc = store_lookup_open(s, &ix->lookup);
+    /* The search copy is then made from the last one and the vectors stored, not read back out
+     * of SQLite, for as many vectors as a quarter of the memory holds. */
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (!rc)
+        rc = store_track_vectors(s, pages > 0 && page > 0 ? (size_t)pages * (size_t)page / 4
+                                                          : (size_t)1 << 30);
     if (rc) {
         indexer_close(ix);
         return rc;

@@ -52,6 +52,7 @@ enum {
     SQL_GET_CHUNK,
     SQL_BM25,
     SQL_BUMP_GENERATION,
+    SQL_CHUNK_IDS,
     SQL_COUNT
 };
 
@@ -72,6 +73,7 @@ static const char *const statements[SQL_COUNT] = {
                  "ORDER BY bm25(chunk_text) LIMIT ?2",
     [SQL_BUMP_GENERATION] = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                             "WHERE key = 'generation'",
+    [SQL_CHUNK_IDS] = "SELECT id FROM chunks WHERE document = ?1",
 };
 
 /* The schema of format 1. Chunks cascade with their document; the FTS5 table indexes chunk
@@ -116,6 +118,22 @@ struct store {
     char *path;
     int lock_fd; /* the database file, flocked while this handle may write; -1 when read-only */
     bool in_transaction;
+    /* The chunks' changes since store_track_vectors, so that the next load makes the search
+     * copy from the last one and these instead of reading every vector out of SQLite. */
+    struct {
+        bool on;
+        uint64_t base_generation; /* the search copy they apply to */
+        size_t base_count;
+        size_t max_bytes;
+        int64_t *ids; /* chunks added, with their vectors (dim floats each) */
+        float *vectors;
+        size_t count, committed, capacity;
+        int64_t min_id; /* the least id added (INT64_MAX while none) */
+        int64_t *gone;  /* ids of the copy's chunks deleted */
+        size_t gone_count, gone_committed, gone_capacity;
+    } track;
+    char *row; /* store_get_chunk's copy of its row */
+    size_t row_capacity;
     bool bumped; /* the open transaction has bumped the generation */
     bool doomed; /* a write of the open transaction failed: it can only be rolled back */
     sqlite3_stmt *sql[SQL_COUNT];
@@ -421,6 +439,38 @@ fail:
     return rc;
 }
 
+/* ---- the chunks' changes, for the next search copy ---- */
+
+static void track_drop(store *s)
+{
+    free(s->track.ids);
+    free(s->track.vectors);
+    free(s->track.gone);
+    memset(&s->track, 0, sizeof s->track);
+}
+
+/* The search copy of (generation, count) is the base from now on; nothing changed since. */
+static void track_rebase(store *s, uint64_t generation, size_t count)
+{
+    s->track.base_generation = generation;
+    s->track.base_count = count;
+    s->track.count = s->track.committed = 0;
+    s->track.gone_count = s->track.gone_committed = 0;
+    s->track.min_id = INT64_MAX;
+}
+
+static void track_commit(store *s)
+{
+    s->track.committed = s->track.count;
+    s->track.gone_committed = s->track.gone_count;
+}
+
+static void track_rollback(store *s)
+{
+    s->track.count = s->track.committed;
+    s->track.gone_count = s->track.gone_committed;
+}
+
 void store_close(store *s)
 {
     if (!s) return;
@@ -428,6 +478,8 @@ void store_close(store *s)
     /* Readers of the store see what waits for the text index only once a writer adds it. */
     else if (s->text_pending && s->db)
         store_index_text(s);
+    track_drop(s);
+    free(s->row);
     for (int i = 0; i < SQL_COUNT; i++) sqlite3_finalize(s->sql[i]);
     sqlite3_finalize(s->vocabulary);
     if (s->db) sqlite3_close(s->db);
@@ -463,7 +515,10 @@ int store_commit(store *s)
                  : exec(s, "COMMIT", "committing a batch");
     if (rc) {
         sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        track_rollback(s);
         err_prefix(rc, "nothing of this batch was stored: ");
+    } else {
+        track_commit(s);
     }
     s->in_transaction = false;
     if (!rc && s->text_pending >= STORE_TEXT_INDEX_BATCH) rc = store_index_text(s);
@@ -495,6 +550,7 @@ void store_rollback(store *s)
 {
     if (!s->in_transaction) return;
     sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    track_rollback(s);
     s->in_transaction = false;
 }
 
@@ -609,6 +665,66 @@ static void bind_document(sqlite3_stmt *st, const store_document *d)
     sqlite3_bind_int64(st, 7, d->mtime);
 }
 
+/* A chunk was added. Past the memory allowed, tracking stops (the next load reads SQLite). */
+static void track_add(store *s, int64_t id, const float *vector)
+{
+    if (!s->track.on) return;
+    size_t dim = (size_t)s->model.dimension;
+    if (s->track.count == s->track.capacity) {
+        size_t grown = s->track.capacity ? 2 * s->track.capacity : 4096;
+        if (grown * (dim * sizeof(float) + sizeof(int64_t)) > s->track.max_bytes) {
+            track_drop(s);
+            return;
+        }
+        int64_t *ids = realloc(s->track.ids, grown * sizeof *ids);
+        if (ids) s->track.ids = ids;
+        float *vectors = realloc(s->track.vectors, grown * dim * sizeof *vectors);
+        if (vectors) s->track.vectors = vectors;
+        if (!ids || !vectors) {
+            track_drop(s);
+            return;
+        }
+        s->track.capacity = grown;
+    }
+    s->track.ids[s->track.count] = id;
+    memcpy(s->track.vectors + s->track.count * dim, vector, dim * sizeof(float));
+    s->track.count++;
+    if (id < s->track.min_id) s->track.min_id = id;
+}
+
+/* A document's chunks are about to be deleted: their ids leave the copy. A chunk added since
+ * tracking began (ids at or past the least one added) stops tracking instead: rare (a document
+ * replaced twice in a run), and never wrong. */
+static int track_delete(store *s, int64_t document)
+{
+    if (!s->track.on) return 0;
+    sqlite3_stmt *st = s->sql[SQL_CHUNK_IDS];
+    sqlite3_bind_int64(st, 1, document);
+    int sq;
+    while ((sq = sqlite3_step(st)) == SQLITE_ROW && s->track.on) {
+        int64_t id = sqlite3_column_int64(st, 0);
+        if (id >= s->track.min_id) {
+            track_drop(s);
+            break;
+        }
+        if (s->track.gone_count == s->track.gone_capacity) {
+            size_t grown = s->track.gone_capacity ? 2 * s->track.gone_capacity : 256;
+            int64_t *more = realloc(s->track.gone, grown * sizeof *more);
+            if (!more) {
+                track_drop(s);
+                break;
+            }
+            s->track.gone = more;
+            s->track.gone_capacity = grown;
+        }
+        s->track.gone[s->track.gone_count++] = id;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return sq == SQLITE_ROW || sq == SQLITE_DONE ? 0
+                                                 : sql_error(s, sq, "listing a document's chunks");
+}
+
 /* One change (a document stored or deleted) is its own transaction outside a batch. Inside one it
  * takes no savepoint of its own (a savepoint per document cost a third of the store's time: 1.9
  * s of 5.2 for 200,000 documents), so a write that fails half-way dooms the batch: store_commit
@@ -626,7 +742,12 @@ static int write_end(store *s, int rc, const char *what)
         return rc;
     }
     if (!rc) rc = exec(s, "COMMIT", what);
-    if (rc) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    if (rc) {
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        track_rollback(s);
+    } else {
+        track_commit(s);
+    }
     return rc;
 }
 
@@ -659,6 +780,8 @@ int store_put_document(store *s, const store_document *d, const store_chunk *chu
         goto undo;
     }
     if (id > 0) {
+        rc = track_delete(s, id);
+        if (rc) goto undo;
         sqlite3_stmt *st = s->sql[SQL_DELETE_CHUNKS];
         sqlite3_bind_int64(st, 1, id);
         rc = run(s, st, "replacing a document's chunks");
@@ -687,6 +810,7 @@ int store_put_document(store *s, const store_document *d, const store_chunk *chu
         sqlite3_bind_blob(st, 7, c->vector, dim * (int)sizeof(float), SQLITE_STATIC);
         rc = run(s, st, "adding a chunk");
         if (rc) goto undo;
+        track_add(s, sqlite3_last_insert_rowid(s->db), c->vector);
     }
     rc = bump_generation(s, "storing a document");
     if (rc) goto undo;
@@ -705,9 +829,10 @@ int store_delete_document(store *s, const char *key, bool *found)
     if (id <= 0) return (int)id;
     int rc = write_start(s, "deleting a document");
     if (rc) return rc;
+    rc = track_delete(s, id);
     sqlite3_stmt *st = s->sql[SQL_DELETE_DOCUMENT];
     sqlite3_bind_int64(st, 1, id);
-    rc = run(s, st, "deleting a document");
+    if (!rc) rc = run(s, st, "deleting a document");
     if (!rc) rc = bump_generation(s, "deleting a document");
     rc = write_end(s, rc, "deleting a document");
     if (!rc) *found = true;
@@ -939,6 +1064,88 @@ static int in_snapshot(store *s, int (*fn)(store *, void *), void *ctx)
     return rc;
 }
 
+typedef struct tracked_row {
+    int64_t id;
+    size_t at; /* index in track.ids / track.vectors */
+} tracked_row;
+
+static int compare_rows(const void *a, const void *b)
+{
+    int64_t x = ((const tracked_row *)a)->id, y = ((const tracked_row *)b)->id;
+    return (x > y) - (x < y);
+}
+
+static int compare_ids(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The vectors of the database's `n` chunks made from the base copy and the tracked changes,
+ * in id order: the base's rows less the deleted ones, merged with the added ones. False (and
+ * nothing allocated) when that cannot be done exactly: a write still open, a base copy gone or
+ * replaced, or counts that disagree with the database. */
+static bool tracked_build(store *s, size_t n, float **matrix, int64_t **chunk_ids)
+{
+    if (!s->track.on || s->in_transaction || s->track.count != s->track.committed) return false;
+    size_t dim = (size_t)s->model.dimension, added = s->track.count;
+    if (s->track.gone_count)
+        qsort(s->track.gone, s->track.gone_count, sizeof *s->track.gone, compare_ids);
+    size_t gone = 0;
+    for (size_t i = 0; i < s->track.gone_count; i++)
+        if (!gone || s->track.gone[i] != s->track.gone[gone - 1])
+            s->track.gone[gone++] = s->track.gone[i];
+    s->track.gone_count = s->track.gone_committed = gone;
+    if (s->track.base_count < gone || s->track.base_count - gone + added != n) return false;
+    float *base = NULL;
+    int64_t *base_ids = NULL;
+    if (s->track.base_count &&
+        !side_read(s, s->track.base_generation, s->track.base_count, &base, &base_ids))
+        return false;
+    tracked_row *rows = malloc((added ? added : 1) * sizeof *rows);
+    float *m = memory_alloc_huge((n ? n : 1) * dim * sizeof *m);
+    int64_t *ids = malloc((n ? n : 1) * sizeof *ids);
+    bool ok = rows && m && ids;
+    for (size_t i = 0; ok && i < added; i++) rows[i] = (tracked_row){s->track.ids[i], i};
+    if (ok) qsort(rows, added, sizeof *rows, compare_rows);
+    size_t out = 0, b = 0, a = 0, g = 0;
+    while (ok && (b < s->track.base_count || a < added)) {
+        if (b < s->track.base_count) {
+            int64_t id = base_ids[b];
+            while (g < gone && s->track.gone[g] < id) g++;
+            if (g < gone && s->track.gone[g] == id) {
+                b++;
+                continue;
+            }
+        }
+        bool from_base = b < s->track.base_count && (a == added || base_ids[b] < rows[a].id);
+        if (!from_base && b < s->track.base_count && base_ids[b] == rows[a].id) ok = false;
+        if (!ok || out == n) {
+            ok = false;
+            break;
+        }
+        ids[out] = from_base ? base_ids[b] : rows[a].id;
+        memcpy(m + out * dim, from_base ? base + b * dim : s->track.vectors + rows[a].at * dim,
+               dim * sizeof *m);
+        out++;
+        if (from_base)
+            b++;
+        else
+            a++;
+    }
+    free(base);
+    free(base_ids);
+    free(rows);
+    if (!ok || out != n) {
+        free(m);
+        free(ids);
+        return false;
+    }
+    *matrix = m;
+    *chunk_ids = ids;
+    return true;
+}
+
 /* What one snapshot reads: whether the search copy is current and, when `load`, the vectors
  * (from the copy when current, else from the database, then written to a new copy). */
 typedef struct snapshot_job {
@@ -968,12 +1175,24 @@ static int read_snapshot(store *s, void *ctx)
     if (generation && side_read(s, generation, n, &job->matrix, &job->ids)) {
         job->count = n;
         job->current = true;
+        if (s->track.on && !s->in_transaction) track_rebase(s, generation, n);
         return 0;
     }
-    rc = load_from_database(s, n, &job->matrix, &job->ids, &job->count);
-    if (!rc && generation)
-        job->current = side_write(s, generation, job->count, job->matrix, job->ids);
-    return rc;
+    if (generation && tracked_build(s, n, &job->matrix, &job->ids)) {
+        job->count = n;
+    } else {
+        rc = load_from_database(s, n, &job->matrix, &job->ids, &job->count);
+        if (rc) return rc;
+    }
+    if (generation) job->current = side_write(s, generation, job->count, job->matrix, job->ids);
+    /* The copy just written is the next base; without one (a read-only folder) there is none. */
+    if (s->track.on && !s->in_transaction) {
+        if (job->current)
+            track_rebase(s, generation, job->count);
+        else
+            track_drop(s);
+    }
+    return 0;
 }
 
 int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *count,
@@ -989,6 +1208,38 @@ int store_load_vectors(store *s, float **matrix, int64_t **chunk_ids, size_t *co
     *chunk_ids = job.ids;
     *count = job.count;
     if (generation) *generation = job.generation;
+    return 0;
+}
+
+/* The generation and chunk count of one snapshot, and whether the search copy holds them. */
+typedef struct base_job {
+    uint64_t generation;
+    size_t count;
+    bool current;
+} base_job;
+
+static int read_base(store *s, void *ctx)
+{
+    base_job *job = ctx;
+    int rc = read_generation(s, &job->generation);
+    if (!rc) rc = count_chunks(s, &job->count);
+    if (rc || !job->generation) return rc;
+    side_header h;
+    int fd = job->count ? side_open(s, job->generation, job->count, &h) : -1;
+    job->current = !job->count || fd >= 0;
+    if (fd >= 0) close(fd);
+    return 0;
+}
+
+int store_track_vectors(store *s, size_t max_bytes)
+{
+    if (s->lock_fd < 0 || s->in_transaction || s->track.on) return 0;
+    base_job job = {0};
+    int rc = in_snapshot(s, read_base, &job);
+    if (rc || !job.current) return rc;
+    s->track.on = true;
+    s->track.max_bytes = max_bytes;
+    track_rebase(s, job.generation, job.count);
     return 0;
 }
 
@@ -1306,7 +1557,6 @@ int store_bm25(store *s, const char *query, const store_filter *filter, int k, i
 int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out)
 {
     sqlite3_stmt *st = s->sql[SQL_GET_CHUNK];
-    sqlite3_reset(st);
     sqlite3_bind_int64(st, 1, chunk_id);
     int sq = sqlite3_step(st);
     if (sq == SQLITE_DONE) {
@@ -1317,16 +1567,44 @@ int store_get_chunk(store *s, int64_t chunk_id, store_chunk_info *out)
         sqlite3_reset(st);
         return sql_error(s, sq, "reading a chunk");
     }
-    /* The row stays current until the next call resets the statement. */
-    out->document_key = (const char *)sqlite3_column_text(st, 0);
-    out->source = (const char *)sqlite3_column_text(st, 1);
-    out->title = (const char *)sqlite3_column_text(st, 2);
-    out->metadata = (const char *)sqlite3_column_text(st, 3);
-    out->text = (const char *)sqlite3_column_text(st, 4);
+    /* The row is copied out and the statement reset at once: a statement left on its row would
+     * hold a read snapshot open until the next call, so this handle would not see later commits
+     * and the writer's checkpoints could not get past it (the write-ahead log would grow while
+     * a server sat idle). The strings stay valid until the next call. */
+    const char *fields[5];
+    size_t lengths[5], need = 0;
+    for (int i = 0; i < 5; i++) {
+        fields[i] = (const char *)sqlite3_column_text(st, i);
+        lengths[i] = fields[i] ? (size_t)sqlite3_column_bytes(st, i) + 1 : 0;
+        need += lengths[i];
+    }
+    if (need > s->row_capacity) {
+        char *grown = realloc(s->row, need);
+        if (!grown) {
+            sqlite3_reset(st);
+            return err_set(EMBEDRAG_ERR_NO_MEMORY, "%s: out of memory reading chunk %" PRId64,
+                           s->path, chunk_id);
+        }
+        s->row = grown;
+        s->row_capacity = need;
+    }
+    const char *copies[5];
+    char *at = s->row;
+    for (int i = 0; i < 5; i++) {
+        copies[i] = fields[i] ? memcpy(at, fields[i], lengths[i]) : NULL;
+        at += lengths[i];
+    }
+    out->document_key = copies[0];
+    out->source = copies[1];
+    out->title = copies[2];
+    out->metadata = copies[3];
+    out->text = copies[4];
     out->start = sqlite3_column_int64(st, 5);
     out->end = sqlite3_column_int64(st, 6);
     out->ordinal = sqlite3_column_int(st, 7);
     out->tokens = sqlite3_column_int(st, 8);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
     return 0;
 }
 

@@ -82,6 +82,13 @@ void store_lookup_close(store_lookup *l);
 int store_put_document(store *s, const store_document *document, const store_chunk *chunks,
                        size_t count);
 
+/* From now on the handle remembers the chunks it adds (ids and vectors, up to max_bytes) and
+ * deletes, so that the next store_load_vectors makes the new search copy from the current one
+ * and these, instead of reading every vector out of SQLite (2.3 s for 244,800 chunks). A no-op
+ * unless the handle writes and the search copy is current (or the store empty); past max_bytes,
+ * or where it cannot be exact, the load reads SQLite as before. */
+int store_track_vectors(store *s, size_t max_bytes);
+
 /* Adds the chunks committed since the last call to the BM25 text index, in one transaction
  * (new chunks wait for it in a queue: see STORE_FORMAT in store.c). Writers only, outside a
  * transaction; a no-op otherwise and when nothing waits. The indexer calls it when it finishes
