@@ -68,7 +68,7 @@ typedef struct batch_result {
     long indexed, chunks, tokens, failed;
     int64_t done_bytes;
     bool changed;
-    char first_failure[512];
+    char first_failure[sizeof((index_summary *)0)->first_failure];
 } batch_result;
 
 /* A batch of documents and their chunks: filled while reading, then embedded (on a thread of
@@ -127,10 +127,10 @@ struct indexer {
 };
 
 /* Keeps the first failure's message, cut to the summary's room. */
-static void keep_first(char first[512], const char *what)
+static void keep_first(char *first, const char *what)
 {
     if (first[0]) return;
-    size_t n = strlen(what), room = 511;
+    size_t n = strlen(what), room = sizeof((index_summary *)0)->first_failure - 1;
     memcpy(first, what, n < room ? n : room);
     first[n < room ? n : room] = '\0';
 }
@@ -162,7 +162,6 @@ static void merge_result(indexer *ix, batch *b)
     if (r->first_failure[0]) keep_first(s->first_failure, r->first_failure);
     ix->done_bytes += r->done_bytes;
     ix->changed |= r->changed;
-    memset(r, 0, sizeof *r);
 }
 
 static int remember_key(indexer *ix, const char *key)
@@ -407,14 +406,7 @@ static int store_batch(indexer *ix, batch *b)
             }
         }
         rc = store_put_document(ix->store, &p->doc, chunks, count);
-        if (rc == EMBEDRAG_ERR_INVALID_ARGUMENT) {
-            /* This document alone (checked before anything was written). */
-            char what[800];
-            snprintf(what, sizeof what, "%s", err_get());
-            err_clear();
-            note_batch_failure(b, what, rc, p->status);
-            rc = 0;
-        } else if (!rc) {
+        if (!rc) {
             r->changed = true;
             r->indexed++;
             r->chunks += (long)count;
@@ -473,6 +465,15 @@ static int settle_landing(indexer *ix)
     return rc;
 }
 
+/* Runs a stage's function on a thread of its own (the pipeline), or here when there is none;
+ * true when a thread took it (it is joined at the next step). */
+static bool start_stage(indexer *ix, pthread_t *thread, void *(*stage)(void *))
+{
+    if (ix->pipeline && pthread_create(thread, NULL, stage, ix) == 0) return true;
+    stage(ix);
+    return false;
+}
+
 static void swap_batches(batch *a, batch *b)
 {
     batch t = *a;
@@ -499,22 +500,13 @@ static int advance(indexer *ix)
     if (rc || embedded) return rc ? rc : embedded;
     if (ix->flight.doc_count) {
         swap_batches(&ix->landing, &ix->flight);
-        if (ix->pipeline && pthread_create(&ix->store_thread, NULL, store_thread, ix) == 0) {
-            ix->storing = true;
-        } else {
-            store_thread(ix);
-            rc = settle_landing(ix);
-            if (rc) return rc;
-        }
+        ix->storing = start_stage(ix, &ix->store_thread, store_thread);
+        if (!ix->storing && (rc = settle_landing(ix))) return rc;
     }
     if (ix->fill.doc_count) {
         swap_batches(&ix->flight, &ix->fill);
-        if (ix->pipeline && pthread_create(&ix->thread, NULL, embed_thread, ix) == 0) {
-            ix->flying = true;
-        } else {
-            embed_thread(ix);
-            rc = settle_flight(ix);
-        }
+        ix->flying = start_stage(ix, &ix->thread, embed_thread);
+        if (!ix->flying) rc = settle_flight(ix);
     }
     return rc;
 }
