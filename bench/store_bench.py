@@ -77,6 +77,7 @@ def indexing(cli, model, threads, texts, documents, work):
         "tokens": tokens,
         "index_seconds": index_s,
         "index_model_seconds": summary.get("model_seconds"),
+        "index_stage_seconds": summary.get("stage_seconds"),
         "embed_seconds": embed_s,
         "index_tokens_per_second": tokens / index_s,
         "embed_tokens_per_second": tokens / embed_s,

@@ -78,6 +78,14 @@ static void print_summary(const index_summary *s, const char *path, bool json)
         cJSON_AddNumberToObject(o, "vectors_given", (double)s->vectors_given);
         cJSON_AddNumberToObject(o, "seconds", s->seconds);
         cJSON_AddNumberToObject(o, "model_seconds", s->model_seconds);
+        cJSON *stages = cJSON_AddObjectToObject(o, "stage_seconds");
+        cJSON_AddNumberToObject(stages, "read", s->read_seconds);
+        cJSON_AddNumberToObject(stages, "embed", s->embed_seconds);
+        cJSON_AddNumberToObject(stages, "store", s->store_seconds);
+        cJSON_AddNumberToObject(stages, "wait", s->wait_seconds);
+        cJSON_AddNumberToObject(stages, "text_index", s->text_seconds);
+        cJSON_AddNumberToObject(stages, "prune", s->prune_seconds);
+        cJSON_AddNumberToObject(stages, "search_copy", s->copy_seconds);
         cJSON_AddNumberToObject(o, "tokens_per_second",
                                 s->seconds > 0 ? (double)s->tokens / s->seconds : 0.0);
         if (s->first_failure[0])

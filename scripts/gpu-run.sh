@@ -20,7 +20,8 @@
 #             (the default model), sampled every 0.25 s
 #   store     the document store on the GPU (bench/store_bench.py): `embedrag index` of 20,000
 #             documents against `embedrag embed` of the same chunks (with and without the
-#             indexer's pipeline), and questions answered over 100,000 chunks
+#             indexer's pipeline; EMBEDRAG_STORE_PIPELINES=1 runs it with only), and questions
+#             answered over 100,000 chunks
 #   realvec   quantized search on real embeddings: a million texts (pairs of STS-B sentences)
 #             and 1,000 questions (single sentences) embedded on the GPU, then
 #             `embedrag bench --search --vectors` on them (recall@10 against exact, every mode)
@@ -370,7 +371,7 @@ fi
 # ---- compute-sanitizer ----
 if run_step store; then
     model=$src/models/all-MiniLM-L6-v2
-    for pipeline in 1 0; do
+    for pipeline in ${EMBEDRAG_STORE_PIPELINES:-1 0}; do
         EMBEDRAG_INDEX_PIPELINE=$pipeline python3 "$src/bench/store_bench.py" --cli "$build/embedrag" \
             --model "$model" --data "$bundle/shared/data/stsb-en-dev.csv" --threads "$(nproc)" \
             --documents "${EMBEDRAG_STORE_DOCUMENTS:-20000}" --chunks 100000 --queries 200 \
@@ -387,6 +388,9 @@ print("store (pipeline %s): index %d docs, %d chunks, %d tokens: %.0f tok/s; emb
       "index/embed %.0f%% (index model time %.1f of %.1f s)" % (sys.argv[2], i["documents"],
       i["chunks"], i["tokens"], i["index_tokens_per_second"], i["embed_tokens_per_second"],
       100 * i["ratio"], i["index_model_seconds"] or 0, i["index_seconds"]))
+if i.get("index_stage_seconds"):
+    print("store (pipeline %s): stage seconds: %s" % (sys.argv[2], ", ".join(
+        "%s %.2f" % kv for kv in i["index_stage_seconds"].items())))
 q = r.get("query")
 if q:
     for mode in ("dense", "hybrid", "bm25"):

@@ -109,7 +109,9 @@ struct indexer {
     store_lookup *lookup;                /* the calling thread's connection (pipeline only) */
     pthread_t thread, store_thread;
     int flight_status; /* the embedding thread's result, and its message */
-    double flight_seconds;
+    double flight_seconds, flight_stage_seconds; /* the model's time; the stage's */
+    double landing_seconds;                      /* the store stage's time */
+    double stepped;                              /* when the last advance() returned */
     char flight_error[512];
     int landing_status; /* the store thread's result, and its message */
     char landing_error[512];
@@ -425,8 +427,10 @@ static int store_batch(indexer *ix, batch *b)
 static void *embed_thread(void *arg)
 {
     indexer *ix = arg;
+    double t = clock_seconds();
     ix->flight_status = embed_batch(ix, &ix->flight, &ix->flight_seconds, ix->flight_error,
                                     sizeof ix->flight_error);
+    ix->flight_stage_seconds = clock_seconds() - t;
     return NULL;
 }
 
@@ -434,7 +438,9 @@ static void *embed_thread(void *arg)
 static void *store_thread(void *arg)
 {
     indexer *ix = arg;
+    double t = clock_seconds();
     ix->landing_status = store_batch(ix, &ix->landing);
+    ix->landing_seconds = clock_seconds() - t;
     if (ix->landing_status) snprintf(ix->landing_error, sizeof ix->landing_error, "%s", err_get());
     return NULL;
 }
@@ -444,7 +450,8 @@ static void *store_thread(void *arg)
 static int settle_flight(indexer *ix)
 {
     ix->summary->model_seconds += ix->flight_seconds;
-    ix->flight_seconds = 0;
+    ix->summary->embed_seconds += ix->flight_stage_seconds;
+    ix->flight_seconds = ix->flight_stage_seconds = 0;
     if (!ix->flight_status) return 0;
     batch_clear(&ix->flight);
     return err_set(ix->flight_status, "%s", ix->flight_error);
@@ -455,6 +462,8 @@ static int settle_flight(indexer *ix)
 static int settle_landing(indexer *ix)
 {
     int rc = ix->landing_status;
+    ix->summary->store_seconds += ix->landing_seconds;
+    ix->landing_seconds = 0;
     if (rc)
         err_set(rc, "%s", ix->landing_error);
     else
@@ -484,9 +493,21 @@ static void swap_batches(batch *a, batch *b)
 /* Moves every stage one step: waits for the threads, sends the embedded batch to be stored and
  * the filled one to be embedded, and leaves an empty one to fill. Without the pipeline (or
  * without a thread) each step runs here. */
+static int advance_step(indexer *ix);
+
 static int advance(indexer *ix)
 {
+    double t = clock_seconds();
+    ix->summary->read_seconds += t - (ix->stepped ? ix->stepped : ix->started);
+    int rc = advance_step(ix);
+    ix->stepped = clock_seconds();
+    return rc;
+}
+
+static int advance_step(indexer *ix)
+{
     int embedded = 0, rc = 0;
+    double t = clock_seconds();
     if (ix->flying) {
         pthread_join(ix->thread, NULL);
         ix->flying = false;
@@ -497,6 +518,7 @@ static int advance(indexer *ix)
         ix->storing = false;
         rc = settle_landing(ix);
     }
+    ix->summary->wait_seconds += clock_seconds() - t;
     if (rc || embedded) return rc ? rc : embedded;
     if (ix->flight.doc_count) {
         swap_batches(&ix->landing, &ix->flight);
@@ -1045,8 +1067,12 @@ int indexer_flush(indexer *ix)
 int indexer_finish(indexer *ix)
 {
     int rc = flush(ix);
+    double t = clock_seconds();
     if (!rc) rc = store_index_text(ix->store);
+    ix->summary->text_seconds += clock_seconds() - t;
+    t = clock_seconds();
     if (!rc && ix->options->prune) rc = prune(ix);
+    ix->summary->prune_seconds += clock_seconds() - t;
     progress(ix, true);
     return rc;
 }
@@ -1088,8 +1114,10 @@ int index_paths(embedrag_model *model, const char *const *paths, size_t count,
         /* Loading the vectors once writes the search copy, and builds the quantized codes where
          * the store is large enough, so the first search after the run opens at once. */
         searcher *sr = NULL;
+        double t = clock_seconds();
         rc = searcher_open(s, NULL, 0, &sr);
         searcher_close(sr);
+        summary->copy_seconds = clock_seconds() - t;
     }
     indexer_close(ix);
     store_close(s);

@@ -28,6 +28,13 @@ typedef struct index_summary {
     long chunks, tokens;     /* embedded in this run */
     long vectors_given;      /* JSONL documents that brought their own vector */
     double seconds, model_seconds;
+    /* Where the time went, each stage timed on its own thread (with the pipeline they overlap,
+     * and waiting is the calling thread's time spent for the slowest of the other two):
+     * reading and looking documents up, chunking and embedding (model_seconds of it in the
+     * model), storing batches, waiting, and at the end the text index, pruning, and the search
+     * copy. */
+    double read_seconds, embed_seconds, store_seconds, wait_seconds;
+    double text_seconds, prune_seconds, copy_seconds;
     char first_failure[512]; /* what went wrong first, "" when nothing did */
 } index_summary;
 
