@@ -283,7 +283,8 @@ static int time_open(const char *dir, const float *rows, size_t n, size_t dim, o
         free(m);
         free(ids);
     }
-    static const char *const suffixes[] = {"", "-wal", "-shm", "-vectors"};
+    static const char *const suffixes[] = {"",      "-wal",      "-shm",     "-vectors",
+                                           "-text", "-text-wal", "-text-shm"};
     for (size_t i = 0; i < sizeof suffixes / sizeof *suffixes; i++) {
         char file[4200];
         snprintf(file, sizeof file, "%s%s", path, suffixes[i]);

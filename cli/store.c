@@ -82,8 +82,10 @@ static void print_summary(const index_summary *s, const char *path, bool json)
         cJSON_AddNumberToObject(stages, "read", s->read_seconds);
         cJSON_AddNumberToObject(stages, "embed", s->embed_seconds);
         cJSON_AddNumberToObject(stages, "store", s->store_seconds);
+        cJSON_AddNumberToObject(stages, "store_cpu", s->store_cpu_seconds);
         cJSON_AddNumberToObject(stages, "wait", s->wait_seconds);
         cJSON_AddNumberToObject(stages, "text_index", s->text_seconds);
+        cJSON_AddNumberToObject(stages, "text_thread", s->text_thread_seconds);
         cJSON_AddNumberToObject(stages, "prune", s->prune_seconds);
         cJSON_AddNumberToObject(stages, "search_copy", s->copy_seconds);
         cJSON_AddNumberToObject(o, "tokens_per_second",
@@ -477,8 +479,9 @@ done:
 static const char stats_usage[] =
     "usage: embedrag stats [--store FILE] [--json]\n"
     "\n"
-    "Prints the store's documents, chunks, tokens, model, size on disk, and whether the\n"
-    "search copy of its vectors (FILE-vectors, read by search) is current.\n";
+    "Prints the store's documents, chunks, tokens, model, size on disk (the store, and its text\n"
+    "index for BM25 in FILE-text), and whether the search copy of its vectors (FILE-vectors,\n"
+    "read by search) is current.\n";
 
 int cli_stats(int argc, char **argv)
 {
@@ -523,6 +526,7 @@ int cli_stats(int argc, char **argv)
         cJSON_AddNumberToObject(o, "vectors", (double)st.chunks);
         cJSON_AddNumberToObject(o, "tokens", (double)st.tokens);
         cJSON_AddNumberToObject(o, "bytes_on_disk", (double)st.file_bytes);
+        cJSON_AddNumberToObject(o, "text_index_bytes", (double)st.text_index_bytes);
         cJSON *mo = cJSON_AddObjectToObject(o, "model");
         cJSON_AddStringToObject(mo, "name", m->name);
         cJSON_AddNumberToObject(mo, "dimension", m->dimension);
@@ -538,9 +542,10 @@ int cli_stats(int argc, char **argv)
         cJSON_free(text);
         cJSON_Delete(o);
     } else {
-        printf("%s: %lld documents, %lld chunks (%lld tokens), %.1f MB on disk\n", path,
-               (long long)st.documents, (long long)st.chunks, (long long)st.tokens,
-               (double)st.file_bytes / 1e6);
+        printf("%s: %lld documents, %lld chunks (%lld tokens), %.1f MB on disk (and %.1f MB of "
+               "text index)\n",
+               path, (long long)st.documents, (long long)st.chunks, (long long)st.tokens,
+               (double)st.file_bytes / 1e6, (double)st.text_index_bytes / 1e6);
         printf("model: %s (%d dimensions, %s pooling, %s), from %s\n", m->name, m->dimension,
                m->pooling, m->precision, m->directory);
         printf("search copy: %s (%.1f MB)\n",

@@ -9,6 +9,7 @@
 #include "util/error.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <signal.h>
 #include <stdio.h>
@@ -316,22 +317,26 @@ static void test_batches(void)
     store_close(s);
 }
 
-/* Every document has all its chunks (1 + d % 4), the text index has one row per chunk, and the
- * database passes SQLite's integrity check. Returns the number of documents. */
-/* SQLite's integrity checks of the database and the FTS5 index, and the text index's account:
- * every chunk is in the index or queued for it (text_pending), never both, and the index holds
- * no chunk that is gone. Uses the sqlite3 command. */
+/* SQLite's integrity checks of the store and of its text index's file, and the text index's
+ * account: it holds exactly what an index built afresh from the store's chunks would hold, term
+ * by term, chunk by chunk, position by position (FTS5's vocabulary of instances, compared both
+ * ways), and one row per chunk. The text index must have been brought up to date. Uses the
+ * sqlite3 command. */
 static bool text_index_consistent(const char *path)
 {
-    char command[1600];
+    char command[2400];
     snprintf(command, sizeof command,
-             "test \"$(sqlite3 '%s' 'PRAGMA integrity_check; INSERT INTO chunk_text(chunk_text) "
-             "VALUES (\"integrity-check\"); SELECT (SELECT count(*) FROM chunks) = (SELECT "
-             "count(*) FROM text_pending) + (SELECT count(*) FROM chunk_text_docsize) AND NOT "
-             "EXISTS (SELECT 1 FROM text_pending p JOIN chunk_text_docsize d ON d.id = p.id) AND "
-             "NOT EXISTS (SELECT 1 FROM chunk_text_docsize d LEFT JOIN chunks c ON c.id = d.id "
-             "WHERE c.id IS NULL);' 2>&1 | tr '\\n' ' ')\" = 'ok 1 '",
-             path);
+             "test \"$(sqlite3 '%s-text' \"ATTACH '%s' AS store; PRAGMA integrity_check; INSERT "
+             "INTO chunk_text(chunk_text) VALUES ('integrity-check'); CREATE VIRTUAL TABLE "
+             "temp.fresh USING fts5 (text, content = ''); INSERT INTO temp.fresh (rowid, text) "
+             "SELECT id, text FROM store.chunks; CREATE VIRTUAL TABLE temp.fresh_terms USING "
+             "fts5vocab(temp, fresh, 'instance'); CREATE VIRTUAL TABLE temp.kept_terms USING "
+             "fts5vocab(main, chunk_text, 'instance'); SELECT (SELECT count(*) FROM (SELECT * "
+             "FROM temp.fresh_terms EXCEPT SELECT * FROM temp.kept_terms)) + (SELECT count(*) "
+             "FROM (SELECT * FROM temp.kept_terms EXCEPT SELECT * FROM temp.fresh_terms)) = 0 "
+             "AND (SELECT count(*) FROM chunk_text_docsize) = (SELECT count(*) FROM "
+             "store.chunks);\" 2>&1 | tr '\\n' ' ')\" = 'ok 1 '",
+             path, path);
     return system(command) == 0;
 }
 
@@ -365,6 +370,8 @@ static int check_consistent(const char *path, const char *when)
           (long long)st.documents, documents);
     free(m);
     free(ids);
+    /* Whatever the kill left of the text index, a reader's update brings it up to date. */
+    CHECK(store_index_text(s) == 0, "%s: update the text index: %s", when, err_get());
     store_close(s);
     if (access("/usr/bin/sqlite3", X_OK) == 0)
         CHECK(text_index_consistent(path), "%s: integrity check of the database and its text index",
@@ -372,9 +379,23 @@ static int check_consistent(const char *path, const char *when)
     return documents;
 }
 
-/* A child indexes KILL_DOCUMENTS documents in batches of 7 and is killed with SIGKILL after a
- * random delay;
- * the store must be consistent after every kill, and the next run adds what is missing. */
+/* In a killed writer: a second thread updates the text index on a connection of its own
+ * (as the indexer's does) until the kill, so that kills land inside its transactions too. */
+static void *keep_text_updated(void *arg)
+{
+    store_text *t = arg;
+    for (;;) {
+        if (store_text_update(t) != 0) _exit(7);
+        struct timespec pause = {0, 2000000L};
+        nanosleep(&pause, NULL);
+    }
+    return NULL;
+}
+
+/* A child indexes KILL_DOCUMENTS documents in batches of 7, replacing some stored ones (whose
+ * old chunks leave the text index), while a thread updates the text index, and is killed with
+ * SIGKILL after a random delay; the store and its text index must be consistent after every
+ * kill, and the next run adds what is missing. */
 static void test_killed_writers(void)
 {
     char path[512];
@@ -385,7 +406,11 @@ static void test_killed_writers(void)
         pid_t pid = fork();
         if (pid == 0) {
             store *s = NULL;
-            if (store_open(path, &model, false, &s) != 0) _exit(3);
+            store_text *text = NULL;
+            pthread_t updater;
+            if (store_open(path, &model, false, &s) != 0 || store_text_open(s, &text) != 0 ||
+                !text || pthread_create(&updater, NULL, keep_text_updated, text) != 0)
+                _exit(3);
             for (int d = 0; d < KILL_DOCUMENTS; d++) {
                 bool found;
                 uint64_t hash;
@@ -393,7 +418,9 @@ static void test_killed_writers(void)
                 char key[64];
                 snprintf(key, sizeof key, "doc-%04d", d);
                 store_find_document(s, key, &found, &hash);
-                if (!found && put_document(s, d, 1 + d % 4, 0) != 0) _exit(5);
+                if ((!found || d % 5 == round % 5) &&
+                    put_document(s, d, 1 + d % 4, found ? round : 0) != 0)
+                    _exit(5);
                 if (d % 7 == 6 && store_commit(s) != 0) _exit(6);
             }
             store_commit(s);
@@ -788,39 +815,71 @@ static bool bm25_finds(store *s, int d, int chunks, int salt)
     return false;
 }
 
-/* The text index in arrears (format 3): chunks wait in a queue until a writer indexes them;
- * a reader's BM25 sees them once it has, a writer's at once; a chunk deleted or replaced while
- * queued never reaches the index, one deleted after leaves it; a crash leaves the queue for the
- * next writer; a store of format 2 (triggers indexing row by row) is upgraded in place. */
-static void test_text_index_in_arrears(void)
+static bool run_sql(const char *file, const char *sql)
 {
-    char path[300];
+    sqlite3 *db = NULL;
+    int sq = sqlite3_open(file, &db);
+    if (sq == SQLITE_OK) sq = sqlite3_exec(db, sql, NULL, NULL, NULL);
+    sqlite3_close(db);
+    return sq == SQLITE_OK;
+}
+
+/* The text index in its own file (format 4): a writer's search and a reader's bring it up to
+ * date first; a chunk deleted or replaced before it was indexed never reaches it, one deleted
+ * after leaves it; a reader whose index another connection is updating searches it as it is and
+ * never returns a deleted chunk; a writer killed before its update leaves the next search to do
+ * it; an index of another store, or a damaged one, is built again (a reader is told to run a
+ * writer); a store of format 3 (the index inside the store's file) is searched by readers as it
+ * is and upgraded by a writer. */
+static void test_text_index_file(void)
+{
+    char path[300], text[320];
     path_in_dir(path, sizeof path, "arrears.db");
+    snprintf(text, sizeof text, "%s-text", path);
     store *w = NULL, *r = NULL;
     CHECK(store_open(path, &model, false, &w) == 0, "create: %s", err_get());
     if (!w) return;
     for (int d = 0; d < 6; d++) put_document(w, d, 2, 0);
     CHECK(store_open(path, NULL, true, &r) == 0, "a reader: %s", err_get());
-    CHECK(r && !bm25_finds(r, 3, 2, 0), "a reader does not see queued chunks");
-    CHECK(bm25_finds(w, 3, 2, 0), "the writer's search indexes them first and finds them");
-    CHECK(r && bm25_finds(r, 3, 2, 0), "then the reader finds them too");
-    /* Queued, then deleted or replaced before the index sees them. */
+    CHECK(r && bm25_finds(r, 3, 2, 0), "a reader's search indexes the new chunks and finds them");
+    CHECK(bm25_finds(w, 3, 2, 0), "so does the writer's");
+    /* Added, then deleted or replaced before the index sees them; and after. */
     put_document(w, 10, 3, 0);
     bool found = false;
-    CHECK(store_delete_document(w, "doc-0010", &found) == 0 && found, "delete a queued one");
+    CHECK(store_delete_document(w, "doc-0010", &found) == 0 && found, "delete an unindexed one");
     put_document(w, 11, 2, 0);
-    put_document(w, 11, 2, 5); /* replaced while queued */
+    put_document(w, 11, 2, 5); /* replaced before the index saw it */
     put_document(w, 2, 3, 9);  /* replaces an indexed one */
     CHECK(store_delete_document(w, "doc-0004", &found) == 0 && found, "delete an indexed one");
     CHECK(store_index_text(w) == 0, "index: %s", err_get());
     CHECK(!bm25_finds(w, 10, 3, 0) && !bm25_finds(w, 4, 2, 0), "deleted ones are not found");
     CHECK(bm25_finds(w, 11, 2, 5) && bm25_finds(w, 2, 3, 9), "replacements are found");
-    store_close(r);
-    r = NULL;
-    if (access("/usr/bin/sqlite3", X_OK) == 0)
+    bool sqlite_cli = access("/usr/bin/sqlite3", X_OK) == 0;
+    if (sqlite_cli)
         CHECK(text_index_consistent(path), "the text index's account after deletes and replaces");
 
-    /* A writer killed with chunks queued: the next writer indexes them. */
+    /* Another connection holds the index's write lock: the reader does not wait for it. */
+    put_document(w, 12, 2, 0);
+    CHECK(store_delete_document(w, "doc-0005", &found) == 0 && found, "delete an indexed one");
+    CHECK(store_commit(w) == 0, "nothing open");
+    sqlite3 *holder = NULL;
+    int sq = sqlite3_open(text, &holder);
+    if (sq == SQLITE_OK) sq = sqlite3_exec(holder, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    CHECK(sq == SQLITE_OK, "hold the text index's lock");
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    CHECK(r && !bm25_finds(r, 12, 2, 0), "a reader searches the index as it is");
+    CHECK(r && !bm25_finds(r, 5, 2, 0), "and never returns a chunk deleted since");
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    CHECK(t1.tv_sec - t0.tv_sec + (t1.tv_nsec - t0.tv_nsec) * 1e-9 < 2.0,
+          "without waiting for the lock (it would wait 5 s)");
+    sqlite3_exec(holder, "ROLLBACK", NULL, NULL, NULL);
+    sqlite3_close(holder);
+    CHECK(r && bm25_finds(r, 12, 2, 0), "once free, the reader's search updates it");
+    store_close(r);
+    r = NULL;
+
+    /* A writer killed before it updated the index: the next search does. */
     store_close(w);
     w = NULL;
     pid_t pid = fork();
@@ -828,45 +887,85 @@ static void test_text_index_in_arrears(void)
         store *s = NULL;
         if (store_open(path, &model, false, &s) != 0) _exit(3);
         for (int d = 20; d < 24; d++) put_document(s, d, 2, 0);
-        _exit(0); /* no close: the queue stays as a crash leaves it */
+        _exit(0); /* no close: the index stays as a crash leaves it */
     }
     int status = 0;
     waitpid(pid, &status, 0);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the writer that crashes: %d", status);
-    CHECK(store_open(path, NULL, true, &r) == 0 && !bm25_finds(r, 21, 2, 0),
-          "a crash leaves the chunks queued");
+    CHECK(store_open(path, NULL, true, &r) == 0 && bm25_finds(r, 21, 2, 0),
+          "the next reader's search indexes what the crash left");
+    store_close(r);
+    r = NULL;
+    if (sqlite_cli) CHECK(text_index_consistent(path), "the text index's account after the crash");
+
+    /* Another store's text index beside this one, then a damaged one. */
+    char other[300], command[1000];
+    path_in_dir(other, sizeof other, "other.db");
+    store *o = NULL;
+    CHECK(store_open(other, &model, false, &o) == 0, "another store: %s", err_get());
+    for (int d = 40; d < 44 && o; d++) put_document(o, d, 2, 0);
+    store_close(o);
+    snprintf(command, sizeof command, "cp '%s-text' '%s'", other, text);
+    CHECK(system(command) == 0, "copy its text index over this one's");
+    CHECK(store_open(path, NULL, true, &r) == 0 && bm25_finds(r, 21, 2, 0) &&
+              !bm25_finds(r, 41, 2, 0),
+          "the reader builds this store's index again");
+    store_close(r);
+    r = NULL;
+    if (sqlite_cli) CHECK(text_index_consistent(path), "the rebuilt index's account");
+    FILE *f = fopen(text, "r+b");
+    if (f) {
+        fseek(f, 0, SEEK_SET);
+        fputs("this is no longer a SQLite database, not at all", f);
+        fclose(f);
+    }
+    int64_t hits[4];
+    double scores[4];
+    int got = 0;
+    CHECK(store_open(path, NULL, true, &r) == 0, "a reader opens the store");
+    int rc = r ? store_bm25(r, "dog", NULL, 4, hits, scores, &got) : 0;
+    CHECK(rc == EMBEDRAG_ERR_FORMAT && strstr(err_get(), "-text") &&
+              strstr(err_get(), "run embedrag index"),
+          "a reader is told the text index is damaged: %s", err_get());
     store_close(r);
     r = NULL;
     CHECK(store_open(path, &model, false, &w) == 0 && bm25_finds(w, 21, 2, 0),
-          "the next writer indexes them");
+          "a writer builds it again: %s", err_get());
     store_close(w);
     w = NULL;
+    if (sqlite_cli) CHECK(text_index_consistent(path), "the repaired index's account");
 
-    /* Format 2: the row-by-row triggers and no queue. A writer upgrades it. */
-    sqlite3 *db = NULL;
-    int sq = sqlite3_open(path, &db);
-    if (sq == SQLITE_OK)
-        sq = sqlite3_exec(
-            db,
-            "DROP TABLE text_pending; DROP TRIGGER chunks_indexed; DROP TRIGGER chunks_unindexed;"
-            "CREATE TRIGGER chunks_indexed AFTER INSERT ON chunks BEGIN INSERT INTO chunk_text "
-            "(rowid, text) VALUES (new.id, new.text); END; CREATE TRIGGER chunks_unindexed AFTER "
-            "DELETE ON chunks BEGIN INSERT INTO chunk_text (chunk_text, rowid, text) VALUES "
-            "('delete', old.id, old.text); END; UPDATE meta SET value = '2' WHERE key = 'format'",
-            NULL, NULL, NULL);
-    sqlite3_close(db);
-    CHECK(sq == SQLITE_OK, "made a format-2 store");
+    /* Format 3: the index inside the store's file, kept by triggers and a queue (its schema as
+     * that format wrote it); no text file. Readers search it; a writer upgrades the store. */
+    bool made =
+        run_sql(path, "DROP TRIGGER chunks_gone; DROP TABLE text_log; DELETE FROM meta WHERE key "
+                      "IN ('chunk_high', 'text_id'); UPDATE meta SET value = '3' WHERE key = "
+                      "'format'; CREATE VIRTUAL TABLE chunk_text USING fts5 (text, content = "
+                      "'chunks', content_rowid = 'id'); INSERT INTO chunk_text (rowid, text) "
+                      "SELECT id, text FROM chunks; CREATE TABLE text_pending (id INTEGER "
+                      "PRIMARY KEY); CREATE TRIGGER chunks_indexed AFTER INSERT ON chunks BEGIN "
+                      "INSERT INTO text_pending (id) VALUES (new.id); END; CREATE TRIGGER "
+                      "chunks_unindexed AFTER DELETE ON chunks BEGIN INSERT INTO chunk_text "
+                      "(chunk_text, rowid, text) SELECT 'delete', old.id, old.text WHERE NOT "
+                      "EXISTS (SELECT 1 FROM text_pending WHERE id = old.id); DELETE FROM "
+                      "text_pending WHERE id = old.id; END;");
+    CHECK(made && unlink(text) == 0, "made a format-3 store");
     CHECK(store_open(path, NULL, true, &r) == 0 && bm25_finds(r, 21, 2, 0),
-          "a reader searches format 2: %s", err_get());
+          "a reader searches format 3's index: %s", err_get());
+    CHECK(access(text, F_OK) != 0, "and makes no text file for it");
     store_close(r);
-    CHECK(store_open(path, &model, false, &w) == 0, "a writer upgrades format 2: %s", err_get());
+    CHECK(store_open(path, &model, false, &w) == 0, "a writer upgrades format 3: %s", err_get());
     if (w) {
         put_document(w, 30, 2, 0);
         CHECK(store_delete_document(w, "doc-0021", &found) == 0 && found, "delete after upgrade");
-        CHECK(bm25_finds(w, 30, 2, 0) && !bm25_finds(w, 21, 2, 0), "BM25 after the upgrade");
+        CHECK(bm25_finds(w, 30, 2, 0) && !bm25_finds(w, 21, 2, 0) && bm25_finds(w, 22, 2, 0),
+              "BM25 after the upgrade");
     }
     store_close(w);
-    if (access("/usr/bin/sqlite3", X_OK) == 0)
+    CHECK(run_sql(path, "SELECT count(*) FROM text_log") &&
+              !run_sql(path, "SELECT count(*) FROM chunk_text"),
+          "the upgraded store keeps no index of its own");
+    if (sqlite_cli)
         CHECK(text_index_consistent(path), "the text index's account after the upgrade");
 }
 
@@ -981,7 +1080,7 @@ int main(void)
     test_filters();
     test_killed_writers();
     test_out_of_space();
-    test_text_index_in_arrears();
+    test_text_index_file();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

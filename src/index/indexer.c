@@ -36,6 +36,9 @@
 #define INDEX_BATCH_DOCUMENTS 256
 #define INDEX_BATCH_BYTES ((size_t)1 << 20)
 #define INDEX_GPU_BATCH_SCALE 8
+/* The text index thread updates the index when this many chunks were stored since its last
+ * update: enough for FTS5 to write few, large segments, few enough to leave little for the end. */
+#define INDEX_TEXT_CHUNKS 8192
 /* The largest document file read whole. */
 #define INDEX_MAX_FILE_BYTES ((size_t)256 << 20)
 
@@ -110,11 +113,21 @@ struct indexer {
     pthread_t thread, store_thread;
     int flight_status; /* the embedding thread's result, and its message */
     double flight_seconds, flight_stage_seconds; /* the model's time; the stage's */
-    double landing_seconds;                      /* the store stage's time */
+    double landing_seconds, landing_cpu;         /* the store stage's time */
     double stepped;                              /* when the last advance() returned */
     char flight_error[512];
     int landing_status; /* the store thread's result, and its message */
     char landing_error[512];
+    /* A fourth thread keeps the text index ("<store>-text", a file with a lock of its own) close
+     * behind the store, on a connection of its own (pipeline only): inside the store's file,
+     * SQLite's one writer built it and stored the chunks in turn. */
+    store_text *text;
+    pthread_t text_thread;
+    bool text_running, text_busy, text_stop; /* under text_lock */
+    long text_stored, text_seen;             /* changes stored; those the thread updated for */
+    double text_thread_seconds;              /* the thread's updates, in all */
+    pthread_mutex_t text_lock;
+    pthread_cond_t text_wake;
 
     char **seen; /* keys seen in this run (for --prune) */
     size_t seen_count, seen_capacity;
@@ -439,8 +452,12 @@ static void *store_thread(void *arg)
 {
     indexer *ix = arg;
     double t = clock_seconds();
+    struct timespec c0, c1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
     ix->landing_status = store_batch(ix, &ix->landing);
     ix->landing_seconds = clock_seconds() - t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    ix->landing_cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
     if (ix->landing_status) snprintf(ix->landing_error, sizeof ix->landing_error, "%s", err_get());
     return NULL;
 }
@@ -459,15 +476,64 @@ static int settle_flight(indexer *ix)
 
 /* After `landing` was stored (by its thread, or here): counts what it did and empties it. A
  * batch that failed to store (a full disk, a lost lock) left nothing in the store. */
+/* The text index thread: an update each time INDEX_TEXT_CHUNKS more changes were stored, until
+ * told to stop. A failed update ends it; the writer's own update at the end says what failed. */
+static void *text_thread(void *arg)
+{
+    indexer *ix = arg;
+    pthread_mutex_lock(&ix->text_lock);
+    for (;;) {
+        while (!ix->text_stop && ix->text_stored - ix->text_seen < INDEX_TEXT_CHUNKS)
+            pthread_cond_wait(&ix->text_wake, &ix->text_lock);
+        if (ix->text_stop) break;
+        ix->text_seen = ix->text_stored;
+        ix->text_busy = true;
+        pthread_mutex_unlock(&ix->text_lock);
+        double t = clock_seconds();
+        int rc = store_text_update(ix->text);
+        pthread_mutex_lock(&ix->text_lock);
+        ix->text_thread_seconds += clock_seconds() - t;
+        ix->text_busy = false;
+        pthread_cond_broadcast(&ix->text_wake);
+        if (rc) break;
+    }
+    ix->text_running = false;
+    pthread_mutex_unlock(&ix->text_lock);
+    return NULL;
+}
+
+/* Tells the text index thread how much was stored. */
+static void text_note(indexer *ix)
+{
+    if (!ix->text) return;
+    pthread_mutex_lock(&ix->text_lock);
+    ix->text_stored = ix->summary->chunks + ix->summary->deleted;
+    pthread_cond_broadcast(&ix->text_wake);
+    pthread_mutex_unlock(&ix->text_lock);
+}
+
+/* Waits for the text index thread's update in progress, if any; with `stop`, ends the thread. */
+static void text_settle(indexer *ix, bool stop)
+{
+    if (!ix->text) return;
+    pthread_mutex_lock(&ix->text_lock);
+    if (stop) ix->text_stop = true;
+    pthread_cond_broadcast(&ix->text_wake);
+    while (ix->text_busy) pthread_cond_wait(&ix->text_wake, &ix->text_lock);
+    pthread_mutex_unlock(&ix->text_lock);
+}
+
 static int settle_landing(indexer *ix)
 {
     int rc = ix->landing_status;
     ix->summary->store_seconds += ix->landing_seconds;
-    ix->landing_seconds = 0;
+    ix->summary->store_cpu_seconds += ix->landing_cpu;
+    ix->landing_seconds = ix->landing_cpu = 0;
     if (rc)
         err_set(rc, "%s", ix->landing_error);
     else
         merge_result(ix, &ix->landing);
+    if (!rc) text_note(ix);
     memset(&ix->landing.result, 0, sizeof ix->landing.result);
     batch_clear(&ix->landing);
     progress(ix, false);
@@ -988,6 +1054,19 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
     ix->landing.docs = calloc(ix->batch_documents, sizeof *ix->landing.docs);
     int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
     if (!rc && ix->pipeline) rc = store_lookup_open(s, &ix->lookup);
+    if (!rc && ix->pipeline) rc = store_text_open(s, &ix->text);
+    if (ix->text) {
+        pthread_mutex_init(&ix->text_lock, NULL);
+        pthread_cond_init(&ix->text_wake, NULL);
+        ix->text_running = pthread_create(&ix->text_thread, NULL, text_thread, ix) == 0;
+        if (!ix->text_running) {
+            /* Without the thread the store's commits keep the index up to date, as before. */
+            pthread_mutex_destroy(&ix->text_lock);
+            pthread_cond_destroy(&ix->text_wake);
+            store_text_close(ix->text);
+            ix->text = NULL;
+        }
+    }
     /* The search copy is then made from the last one and the vectors stored, not read back out
      * of SQLite, for as many vectors as a quarter of the memory holds. */
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -1061,6 +1140,7 @@ int indexer_add_document(indexer *ix, const index_document *d, int *status)
 int indexer_flush(indexer *ix)
 {
     int rc = flush(ix);
+    text_settle(ix, false); /* the writer's update below takes the rest */
     return rc ? rc : store_index_text(ix->store);
 }
 
@@ -1068,6 +1148,8 @@ int indexer_finish(indexer *ix)
 {
     int rc = flush(ix);
     double t = clock_seconds();
+    text_settle(ix, true);
+    ix->summary->text_thread_seconds = ix->text_thread_seconds;
     if (!rc) rc = store_index_text(ix->store);
     ix->summary->text_seconds += clock_seconds() - t;
     t = clock_seconds();
@@ -1084,6 +1166,13 @@ void indexer_close(indexer *ix)
      * (it commits whole or not at all). */
     if (ix->flying) pthread_join(ix->thread, NULL);
     if (ix->storing) pthread_join(ix->store_thread, NULL);
+    if (ix->text) {
+        text_settle(ix, true);
+        pthread_join(ix->text_thread, NULL);
+        pthread_mutex_destroy(&ix->text_lock);
+        pthread_cond_destroy(&ix->text_wake);
+        store_text_close(ix->text);
+    }
     store_lookup_close(ix->lookup);
     batch_free(&ix->fill);
     batch_free(&ix->flight);

@@ -35,7 +35,9 @@ typedef struct index_summary {
      * copy. */
     double read_seconds, embed_seconds, store_seconds, wait_seconds;
     double text_seconds, prune_seconds, copy_seconds;
-    char first_failure[512]; /* what went wrong first, "" when nothing did */
+    double text_thread_seconds; /* the text index's own thread, beside the others */
+    double store_cpu_seconds;   /* the store thread's CPU time */
+    char first_failure[512];    /* what went wrong first, "" when nothing did */
 } index_summary;
 
 /* Indexes `count` paths (folders, .txt/.md files, .jsonl files) into the store at

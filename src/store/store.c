@@ -22,18 +22,18 @@
 
 /* The layout this code writes; a store with a larger number was made by a newer embedrag.
  * Format 2 added the meta key "generation", which every transaction that changes the chunks
- * bumps (once), so that the search copy of the vectors knows when it is stale. Format 3 defers
- * the text index: a new chunk's id goes to the table text_pending (in the transaction that adds
- * the chunk), and store_index_text adds every pending chunk to the FTS5 index in one statement,
- * which costs a third of what a row-by-row trigger did (SQLite 3.40: 1.8 s against 8.3 s for
- * 100,000 chunks of 100 words, added in transactions of 256), and left SQLite's one writer, not
- * the model, the bound of indexing on a GPU. A writer upgrades older stores in place; readers
- * of older formats need nothing new. */
-#define STORE_FORMAT 3
+ * bumps (once), so that the search copy of the vectors knows when it is stale. Format 3 deferred
+ * the FTS5 text index to one statement per many chunks (a third of a row-by-row trigger's cost).
+ * Format 4 moves the text index into a file of its own, "<store>-text" (see the text index
+ * section below), so that it is built on its own connection while the one writer of the store
+ * goes on storing: inside the store file, SQLite's single writer built it and stored the chunks
+ * one after the other, and the two were most of indexing's time on a GPU. A writer upgrades
+ * older stores in place; readers of formats 1-3 search their in-file index as it is. */
+#define STORE_FORMAT 4
 
-/* A writer adds pending chunks to the text index after a commit that leaves this many waiting,
- * so that a long `index` run keeps BM25 close behind it for other processes; one statement of
- * this many costs a few seconds on two cores. */
+/* A writer brings the text index up to date after a commit that leaves this many chunks
+ * waiting, so that a long run keeps BM25 close behind it for other processes (unless the
+ * indexer's own thread does it: store_text_open). */
 #define STORE_TEXT_INDEX_BATCH 65536
 
 /* The page size of new stores (see store_open). */
@@ -50,9 +50,10 @@ enum {
     SQL_INSERT_CHUNK,
     SQL_DELETE_DOCUMENT,
     SQL_GET_CHUNK,
-    SQL_BM25,
     SQL_BUMP_GENERATION,
     SQL_CHUNK_IDS,
+    SQL_CHUNK_HIGH,
+    SQL_SET_CHUNK_HIGH,
     SQL_COUNT
 };
 
@@ -63,21 +64,23 @@ static const char *const statements[SQL_COUNT] = {
     [SQL_UPDATE_DOCUMENT] = "UPDATE documents SET source = ?2, title = ?3, metadata = ?4, "
                             "content_hash = ?5, size = ?6, mtime = ?7 WHERE id = ?1",
     [SQL_DELETE_CHUNKS] = "DELETE FROM chunks WHERE document = ?1",
-    [SQL_INSERT_CHUNK] = "INSERT INTO chunks (document, ordinal, start, end, tokens, text, vector) "
-                         "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [SQL_INSERT_CHUNK] = "INSERT INTO chunks (document, ordinal, start, end, tokens, text, vector, "
+                         "id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [SQL_DELETE_DOCUMENT] = "DELETE FROM documents WHERE id = ?1",
     [SQL_GET_CHUNK] = "SELECT d.key, d.source, d.title, d.metadata, c.text, c.start, c.end, "
                       "c.ordinal, c.tokens FROM chunks c JOIN documents d ON d.id = c.document "
                       "WHERE c.id = ?1",
-    [SQL_BM25] = "SELECT rowid, -bm25(chunk_text) FROM chunk_text WHERE chunk_text MATCH ?1 "
-                 "ORDER BY bm25(chunk_text) LIMIT ?2",
     [SQL_BUMP_GENERATION] = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                             "WHERE key = 'generation'",
     [SQL_CHUNK_IDS] = "SELECT id FROM chunks WHERE document = ?1",
+    [SQL_CHUNK_HIGH] = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'chunk_high'",
+    [SQL_SET_CHUNK_HIGH] = "UPDATE meta SET value = ?1 WHERE key = 'chunk_high'",
 };
 
-/* The schema of format 1. Chunks cascade with their document; the FTS5 table indexes chunk
- * text without a second copy of it (external content), kept in step by triggers. */
+/* The schema of format 4. Chunks cascade with their document. Chunk ids only grow (the writer
+ * gives each new chunk the meta key "chunk_high" plus one, and raises it), and a deleted chunk's
+ * text goes to text_log, so that the text index in its own file can follow the store from two
+ * numbers (see text_update). */
 static const char schema[] =
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
     "CREATE TABLE documents (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, source TEXT,"
@@ -86,32 +89,44 @@ static const char schema[] =
     " REFERENCES documents (id) ON DELETE CASCADE, ordinal INTEGER NOT NULL, start INTEGER"
     " NOT NULL, end INTEGER NOT NULL, tokens INTEGER NOT NULL, text TEXT NOT NULL,"
     " vector BLOB NOT NULL);"
-    "CREATE INDEX chunks_by_document ON chunks (document);"
-    "CREATE VIRTUAL TABLE chunk_text USING fts5 (text, content = 'chunks',"
-    " content_rowid = 'id');"
-    "CREATE TRIGGER chunks_indexed AFTER INSERT ON chunks BEGIN"
-    " INSERT INTO chunk_text (rowid, text) VALUES (new.id, new.text); END;"
-    "CREATE TRIGGER chunks_unindexed AFTER DELETE ON chunks BEGIN"
-    " INSERT INTO chunk_text (chunk_text, rowid, text) VALUES ('delete', old.id, old.text); END;";
+    "CREATE INDEX chunks_by_document ON chunks (document);";
 
-/* Format 3's text index in arrears (see STORE_FORMAT): new chunks are queued in text_pending;
- * a deleted chunk leaves the FTS5 index only if it was in it, and the queue either way. Applied
- * after `schema` for a new store, and to upgrade one of format 1 or 2. */
-static const char schema_pending[] =
-    "CREATE TABLE IF NOT EXISTS text_pending (id INTEGER PRIMARY KEY);"
+/* What format 4 adds to the tables of format 1, for a new store and to upgrade an older one (whose
+ * in-file FTS5 index, triggers and queue go: the text file is built from the chunks). */
+static const char schema_text_log[] =
     "DROP TRIGGER IF EXISTS chunks_indexed;"
-    "CREATE TRIGGER chunks_indexed AFTER INSERT ON chunks BEGIN"
-    " INSERT INTO text_pending (id) VALUES (new.id); END;"
     "DROP TRIGGER IF EXISTS chunks_unindexed;"
-    "CREATE TRIGGER chunks_unindexed AFTER DELETE ON chunks BEGIN"
-    " INSERT INTO chunk_text (chunk_text, rowid, text) SELECT 'delete', old.id, old.text"
-    " WHERE NOT EXISTS (SELECT 1 FROM text_pending WHERE id = old.id);"
-    " DELETE FROM text_pending WHERE id = old.id; END;";
+    "DROP TABLE IF EXISTS text_pending;"
+    "DROP TABLE IF EXISTS chunk_text;"
+    "CREATE TABLE IF NOT EXISTS text_log (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " id INTEGER NOT NULL, text TEXT NOT NULL);"
+    "DROP TRIGGER IF EXISTS chunks_gone;"
+    "CREATE TRIGGER chunks_gone AFTER DELETE ON chunks BEGIN"
+    " INSERT INTO text_log (id, text) VALUES (old.id, old.text); END;"
+    "INSERT OR REPLACE INTO meta (key, value) SELECT 'chunk_high', max(coalesce((SELECT max(id)"
+    " FROM chunks), 0), coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key ="
+    " 'chunk_high'), 0));"
+    "INSERT OR REPLACE INTO meta (key, value) VALUES ('text_id', lower(hex(randomblob(8))));";
+
+/* The text index's file: contentless FTS5 (the text is in the store) and where it stands. */
+static const char schema_text_file[] =
+    "CREATE TABLE IF NOT EXISTS text_meta (key TEXT PRIMARY KEY, value NOT NULL);"
+    "CREATE VIRTUAL TABLE IF NOT EXISTS chunk_text USING fts5 (text, content = '');";
 
 /* The identity fields, as meta keys. */
 static const char *const identity_keys[] = {"model",     "dimension",    "pooling",  "prompt",
                                             "precision", "weights_hash", "directory"};
 enum { ID_NAME, ID_DIMENSION, ID_POOLING, ID_PROMPT, ID_PRECISION, ID_WEIGHTS, ID_DIRECTORY, IDS };
+
+/* A connection to the text index's file with the store attached as "store" (see text_update). */
+struct store_text {
+    sqlite3 *db;
+    char *path;          /* "<store>-text" */
+    bool writable;       /* false when the folder or the file refuses writes: searched as is */
+    int64_t deletions;   /* text_log rows applied, as of the last update */
+    int64_t behind;      /* deletions the index may not have applied yet (text_update) */
+    store *elsewhere_of; /* the store whose commits leave updating to this handle's thread */
+};
 
 struct store {
     sqlite3 *db;
@@ -137,11 +152,16 @@ struct store {
     bool bumped; /* the open transaction has bumped the generation */
     bool doomed; /* a write of the open transaction failed: it can only be rolled back */
     sqlite3_stmt *sql[SQL_COUNT];
+    int format;               /* as found at open (a writer upgrades to STORE_FORMAT) */
+    int64_t next_chunk;       /* the next chunk's id in the open transaction (0: not read yet) */
+    bool high_dirty;          /* chunks were added: meta chunk_high is raised before COMMIT */
+    store_text *text;         /* the text index's connection (format 4; opened when needed) */
     sqlite3_stmt *vocabulary; /* a word's chunk count, prepared at the first BM25 search */
+    sqlite3_stmt *bm25;       /* the unfiltered BM25 query, prepared at the first */
     int64_t counted_chunks;   /* the chunk count at counted_generation */
-    int64_t text_pending;     /* chunks this writer queued for the text index (a rollback may
-                                 have taken some back: store_index_text finds what is there) */
-    bool text_pending_known;  /* whether a writer checked the queue since it opened */
+    int64_t text_pending;     /* chunks this writer added since it last updated the text index */
+    bool text_checked;        /* whether this writer updated the text index since it opened */
+    bool text_elsewhere;      /* a thread of the caller's updates it (store_text_open) */
     uint64_t counted_generation;
     store_model model;
     char *identity[IDS]; /* owned strings behind model */
@@ -149,14 +169,14 @@ struct store {
 
 /* Maps a SQLite failure to a status with the file named and, for the common causes, what to
  * do. */
-static int sql_error(const store *s, int rc, const char *what)
+static int sql_error_at(const char *path, sqlite3 *db, int rc, const char *what)
 {
-    const char *detail = s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc);
-    int system_error = s->db ? sqlite3_system_errno(s->db) : 0;
+    const char *detail = db ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+    int system_error = db ? sqlite3_system_errno(db) : 0;
     /* A write refused for space comes as a full database or as an I/O error of the write,
      * whose errno SQLite does not always keep (a write cut short by a file size limit has
      * none). */
-    int extended = s->db ? sqlite3_extended_errcode(s->db) : rc;
+    int extended = db ? sqlite3_extended_errcode(db) : rc;
     if ((rc & 0xff) == SQLITE_IOERR &&
         (system_error == ENOSPC || system_error == EFBIG || system_error == EDQUOT ||
          (extended == SQLITE_IOERR_WRITE && system_error == 0)))
@@ -166,29 +186,34 @@ static int sql_error(const store *s, int rc, const char *what)
         return err_set(EMBEDRAG_ERR_IO,
                        "%s: %s: the disk is full or refused the write (nothing of this batch was "
                        "stored; free space and run again)",
-                       s->path, what);
+                       path, what);
     case SQLITE_READONLY:
     case SQLITE_CANTOPEN:
     case SQLITE_PERM:
-        return err_set(EMBEDRAG_ERR_IO, "%s: %s: %s (is the location writable?)", s->path, what,
+        return err_set(EMBEDRAG_ERR_IO, "%s: %s: %s (is the location writable?)", path, what,
                        detail);
     case SQLITE_NOTADB:
         return err_set(EMBEDRAG_ERR_FORMAT,
                        "%s is not an embedrag store (not a SQLite database); choose another "
                        "file with --store",
-                       s->path);
+                       path);
     case SQLITE_CORRUPT:
         return err_set(EMBEDRAG_ERR_FORMAT,
                        "%s: the database is corrupt (%s); restore it from a copy or index again "
                        "into a new store",
-                       s->path, detail);
+                       path, detail);
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
-        return err_set(EMBEDRAG_ERR_BUSY, "%s: %s: the store is busy (%s)", s->path, what, detail);
+        return err_set(EMBEDRAG_ERR_BUSY, "%s: %s: the store is busy (%s)", path, what, detail);
     case SQLITE_IOERR:
-        return err_set(EMBEDRAG_ERR_IO, "%s: %s: input/output error (%s)", s->path, what, detail);
+        return err_set(EMBEDRAG_ERR_IO, "%s: %s: input/output error (%s)", path, what, detail);
     }
-    return err_set(EMBEDRAG_ERR_DATABASE, "%s: %s: %s", s->path, what, detail);
+    return err_set(EMBEDRAG_ERR_DATABASE, "%s: %s: %s", path, what, detail);
+}
+
+static int sql_error(const store *s, int rc, const char *what)
+{
+    return sql_error_at(s->path, s->db, rc, what);
 }
 
 static int exec(store *s, const char *sql, const char *what)
@@ -299,7 +324,7 @@ static int prepare_contents(store *s, const store_model *model)
         snprintf(format, sizeof format, "%d", STORE_FORMAT);
         rc = exec(s, "BEGIN IMMEDIATE", "creating the store");
         if (!rc) rc = exec(s, schema, "creating the store");
-        if (!rc) rc = exec(s, schema_pending, "creating the store");
+        if (!rc) rc = exec(s, schema_text_log, "creating the store");
         if (!rc) rc = write_meta(s, "format", format);
         if (!rc) rc = write_meta(s, "generation", "1");
         for (int i = 0; i < IDS && !rc; i++) rc = write_meta(s, identity_keys[i], fields[i]);
@@ -326,14 +351,16 @@ static int prepare_contents(store *s, const store_model *model)
         snprintf(latest, sizeof latest, "%d", STORE_FORMAT);
         rc = exec(s, "BEGIN IMMEDIATE", "upgrading the store");
         if (!rc && version < 2) rc = write_meta(s, "generation", "1");
-        if (!rc) rc = exec(s, schema_pending, "upgrading the store");
+        if (!rc) rc = exec(s, schema_text_log, "upgrading the store");
         if (!rc) rc = write_meta(s, "format", latest);
         if (!rc) rc = exec(s, "COMMIT", "upgrading the store");
         if (rc) {
             sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
             return rc;
         }
+        version = STORE_FORMAT;
     }
+    s->format = version;
     for (int i = 0; i < IDS; i++) {
         char *value = read_meta(s, identity_keys[i], &rc);
         if (rc) {
@@ -471,17 +498,28 @@ static void track_rollback(store *s)
     s->track.gone_count = s->track.gone_committed;
 }
 
+static void text_close(store_text *t)
+{
+    if (!t) return;
+    if (t->db) sqlite3_close(t->db);
+    free(t->path);
+    free(t);
+}
+
 void store_close(store *s)
 {
     if (!s) return;
     if (s->in_transaction) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
-    /* Readers of the store see what waits for the text index only once a writer adds it. */
+    /* What this writer changed reaches the text index before it goes (a reader would bring it
+     * up to date at its next search anyway, where it may write the text file). */
     else if (s->text_pending && s->db)
         store_index_text(s);
     track_drop(s);
     free(s->row);
     for (int i = 0; i < SQL_COUNT; i++) sqlite3_finalize(s->sql[i]);
     sqlite3_finalize(s->vocabulary);
+    sqlite3_finalize(s->bm25);
+    text_close(s->text);
     if (s->db) sqlite3_close(s->db);
     if (s->lock_fd >= 0) close(s->lock_fd); /* releases the writer's flock */
     for (int i = 0; i < IDS; i++) free(s->identity[i]);
@@ -494,7 +532,323 @@ const store_model *store_get_model(const store *s)
     return &s->model;
 }
 
+/* ---- the text index ----
+ *
+ * BM25 runs on an FTS5 index in "<store>-text", a SQLite file of its own: contentless (the text
+ * stays in the store), with its own write lock, so that one connection builds it while the
+ * store's writer goes on storing. It follows the store through two numbers it keeps with its
+ * rows, in one transaction: "chunks", the highest chunk id it has taken (every chunk up to it
+ * that existed then is indexed), and "deletions", the last text_log row it has applied (each
+ * deleted chunk's id and text, logged by a trigger in the store's own transaction). One update
+ * reads one snapshot of the store (text_update): it unindexes the chunks logged since whose ids
+ * it had taken, indexes the chunks past its "chunks" mark, and moves both marks. Chunk ids only
+ * grow, so a chunk added and deleted between two updates is neither indexed nor unindexed, and
+ * no id comes back. Whatever kills a process, the file holds the marks of the rows it holds, and
+ * the next update (by any writer or reader that may write the file) goes on from there. A text
+ * file of another store (its "store" value is not the store's meta text_id), a missing one, or a
+ * damaged one (a writer removes it) is built again from the chunks. Readers search the file as
+ * it is when another connection is updating it: a chunk deleted meanwhile is left out by a join
+ * with the store's chunks, a chunk added shows up at the next update. */
+
+static char *text_path_of(const char *store_path)
+{
+    size_t n = strlen(store_path);
+    char *p = malloc(n + 6);
+    if (p) {
+        memcpy(p, store_path, n);
+        memcpy(p + n, "-text", 6);
+    }
+    return p;
+}
+
+static int text_sql_error(const store_text *t, int rc, const char *what)
+{
+    if ((rc & 0xff) == SQLITE_NOTADB || (rc & 0xff) == SQLITE_CORRUPT)
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s: the text index is damaged (%s); run embedrag index on the store to "
+                       "build it again",
+                       t->path, t->db ? sqlite3_errmsg(t->db) : sqlite3_errstr(rc));
+    return sql_error_at(t->path, t->db, rc, what);
+}
+
+static int text_exec(store_text *t, const char *sql, const char *what)
+{
+    int rc = sqlite3_exec(t->db, sql, NULL, NULL, NULL);
+    return rc == SQLITE_OK ? 0 : text_sql_error(t, rc, what);
+}
+
+/* Opens the text file (creating it where the folder allows), readies its tables where it may
+ * write, and attaches the store as "store". */
+static int text_setup(store_text *t, const char *store_path)
+{
+    int sq = sqlite3_open_v2(
+        t->path, &t->db,
+        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_URI, NULL);
+    if (sq == SQLITE_CANTOPEN || sq == SQLITE_READONLY || sq == SQLITE_PERM) {
+        /* A read-only folder: an existing file is searched as it is. */
+        sqlite3_close(t->db);
+        t->db = NULL;
+        sq = sqlite3_open_v2(t->path, &t->db,
+                             SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_URI, NULL);
+        if (sq != SQLITE_OK) {
+            int rc = err_set(EMBEDRAG_ERR_IO,
+                             "%s: the store has no text index and this folder cannot hold one "
+                             "(%s); run embedrag index on the store where it may write",
+                             t->path, sqlite3_errstr(sq));
+            return rc;
+        }
+    } else if (sq != SQLITE_OK) {
+        return text_sql_error(t, sq, "opening the text index");
+    }
+    sqlite3_extended_result_codes(t->db, 1);
+    sqlite3_busy_timeout(t->db, STORE_BUSY_MILLISECONDS);
+    t->writable = !sqlite3_db_readonly(t->db, "main");
+    int rc = 0;
+    if (t->writable) {
+        /* FTS5's doclists are blobs of many kilobytes: on pages as large as the store's, a
+         * query reads fewer of them (set before the first write; a no-op after). */
+        rc = text_exec(t, "PRAGMA page_size = " STORE_PAGE_SIZE, "opening the text index");
+        if (!rc) rc = text_exec(t, "PRAGMA journal_mode = WAL", "opening the text index");
+        if (!rc) rc = text_exec(t, "PRAGMA synchronous = NORMAL", "opening the text index");
+        if (!rc) rc = text_exec(t, schema_text_file, "creating the text index");
+
+    } else {
+        /* The first read tells a damaged file. */
+        rc = text_exec(t, "SELECT count(*) FROM sqlite_master", "opening the text index");
+    }
+    sqlite3_stmt *st = NULL;
+    if (!rc) {
+        /* Read-only: BEGIN IMMEDIATE takes the write lock of every attached database that may
+         * be written, and the store's writer would then wait for each update (measured: the
+         * store thread slept in its BEGIN IMMEDIATE for most of its time). */
+        char *uri = malloc(3 * strlen(store_path) + 16);
+        if (!uri) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", t->path);
+        char *w = uri + sprintf(uri, "file:");
+        for (const char *c = store_path; *c; c++)
+            w += *c == '%' || *c == '?' || *c == '#' ? sprintf(w, "%%%02X", (unsigned char)*c)
+                                                     : sprintf(w, "%c", *c);
+        strcpy(w, "?mode=ro");
+        sq = sqlite3_prepare_v2(t->db, "ATTACH ?1 AS store", -1, &st, NULL);
+        if (sq == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, uri, -1, SQLITE_STATIC);
+            sq = sqlite3_step(st);
+        }
+        sqlite3_finalize(st);
+        free(uri);
+        if (sq != SQLITE_DONE) rc = text_sql_error(t, sq, "opening the store for its text index");
+    }
+    return rc;
+}
+
+/* A connection to the text index of the store at store_path. A writer (`repair`) removes a
+ * damaged file and starts a new one. */
+static int text_connect(const char *store_path, bool repair, store_text **out)
+{
+    *out = NULL;
+    store_text *t = calloc(1, sizeof *t);
+    if (!t || !(t->path = text_path_of(store_path))) {
+        free(t);
+        return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s's text index", store_path);
+    }
+    int rc = text_setup(t, store_path);
+    if (rc == EMBEDRAG_ERR_FORMAT && repair) {
+        /* Derived data only: a writer builds it again from the chunks. */
+        sqlite3_close(t->db);
+        t->db = NULL;
+        char *side = malloc(strlen(t->path) + 5);
+        if (side) {
+            unlink(t->path);
+            sprintf(side, "%s-wal", t->path);
+            unlink(side);
+            sprintf(side, "%s-shm", t->path);
+            unlink(side);
+            free(side);
+        }
+        err_clear();
+        rc = text_setup(t, store_path);
+    }
+    if (rc) {
+        text_close(t);
+        return rc;
+    }
+    *out = t;
+    return 0;
+}
+
+/* Where the text index stands against one snapshot of the store (read in one statement): v[0]
+ * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the store's
+ * last text_log row; *same whether the index is of this store (its "store" is the store's
+ * text_id). */
+static int text_state(store_text *t, int64_t v[4], bool *same)
+{
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(
+        t->db,
+        "SELECT coalesce((SELECT value FROM text_meta WHERE key = 'chunks'), 0),"
+        " coalesce((SELECT value FROM text_meta WHERE key = 'deletions'), 0),"
+        " CAST(coalesce((SELECT value FROM store.meta WHERE key = 'chunk_high'), 0) AS INTEGER),"
+        " coalesce((SELECT max(seq) FROM store.text_log), 0),"
+        " (SELECT value FROM text_meta WHERE key = 'store') IS"
+        " (SELECT value FROM store.meta WHERE key = 'text_id')",
+        -1, &st, NULL);
+    if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW) {
+        for (int i = 0; i < 4; i++) v[i] = sqlite3_column_int64(st, i);
+        *same = sqlite3_column_int(st, 4) != 0;
+    }
+    sqlite3_finalize(st);
+    return sq == SQLITE_ROW ? 0 : text_sql_error(t, sq, "reading the text index's state");
+}
+
+/* Runs `sql` with the four numbers bound as ?1-?4. */
+static int text_run(store_text *t, const char *sql, int64_t a, int64_t b, int64_t c, int64_t d)
+{
+    sqlite3_stmt *st = NULL;
+    int sq = sqlite3_prepare_v2(t->db, sql, -1, &st, NULL);
+    if (sq == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, a);
+        sqlite3_bind_int64(st, 2, b);
+        sqlite3_bind_int64(st, 3, c);
+        sqlite3_bind_int64(st, 4, d);
+        sq = sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    return sq == SQLITE_DONE ? 0 : text_sql_error(t, sq, "updating the text index");
+}
+
+/* Brings the text index up to date with one snapshot of the store. `wait`: wait for another
+ * connection that is updating it (else, where it is this store's index, return at once and leave
+ * it as it is: t->behind then bounds how many chunks it may still hold that are gone). */
+static int text_update(store_text *t, bool wait)
+{
+    int64_t v[4];
+    bool same = false;
+    int rc = 0;
+    if (!wait || !t->writable) {
+        /* A reader looks first without the write lock: mostly there is nothing to do. */
+        rc = text_state(t, v, &same);
+        if (rc) return rc;
+        t->behind = same && v[3] > v[1] ? v[3] - v[1] : 0;
+        if (same && v[0] == v[2] && v[1] == v[3]) return 0;
+        if (!t->writable)
+            return same ? 0
+                        : err_set(EMBEDRAG_ERR_FORMAT,
+                                  "%s is the text index of another store, and this folder cannot "
+                                  "hold a new one; run embedrag index on the store where it may "
+                                  "write",
+                                  t->path);
+        if (!same) wait = true; /* nothing of this store's to search meanwhile */
+    }
+    if (!wait) sqlite3_busy_timeout(t->db, 0);
+    int sq = sqlite3_exec(t->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (!wait) sqlite3_busy_timeout(t->db, STORE_BUSY_MILLISECONDS);
+    if (sq == SQLITE_BUSY && !wait) return 0;
+    if (sq != SQLITE_OK) return text_sql_error(t, sq, "updating the text index");
+    rc = text_state(t, v, &same);
+    int64_t chunks = v[0], deletions = v[1], high = v[2], last = v[3];
+    if (!rc && !same) {
+        /* Another store's index, or none yet: built again from every chunk. */
+        rc = text_exec(t, "INSERT INTO chunk_text (chunk_text) VALUES ('delete-all')",
+                       "clearing the text index");
+        chunks = deletions = 0;
+    }
+    if (!rc && last > deletions)
+        rc = text_run(t,
+                      "INSERT INTO chunk_text (chunk_text, rowid, text) SELECT 'delete', id, text "
+                      "FROM store.text_log WHERE seq > ?1 AND seq <= ?2 AND id <= ?3 ORDER BY seq",
+                      deletions, last, chunks, 0);
+    if (!rc && high > chunks)
+        rc = text_run(t,
+                      "INSERT INTO chunk_text (rowid, text) SELECT id, text FROM store.chunks "
+                      "WHERE id > ?1 AND id <= ?2",
+                      chunks, high, 0, 0);
+    if (!rc && (!same || high != chunks || last != deletions))
+        rc = text_run(t,
+                      "INSERT OR REPLACE INTO text_meta (key, value) SELECT 'store', value FROM "
+                      "store.meta WHERE key = 'text_id' UNION ALL SELECT 'chunks', ?1 UNION ALL "
+                      "SELECT 'deletions', ?2",
+                      high > chunks ? high : chunks, last > deletions ? last : deletions, 0, 0);
+    if (!rc) rc = text_exec(t, "COMMIT", "updating the text index");
+    if (rc) {
+        sqlite3_exec(t->db, "ROLLBACK", NULL, NULL, NULL);
+        return rc;
+    }
+    t->deletions = last > deletions ? last : deletions;
+    t->behind = 0;
+    return 0;
+}
+
+int store_text_open(store *s, store_text **out)
+{
+    *out = NULL;
+    if (s->lock_fd < 0 || s->format < 4) return 0;
+    int rc = text_connect(s->path, true, out);
+    if (!rc) {
+        (*out)->elsewhere_of = s;
+        s->text_elsewhere = true;
+    }
+    return rc;
+}
+
+int store_text_update(store_text *t)
+{
+    return t ? text_update(t, true) : 0;
+}
+
+void store_text_close(store_text *t)
+{
+    if (t && t->elsewhere_of) t->elsewhere_of->text_elsewhere = false;
+    text_close(t);
+}
+
+/* The connection BM25 runs on, and the prefix of the store's tables there. */
+static sqlite3 *text_db(const store *s)
+{
+    return s->format >= 4 ? s->text->db : s->db;
+}
+
+static const char *store_tables(const store *s)
+{
+    return s->format >= 4 ? "store." : "";
+}
+
+int store_index_text(store *s)
+{
+    if (s->format < 4 || s->in_transaction) return 0;
+    bool writer = s->lock_fd >= 0;
+    if (writer && s->text && s->text_pending == 0 && s->text_checked) return 0;
+    int rc = s->text ? 0 : text_connect(s->path, writer, &s->text);
+    if (!rc) rc = text_update(s->text, writer);
+    if (rc || !writer) return rc;
+    s->text_pending = 0;
+    s->text_checked = true;
+    /* The log rows the index has applied are not needed again. */
+    if (s->text->deletions > 0) {
+        char sql[96];
+        snprintf(sql, sizeof sql, "DELETE FROM text_log WHERE seq <= %" PRId64, s->text->deletions);
+        rc = exec(s, sql, "clearing the text index's log");
+    }
+    return rc;
+}
+
 /* ---- transactions ---- */
+
+static int run(store *s, sqlite3_stmt *st, const char *what);
+
+/* Before a COMMIT: the chunk ids given out in this transaction are recorded. */
+static int close_writes(store *s, const char *what)
+{
+    if (!s->high_dirty) return 0;
+    sqlite3_stmt *st = s->sql[SQL_SET_CHUNK_HIGH];
+    sqlite3_bind_int64(st, 1, s->next_chunk - 1);
+    return run(s, st, what);
+}
+
+/* After a COMMIT or ROLLBACK: the next transaction reads the high mark again. */
+static void writes_closed(store *s)
+{
+    s->next_chunk = 0;
+    s->high_dirty = false;
+}
 
 int store_begin(store *s)
 {
@@ -503,6 +857,7 @@ int store_begin(store *s)
     int rc = exec(s, "BEGIN IMMEDIATE", "starting a batch");
     s->in_transaction = rc == 0;
     s->bumped = s->doomed = false;
+    writes_closed(s);
     return rc;
 }
 
@@ -512,7 +867,8 @@ int store_commit(store *s)
     int rc = s->doomed
                  ? err_set(EMBEDRAG_ERR_IO,
                            "%s: a write of this batch failed, so it cannot be committed", s->path)
-                 : exec(s, "COMMIT", "committing a batch");
+                 : close_writes(s, "committing a batch");
+    if (!rc) rc = exec(s, "COMMIT", "committing a batch");
     if (rc) {
         sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
         track_rollback(s);
@@ -520,30 +876,11 @@ int store_commit(store *s)
     } else {
         track_commit(s);
     }
+    writes_closed(s);
     s->in_transaction = false;
-    if (!rc && s->text_pending >= STORE_TEXT_INDEX_BATCH) rc = store_index_text(s);
+    if (!rc && !s->text_elsewhere && s->text_pending >= STORE_TEXT_INDEX_BATCH)
+        rc = store_index_text(s);
     return rc;
-}
-
-int store_index_text(store *s)
-{
-    if (s->lock_fd < 0 || s->in_transaction) return 0;
-    if (s->text_pending == 0 && s->text_pending_known) return 0;
-    /* What a process killed before it got here left queued is taken on by the next writer. */
-    int rc = exec(s, "BEGIN IMMEDIATE", "indexing text");
-    if (!rc)
-        rc = exec(s,
-                  "INSERT INTO chunk_text (rowid, text) SELECT c.id, c.text FROM text_pending p"
-                  " JOIN chunks c ON c.id = p.id; DELETE FROM text_pending;",
-                  "indexing text");
-    if (!rc) rc = exec(s, "COMMIT", "indexing text");
-    if (rc) {
-        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
-        return rc;
-    }
-    s->text_pending = 0;
-    s->text_pending_known = true;
-    return 0;
 }
 
 void store_rollback(store *s)
@@ -551,6 +888,7 @@ void store_rollback(store *s)
     if (!s->in_transaction) return;
     sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
     track_rollback(s);
+    writes_closed(s);
     s->in_transaction = false;
 }
 
@@ -741,6 +1079,7 @@ static int write_end(store *s, int rc, const char *what)
         if (rc) s->doomed = true;
         return rc;
     }
+    if (!rc) rc = close_writes(s, what);
     if (!rc) rc = exec(s, "COMMIT", what);
     if (rc) {
         sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
@@ -748,7 +1087,27 @@ static int write_end(store *s, int rc, const char *what)
     } else {
         track_commit(s);
     }
+    writes_closed(s);
     return rc;
+}
+
+/* The id of the next chunk: past every chunk id ever given (meta chunk_high), so that the text
+ * index can tell new chunks from old by their ids alone. */
+static int next_chunk_id(store *s, int64_t *id)
+{
+    if (!s->next_chunk) {
+        sqlite3_stmt *st = s->sql[SQL_CHUNK_HIGH];
+        int sq = sqlite3_step(st);
+        int64_t high = sq == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+        sqlite3_reset(st);
+        if (high < 0)
+            return sq == SQLITE_ROW || sq == SQLITE_DONE
+                       ? err_set(EMBEDRAG_ERR_FORMAT, "%s: the store has no chunk_high", s->path)
+                       : sql_error(s, sq, "reading the next chunk's id");
+        s->next_chunk = high + 1;
+    }
+    *id = s->next_chunk;
+    return 0;
 }
 
 /* The generation changes once per transaction that changes chunks (readers compare it, never
@@ -779,6 +1138,7 @@ int store_put_document(store *s, const store_document *d, const store_chunk *chu
         rc = (int)id;
         goto undo;
     }
+    bool replaced = id > 0;
     if (id > 0) {
         rc = track_delete(s, id);
         if (rc) goto undo;
@@ -808,14 +1168,20 @@ int store_put_document(store *s, const store_document *d, const store_chunk *chu
         sqlite3_bind_int(st, 5, c->tokens);
         sqlite3_bind_text(st, 6, c->text ? c->text : "", (int)c->length, SQLITE_STATIC);
         sqlite3_bind_blob(st, 7, c->vector, dim * (int)sizeof(float), SQLITE_STATIC);
+        int64_t chunk_id = 0;
+        rc = next_chunk_id(s, &chunk_id);
+        if (rc) goto undo;
+        sqlite3_bind_int64(st, 8, chunk_id);
         rc = run(s, st, "adding a chunk");
         if (rc) goto undo;
-        track_add(s, sqlite3_last_insert_rowid(s->db), c->vector);
+        s->next_chunk++;
+        s->high_dirty = true;
+        track_add(s, chunk_id, c->vector);
     }
     rc = bump_generation(s, "storing a document");
     if (rc) goto undo;
     rc = write_end(s, 0, "storing a document");
-    if (!rc) s->text_pending += (int64_t)count;
+    if (!rc) s->text_pending += (int64_t)count + (replaced ? 1 : 0);
     return rc;
 undo:
     write_end(s, rc, "storing a document");
@@ -835,7 +1201,10 @@ int store_delete_document(store *s, const char *key, bool *found)
     if (!rc) rc = run(s, st, "deleting a document");
     if (!rc) rc = bump_generation(s, "deleting a document");
     rc = write_end(s, rc, "deleting a document");
-    if (!rc) *found = true;
+    if (!rc) {
+        *found = true;
+        s->text_pending++;
+    }
     return rc;
 }
 
@@ -1326,11 +1695,12 @@ static int64_t word_frequency(store *s, const char *word, size_t length)
     }
     if (!s->vocabulary) {
         /* A temporary view of the index's terms: a reader may create it too. */
-        if (sqlite3_exec(s->db,
+        sqlite3 *db = text_db(s);
+        if (sqlite3_exec(db,
                          "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_terms USING "
                          "fts5vocab(main, chunk_text, 'row')",
                          NULL, NULL, NULL) != SQLITE_OK ||
-            sqlite3_prepare_v2(s->db, "SELECT doc FROM temp.chunk_terms WHERE term = ?1", -1,
+            sqlite3_prepare_v2(db, "SELECT doc FROM temp.chunk_terms WHERE term = ?1", -1,
                                &s->vocabulary, NULL) != SQLITE_OK)
             return -1;
     }
@@ -1499,51 +1869,69 @@ int store_bm25(store *s, const char *query, const store_filter *filter, int k, i
 {
     *found = 0;
     if (k <= 0 || !query) return 0;
-    /* A writer's searches see everything it committed: what waits for the text index goes in
-     * first. A reader sees what the writer has indexed (at the end of each add, and every
-     * STORE_TEXT_INDEX_BATCH chunks of a long run). */
-    int pending = store_index_text(s);
-    if (pending) return pending;
+    /* The text index is brought up to date first: a writer's search sees everything it
+     * committed, a reader's what was committed (unless another connection is updating the index
+     * just then: it searches the index as it is). */
+    int rc = store_index_text(s);
+    if (rc) return rc;
     char *q = fts_query(s, query);
     if (!q) return 0; /* no words: nothing matches */
-    sqlite3_stmt *st = s->sql[SQL_BM25];
+    sqlite3 *db = text_db(s);
+    const char *tables = store_tables(s);
     filter_sql fq = {0};
     char *sql = NULL;
-    int rc = 0;
     bool filtered = store_filter_active(filter);
-    if (filtered) {
-        /* The text index drives the query; each match is joined to its document. */
-        rc = filter_sql_build(s, filter, 3, &fq);
-        if (!rc && asprintf(&sql,
-                            "SELECT chunk_text.rowid, -bm25(chunk_text) FROM chunk_text "
-                            "JOIN chunks c ON c.id = chunk_text.rowid JOIN documents d ON d.id = "
-                            "c.document WHERE chunk_text MATCH ?1%s ORDER BY bm25(chunk_text) "
-                            "LIMIT ?2",
-                            fq.text) < 0) {
-            sql = NULL;
-            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
-        }
-        st = NULL;
-        if (!rc) {
-            int sq = sqlite3_prepare_v2(s->db, sql, -1, &st, NULL);
-            if (sq != SQLITE_OK) rc = sql_error(s, sq, "searching text");
-        }
-        if (!rc) filter_sql_bind(st, filter, &fq, 3);
+    /* The text index drives the query. Unfiltered, its best matches are checked against the
+     * chunks, as many more of them as the index may hold chunks deleted since its last update (a
+     * reader's search does not wait for another connection's update; joining every match
+     * instead cost 124 ms a query against 75 over 100,000 chunks). Filtered, each match is
+     * joined to its chunk and its document. */
+    if (filtered) rc = filter_sql_build(s, filter, 3, &fq);
+    sqlite3_stmt *st = filtered ? NULL : s->bm25;
+    int made = 0;
+    if (!rc && !st && filtered)
+        made =
+            asprintf(&sql,
+                     "SELECT chunk_text.rowid, -bm25(chunk_text) FROM chunk_text JOIN %schunks c "
+                     "ON c.id = chunk_text.rowid JOIN %sdocuments d ON d.id = c.document WHERE "
+                     "chunk_text MATCH ?1%s ORDER BY bm25(chunk_text) LIMIT ?2",
+                     tables, tables, fq.text);
+    else if (!rc && !st)
+        made = asprintf(&sql,
+                        "SELECT hit.id, hit.score FROM (SELECT rowid AS id, -bm25(chunk_text) AS "
+                        "score FROM chunk_text WHERE chunk_text MATCH ?1 ORDER BY bm25(chunk_text) "
+                        "LIMIT ?3) AS hit WHERE EXISTS (SELECT 1 FROM %schunks c WHERE c.id = "
+                        "hit.id) ORDER BY hit.score DESC LIMIT ?2",
+                        tables);
+    if (made < 0) {
+        sql = NULL;
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
     }
+    if (!rc && !st) {
+        int sq = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        if (sq != SQLITE_OK) rc = sql_error_at(s->path, db, sq, "searching text");
+        if (!rc && !filtered) s->bm25 = st;
+    }
+    if (!rc && filtered) filter_sql_bind(st, filter, &fq, 3);
     int sq = SQLITE_DONE, n = 0;
     if (!rc) {
         sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
         sqlite3_bind_int(st, 2, k);
+        if (!filtered) {
+            int64_t behind = s->text ? s->text->behind : 0;
+            sqlite3_bind_int64(st, 3, (int64_t)k + (behind < INT32_MAX ? behind : INT32_MAX));
+        }
         while ((sq = sqlite3_step(st)) == SQLITE_ROW && n < k) {
             chunk_ids[n] = sqlite3_column_int64(st, 0);
             scores[n] = sqlite3_column_double(st, 1);
             n++;
         }
-        if (sq != SQLITE_DONE && sq != SQLITE_ROW) rc = sql_error(s, sq, "searching text");
+        if (sq != SQLITE_DONE && sq != SQLITE_ROW)
+            rc = sql_error_at(s->path, db, sq, "searching text");
     }
     if (filtered) {
         sqlite3_finalize(st);
-    } else {
+    } else if (st) {
         sqlite3_reset(st);
         sqlite3_clear_bindings(st);
     }
@@ -1665,6 +2053,15 @@ int store_get_stats(store *s, store_stats *out)
         if (stat(wal, &fs) == 0) out->file_bytes += fs.st_size;
         free(wal);
     }
+    char *text = text_path_of(s->path);
+    char *text_wal = text ? malloc(strlen(text) + 5) : NULL;
+    if (text && stat(text, &fs) == 0) out->text_index_bytes += fs.st_size;
+    if (text_wal) {
+        sprintf(text_wal, "%s-wal", text);
+        if (stat(text_wal, &fs) == 0) out->text_index_bytes += fs.st_size;
+    }
+    free(text);
+    free(text_wal);
     char *copy = cache_path(s, "vectors", NULL);
     if (copy && stat(copy, &fs) == 0) out->search_copy_bytes = fs.st_size;
     free(copy);
