@@ -676,9 +676,11 @@ static int text_connect(const char *store_path, bool repair, store_text **out)
 }
 
 /* Where the text index stands against one snapshot of the store (read in one statement): v[0]
- * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the store's
- * last text_log row; *same whether the index is of this store (its "store" is the store's
- * text_id). */
+ * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the last
+ * text_log row ever written (sqlite_sequence keeps it when the log is cleared); *same whether
+ * the index is of this store and can follow it: its "store" is the store's text_id, and its marks
+ * are not ahead of the store (a store restored from an older copy) nor behind log rows that were
+ * cleared (a text file restored from an older copy). */
 static int text_state(store_text *t, int64_t v[4], bool *same)
 {
     sqlite3_stmt *st = NULL;
@@ -687,13 +689,16 @@ static int text_state(store_text *t, int64_t v[4], bool *same)
         "SELECT coalesce((SELECT value FROM text_meta WHERE key = 'chunks'), 0),"
         " coalesce((SELECT value FROM text_meta WHERE key = 'deletions'), 0),"
         " CAST(coalesce((SELECT value FROM store.meta WHERE key = 'chunk_high'), 0) AS INTEGER),"
-        " coalesce((SELECT max(seq) FROM store.text_log), 0),"
+        " coalesce((SELECT seq FROM store.sqlite_sequence WHERE name = 'text_log'), 0),"
         " (SELECT value FROM text_meta WHERE key = 'store') IS"
-        " (SELECT value FROM store.meta WHERE key = 'text_id')",
+        " (SELECT value FROM store.meta WHERE key = 'text_id'),"
+        " (SELECT min(seq) FROM store.text_log)",
         -1, &st, NULL);
     if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW) {
         for (int i = 0; i < 4; i++) v[i] = sqlite3_column_int64(st, i);
-        *same = sqlite3_column_int(st, 4) != 0;
+        int64_t first =
+            sqlite3_column_type(st, 5) == SQLITE_NULL ? v[3] + 1 : sqlite3_column_int64(st, 5);
+        *same = sqlite3_column_int(st, 4) != 0 && v[0] <= v[2] && v[1] <= v[3] && v[1] >= first - 1;
     }
     sqlite3_finalize(st);
     return sq == SQLITE_ROW ? 0 : text_sql_error(t, sq, "reading the text index's state");
