@@ -123,9 +123,9 @@ struct indexer {
      * SQLite's one writer built it and stored the chunks in turn. */
     store_text *text;
     pthread_t text_thread;
-    bool text_running, text_busy, text_stop; /* under text_lock */
-    long text_stored, text_seen;             /* changes stored; those the thread updated for */
-    double text_thread_seconds;              /* the thread's updates, in all */
+    bool text_busy, text_stop;   /* under text_lock */
+    long text_stored, text_seen; /* changes stored; those the thread updated for */
+    double text_thread_seconds;  /* the thread's updates, in all */
     pthread_mutex_t text_lock;
     pthread_cond_t text_wake;
 
@@ -474,8 +474,6 @@ static int settle_flight(indexer *ix)
     return err_set(ix->flight_status, "%s", ix->flight_error);
 }
 
-/* After `landing` was stored (by its thread, or here): counts what it did and empties it. A
- * batch that failed to store (a full disk, a lost lock) left nothing in the store. */
 /* The text index thread: an update each time INDEX_TEXT_CHUNKS more changes were stored, until
  * told to stop. A failed update ends it; the writer's own update at the end says what failed. */
 static void *text_thread(void *arg)
@@ -497,7 +495,6 @@ static void *text_thread(void *arg)
         pthread_cond_broadcast(&ix->text_wake);
         if (rc) break;
     }
-    ix->text_running = false;
     pthread_mutex_unlock(&ix->text_lock);
     return NULL;
 }
@@ -523,6 +520,8 @@ static void text_settle(indexer *ix, bool stop)
     pthread_mutex_unlock(&ix->text_lock);
 }
 
+/* After `landing` was stored (by its thread, or here): counts what it did and empties it. A
+ * batch that failed to store (a full disk, a lost lock) left nothing in the store. */
 static int settle_landing(indexer *ix)
 {
     int rc = ix->landing_status;
@@ -559,17 +558,6 @@ static void swap_batches(batch *a, batch *b)
 /* Moves every stage one step: waits for the threads, sends the embedded batch to be stored and
  * the filled one to be embedded, and leaves an empty one to fill. Without the pipeline (or
  * without a thread) each step runs here. */
-static int advance_step(indexer *ix);
-
-static int advance(indexer *ix)
-{
-    double t = clock_seconds();
-    ix->summary->read_seconds += t - (ix->stepped ? ix->stepped : ix->started);
-    int rc = advance_step(ix);
-    ix->stepped = clock_seconds();
-    return rc;
-}
-
 static int advance_step(indexer *ix)
 {
     int embedded = 0, rc = 0;
@@ -596,6 +584,16 @@ static int advance_step(indexer *ix)
         ix->flying = start_stage(ix, &ix->thread, embed_thread);
         if (!ix->flying) rc = settle_flight(ix);
     }
+    return rc;
+}
+
+/* advance_step, with the calling thread's time since the last step counted as reading. */
+static int advance(indexer *ix)
+{
+    double t = clock_seconds();
+    ix->summary->read_seconds += t - (ix->stepped ? ix->stepped : ix->started);
+    int rc = advance_step(ix);
+    ix->stepped = clock_seconds();
     return rc;
 }
 
@@ -1058,8 +1056,7 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
     if (ix->text) {
         pthread_mutex_init(&ix->text_lock, NULL);
         pthread_cond_init(&ix->text_wake, NULL);
-        ix->text_running = pthread_create(&ix->text_thread, NULL, text_thread, ix) == 0;
-        if (!ix->text_running) {
+        if (pthread_create(&ix->text_thread, NULL, text_thread, ix) != 0) {
             /* Without the thread the store's commits keep the index up to date, as before. */
             pthread_mutex_destroy(&ix->text_lock);
             pthread_cond_destroy(&ix->text_wake);

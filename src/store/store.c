@@ -222,6 +222,20 @@ static int exec(store *s, const char *sql, const char *what)
     return rc == SQLITE_OK ? 0 : sql_error(s, rc, what);
 }
 
+/* "<store>-NAME" and EXTRA after it ("-text", "-wal", "-text-wal"), malloc'd; NULL when out of
+ * memory. */
+static char *side_path(const char *store_path, const char *name, const char *extra)
+{
+    char suffix[96];
+    snprintf(suffix, sizeof suffix, "-%s%s", name, extra ? extra : "");
+    size_t n = strlen(store_path), a = strlen(suffix);
+    char *p = malloc(n + a + 1);
+    if (!p) return NULL;
+    memcpy(p, store_path, n);
+    memcpy(p + n, suffix, a + 1);
+    return p;
+}
+
 static char *copy_string(const char *text)
 {
     return strdup(text ? text : "");
@@ -546,20 +560,10 @@ const store_model *store_get_model(const store *s)
  * no id comes back. Whatever kills a process, the file holds the marks of the rows it holds, and
  * the next update (by any writer or reader that may write the file) goes on from there. A text
  * file of another store (its "store" value is not the store's meta text_id), a missing one, or a
- * damaged one (a writer removes it) is built again from the chunks. Readers search the file as
- * it is when another connection is updating it: a chunk deleted meanwhile is left out by a join
- * with the store's chunks, a chunk added shows up at the next update. */
-
-static char *text_path_of(const char *store_path)
-{
-    size_t n = strlen(store_path);
-    char *p = malloc(n + 6);
-    if (p) {
-        memcpy(p, store_path, n);
-        memcpy(p + n, "-text", 6);
-    }
-    return p;
-}
+ * damaged one (a writer removes it) is built again from the chunks, and so is one restored from
+ * an older copy (text_state). Readers search the file as it is when another connection is
+ * updating it: a chunk deleted meanwhile is left out by a check against the store's chunks, a
+ * chunk added shows up at the next update. */
 
 static int text_sql_error(const store_text *t, int rc, const char *what)
 {
@@ -611,7 +615,6 @@ static int text_setup(store_text *t, const char *store_path)
         if (!rc) rc = text_exec(t, "PRAGMA journal_mode = WAL", "opening the text index");
         if (!rc) rc = text_exec(t, "PRAGMA synchronous = NORMAL", "opening the text index");
         if (!rc) rc = text_exec(t, schema_text_file, "creating the text index");
-
     } else {
         /* The first read tells a damaged file. */
         rc = text_exec(t, "SELECT count(*) FROM sqlite_master", "opening the text index");
@@ -646,7 +649,7 @@ static int text_connect(const char *store_path, bool repair, store_text **out)
 {
     *out = NULL;
     store_text *t = calloc(1, sizeof *t);
-    if (!t || !(t->path = text_path_of(store_path))) {
+    if (!t || !(t->path = side_path(store_path, "text", NULL))) {
         free(t);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s's text index", store_path);
     }
@@ -655,13 +658,10 @@ static int text_connect(const char *store_path, bool repair, store_text **out)
         /* Derived data only: a writer builds it again from the chunks. */
         sqlite3_close(t->db);
         t->db = NULL;
-        char *side = malloc(strlen(t->path) + 5);
-        if (side) {
-            unlink(t->path);
-            sprintf(side, "%s-wal", t->path);
-            unlink(side);
-            sprintf(side, "%s-shm", t->path);
-            unlink(side);
+        unlink(t->path);
+        for (int i = 0; i < 2; i++) {
+            char *side = side_path(store_path, "text", i ? "-shm" : "-wal");
+            if (side) unlink(side);
             free(side);
         }
         err_clear();
@@ -1266,14 +1266,7 @@ static bool transfer(int fd, void *buffer, size_t bytes, bool writing)
 
 static char *cache_path(const store *s, const char *name, const char *extra)
 {
-    char suffix[96];
-    snprintf(suffix, sizeof suffix, "-%s%s", name, extra ? extra : "");
-    size_t n = strlen(s->path), a = strlen(suffix);
-    char *p = malloc(n + a + 1);
-    if (!p) return NULL;
-    memcpy(p, s->path, n);
-    memcpy(p + n, suffix, a + 1);
-    return p;
+    return side_path(s->path, name, extra);
 }
 
 /* Writes the pieces to a temporary file beside the store and renames it over "<store>-NAME",
@@ -2033,6 +2026,16 @@ int store_document_chunks(store *s, const char *key, bool *found,
     return rc;
 }
 
+/* The size of the store's file (name NULL) or of one beside it (side_path), 0 when absent. */
+static int64_t file_size(const char *store_path, const char *name, const char *extra)
+{
+    char *path = name ? side_path(store_path, name, extra) : NULL;
+    struct stat fs;
+    int64_t size = stat(name ? path : store_path, &fs) == 0 ? (int64_t)fs.st_size : 0;
+    free(path);
+    return size;
+}
+
 int store_get_stats(store *s, store_stats *out)
 {
     memset(out, 0, sizeof *out);
@@ -2048,27 +2051,8 @@ int store_get_stats(store *s, store_stats *out)
     }
     sqlite3_finalize(st);
     if (sq != SQLITE_ROW) return sql_error(s, sq, "counting");
-    struct stat fs;
-    if (stat(s->path, &fs) == 0) out->file_bytes += fs.st_size;
-    size_t len = strlen(s->path);
-    char *wal = malloc(len + 5);
-    if (wal) {
-        memcpy(wal, s->path, len);
-        memcpy(wal + len, "-wal", 5);
-        if (stat(wal, &fs) == 0) out->file_bytes += fs.st_size;
-        free(wal);
-    }
-    char *text = text_path_of(s->path);
-    char *text_wal = text ? malloc(strlen(text) + 5) : NULL;
-    if (text && stat(text, &fs) == 0) out->text_index_bytes += fs.st_size;
-    if (text_wal) {
-        sprintf(text_wal, "%s-wal", text);
-        if (stat(text_wal, &fs) == 0) out->text_index_bytes += fs.st_size;
-    }
-    free(text);
-    free(text_wal);
-    char *copy = cache_path(s, "vectors", NULL);
-    if (copy && stat(copy, &fs) == 0) out->search_copy_bytes = fs.st_size;
-    free(copy);
+    out->file_bytes = file_size(s->path, NULL, NULL) + file_size(s->path, "wal", NULL);
+    out->text_index_bytes = file_size(s->path, "text", NULL) + file_size(s->path, "text", "-wal");
+    out->search_copy_bytes = file_size(s->path, "vectors", NULL);
     return store_search_copy_current(s, &out->search_copy_current);
 }
