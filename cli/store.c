@@ -80,6 +80,7 @@ static void print_summary(const index_summary *s, const char *path, bool json)
         cJSON_AddNumberToObject(o, "model_seconds", s->model_seconds);
         cJSON *stages = cJSON_AddObjectToObject(o, "stage_seconds");
         cJSON_AddNumberToObject(stages, "read", s->read_seconds);
+        cJSON_AddNumberToObject(stages, "chunk", s->chunk_seconds);
         cJSON_AddNumberToObject(stages, "embed", s->embed_seconds);
         cJSON_AddNumberToObject(stages, "store", s->store_seconds);
         cJSON_AddNumberToObject(stages, "store_cpu", s->store_cpu_seconds);

@@ -39,6 +39,8 @@
 /* The text index thread updates the index when this many chunks were stored since its last
  * update: enough for FTS5 to write few, large segments, few enough to leave little for the end. */
 #define INDEX_TEXT_CHUNKS 8192
+/* The checkpoint thread copies the write-ahead log into the store after every batch stored. */
+#define INDEX_CHECKPOINT_CHANGES 1
 /* The largest document file read whole. */
 #define INDEX_MAX_FILE_BYTES ((size_t)256 << 20)
 
@@ -66,6 +68,23 @@ typedef struct pending_document {
     char *chunk_error;
 } pending_document;
 
+/* A thread that follows the store (the text index's updates, the checkpoints): it calls `run`
+ * each time `every` more changes were stored since its last call, and once more when asked for a
+ * last one, until told to stop. A failed call ends it; what follows it (the writer's own text
+ * update at the end, SQLite's own checkpoints) then says what failed or does the work. */
+typedef struct follower {
+    bool on; /* the thread was started */
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    bool busy, stop, last; /* under lock */
+    long stored, seen;     /* under lock: changes stored; those of its last call */
+    long every;
+    int (*run)(void *ctx);
+    void *ctx;
+    double seconds; /* its calls, in all */
+} follower;
+
 /* What storing a batch did (the store thread counts here, the calling thread merges it). */
 typedef struct batch_result {
     long indexed, chunks, tokens, failed;
@@ -74,9 +93,9 @@ typedef struct batch_result {
     char first_failure[sizeof((index_summary *)0)->first_failure];
 } batch_result;
 
-/* A batch of documents and their chunks: filled while reading, then embedded (on a thread of
- * its own while the next batch fills), then stored (on another, while the one after it is
- * embedded). */
+/* A batch of documents and their chunks: filled while reading, then chunked (on a thread of its
+ * own, with the chunking pool, while the next batch fills), then embedded (on another, while the
+ * next is chunked), then stored (on a third, while the one after it is embedded). */
 typedef struct batch {
     pending_document *docs; /* room for the batch's documents */
     size_t doc_count, bytes;
@@ -99,18 +118,24 @@ struct indexer {
     int dim, max_tokens;
     const char *passage_prompt; /* the model's prompt for passages, "" for none */
 
-    /* Three stages, a batch in each: the calling thread reads documents into `fill` (looking
-     * them up through a connection of its own), a thread chunks and embeds `flight`, and
-     * another stores `landing` in one transaction on the store's handle, which no other thread
-     * touches meanwhile. So SQLite's one writer, the model and the reading overlap. */
-    batch fill, flight, landing;
-    bool pipeline;                       /* off: each batch is embedded and stored in turn */
-    bool flying, storing;                /* a thread is embedding `flight`, storing `landing` */
+    /* Four stages, a batch in each: the calling thread reads documents into `fill` (looking
+     * them up through a connection of its own), a thread chunks `cut` (the model waited for the
+     * chunking when one thread did both: 0.8 of 3.9 s on the GPU host), a thread embeds
+     * `flight`, and another stores `landing` in one transaction on the store's handle, which no
+     * other thread touches meanwhile. So SQLite's one writer, the model, the chunking and the
+     * reading overlap. */
+    batch fill, cut, flight, landing;
+    bool pipeline;                       /* off: each stage runs on the calling thread in turn */
+    bool cutting, flying, storing;       /* a thread is chunking `cut`, embedding `flight`,
+                                            storing `landing` */
     size_t batch_documents, batch_bytes; /* when a batch closes */
     threadpool *chunkers;                /* chunk a batch's documents in parallel */
     batch *chunking;                     /* the batch they chunk */
     store_lookup *lookup;                /* the calling thread's connection (pipeline only) */
-    pthread_t thread, store_thread;
+    pthread_t cut_thread, thread, store_thread;
+    int cut_status; /* the chunking thread's result, its message, its time */
+    char cut_error[512];
+    double cut_seconds;
     int flight_status; /* the embedding thread's result, and its message */
     double flight_seconds, flight_stage_seconds; /* the model's time; the stage's */
     double landing_seconds, landing_cpu;         /* the store stage's time */
@@ -120,14 +145,13 @@ struct indexer {
     char landing_error[512];
     /* A fourth thread keeps the text index ("<store>-text", a file with a lock of its own) close
      * behind the store, on a connection of its own (pipeline only): inside the store's file,
-     * SQLite's one writer built it and stored the chunks in turn. */
+     * SQLite's one writer built it and stored the chunks in turn. A fifth copies the store's
+     * write-ahead log into its file, which SQLite otherwise does inside the store thread's
+     * commits. */
     store_text *text;
-    pthread_t text_thread;
-    bool text_busy, text_stop;   /* under text_lock */
-    long text_stored, text_seen; /* changes stored; those the thread updated for */
-    double text_thread_seconds;  /* the thread's updates, in all */
-    pthread_mutex_t text_lock;
-    pthread_cond_t text_wake;
+    follower text_follower;
+    store_checkpointer *checkpointer;
+    follower checkpoint_follower;
 
     char **seen; /* keys seen in this run (for --prune) */
     size_t seen_count, seen_capacity;
@@ -342,12 +366,8 @@ static int prepare_batch(indexer *ix, batch *b)
 static int embed_batch(indexer *ix, batch *b, double *seconds, char *error, size_t error_size)
 {
     *seconds = 0;
-    int rc = prepare_batch(ix, b);
-    if (rc) {
-        snprintf(error, error_size, "%s", err_get());
-        return rc;
-    }
     if (!b->span_count) return 0;
+    int rc;
     embedrag_embed_params p = embedrag_embed_default_params();
     p.prompt = ix->passage_prompt;
     p.truncate = false; /* the chunker's budget holds; an overflow is an error, not a cut */
@@ -436,7 +456,29 @@ static int store_batch(indexer *ix, batch *b)
     return store_commit(ix->store);
 }
 
-/* Chunks and embeds `flight` (the embedding thread). */
+/* Chunks `cut` (the chunking thread); errors are per thread, so the message is copied. */
+static void *cut_thread(void *arg)
+{
+    indexer *ix = arg;
+    double t = clock_seconds();
+    ix->cut_status = prepare_batch(ix, &ix->cut);
+    if (ix->cut_status) snprintf(ix->cut_error, sizeof ix->cut_error, "%s", err_get());
+    ix->cut_seconds = clock_seconds() - t;
+    return NULL;
+}
+
+/* After `cut` was chunked (by its thread, or here): counts the time; a failure (out of memory)
+ * drops the batch and ends the run. */
+static int settle_cut(indexer *ix)
+{
+    ix->summary->chunk_seconds += ix->cut_seconds;
+    ix->cut_seconds = 0;
+    if (!ix->cut_status) return 0;
+    batch_clear(&ix->cut);
+    return err_set(ix->cut_status, "%s", ix->cut_error);
+}
+
+/* Embeds `flight` (the embedding thread). */
 static void *embed_thread(void *arg)
 {
     indexer *ix = arg;
@@ -474,50 +516,101 @@ static int settle_flight(indexer *ix)
     return err_set(ix->flight_status, "%s", ix->flight_error);
 }
 
-/* The text index thread: an update each time INDEX_TEXT_CHUNKS more changes were stored, until
- * told to stop. A failed update ends it; the writer's own update at the end says what failed. */
-static void *text_thread(void *arg)
+static void *follower_thread(void *arg)
 {
-    indexer *ix = arg;
-    pthread_mutex_lock(&ix->text_lock);
+    follower *f = arg;
+    pthread_mutex_lock(&f->lock);
     for (;;) {
-        while (!ix->text_stop && ix->text_stored - ix->text_seen < INDEX_TEXT_CHUNKS)
-            pthread_cond_wait(&ix->text_wake, &ix->text_lock);
-        if (ix->text_stop) break;
-        ix->text_seen = ix->text_stored;
-        ix->text_busy = true;
-        pthread_mutex_unlock(&ix->text_lock);
+        while (!f->stop && !f->last && f->stored - f->seen < f->every)
+            pthread_cond_wait(&f->wake, &f->lock);
+        if (f->stop || (f->last && f->stored == f->seen)) break;
+        f->seen = f->stored;
+        f->busy = true;
+        pthread_mutex_unlock(&f->lock);
         double t = clock_seconds();
-        int rc = store_text_update(ix->text);
-        pthread_mutex_lock(&ix->text_lock);
-        ix->text_thread_seconds += clock_seconds() - t;
-        ix->text_busy = false;
-        pthread_cond_broadcast(&ix->text_wake);
+        int rc = f->run(f->ctx);
+        pthread_mutex_lock(&f->lock);
+        f->seconds += clock_seconds() - t;
+        f->busy = false;
+        pthread_cond_broadcast(&f->wake);
         if (rc) break;
     }
-    pthread_mutex_unlock(&ix->text_lock);
+    f->busy = false;
+    f->stop = true;
+    pthread_cond_broadcast(&f->wake);
+    pthread_mutex_unlock(&f->lock);
     return NULL;
 }
 
-/* Tells the text index thread how much was stored. */
-static void text_note(indexer *ix)
+/* Starts `f`; false when no thread could be started (then the caller does without). */
+static bool follower_start(follower *f, long every, int (*run)(void *ctx), void *ctx)
 {
-    if (!ix->text) return;
-    pthread_mutex_lock(&ix->text_lock);
-    ix->text_stored = ix->summary->chunks + ix->summary->deleted;
-    pthread_cond_broadcast(&ix->text_wake);
-    pthread_mutex_unlock(&ix->text_lock);
+    *f = (follower){.every = every, .run = run, .ctx = ctx};
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->wake, NULL);
+    f->on = pthread_create(&f->thread, NULL, follower_thread, f) == 0;
+    if (!f->on) {
+        pthread_mutex_destroy(&f->lock);
+        pthread_cond_destroy(&f->wake);
+    }
+    return f->on;
 }
 
-/* Waits for the text index thread's update in progress, if any; with `stop`, ends the thread. */
-static void text_settle(indexer *ix, bool stop)
+/* Tells `f` how many changes were stored in all. */
+static void follower_note(follower *f, long stored)
 {
-    if (!ix->text) return;
-    pthread_mutex_lock(&ix->text_lock);
-    if (stop) ix->text_stop = true;
-    pthread_cond_broadcast(&ix->text_wake);
-    while (ix->text_busy) pthread_cond_wait(&ix->text_wake, &ix->text_lock);
-    pthread_mutex_unlock(&ix->text_lock);
+    if (!f->on) return;
+    pthread_mutex_lock(&f->lock);
+    f->stored = stored;
+    pthread_cond_broadcast(&f->wake);
+    pthread_mutex_unlock(&f->lock);
+}
+
+/* Waits for the call in progress, if any. `last`: asks for one more call for whatever was stored
+ * since the last (none where nothing was), then ends the thread, without waiting for it; `stop`:
+ * ends it at once. */
+static void follower_settle(follower *f, bool last, bool stop)
+{
+    if (!f->on) return;
+    pthread_mutex_lock(&f->lock);
+    if (last) f->last = true;
+    if (stop) f->stop = true;
+    pthread_cond_broadcast(&f->wake);
+    if (!last)
+        while (f->busy) pthread_cond_wait(&f->wake, &f->lock);
+    pthread_mutex_unlock(&f->lock);
+}
+
+/* Ends `f` (after the last call, where one was asked for) and waits for it. */
+static void follower_end(follower *f)
+{
+    if (!f->on) return;
+    pthread_mutex_lock(&f->lock);
+    bool last = f->last;
+    pthread_mutex_unlock(&f->lock);
+    if (!last) follower_settle(f, false, true);
+    pthread_join(f->thread, NULL);
+    pthread_mutex_destroy(&f->lock);
+    pthread_cond_destroy(&f->wake);
+    f->on = false;
+}
+
+static int text_run(void *ctx)
+{
+    return store_text_update(ctx);
+}
+
+static int checkpoint_run(void *ctx)
+{
+    return store_checkpoint(ctx);
+}
+
+/* Tells the followers how much was stored. */
+static void followers_note(indexer *ix)
+{
+    long stored = ix->summary->chunks + ix->summary->deleted;
+    follower_note(&ix->text_follower, stored);
+    follower_note(&ix->checkpoint_follower, stored);
 }
 
 /* After `landing` was stored (by its thread, or here): counts what it did and empties it. A
@@ -532,7 +625,7 @@ static int settle_landing(indexer *ix)
         err_set(rc, "%s", ix->landing_error);
     else
         merge_result(ix, &ix->landing);
-    if (!rc) text_note(ix);
+    if (!rc) followers_note(ix);
     memset(&ix->landing.result, 0, sizeof ix->landing.result);
     batch_clear(&ix->landing);
     progress(ix, false);
@@ -560,8 +653,13 @@ static void swap_batches(batch *a, batch *b)
  * without a thread) each step runs here. */
 static int advance_step(indexer *ix)
 {
-    int embedded = 0, rc = 0;
+    int cut = 0, embedded = 0, rc = 0;
     double t = clock_seconds();
+    if (ix->cutting) {
+        pthread_join(ix->cut_thread, NULL);
+        ix->cutting = false;
+        cut = settle_cut(ix);
+    }
     if (ix->flying) {
         pthread_join(ix->thread, NULL);
         ix->flying = false;
@@ -573,16 +671,21 @@ static int advance_step(indexer *ix)
         rc = settle_landing(ix);
     }
     ix->summary->wait_seconds += clock_seconds() - t;
-    if (rc || embedded) return rc ? rc : embedded;
+    if (rc || embedded || cut) return rc ? rc : embedded ? embedded : cut;
     if (ix->flight.doc_count) {
         swap_batches(&ix->landing, &ix->flight);
         ix->storing = start_stage(ix, &ix->store_thread, store_thread);
         if (!ix->storing && (rc = settle_landing(ix))) return rc;
     }
-    if (ix->fill.doc_count) {
-        swap_batches(&ix->flight, &ix->fill);
+    if (ix->cut.doc_count) {
+        swap_batches(&ix->flight, &ix->cut);
         ix->flying = start_stage(ix, &ix->thread, embed_thread);
-        if (!ix->flying) rc = settle_flight(ix);
+        if (!ix->flying && (rc = settle_flight(ix))) return rc;
+    }
+    if (ix->fill.doc_count) {
+        swap_batches(&ix->cut, &ix->fill);
+        ix->cutting = start_stage(ix, &ix->cut_thread, cut_thread);
+        if (!ix->cutting) rc = settle_cut(ix);
     }
     return rc;
 }
@@ -601,7 +704,8 @@ static int advance(indexer *ix)
 static int flush(indexer *ix)
 {
     int rc = 0;
-    while (!rc && (ix->fill.doc_count || ix->flight.doc_count || ix->flying || ix->storing))
+    while (!rc && (ix->fill.doc_count || ix->cut.doc_count || ix->flight.doc_count || ix->cutting ||
+                   ix->flying || ix->storing))
         rc = advance(ix);
     return rc;
 }
@@ -1048,21 +1152,22 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
         }
     }
     ix->fill.docs = calloc(ix->batch_documents, sizeof *ix->fill.docs);
+    ix->cut.docs = calloc(ix->batch_documents, sizeof *ix->cut.docs);
     ix->flight.docs = calloc(ix->batch_documents, sizeof *ix->flight.docs);
     ix->landing.docs = calloc(ix->batch_documents, sizeof *ix->landing.docs);
     int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
     if (!rc && ix->pipeline) rc = store_lookup_open(s, &ix->lookup);
     if (!rc && ix->pipeline) rc = store_text_open(s, &ix->text);
-    if (ix->text) {
-        pthread_mutex_init(&ix->text_lock, NULL);
-        pthread_cond_init(&ix->text_wake, NULL);
-        if (pthread_create(&ix->text_thread, NULL, text_thread, ix) != 0) {
-            /* Without the thread the store's commits keep the index up to date, as before. */
-            pthread_mutex_destroy(&ix->text_lock);
-            pthread_cond_destroy(&ix->text_wake);
-            store_text_close(ix->text);
-            ix->text = NULL;
-        }
+    if (ix->text && !follower_start(&ix->text_follower, INDEX_TEXT_CHUNKS, text_run, ix->text)) {
+        /* Without the thread the store's commits keep the index up to date, as before. */
+        store_text_close(ix->text);
+        ix->text = NULL;
+    }
+    if (!rc && ix->pipeline) rc = store_checkpointer_open(s, &ix->checkpointer);
+    if (ix->checkpointer && !follower_start(&ix->checkpoint_follower, INDEX_CHECKPOINT_CHANGES,
+                                            checkpoint_run, ix->checkpointer)) {
+        store_checkpointer_close(ix->checkpointer);
+        ix->checkpointer = NULL;
     }
     /* The search copy is then made from the last one and the vectors stored, not read back out
      * of SQLite, for as many vectors as a quarter of the memory holds. */
@@ -1074,7 +1179,7 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
         indexer_close(ix);
         return rc;
     }
-    if (!ix->fill.docs || !ix->flight.docs || !ix->landing.docs) {
+    if (!ix->fill.docs || !ix->cut.docs || !ix->flight.docs || !ix->landing.docs) {
         indexer_close(ix);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
     }
@@ -1137,41 +1242,57 @@ int indexer_add_document(indexer *ix, const index_document *d, int *status)
 int indexer_flush(indexer *ix)
 {
     int rc = flush(ix);
-    text_settle(ix, false); /* the writer's update below takes the rest */
+    follower_settle(&ix->text_follower, false,
+                    false); /* the writer's update below takes the rest */
     return rc ? rc : store_index_text(ix->store);
+}
+
+int indexer_finish_start(indexer *ix)
+{
+    int rc = flush(ix);
+    double t = clock_seconds();
+    if (!rc && ix->options->prune) rc = prune(ix);
+    ix->summary->prune_seconds += clock_seconds() - t;
+    followers_note(ix);
+    /* The text thread's last update runs while the caller goes on (with the search copy). */
+    follower_settle(&ix->text_follower, true, rc != 0);
+    return rc;
+}
+
+int indexer_finish_end(indexer *ix, int rc)
+{
+    double t = clock_seconds();
+    follower_end(&ix->text_follower);
+    ix->summary->text_thread_seconds = ix->text_follower.seconds;
+    /* Where the thread's last update failed (or there was none), this one says why. */
+    if (!rc) rc = store_index_text(ix->store);
+    ix->summary->text_seconds += clock_seconds() - t;
+    progress(ix, true);
+    return rc;
 }
 
 int indexer_finish(indexer *ix)
 {
-    int rc = flush(ix);
-    double t = clock_seconds();
-    text_settle(ix, true);
-    ix->summary->text_thread_seconds = ix->text_thread_seconds;
-    if (!rc) rc = store_index_text(ix->store);
-    ix->summary->text_seconds += clock_seconds() - t;
-    t = clock_seconds();
-    if (!rc && ix->options->prune) rc = prune(ix);
-    ix->summary->prune_seconds += clock_seconds() - t;
-    progress(ix, true);
-    return rc;
+    return indexer_finish_end(ix, indexer_finish_start(ix));
 }
 
 void indexer_close(indexer *ix)
 {
     if (!ix) return;
-    /* A batch still being embedded is dropped, never stored; one being stored is waited for
-     * (it commits whole or not at all). */
+    /* A batch still being chunked or embedded is dropped, never stored; one being stored is
+     * waited for (it commits whole or not at all). */
+    if (ix->cutting) pthread_join(ix->cut_thread, NULL);
     if (ix->flying) pthread_join(ix->thread, NULL);
     if (ix->storing) pthread_join(ix->store_thread, NULL);
+    follower_end(&ix->checkpoint_follower);
+    store_checkpointer_close(ix->checkpointer);
     if (ix->text) {
-        text_settle(ix, true);
-        pthread_join(ix->text_thread, NULL);
-        pthread_mutex_destroy(&ix->text_lock);
-        pthread_cond_destroy(&ix->text_wake);
+        follower_end(&ix->text_follower);
         store_text_close(ix->text);
     }
     store_lookup_close(ix->lookup);
     batch_free(&ix->fill);
+    batch_free(&ix->cut);
     batch_free(&ix->flight);
     batch_free(&ix->landing);
     threadpool_destroy(ix->chunkers);
@@ -1194,17 +1315,19 @@ int index_paths(embedrag_model *model, const char *const *paths, size_t count,
     if (!rc) rc = indexer_open(model, s, options, summary, &ix);
     if (!rc && options->progress) indexer_expect_paths(ix, paths, count);
     for (size_t i = 0; i < count && !rc; i++) rc = indexer_add_path(ix, paths[i]);
-    if (!rc) rc = indexer_finish(ix);
-    if (rc && ix) progress(ix, true); /* ends the progress line before the error */
+    if (!rc) rc = indexer_finish_start(ix);
     if (!rc && (summary->indexed || summary->deleted)) {
         /* Loading the vectors once writes the search copy, and builds the quantized codes where
-         * the store is large enough, so the first search after the run opens at once. */
+         * the store is large enough, so the first search after the run opens at once. It runs
+         * beside the text thread's last update. */
         searcher *sr = NULL;
         double t = clock_seconds();
         rc = searcher_open(s, NULL, 0, &sr);
         searcher_close(sr);
         summary->copy_seconds = clock_seconds() - t;
     }
+    if (ix && !rc) rc = indexer_finish_end(ix, rc);
+    if (rc && ix) progress(ix, true); /* ends the progress line before the error */
     indexer_close(ix);
     store_close(s);
     summary->seconds = clock_seconds() - start;

@@ -30,10 +30,9 @@ typedef struct index_summary {
     double seconds, model_seconds;
     /* Where the time went, each stage timed on its own thread (with the pipeline they overlap,
      * and waiting is the calling thread's time spent for the slowest of the other two):
-     * reading and looking documents up, chunking and embedding (model_seconds of it in the
-     * model), storing batches, waiting, and at the end the text index, pruning, and the search
-     * copy. */
-    double read_seconds, embed_seconds, store_seconds, wait_seconds;
+     * reading and looking documents up, chunking, embedding (model_seconds of it in the model),
+     * storing batches, waiting, and at the end the text index, pruning, and the search copy. */
+    double read_seconds, chunk_seconds, embed_seconds, store_seconds, wait_seconds;
     double text_seconds, prune_seconds, copy_seconds;
     double text_thread_seconds; /* the text index's own thread, beside the others */
     double store_cpu_seconds;   /* the store thread's CPU time */
@@ -85,6 +84,11 @@ int indexer_add_document(indexer *ix, const index_document *document, int *statu
 int indexer_flush(indexer *ix);
 int indexer_finish(indexer *ix);
 void indexer_close(indexer *ix);
+/* indexer_finish in two: the start flushes and prunes and leaves the text index's last update
+ * running on its thread; the end (given the start's result) waits for it. Between the two the
+ * caller may use the store handle (index_paths makes the search copy there). */
+int indexer_finish_start(indexer *ix);
+int indexer_finish_end(indexer *ix, int rc);
 
 /* The text of the model's prompt `name` (or `alias`, NULL for none), "" when it has neither: the
  * passage prompt for indexing, the query prompt for search. Valid while the model is open. */

@@ -751,8 +751,14 @@ static int text_update(store_text *t, bool wait)
     rc = text_state(t, v, &same);
     int64_t chunks = v[0], deletions = v[1], high = v[2], last = v[3];
     if (!rc && !same) {
-        /* Another store's index, or none yet: built again from every chunk. */
-        rc = text_exec(t, "INSERT INTO chunk_text (chunk_text) VALUES ('delete-all')",
+        /* Another store's index, or none yet: built again from every chunk. FTS5 keeps up to 64
+         * MB of changes in memory (an indexer's update then writes one segment, not one a
+         * megabyte) and merges 16 segments of a level at a time, not 4: measured over 244,800
+         * chunks of 113 words, 25-40% less time to build, with the same BM25 query times. */
+        rc = text_exec(t,
+                       "INSERT INTO chunk_text (chunk_text) VALUES ('delete-all');"
+                       "INSERT INTO chunk_text (chunk_text, rank) VALUES ('hashsize', 67108864);"
+                       "INSERT INTO chunk_text (chunk_text, rank) VALUES ('automerge', 16)",
                        "clearing the text index");
         chunks = deletions = 0;
     }
@@ -803,6 +809,74 @@ void store_text_close(store_text *t)
 {
     if (t && t->elsewhere_of) t->elsewhere_of->text_elsewhere = false;
     text_close(t);
+}
+
+/* ---- checkpoints on a thread of their own ----
+ *
+ * In WAL mode every page a transaction writes goes to the log first and is copied into the
+ * store file by a checkpoint; SQLite runs one inside the commit that takes the log past 1,000
+ * pages, so the writer's thread did both copies (on the GPU host, with the model ahead of it,
+ * the store's thread was the slowest stage of indexing). A passive checkpoint from another
+ * connection copies what no reader still needs, never waits for a lock, and is safe at any
+ * moment against a killed process (the log stays until the copy is synced). But the log starts
+ * again from its beginning only when a write finds it wholly copied, which the writer, always
+ * adding frames, seldom lets the other connection finish: left alone it grew to the size of
+ * everything written (779 MB for 200,000 documents), and the last close copied what was left.
+ * So past STORE_WAL_FRAMES the writer's commit copies the rest itself (little: the other
+ * connection copied most of it), and past twice that it waits for the copy. */
+#define STORE_WAL_FRAMES 4096 /* 64 MB of 16 KB pages */
+
+struct store_checkpointer {
+    sqlite3 *db;
+    store *of; /* its automatic checkpoints are back on at close */
+};
+
+/* SQLite's hook after each commit of the store's handle, with the frames in the log. */
+static int wal_committed(void *ctx, sqlite3 *db, const char *name, int frames)
+{
+    (void)ctx;
+    if (frames < STORE_WAL_FRAMES) return SQLITE_OK;
+    int sq = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    if (sq == SQLITE_BUSY && frames >= 2 * STORE_WAL_FRAMES)
+        sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_FULL, NULL, NULL);
+    return SQLITE_OK; /* a failed copy leaves the log as it was; the next commit tries again */
+}
+
+int store_checkpointer_open(store *s, store_checkpointer **out)
+{
+    *out = NULL;
+    if (s->lock_fd < 0) return 0;
+    store_checkpointer *c = calloc(1, sizeof *c);
+    if (!c) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", s->path);
+    int sq = sqlite3_open_v2(s->path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (sq != SQLITE_OK) {
+        int rc = sql_error_at(s->path, c->db, sq, "opening a connection for checkpoints");
+        sqlite3_close(c->db);
+        free(c);
+        return rc;
+    }
+    sqlite3_extended_result_codes(c->db, 1);
+    sqlite3_wal_hook(s->db, wal_committed, NULL);
+    c->of = s;
+    *out = c;
+    return 0;
+}
+
+int store_checkpoint(store_checkpointer *c)
+{
+    if (!c) return 0;
+    int sq = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    /* BUSY: another connection was checkpointing; the next call goes on from there. */
+    if (sq == SQLITE_OK || sq == SQLITE_BUSY) return 0;
+    return sql_error_at(c->of->path, c->db, sq, "copying the write-ahead log into the store");
+}
+
+void store_checkpointer_close(store_checkpointer *c)
+{
+    if (!c) return;
+    sqlite3_wal_autocheckpoint(c->of->db, 1000); /* SQLite's default */
+    sqlite3_close(c->db);
+    free(c);
 }
 
 /* The connection BM25 runs on, and the prefix of the store's tables there. */

@@ -107,6 +107,17 @@ int store_text_open(store *s, store_text **out);
 int store_text_update(store_text *t);
 void store_text_close(store_text *t);
 
+/* A connection of its own that copies the write-ahead log into the store file, for a thread of
+ * the caller's (store_checkpoint, each time a transaction was committed) while this handle
+ * stores: from store_checkpointer_open on, the handle's commits leave that copy to it (SQLite's
+ * automatic checkpoint, which otherwise runs inside the committing call, is off until
+ * store_checkpointer_close). Writers only (*out stays NULL otherwise, which the other two take as
+ * a no-op). Open and close while no other thread uses the store handle. */
+typedef struct store_checkpointer store_checkpointer;
+int store_checkpointer_open(store *s, store_checkpointer **out);
+int store_checkpoint(store_checkpointer *c);
+void store_checkpointer_close(store_checkpointer *c);
+
 /* Deletes a document and its chunks; *found says whether it was there. */
 int store_delete_document(store *s, const char *key, bool *found);
 
