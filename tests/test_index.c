@@ -17,7 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SENTENCES 600
@@ -504,6 +507,156 @@ done:
     embedrag_model_close(m);
 }
 
+/* ---- an indexer killed mid-run ---- */
+
+#define KILLED_DOCUMENTS 3000
+#define KILLED_EVERY_EMBEDDED 100 /* every 100th document is embedded by the model */
+
+/* Document i of the killed runs: a sentence and, but for every 100th, its own vector (1 at
+ * i % 384), so that most of the run is the pipeline's storing, text index and checkpoints. In
+ * round r a seventh of them say so, so that each run replaces stored documents (whose old chunks
+ * the text index must drop). */
+static void write_killed_corpus(const char *path, int round)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f) return;
+    for (int i = 0; i < KILLED_DOCUMENTS; i++) {
+        fprintf(f, "{\"id\": \"k%d\", \"text\": \"%s", i, sentences[i % sentence_count]);
+        if (i % 7 == round % 7) fprintf(f, " Round %d.", round);
+        fputc('"', f);
+        if (i % KILLED_EVERY_EMBEDDED) {
+            fputs(", \"vector\": [", f);
+            for (int d = 0; d < 384; d++)
+                fputs(d == i % 384 ? (d ? ",1" : "1") : (d ? ",0" : "0"), f);
+            fputc(']', f);
+        }
+        fputs("}\n", f);
+    }
+    fclose(f);
+}
+
+/* Indexes `jsonl` into `path` in a child process, killed with SIGKILL after `kill_ms` (never when
+ * negative); returns its wait status. */
+static int index_in_child(const char *path, const char *jsonl, int kill_ms)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        embedrag_model_params p = embedrag_model_default_params();
+        p.threads = 2;
+        p.device = EMBEDRAG_DEVICE_CPU;
+        embedrag_model *m = NULL;
+        if (embedrag_model_open(model_dir, &p, &m) != 0) _exit(3);
+        index_options o = {.store_path = path, .overlap_tokens = -1};
+        index_summary sum;
+        const char *paths[] = {jsonl};
+        int rc = index_paths(m, paths, 1, &o, &sum);
+        embedrag_model_close(m);
+        _exit(rc == 0 && sum.failed == 0 ? 0 : 4);
+    }
+    if (kill_ms >= 0) {
+        struct timespec t = {kill_ms / 1000, (long)(kill_ms % 1000) * 1000000L};
+        nanosleep(&t, NULL);
+        kill(pid, SIGKILL);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return status;
+}
+
+/* After a kill: every document stored is whole (one chunk with its own vector, or the model's
+ * chunks), no chunk is without its document, and the text index, once a reader brought it up to
+ * date, holds exactly the chunks. Returns the documents stored. `first`: a kill before the store
+ * was made leaves none, which is 0 documents. */
+static int check_killed_store(const char *path, const char *when, bool first)
+{
+    store *s = NULL;
+    int rc = store_open(path, NULL, true, &s);
+    if (rc == EMBEDRAG_ERR_NOT_FOUND && first) return 0;
+    if (rc != 0) {
+        CHECK(false, "%s: reopen: %s", when, err_get());
+        return -1;
+    }
+    static int chunks[KILLED_DOCUMENTS];
+    memset(chunks, 0, sizeof chunks);
+    float *m = NULL;
+    int64_t *ids = NULL;
+    size_t n = 0;
+    int wrong_vectors = 0, unknown = 0;
+    CHECK(store_load_vectors(s, &m, &ids, &n, NULL) == 0, "%s: load: %s", when, err_get());
+    for (size_t i = 0; i < n; i++) {
+        store_chunk_info info;
+        int d = -1;
+        if (store_get_chunk(s, ids[i], &info) == 0 && info.document_key[0] == 'k')
+            d = atoi(info.document_key + 1);
+        if (d < 0 || d >= KILLED_DOCUMENTS) {
+            unknown++;
+            continue;
+        }
+        chunks[d]++;
+        if (d % KILLED_EVERY_EMBEDDED && m[i * 384 + (size_t)(d % 384)] != 1.0f) wrong_vectors++;
+    }
+    int documents = 0, partial = 0;
+    for (int d = 0; d < KILLED_DOCUMENTS; d++) {
+        documents += chunks[d] > 0;
+        partial += d % KILLED_EVERY_EMBEDDED && chunks[d] > 1;
+    }
+    store_stats st;
+    store_get_stats(s, &st);
+    CHECK(unknown == 0 && partial == 0 && wrong_vectors == 0 && st.documents == documents &&
+              st.chunks == (int64_t)n,
+          "%s: %d chunks of no document, %d documents with extra chunks, %d wrong vectors; %lld "
+          "documents stored, %d with chunks",
+          when, unknown, partial, wrong_vectors, (long long)st.documents, documents);
+    free(m);
+    free(ids);
+    CHECK(store_index_text(s) == 0, "%s: update the text index: %s", when, err_get());
+    store_close(s);
+    CHECK(check_text_index_consistent(path), "%s: integrity of the store and its text index", when);
+    return documents;
+}
+
+/* The whole indexer (its pipeline of threads, the text index's thread, the checkpoints) killed
+ * with SIGKILL at random moments: after every kill the store is consistent and keeps what it had,
+ * and a last run completes it, each document once. */
+static void test_killed_indexer(void)
+{
+    char path[400], jsonl[400];
+    snprintf(path, sizeof path, "%s/killed.db", dir);
+    snprintf(jsonl, sizeof jsonl, "%s/killed.jsonl", dir);
+    snprintf(model_dir, sizeof model_dir, "%s/models/all-MiniLM-L6-v2", check_source_dir());
+    write_killed_corpus(jsonl, 0);
+    /* How long a whole run takes here, in a scratch store: the kills land inside it. */
+    char scratch[420];
+    snprintf(scratch, sizeof scratch, "%s/scratch.db", dir);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int status = index_in_child(scratch, jsonl, -1);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a whole run: status %d", status);
+    int whole_ms = (int)((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000);
+    if (whole_ms < 20) whole_ms = 20;
+    srand(2026);
+    int kills = 0, last = 0;
+    for (int round = 0; round < 10; round++) {
+        write_killed_corpus(jsonl, round);
+        status = index_in_child(path, jsonl, rand() % whole_ms);
+        kills += WIFSIGNALED(status);
+        CHECK(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) == 0),
+              "round %d: the indexer failed (status %d)", round, status);
+        char when[32];
+        snprintf(when, sizeof when, "after kill %d", round);
+        int documents = check_killed_store(path, when, last == 0);
+        CHECK(documents >= last, "round %d: documents went from %d to %d", round, last, documents);
+        last = documents;
+    }
+    status = index_in_child(path, jsonl, -1);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the completing run: status %d", status);
+    CHECK(check_killed_store(path, "completed", false) == KILLED_DOCUMENTS,
+          "every document after the kills");
+    printf("killed the indexer %d times in runs of %d ms; the store stayed consistent\n", kills,
+           whole_ms);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -517,6 +670,7 @@ int main(void)
     test_index_and_search();
     test_library_api();
     test_quantized_store();
+    test_killed_indexer();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

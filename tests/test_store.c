@@ -317,29 +317,6 @@ static void test_batches(void)
     store_close(s);
 }
 
-/* SQLite's integrity checks of the store and of its text index's file, and the text index's
- * account: it holds exactly what an index built afresh from the store's chunks would hold, term
- * by term, chunk by chunk, position by position (FTS5's vocabulary of instances, compared both
- * ways), and one row per chunk. The text index must have been brought up to date. Uses the
- * sqlite3 command. */
-static bool text_index_consistent(const char *path)
-{
-    char command[2400];
-    snprintf(command, sizeof command,
-             "test \"$(sqlite3 '%s-text' \"ATTACH '%s' AS store; PRAGMA integrity_check; INSERT "
-             "INTO chunk_text(chunk_text) VALUES ('integrity-check'); CREATE VIRTUAL TABLE "
-             "temp.fresh USING fts5 (text, content = ''); INSERT INTO temp.fresh (rowid, text) "
-             "SELECT id, text FROM store.chunks; CREATE VIRTUAL TABLE temp.fresh_terms USING "
-             "fts5vocab(temp, fresh, 'instance'); CREATE VIRTUAL TABLE temp.kept_terms USING "
-             "fts5vocab(main, chunk_text, 'instance'); SELECT (SELECT count(*) FROM (SELECT * "
-             "FROM temp.fresh_terms EXCEPT SELECT * FROM temp.kept_terms)) + (SELECT count(*) "
-             "FROM (SELECT * FROM temp.kept_terms EXCEPT SELECT * FROM temp.fresh_terms)) = 0 "
-             "AND (SELECT count(*) FROM chunk_text_docsize) = (SELECT count(*) FROM "
-             "store.chunks);\" 2>&1 | tr '\\n' ' ')\" = 'ok 1 '",
-             path, path);
-    return system(command) == 0;
-}
-
 static int check_consistent(const char *path, const char *when)
 {
     store *s = NULL;
@@ -374,8 +351,8 @@ static int check_consistent(const char *path, const char *when)
     CHECK(store_index_text(s) == 0, "%s: update the text index: %s", when, err_get());
     store_close(s);
     if (access("/usr/bin/sqlite3", X_OK) == 0)
-        CHECK(text_index_consistent(path), "%s: integrity check of the database and its text index",
-              when);
+        CHECK(check_text_index_consistent(path),
+              "%s: integrity check of the database and its text index", when);
     return documents;
 }
 
@@ -856,7 +833,8 @@ static void test_text_index_file(void)
     CHECK(bm25_finds(w, 11, 2, 5) && bm25_finds(w, 2, 3, 9), "replacements are found");
     bool sqlite_cli = access("/usr/bin/sqlite3", X_OK) == 0;
     if (sqlite_cli)
-        CHECK(text_index_consistent(path), "the text index's account after deletes and replaces");
+        CHECK(check_text_index_consistent(path),
+              "the text index's account after deletes and replaces");
 
     /* Another connection holds the index's write lock: the reader does not wait for it. */
     put_document(w, 12, 2, 0);
@@ -896,7 +874,8 @@ static void test_text_index_file(void)
           "the next reader's search indexes what the crash left");
     store_close(r);
     r = NULL;
-    if (sqlite_cli) CHECK(text_index_consistent(path), "the text index's account after the crash");
+    if (sqlite_cli)
+        CHECK(check_text_index_consistent(path), "the text index's account after the crash");
 
     /* A text file restored from an older copy, whose deletions the store has since cleared
      * from its log: it cannot follow, and is built again. */
@@ -915,7 +894,7 @@ static void test_text_index_file(void)
           "the old copy is rebuilt: %s", err_get());
     store_close(r);
     r = NULL;
-    if (sqlite_cli) CHECK(text_index_consistent(path), "the text index after the old copy");
+    if (sqlite_cli) CHECK(check_text_index_consistent(path), "the text index after the old copy");
 
     /* Another store's text index beside this one, then a damaged one. */
     char other[300];
@@ -931,7 +910,7 @@ static void test_text_index_file(void)
           "the reader builds this store's index again");
     store_close(r);
     r = NULL;
-    if (sqlite_cli) CHECK(text_index_consistent(path), "the rebuilt index's account");
+    if (sqlite_cli) CHECK(check_text_index_consistent(path), "the rebuilt index's account");
     FILE *f = fopen(text, "r+b");
     if (f) {
         fseek(f, 0, SEEK_SET);
@@ -952,7 +931,7 @@ static void test_text_index_file(void)
           "a writer builds it again: %s", err_get());
     store_close(w);
     w = NULL;
-    if (sqlite_cli) CHECK(text_index_consistent(path), "the repaired index's account");
+    if (sqlite_cli) CHECK(check_text_index_consistent(path), "the repaired index's account");
 
     /* Format 3: the index inside the store's file, kept by triggers and a queue (its schema as
      * that format wrote it); no text file. Readers search it; a writer upgrades the store. */
@@ -985,7 +964,7 @@ static void test_text_index_file(void)
               !run_sql(path, "SELECT count(*) FROM chunk_text"),
           "the upgraded store keeps no index of its own");
     if (sqlite_cli)
-        CHECK(text_index_consistent(path), "the text index's account after the upgrade");
+        CHECK(check_text_index_consistent(path), "the text index's account after the upgrade");
 }
 
 /* Sets the first chunk of a document to zeros behind the store's back (no new generation): a

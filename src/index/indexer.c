@@ -93,9 +93,16 @@ typedef struct batch_result {
     char first_failure[sizeof((index_summary *)0)->first_failure];
 } batch_result;
 
-/* A batch of documents and their chunks: filled while reading, then chunked (on a thread of its
- * own, with the chunking pool, while the next batch fills), then embedded (on another, while the
- * next is chunked), then stored (on a third, while the one after it is embedded). */
+/* The pipeline's stages after reading, each on a thread of its own, and the queue after the last
+ * (stored batches, which the calling thread settles). */
+enum { STAGE_CUT, STAGE_EMBED, STAGE_STORE, STAGES };
+/* Batches in all: one filling, the others in the stages or queued between them (memory stays
+ * bounded at this many batches). */
+#define INDEX_BATCHES 6
+
+/* A batch of documents and their chunks: filled while reading, then chunked (on a thread with the
+ * chunking pool), embedded (on another) and stored (on a third), each stage taking the next batch
+ * as soon as it is done with one. */
 typedef struct batch {
     pending_document *docs; /* room for the batch's documents */
     size_t doc_count, bytes;
@@ -107,6 +114,12 @@ typedef struct batch {
     int *statuses;
     /* What storing it did, merged into the summary by the calling thread once it is stored. */
     batch_result result;
+    /* The first stage that failed on it (the batch is then dropped and the run ends), and each
+     * stage's time (the model's, the store thread's CPU). */
+    int status;
+    char error[512];
+    double seconds[STAGES], model_seconds, store_cpu;
+    struct batch *next; /* in its queue */
 } batch;
 
 struct indexer {
@@ -118,31 +131,33 @@ struct indexer {
     int dim, max_tokens;
     const char *passage_prompt; /* the model's prompt for passages, "" for none */
 
-    /* Four stages, a batch in each: the calling thread reads documents into `fill` (looking
-     * them up through a connection of its own), a thread chunks `cut` (the model waited for the
-     * chunking when one thread did both: 0.8 of 3.9 s on the GPU host), a thread embeds
-     * `flight`, and another stores `landing` in one transaction on the store's handle, which no
-     * other thread touches meanwhile. So SQLite's one writer, the model, the chunking and the
-     * reading overlap. */
-    batch fill, cut, flight, landing;
-    bool pipeline;                       /* off: each stage runs on the calling thread in turn */
-    bool cutting, flying, storing;       /* a thread is chunking `cut`, embedding `flight`,
-                                            storing `landing` */
+    /* Four stages: the calling thread reads documents into `fill` (looking them up through a
+     * connection of its own), a thread chunks them (the model waited for the chunking when one
+     * thread did both: 0.8 of 3.9 s on the GPU host), a thread embeds them, and another stores
+     * each batch in one transaction on the store's handle, which no other thread touches
+     * meanwhile. So SQLite's one writer, the model, the chunking and the reading overlap. Each
+     * stage takes its next batch from a queue as soon as it is free: when the stages moved in
+     * step, each step lasted as long as its slowest stage, and on the GPU host the run spent a
+     * fifth of its time more than its slowest stage. */
+    batch batches[INDEX_BATCHES];
+    batch *fill;  /* the calling thread's */
+    batch *spare; /* free batches (under lock) */
+    struct {
+        batch *head, *tail;
+    } queue[STAGES + 1]; /* waiting for each stage; the last: stored, to settle (under lock) */
+    int queued;          /* batches handed to the stages and not settled yet (under lock) */
+    bool pipeline;       /* off: each stage runs on the calling thread in turn */
+    bool stages_on;      /* the stage threads run */
+    bool stopping;       /* under lock: the stage threads end */
+    bool stage_failed;   /* under lock: a stage failed, the batches after it are dropped */
+    pthread_t stage_threads[STAGES];
+    pthread_mutex_t lock;
+    pthread_cond_t moved;                /* a batch moved from one queue to another */
     size_t batch_documents, batch_bytes; /* when a batch closes */
     threadpool *chunkers;                /* chunk a batch's documents in parallel */
     batch *chunking;                     /* the batch they chunk */
     store_lookup *lookup;                /* the calling thread's connection (pipeline only) */
-    pthread_t cut_thread, thread, store_thread;
-    int cut_status; /* the chunking thread's result, its message, its time */
-    char cut_error[512];
-    double cut_seconds;
-    int flight_status; /* the embedding thread's result, and its message */
-    double flight_seconds, flight_stage_seconds; /* the model's time; the stage's */
-    double landing_seconds, landing_cpu;         /* the store stage's time */
-    double stepped;                              /* when the last advance() returned */
-    char flight_error[512];
-    int landing_status; /* the store thread's result, and its message */
-    char landing_error[512];
+    double stepped;                      /* when the calling thread last handed a batch over */
     /* A fourth thread keeps the text index ("<store>-text", a file with a lock of its own) close
      * behind the store, on a connection of its own (pipeline only): inside the store's file,
      * SQLite's one writer built it and stored the chunks in turn. A fifth copies the store's
@@ -456,64 +471,117 @@ static int store_batch(indexer *ix, batch *b)
     return store_commit(ix->store);
 }
 
-/* Chunks `cut` (the chunking thread); errors are per thread, so the message is copied. */
-static void *cut_thread(void *arg)
+/* Runs one stage on a batch (any thread: each stage has one at a time). A failure is kept in the
+ * batch with its message (errors are per thread); a batch that failed before, or any batch after
+ * a failure when `dropping`, passes through untouched. */
+static void run_stage(indexer *ix, int stage, batch *b, bool dropping)
 {
-    indexer *ix = arg;
+    if (b->status || (dropping && stage == STAGE_STORE)) return;
     double t = clock_seconds();
-    ix->cut_status = prepare_batch(ix, &ix->cut);
-    if (ix->cut_status) snprintf(ix->cut_error, sizeof ix->cut_error, "%s", err_get());
-    ix->cut_seconds = clock_seconds() - t;
+    int rc = 0;
+    if (stage == STAGE_CUT) {
+        rc = prepare_batch(ix, b);
+        if (rc) snprintf(b->error, sizeof b->error, "%s", err_get());
+    } else if (stage == STAGE_EMBED) {
+        rc = embed_batch(ix, b, &b->model_seconds, b->error, sizeof b->error);
+    } else {
+        struct timespec c0, c1;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+        rc = store_batch(ix, b);
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+        b->store_cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+        if (rc) snprintf(b->error, sizeof b->error, "%s", err_get());
+    }
+    b->seconds[stage] = clock_seconds() - t;
+    b->status = rc;
+}
+
+static void enqueue(indexer *ix, int queue, batch *b)
+{
+    b->next = NULL;
+    if (ix->queue[queue].tail)
+        ix->queue[queue].tail->next = b;
+    else
+        ix->queue[queue].head = b;
+    ix->queue[queue].tail = b;
+}
+
+static batch *dequeue(indexer *ix, int queue)
+{
+    batch *b = ix->queue[queue].head;
+    if (b) {
+        ix->queue[queue].head = b->next;
+        if (!b->next) ix->queue[queue].tail = NULL;
+    }
+    return b;
+}
+
+typedef struct stage_start {
+    indexer *ix;
+    int stage;
+} stage_start;
+
+/* A stage's thread: takes the batches of its queue in turn and passes each to the next queue,
+ * until the indexer closes (a batch being stored is finished first: it commits whole). */
+static void *stage_thread(void *arg)
+{
+    indexer *ix = ((stage_start *)arg)->ix;
+    int stage = ((stage_start *)arg)->stage;
+    free(arg);
+    pthread_mutex_lock(&ix->lock);
+    for (;;) {
+        while (!ix->stopping && !ix->queue[stage].head) pthread_cond_wait(&ix->moved, &ix->lock);
+        if (ix->stopping) break;
+        batch *b = dequeue(ix, stage);
+        bool dropping = ix->stage_failed;
+        pthread_mutex_unlock(&ix->lock);
+        run_stage(ix, stage, b, dropping);
+        pthread_mutex_lock(&ix->lock);
+        if (b->status) ix->stage_failed = true;
+        enqueue(ix, stage + 1, b);
+        pthread_cond_broadcast(&ix->moved);
+    }
+    pthread_mutex_unlock(&ix->lock);
     return NULL;
 }
 
-/* After `cut` was chunked (by its thread, or here): counts the time; a failure (out of memory)
- * drops the batch and ends the run. */
-static int settle_cut(indexer *ix)
+/* Starts the stage threads; false when one could not be started (the others are then ended, and
+ * each stage runs on the calling thread). */
+static bool stages_start(indexer *ix)
 {
-    ix->summary->chunk_seconds += ix->cut_seconds;
-    ix->cut_seconds = 0;
-    if (!ix->cut_status) return 0;
-    batch_clear(&ix->cut);
-    return err_set(ix->cut_status, "%s", ix->cut_error);
+    pthread_mutex_init(&ix->lock, NULL);
+    pthread_cond_init(&ix->moved, NULL);
+    int started = 0;
+    for (; started < STAGES; started++) {
+        stage_start *start = malloc(sizeof *start);
+        if (start) *start = (stage_start){ix, started};
+        if (!start || pthread_create(&ix->stage_threads[started], NULL, stage_thread, start)) {
+            free(start);
+            break;
+        }
+    }
+    ix->stages_on = true;
+    if (started == STAGES) return true;
+    ix->stopping = true;
+    pthread_cond_broadcast(&ix->moved);
+    for (int i = 0; i < started; i++) pthread_join(ix->stage_threads[i], NULL);
+    ix->stages_on = ix->stopping = false;
+    return false;
 }
 
-/* Embeds `flight` (the embedding thread). */
-static void *embed_thread(void *arg)
+/* Ends the stage threads: batches queued are dropped, never stored; one being stored is waited
+ * for (it commits whole or not at all). */
+static void stages_end(indexer *ix)
 {
-    indexer *ix = arg;
-    double t = clock_seconds();
-    ix->flight_status = embed_batch(ix, &ix->flight, &ix->flight_seconds, ix->flight_error,
-                                    sizeof ix->flight_error);
-    ix->flight_stage_seconds = clock_seconds() - t;
-    return NULL;
-}
-
-/* Stores `landing` (the store thread); errors are per thread, so the message is copied. */
-static void *store_thread(void *arg)
-{
-    indexer *ix = arg;
-    double t = clock_seconds();
-    struct timespec c0, c1;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-    ix->landing_status = store_batch(ix, &ix->landing);
-    ix->landing_seconds = clock_seconds() - t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-    ix->landing_cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
-    if (ix->landing_status) snprintf(ix->landing_error, sizeof ix->landing_error, "%s", err_get());
-    return NULL;
-}
-
-/* After `flight` was embedded (by its thread, or here): counts the model's time; a failed call
- * drops the batch and ends the run. */
-static int settle_flight(indexer *ix)
-{
-    ix->summary->model_seconds += ix->flight_seconds;
-    ix->summary->embed_seconds += ix->flight_stage_seconds;
-    ix->flight_seconds = ix->flight_stage_seconds = 0;
-    if (!ix->flight_status) return 0;
-    batch_clear(&ix->flight);
-    return err_set(ix->flight_status, "%s", ix->flight_error);
+    if (!ix->stages_on) return;
+    pthread_mutex_lock(&ix->lock);
+    ix->stopping = true;
+    pthread_cond_broadcast(&ix->moved);
+    pthread_mutex_unlock(&ix->lock);
+    for (int i = 0; i < STAGES; i++) pthread_join(ix->stage_threads[i], NULL);
+    pthread_mutex_destroy(&ix->lock);
+    pthread_cond_destroy(&ix->moved);
+    ix->stages_on = false;
 }
 
 static void *follower_thread(void *arg)
@@ -613,101 +681,94 @@ static void followers_note(indexer *ix)
     follower_note(&ix->checkpoint_follower, stored);
 }
 
-/* After `landing` was stored (by its thread, or here): counts what it did and empties it. A
- * batch that failed to store (a full disk, a lost lock) left nothing in the store. */
-static int settle_landing(indexer *ix)
+/* After a batch went through every stage (on their threads, or here): counts what each did and
+ * empties it. A batch that failed ends the run: it is dropped, and whatever failed to store (a
+ * full disk, a lost lock) left nothing in the store. */
+static int settle(indexer *ix, batch *b)
 {
-    int rc = ix->landing_status;
-    ix->summary->store_seconds += ix->landing_seconds;
-    ix->summary->store_cpu_seconds += ix->landing_cpu;
-    ix->landing_seconds = ix->landing_cpu = 0;
+    index_summary *sum = ix->summary;
+    sum->chunk_seconds += b->seconds[STAGE_CUT];
+    sum->embed_seconds += b->seconds[STAGE_EMBED];
+    sum->model_seconds += b->model_seconds;
+    sum->store_seconds += b->seconds[STAGE_STORE];
+    sum->store_cpu_seconds += b->store_cpu;
+    int rc = b->status;
     if (rc)
-        err_set(rc, "%s", ix->landing_error);
+        err_set(rc, "%s", b->error);
     else
-        merge_result(ix, &ix->landing);
+        merge_result(ix, b);
     if (!rc) followers_note(ix);
-    memset(&ix->landing.result, 0, sizeof ix->landing.result);
-    batch_clear(&ix->landing);
+    memset(&b->result, 0, sizeof b->result);
+    memset(b->seconds, 0, sizeof b->seconds);
+    b->model_seconds = b->store_cpu = 0;
+    b->status = 0;
+    b->error[0] = '\0';
+    batch_clear(b);
     progress(ix, false);
     return rc;
 }
 
-/* Runs a stage's function on a thread of its own (the pipeline), or here when there is none;
- * true when a thread took it (it is joined at the next step). */
-static bool start_stage(indexer *ix, pthread_t *thread, void *(*stage)(void *))
+/* Settles the stored batches (under lock, which it lets go of while settling); the first failure
+ * is returned, and every batch is settled. */
+static int settle_stored(indexer *ix)
 {
-    if (ix->pipeline && pthread_create(thread, NULL, stage, ix) == 0) return true;
-    stage(ix);
-    return false;
-}
-
-static void swap_batches(batch *a, batch *b)
-{
-    batch t = *a;
-    *a = *b;
-    *b = t;
-}
-
-/* Moves every stage one step: waits for the threads, sends the embedded batch to be stored and
- * the filled one to be embedded, and leaves an empty one to fill. Without the pipeline (or
- * without a thread) each step runs here. */
-static int advance_step(indexer *ix)
-{
-    int cut = 0, embedded = 0, rc = 0;
-    double t = clock_seconds();
-    if (ix->cutting) {
-        pthread_join(ix->cut_thread, NULL);
-        ix->cutting = false;
-        cut = settle_cut(ix);
-    }
-    if (ix->flying) {
-        pthread_join(ix->thread, NULL);
-        ix->flying = false;
-        embedded = settle_flight(ix);
-    }
-    if (ix->storing) {
-        pthread_join(ix->store_thread, NULL);
-        ix->storing = false;
-        rc = settle_landing(ix);
-    }
-    ix->summary->wait_seconds += clock_seconds() - t;
-    if (rc || embedded || cut) return rc ? rc : embedded ? embedded : cut;
-    if (ix->flight.doc_count) {
-        swap_batches(&ix->landing, &ix->flight);
-        ix->storing = start_stage(ix, &ix->store_thread, store_thread);
-        if (!ix->storing && (rc = settle_landing(ix))) return rc;
-    }
-    if (ix->cut.doc_count) {
-        swap_batches(&ix->flight, &ix->cut);
-        ix->flying = start_stage(ix, &ix->thread, embed_thread);
-        if (!ix->flying && (rc = settle_flight(ix))) return rc;
-    }
-    if (ix->fill.doc_count) {
-        swap_batches(&ix->cut, &ix->fill);
-        ix->cutting = start_stage(ix, &ix->cut_thread, cut_thread);
-        if (!ix->cutting) rc = settle_cut(ix);
+    int rc = 0;
+    batch *b;
+    while ((b = dequeue(ix, STAGES))) {
+        pthread_mutex_unlock(&ix->lock);
+        int r = settle(ix, b);
+        if (!rc) rc = r;
+        pthread_mutex_lock(&ix->lock);
+        b->next = ix->spare;
+        ix->spare = b;
+        ix->queued--;
     }
     return rc;
 }
 
-/* advance_step, with the calling thread's time since the last step counted as reading. */
-static int advance(indexer *ix)
+/* Hands `fill` to the stages and takes an empty batch to fill, settling the batches stored
+ * meanwhile; with `drain`, also waits until every batch handed over is stored. Without the
+ * pipeline the stages run here, one after another. The calling thread's time since it last
+ * handed a batch over counts as reading, its time here as waiting. */
+static int hand_over(indexer *ix, bool drain)
 {
     double t = clock_seconds();
     ix->summary->read_seconds += t - (ix->stepped ? ix->stepped : ix->started);
-    int rc = advance_step(ix);
+    int rc = 0;
+    if (!ix->stages_on) {
+        if (ix->fill->doc_count) {
+            for (int stage = 0; stage < STAGES; stage++) run_stage(ix, stage, ix->fill, false);
+            rc = settle(ix, ix->fill);
+        }
+    } else {
+        pthread_mutex_lock(&ix->lock);
+        if (ix->fill->doc_count) {
+            enqueue(ix, STAGE_CUT, ix->fill);
+            ix->queued++;
+            pthread_cond_broadcast(&ix->moved);
+            ix->fill = NULL;
+        }
+        for (;;) {
+            int r = settle_stored(ix);
+            if (!rc) rc = r;
+            if (!ix->fill && ix->spare) {
+                ix->fill = ix->spare;
+                ix->spare = ix->fill->next;
+            }
+            if (ix->fill && (!drain || !ix->queued)) break;
+            pthread_cond_wait(&ix->moved, &ix->lock);
+        }
+        pthread_mutex_unlock(&ix->lock);
+    }
     ix->stepped = clock_seconds();
+    ix->summary->wait_seconds += ix->stepped - t;
     return rc;
 }
 
 /* Embeds and stores everything queued; returns when it is stored. */
 static int flush(indexer *ix)
 {
-    int rc = 0;
-    while (!rc && (ix->fill.doc_count || ix->cut.doc_count || ix->flight.doc_count || ix->cutting ||
-                   ix->flying || ix->storing))
-        rc = advance(ix);
-    return rc;
+    return hand_over(ix, true);
 }
 
 /* Takes ownership of the strings (they are freed here on every path). A document whose stored
@@ -737,7 +798,7 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
         progress(ix, false);
         goto free_strings;
     }
-    batch *b = &ix->fill;
+    batch *b = ix->fill;
     b->docs[b->doc_count++] = (pending_document){.doc = {.key = key,
                                                          .source = source,
                                                          .title = title,
@@ -755,7 +816,8 @@ static int add_document(indexer *ix, char *key, char *source, char *title, char 
                                                  .status = status_out};
     if (given_vector) sum->vectors_given++;
     b->bytes += length;
-    if (b->doc_count >= ix->batch_documents || b->bytes >= ix->batch_bytes) return advance(ix);
+    if (b->doc_count >= ix->batch_documents || b->bytes >= ix->batch_bytes)
+        return hand_over(ix, false);
     return 0;
 free_strings:
     free(key);
@@ -1151,10 +1213,18 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
             ix->batch_bytes = INDEX_BATCH_BYTES * INDEX_GPU_BATCH_SCALE;
         }
     }
-    ix->fill.docs = calloc(ix->batch_documents, sizeof *ix->fill.docs);
-    ix->cut.docs = calloc(ix->batch_documents, sizeof *ix->cut.docs);
-    ix->flight.docs = calloc(ix->batch_documents, sizeof *ix->flight.docs);
-    ix->landing.docs = calloc(ix->batch_documents, sizeof *ix->landing.docs);
+    /* Without the pipeline one batch does. */
+    bool no_memory = false;
+    for (int i = 0; i < (ix->pipeline ? INDEX_BATCHES : 1); i++) {
+        batch *b = &ix->batches[i];
+        b->docs = calloc(ix->batch_documents, sizeof *b->docs);
+        no_memory |= !b->docs;
+        if (i) {
+            b->next = ix->spare;
+            ix->spare = b;
+        }
+    }
+    ix->fill = &ix->batches[0];
     int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
     if (!rc && ix->pipeline) rc = store_lookup_open(s, &ix->lookup);
     if (!rc && ix->pipeline) rc = store_text_open(s, &ix->text);
@@ -1179,10 +1249,11 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
         indexer_close(ix);
         return rc;
     }
-    if (!ix->fill.docs || !ix->cut.docs || !ix->flight.docs || !ix->landing.docs) {
+    if (no_memory) {
         indexer_close(ix);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory indexing");
     }
+    if (ix->pipeline) stages_start(ix); /* else (no thread) each stage runs here */
     *out = ix;
     return 0;
 }
@@ -1279,11 +1350,7 @@ int indexer_finish(indexer *ix)
 void indexer_close(indexer *ix)
 {
     if (!ix) return;
-    /* A batch still being chunked or embedded is dropped, never stored; one being stored is
-     * waited for (it commits whole or not at all). */
-    if (ix->cutting) pthread_join(ix->cut_thread, NULL);
-    if (ix->flying) pthread_join(ix->thread, NULL);
-    if (ix->storing) pthread_join(ix->store_thread, NULL);
+    stages_end(ix);
     follower_end(&ix->checkpoint_follower);
     store_checkpointer_close(ix->checkpointer);
     if (ix->text) {
@@ -1291,10 +1358,7 @@ void indexer_close(indexer *ix)
         store_text_close(ix->text);
     }
     store_lookup_close(ix->lookup);
-    batch_free(&ix->fill);
-    batch_free(&ix->cut);
-    batch_free(&ix->flight);
-    batch_free(&ix->landing);
+    for (int i = 0; i < INDEX_BATCHES; i++) batch_free(&ix->batches[i]);
     threadpool_destroy(ix->chunkers);
     for (size_t i = 0; i < ix->seen_count; i++) free(ix->seen[i]);
     free(ix->seen);
