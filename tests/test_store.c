@@ -801,6 +801,47 @@ static bool run_sql(const char *file, const char *sql)
     return sq == SQLITE_OK;
 }
 
+/* An update larger than one step (16,384 rows read at a time): 24,000 chunks indexed, then all
+ * of them replaced and some documents deleted, each in one update that takes several steps of
+ * log rows and of chunks; the index matches one built afresh after each. */
+static void test_text_update_steps(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "steps.db");
+    store *s = NULL;
+    if (store_open(path, &model, false, &s) != 0) {
+        CHECK(false, "open: %s", err_get());
+        return;
+    }
+    for (int round = 0; round < 2; round++) {
+        int rc = store_begin(s);
+        for (int d = 0; d < 6000 && !rc; d++) rc = put_document(s, d, 4, round);
+        if (!rc) rc = store_commit(s);
+        CHECK(rc == 0, "round %d: store 24,000 chunks: %s", round, err_get());
+        if (round == 1) {
+            rc = store_begin(s);
+            bool found = false;
+            for (int d = 0; d < 6000 && !rc; d += 3) {
+                char key[64];
+                snprintf(key, sizeof key, "doc-%04d", d);
+                rc = store_delete_document(s, key, &found);
+            }
+            if (!rc) rc = store_commit(s);
+            CHECK(rc == 0 && found, "delete a third of the documents: %s", err_get());
+        }
+        CHECK(store_index_text(s) == 0, "round %d: update the text index: %s", round, err_get());
+        store_stats st;
+        store_get_stats(s, &st);
+        CHECK(st.chunks == (round ? 16000 : 24000), "round %d: %lld chunks", round,
+              (long long)st.chunks);
+        char when[32];
+        snprintf(when, sizeof when, "round %d", round);
+        CHECK(check_text_index_consistent(path), "%s: the text index after a many-step update",
+              when);
+    }
+    store_close(s);
+}
+
 /* The text index in its own file (format 4): a writer's search and a reader's bring it up to
  * date first; a chunk deleted or replaced before it was indexed never reaches it, one deleted
  * after leaves it; a reader whose index another connection is updating searches it as it is and
@@ -1079,6 +1120,7 @@ int main(void)
     test_killed_writers();
     test_out_of_space();
     test_text_index_file();
+    test_text_update_steps();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);
