@@ -740,7 +740,7 @@ static int text_rows_add(text_rows *r, int64_t id, const char *text, size_t leng
         if (!ids || !ends) return -1;
         r->capacity = grown;
     }
-    if (r->bytes + length > r->bytes_capacity) {
+    if (!r->text || r->bytes + length > r->bytes_capacity) {
         size_t grown = r->bytes_capacity ? r->bytes_capacity : 1 << 20;
         while (grown < r->bytes + length) grown *= 2;
         char *text_grown = realloc(r->text, grown);
@@ -748,7 +748,7 @@ static int text_rows_add(text_rows *r, int64_t id, const char *text, size_t leng
         r->text = text_grown;
         r->bytes_capacity = grown;
     }
-    memcpy(r->text + r->bytes, text, length);
+    if (length) memcpy(r->text + r->bytes, text, length);
     r->bytes += length;
     r->ids[r->count] = id;
     r->ends[r->count++] = r->bytes;
