@@ -11,17 +11,25 @@
 #   DEST/debs     Debian 12 packages of utf8proc, cJSON, SQLite, libmicrohttpd and pkgconf,
 #                 which gpu-run.sh unpacks into a private prefix (their libraries run on newer
 #                 glibc too)
-# Usage: scripts/gpu-bundle.sh DEST
+#   DEST/base-src with COMMIT: that commit's tree (without tests/fixtures), which gpu-run.sh's
+#                 storecmp step builds and measures beside this tree in the same call
+# Usage: scripts/gpu-bundle.sh DEST [COMMIT]
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
-dest=${1:?usage: scripts/gpu-bundle.sh DEST}
+dest=${1:?usage: scripts/gpu-bundle.sh DEST [COMMIT]}
+base=${2:-}
 mkdir -p "$dest"
 dest=$(cd "$dest" && pwd)
-rm -rf "$dest/src" "$dest/shared"
+rm -rf "$dest/src" "$dest/shared" "$dest/base-src" "$dest/base-commit"
 mkdir -p "$dest/src" "$dest/shared/data" "$dest/debs"
 (cd "$src" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) |
     tar -xf - -C "$dest/src"
 cp "$src/../shared/data/stsb-en-dev.csv" "$dest/shared/data/"
+if [ -n "$base" ]; then
+    mkdir -p "$dest/base-src"
+    (cd "$src" && git archive "$base" -- . ':!tests/fixtures') | tar -xf - -C "$dest/base-src"
+    (cd "$src" && git rev-parse --short "$base") >"$dest/base-commit"
+fi
 
 packages=(libutf8proc-dev libutf8proc2 libcjson-dev libcjson1 libsqlite3-dev libsqlite3-0
           libmicrohttpd-dev libmicrohttpd12 pkgconf-bin libpkgconf3)

@@ -22,6 +22,10 @@
 #             documents against `embedrag embed` of the same chunks (with and without the
 #             indexer's pipeline; EMBEDRAG_STORE_PIPELINES=1 runs it with only), and questions
 #             answered over 100,000 chunks
+#   storecmp  indexing against a base commit in the same call (the bundle's base-src, made by
+#             `scripts/gpu-bundle.sh DEST COMMIT`): `bench/store_bench.py --skip query` of
+#             EMBEDRAG_STORE_DOCUMENTS (default 200,000) documents, this tree and the base in
+#             turn, EMBEDRAG_STORE_ROUNDS rounds (default 2)
 #   realvec   quantized search on real embeddings: a million texts (pairs of STS-B sentences)
 #             and 1,000 questions (single sentences) embedded on the GPU, then
 #             `embedrag bench --search --vectors` on them (recall@10 against exact, every mode)
@@ -398,6 +402,41 @@ if q:
               q[mode]["p50_ms"], q[mode]["p99_ms"]))
 PY
     done
+fi
+
+if run_step storecmp; then
+    base=/tmp/embedrag-base-build
+    if [ ! -d "$bundle/base-src" ]; then
+        note "storecmp: no base-src in the bundle (scripts/gpu-bundle.sh DEST COMMIT)"
+    elif ! { cmake -S "$bundle/base-src" -B "$base" -DCMAKE_BUILD_TYPE=Release \
+                 -DPKG_CONFIG_EXECUTABLE="$pkgconfig" &&
+             cmake --build "$base" -j"$(nproc)" --target embedrag_cli; } >"$logs/base-build.log" 2>&1; then
+        note "storecmp: the base did not build (base-build.log)"
+    else
+        label="base $(cat "$bundle/base-commit" 2>/dev/null)"
+        for round in $(seq "${EMBEDRAG_STORE_ROUNDS:-2}"); do
+            for which in this base; do
+                cli=$build/embedrag
+                [ "$which" = base ] && cli=$base/embedrag
+                python3 "$src/bench/store_bench.py" --cli "$cli" --model "$src/models/all-MiniLM-L6-v2" \
+                    --data "$bundle/shared/data/stsb-en-dev.csv" --threads "$(nproc)" \
+                    --documents "${EMBEDRAG_STORE_DOCUMENTS:-200000}" --skip query --json \
+                    >"$logs/storecmp-$round-$which.json" 2>"$logs/storecmp-$round-$which.log"
+                python3 - "$logs/storecmp-$round-$which.json" "$round" \
+                    "$([ "$which" = base ] && echo "$label" || echo "this tree")" <<'PY' | tee -a "$summary"
+import json, sys
+try:
+    i = json.load(open(sys.argv[1]))["indexing"]
+except Exception as e:
+    print("storecmp round %s, %s: no result (%s)" % (sys.argv[2], sys.argv[3], e)); sys.exit()
+print("storecmp round %s, %s: index %.2f s (run %.2f), embed %.2f s, index/embed %.1f%%; %s" % (
+      sys.argv[2], sys.argv[3], i["index_seconds"], i.get("index_run_seconds") or -1,
+      i["embed_seconds"], 100 * i["ratio"],
+      ", ".join("%s %.2f" % kv for kv in (i.get("index_stage_seconds") or {}).items())))
+PY
+            done
+        done
+    fi
 fi
 
 if run_step serve; then
