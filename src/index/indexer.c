@@ -137,8 +137,8 @@ struct indexer {
      * each batch in one transaction on the store's handle, which no other thread touches
      * meanwhile. So SQLite's one writer, the model, the chunking and the reading overlap. Each
      * stage takes its next batch from a queue as soon as it is free: when the stages moved in
-     * step, each step lasted as long as its slowest stage, and on the GPU host the run spent a
-     * fifth of its time more than its slowest stage. */
+     * step, each step lasted as long as its slowest stage (on the GPU host the steps took 4.9 s
+     * where the slowest stage needed 3.9). */
     batch batches[INDEX_BATCHES];
     batch *fill;  /* the calling thread's */
     batch *spare; /* free batches (under lock) */
@@ -158,11 +158,11 @@ struct indexer {
     batch *chunking;                     /* the batch they chunk */
     store_lookup *lookup;                /* the calling thread's connection (pipeline only) */
     double stepped;                      /* when the calling thread last handed a batch over */
-    /* A fourth thread keeps the text index ("<store>-text", a file with a lock of its own) close
-     * behind the store, on a connection of its own (pipeline only): inside the store's file,
-     * SQLite's one writer built it and stored the chunks in turn. A fifth copies the store's
-     * write-ahead log into its file, which SQLite otherwise does inside the store thread's
-     * commits. */
+    /* Beside the stages (pipeline only), a thread keeps the text index ("<store>-text", a file
+     * with a lock of its own) close behind the store, on connections of its own: inside the
+     * store's file, SQLite's one writer built it and stored the chunks in turn. Another copies
+     * the store's write-ahead log into its file, which SQLite otherwise does inside the store
+     * thread's commits. */
     store_text *text;
     follower text_follower;
     store_checkpointer *checkpointer;
