@@ -85,6 +85,12 @@ typedef struct follower {
     double seconds; /* its calls, in all */
 } follower;
 
+/* A stage thread's argument. */
+typedef struct stage_start {
+    indexer *ix;
+    int stage;
+} stage_start;
+
 /* What storing a batch did (the store thread counts here, the calling thread merges it). */
 typedef struct batch_result {
     long indexed, chunks, tokens, failed;
@@ -133,7 +139,7 @@ struct indexer {
 
     /* Four stages: the calling thread reads documents into `fill` (looking them up through a
      * connection of its own), a thread chunks them (the model waited for the chunking when one
-     * thread did both: 0.8 of 3.9 s on the GPU host), a thread embeds them, and another stores
+     * thread did both: about 1 of 4 s on the GPU host), a thread embeds them, and another stores
      * each batch in one transaction on the store's handle, which no other thread touches
      * meanwhile. So SQLite's one writer, the model, the chunking and the reading overlap. Each
      * stage takes its next batch from a queue as soon as it is free: when the stages moved in
@@ -151,6 +157,7 @@ struct indexer {
     bool stopping;       /* under lock: the stage threads end */
     bool stage_failed;   /* under lock: a stage failed, the batches after it are dropped */
     pthread_t stage_threads[STAGES];
+    stage_start stage_starts[STAGES]; /* each thread's argument */
     pthread_mutex_t lock;
     pthread_cond_t moved;                /* a batch moved from one queue to another */
     size_t batch_documents, batch_bytes; /* when a batch closes */
@@ -278,6 +285,11 @@ static void batch_clear(batch *b)
     b->doc_count = 0;
     b->span_count = 0;
     b->bytes = 0;
+    memset(&b->result, 0, sizeof b->result);
+    memset(b->seconds, 0, sizeof b->seconds);
+    b->model_seconds = b->store_cpu = 0;
+    b->status = 0;
+    b->error[0] = '\0';
 }
 
 static void batch_free(batch *b)
@@ -516,18 +528,13 @@ static batch *dequeue(indexer *ix, int queue)
     return b;
 }
 
-typedef struct stage_start {
-    indexer *ix;
-    int stage;
-} stage_start;
-
 /* A stage's thread: takes the batches of its queue in turn and passes each to the next queue,
  * until the indexer closes (a batch being stored is finished first: it commits whole). */
 static void *stage_thread(void *arg)
 {
-    indexer *ix = ((stage_start *)arg)->ix;
-    int stage = ((stage_start *)arg)->stage;
-    free(arg);
+    const stage_start *start = arg;
+    indexer *ix = start->ix;
+    int stage = start->stage;
     pthread_mutex_lock(&ix->lock);
     for (;;) {
         while (!ix->stopping && !ix->queue[stage].head) pthread_cond_wait(&ix->moved, &ix->lock);
@@ -553,12 +560,10 @@ static bool stages_start(indexer *ix)
     pthread_cond_init(&ix->moved, NULL);
     int started = 0;
     for (; started < STAGES; started++) {
-        stage_start *start = malloc(sizeof *start);
-        if (start) *start = (stage_start){ix, started};
-        if (!start || pthread_create(&ix->stage_threads[started], NULL, stage_thread, start)) {
-            free(start);
+        ix->stage_starts[started] = (stage_start){ix, started};
+        if (pthread_create(&ix->stage_threads[started], NULL, stage_thread,
+                           &ix->stage_starts[started]))
             break;
-        }
     }
     ix->stages_on = true;
     if (started == STAGES) return true;
@@ -698,11 +703,6 @@ static int settle(indexer *ix, batch *b)
     else
         merge_result(ix, b);
     if (!rc) followers_note(ix);
-    memset(&b->result, 0, sizeof b->result);
-    memset(b->seconds, 0, sizeof b->seconds);
-    b->model_seconds = b->store_cpu = 0;
-    b->status = 0;
-    b->error[0] = '\0';
     batch_clear(b);
     progress(ix, false);
     return rc;
@@ -1313,8 +1313,8 @@ int indexer_add_document(indexer *ix, const index_document *d, int *status)
 int indexer_flush(indexer *ix)
 {
     int rc = flush(ix);
-    follower_settle(&ix->text_follower, false,
-                    false); /* the writer's update below takes the rest */
+    /* The thread's update in progress ends; the writer's update below takes the rest. */
+    follower_settle(&ix->text_follower, false, false);
     return rc ? rc : store_index_text(ix->store);
 }
 

@@ -647,8 +647,6 @@ static int text_setup(store_text *t, const char *store_path)
             sq =
                 sqlite3_open_v2(uri, &t->source,
                                 SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_URI, NULL);
-        else
-            sq = sq == SQLITE_OK ? SQLITE_ERROR : sq;
         free(uri);
         if (sq != SQLITE_OK) rc = text_sql_error(t, sq, "opening the store for its text index");
         if (!rc) {
@@ -691,12 +689,21 @@ static int text_connect(const char *store_path, bool repair, store_text **out)
     return 0;
 }
 
+/* Whether a text index (of this store: `ours`, its "store" is the store's text_id) with marks
+ * `chunks` and `deletions` can follow a store whose chunk_high is `high`, whose last text_log row
+ * ever written is `last` and whose first row still there is `first`: its marks are not ahead of
+ * the store (a store restored from an older copy) nor behind log rows that were cleared (a text
+ * file restored from an older copy). */
+static bool text_follows(bool ours, int64_t chunks, int64_t deletions, int64_t high, int64_t last,
+                         int64_t first)
+{
+    return ours && chunks <= high && deletions <= last && deletions >= first - 1;
+}
+
 /* Where the text index stands against one snapshot of the store (read in one statement): v[0]
  * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the last
- * text_log row ever written (sqlite_sequence keeps it when the log is cleared); *same whether
- * the index is of this store and can follow it: its "store" is the store's text_id, and its marks
- * are not ahead of the store (a store restored from an older copy) nor behind log rows that were
- * cleared (a text file restored from an older copy). */
+ * text_log row ever written (sqlite_sequence keeps it when the log is cleared); *same whether it
+ * can follow the store (text_follows). */
 static int text_state(store_text *t, int64_t v[4], bool *same)
 {
     sqlite3_stmt *st = NULL;
@@ -714,7 +721,7 @@ static int text_state(store_text *t, int64_t v[4], bool *same)
         for (int i = 0; i < 4; i++) v[i] = sqlite3_column_int64(st, i);
         int64_t first =
             sqlite3_column_type(st, 5) == SQLITE_NULL ? v[3] + 1 : sqlite3_column_int64(st, 5);
-        *same = sqlite3_column_int(st, 4) != 0 && v[0] <= v[2] && v[1] <= v[3] && v[1] >= first - 1;
+        *same = text_follows(sqlite3_column_int(st, 4) != 0, v[0], v[1], v[2], v[3], first);
     }
     sqlite3_finalize(st);
     return sq == SQLITE_ROW ? 0 : text_sql_error(t, sq, "reading the text index's state");
@@ -920,11 +927,8 @@ static int text_update(store_text *t, bool wait)
                        &next);
         if (rc) break;
         if (first) {
-            /* The index follows this store only if it is this store's, and its marks are not
-             * ahead of the store (a store restored from an older copy) nor behind log rows that
-             * were cleared (a text file restored from an older copy). */
-            same = kept_id && !strcmp(kept_id, store_id) && chunks <= st[0] && deletions <= st[1] &&
-                   deletions >= st[2] - 1;
+            same = text_follows(kept_id && !strcmp(kept_id, store_id), chunks, deletions, st[0],
+                                st[1], st[2]);
             target = st[0];
             if (!same) {
                 /* Another store's index, or none yet: built again from every chunk. FTS5 keeps
@@ -1013,12 +1017,12 @@ void store_text_close(store_text *t)
  * pages, so the writer's thread did both copies (on the GPU host, with the model ahead of it,
  * the store's thread was the slowest stage of indexing). A passive checkpoint from another
  * connection copies what no reader still needs, never waits for a lock, and is safe at any
- * moment against a killed process (the log stays until the copy is synced). But the log starts
- * again from its beginning only when a write finds it wholly copied, which the writer, always
- * adding frames, seldom lets the other connection finish: left alone it grew to the size of
- * everything written (779 MB for 200,000 documents), and the last close copied what was left.
- * So past STORE_WAL_FRAMES the writer's commit copies the rest itself (little: the other
- * connection copied most of it), and past twice that it waits for the copy. */
+ * moment against a killed process (the log stays until the copy is synced). The log starts again
+ * from its beginning only when a write finds it wholly copied, and a copy stops at the oldest
+ * reader's snapshot: with a reader holding one (the text index's updates did, for their whole
+ * length, before they read in steps), the log grew to the size of everything written (779 MB for
+ * 200,000 documents) and the last close copied it. So past STORE_WAL_FRAMES the writer's commit
+ * copies what it can itself, and past twice that it waits for the copy. */
 #define STORE_WAL_FRAMES 4096 /* 64 MB of 16 KB pages */
 
 struct store_checkpointer {
@@ -1044,16 +1048,11 @@ int store_checkpointer_open(store *s, store_checkpointer **out)
     store_checkpointer *c = calloc(1, sizeof *c);
     if (!c) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s", s->path);
     int sq = sqlite3_open_v2(s->path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
-    if (sq != SQLITE_OK) {
-        int rc = sql_error_at(s->path, c->db, sq, "opening a connection for checkpoints");
-        sqlite3_close(c->db);
-        free(c);
-        return rc;
-    }
     sqlite3_extended_result_codes(c->db, 1);
     /* A connection that has not read the file yet does not know it is in WAL mode: its
      * checkpoints would do nothing (measured: none copied a page). */
-    sq = sqlite3_exec(c->db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL);
+    if (sq == SQLITE_OK)
+        sq = sqlite3_exec(c->db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL);
     if (sq != SQLITE_OK) {
         int rc = sql_error_at(s->path, c->db, sq, "opening a connection for checkpoints");
         sqlite3_close(c->db);
