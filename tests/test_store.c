@@ -801,6 +801,59 @@ static bool run_sql(const char *file, const char *sql)
     return sq == SQLITE_OK;
 }
 
+/* One value of a SQLite file, as an integer (-1 where it cannot be read). */
+static long long sql_value(const char *file, const char *sql)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    long long v = -1;
+    if (sqlite3_open(file, &db) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW &&
+        sqlite3_column_type(st, 0) != SQLITE_NULL)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return v;
+}
+
+/* Updates smaller than one step (what the indexer's text thread does every 8,192 chunks): the
+ * index's "chunks" mark ends at the store's chunk_high, and the next update goes on from it
+ * rather than building the index again (a row put into the index by hand survives it). The first
+ * step of an update reads before it knows its target; it once took its open limit as the mark,
+ * and every other update then started from scratch. */
+static void test_text_update_marks(void)
+{
+    char path[512], text[560];
+    path_in_dir(path, sizeof path, "marks.db");
+    snprintf(text, sizeof text, "%s-text", path);
+    store *s = NULL;
+    if (store_open(path, &model, false, &s) != 0) {
+        CHECK(false, "open: %s", err_get());
+        return;
+    }
+    for (int round = 0; round < 3; round++) {
+        int rc = store_begin(s);
+        for (int d = 0; d < 50 && !rc; d++) rc = put_document(s, round * 100 + d, 3, round);
+        if (!rc) rc = store_commit(s);
+        CHECK(rc == 0, "round %d: store 150 chunks: %s", round, err_get());
+        CHECK(store_index_text(s) == 0, "round %d: update the text index: %s", round, err_get());
+        long long high = sql_value(path, "SELECT value FROM meta WHERE key = 'chunk_high'");
+        long long mark = sql_value(text, "SELECT value FROM text_meta WHERE key = 'chunks'");
+        CHECK(high == 150 * (round + 1) && mark == high,
+              "round %d: the index's mark %lld is the store's chunk_high %lld", round, mark, high);
+        if (round == 0)
+            CHECK(run_sql(text, "INSERT INTO chunk_text (rowid, text) VALUES (999999, "
+                                "'zzmarkerword')"),
+                  "a row put into the index by hand");
+        else
+            CHECK(sql_value(text, "SELECT count(*) FROM chunk_text WHERE chunk_text MATCH "
+                                  "'zzmarkerword'") == 1,
+                  "round %d: the update went on from the marks (the hand-put row is still there)",
+                  round);
+    }
+    store_close(s);
+}
+
 /* An update larger than one step (16,384 rows read at a time): 24,000 chunks (and one without
  * text) indexed, then all of them replaced and some documents deleted, each in one update that
  * takes several steps of log rows and of chunks; the index matches one built afresh after each. */
@@ -1129,6 +1182,7 @@ int main(void)
     test_out_of_space();
     test_text_index_file();
     test_text_update_steps();
+    test_text_update_marks();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

@@ -822,8 +822,12 @@ static int text_read(store_text *t, int64_t chunks, int64_t deletions, int64_t h
             }
             if (sq == SQLITE_DONE) {
                 sq = SQLITE_OK;
-                /* Fewer rows than asked for: the step reaches the end of its snapshot. */
-                if (rows->count < TEXT_STEP_ROWS) *next = log ? st[1] : high_limit;
+                /* Fewer rows than asked for: the step reaches the end of its snapshot, whose
+                 * chunks go no further than its chunk_high (an update's first step reads before
+                 * it knows its target, with no limit: taking that limit as the mark made the
+                 * next update find a mark past the store's and build the index again). */
+                if (rows->count < TEXT_STEP_ROWS)
+                    *next = log ? st[1] : high_limit < st[0] ? high_limit : st[0];
             }
         }
         sqlite3_finalize(q);
