@@ -80,6 +80,10 @@ def indexing(cli, model, threads, texts, documents, work):
         "index_stage_seconds": summary.get("stage_seconds"),
         # The run as the indexer timed it, without the process's start (the model's load) and exit.
         "index_run_seconds": summary.get("seconds"),
+        # Updates of the text index beside the pipeline that failed (the last update did their
+        # work, later), and what the run said on stderr.
+        "index_text_thread_failures": summary.get("text_thread_failures"),
+        "index_stderr": p.stderr.strip()[-2000:],
         "embed_seconds": embed_s,
         "index_tokens_per_second": tokens / index_s,
         "embed_tokens_per_second": tokens / embed_s,

@@ -63,6 +63,11 @@ static const char index_usage[] =
 
 static void print_summary(const index_summary *s, const char *path, bool json)
 {
+    if (s->text_thread_failures)
+        fprintf(stderr,
+                "embedrag index: warning: %ld of the text index's updates beside the pipeline "
+                "failed (first: %s); the update at the end took their work\n",
+                s->text_thread_failures, s->text_thread_failure);
     if (json) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "store", path);
@@ -89,6 +94,7 @@ static void print_summary(const index_summary *s, const char *path, bool json)
         cJSON_AddNumberToObject(stages, "text_thread", s->text_thread_seconds);
         cJSON_AddNumberToObject(stages, "prune", s->prune_seconds);
         cJSON_AddNumberToObject(stages, "search_copy", s->copy_seconds);
+        cJSON_AddNumberToObject(o, "text_thread_failures", (double)s->text_thread_failures);
         cJSON_AddNumberToObject(o, "tokens_per_second",
                                 s->seconds > 0 ? (double)s->tokens / s->seconds : 0.0);
         if (s->first_failure[0])

@@ -433,6 +433,8 @@ print("storecmp round %s, %s: index %.2f s (run %.2f), embed %.2f s, index/embed
       sys.argv[2], sys.argv[3], i["index_seconds"], i.get("index_run_seconds") or -1,
       i["embed_seconds"], 100 * i["ratio"],
       ", ".join("%s %.2f" % kv for kv in (i.get("index_stage_seconds") or {}).items())))
+if i.get("index_stderr"):
+    print("storecmp round %s, %s: stderr: %s" % (sys.argv[2], sys.argv[3], i["index_stderr"]))
 PY
             done
         done

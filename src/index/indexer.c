@@ -82,7 +82,10 @@ typedef struct follower {
     long every;
     int (*run)(void *ctx);
     void *ctx;
-    double seconds; /* its calls, in all */
+    double seconds;    /* its calls, in all */
+    long failures;     /* calls that failed (it goes on: the writer's own update at the end makes
+                        * good what they left undone, and says why where it fails too) */
+    char failure[256]; /* the first one's message */
 } follower;
 
 /* A stage thread's argument. */
@@ -605,8 +608,8 @@ static void *follower_thread(void *arg)
         pthread_mutex_lock(&f->lock);
         f->seconds += clock_seconds() - t;
         f->busy = false;
+        if (rc && !f->failures++) snprintf(f->failure, sizeof f->failure, "%s", err_get());
         pthread_cond_broadcast(&f->wake);
-        if (rc) break;
     }
     f->busy = false;
     f->stop = true;
@@ -1335,6 +1338,9 @@ int indexer_finish_end(indexer *ix, int rc)
     double t = clock_seconds();
     follower_end(&ix->text_follower);
     ix->summary->text_thread_seconds = ix->text_follower.seconds;
+    ix->summary->text_thread_failures = ix->text_follower.failures;
+    memcpy(ix->summary->text_thread_failure, ix->text_follower.failure,
+           sizeof ix->summary->text_thread_failure);
     /* Where the thread's last update failed (or there was none), this one says why. */
     if (!rc) rc = store_index_text(ix->store);
     ix->summary->text_seconds += clock_seconds() - t;

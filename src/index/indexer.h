@@ -34,9 +34,11 @@ typedef struct index_summary {
      * storing batches, waiting, and at the end the text index, pruning, and the search copy. */
     double read_seconds, chunk_seconds, embed_seconds, store_seconds, wait_seconds;
     double text_seconds, prune_seconds, copy_seconds;
-    double text_thread_seconds; /* the text index's own thread, beside the others */
-    double store_cpu_seconds;   /* the store thread's CPU time */
-    char first_failure[512];    /* what went wrong first, "" when nothing did */
+    double text_thread_seconds;    /* the text index's own thread, beside the others */
+    long text_thread_failures;     /* its updates that failed (the last update made good on them) */
+    char text_thread_failure[256]; /* the first one's message */
+    double store_cpu_seconds;      /* the store thread's CPU time */
+    char first_failure[512];       /* what went wrong first, "" when nothing did */
 } index_summary;
 
 /* Indexes `count` paths (folders, .txt/.md files, .jsonl files) into the store at
