@@ -92,6 +92,7 @@ static void print_summary(const index_summary *s, const char *path, bool json)
         cJSON_AddNumberToObject(stages, "wait", s->wait_seconds);
         cJSON_AddNumberToObject(stages, "text_index", s->text_seconds);
         cJSON_AddNumberToObject(stages, "text_thread", s->text_thread_seconds);
+        cJSON_AddNumberToObject(stages, "text_thread_cpu", s->text_thread_cpu_seconds);
         cJSON_AddNumberToObject(stages, "prune", s->prune_seconds);
         cJSON_AddNumberToObject(stages, "search_copy", s->copy_seconds);
         cJSON_AddNumberToObject(o, "text_thread_failures", (double)s->text_thread_failures);

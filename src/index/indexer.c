@@ -82,10 +82,11 @@ typedef struct follower {
     long every;
     int (*run)(void *ctx);
     void *ctx;
-    double seconds;    /* its calls, in all */
-    long failures;     /* calls that failed (it goes on: the writer's own update at the end makes
-                        * good what they left undone, and says why where it fails too) */
-    char failure[256]; /* the first one's message */
+    double seconds;     /* its calls, in all */
+    double cpu_seconds; /* the CPU time they used (less than `seconds` where it waited) */
+    long failures;      /* calls that failed (it goes on: the writer's own update at the end makes
+                         * good what they left undone, and says why where it fails too) */
+    char failure[256];  /* the first one's message */
 } follower;
 
 /* A stage thread's argument. */
@@ -500,11 +501,9 @@ static void run_stage(indexer *ix, int stage, batch *b, bool dropping)
     } else if (stage == STAGE_EMBED) {
         rc = embed_batch(ix, b, &b->model_seconds, b->error, sizeof b->error);
     } else {
-        struct timespec c0, c1;
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+        double cpu = clock_thread_cpu_seconds();
         rc = store_batch(ix, b);
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-        b->store_cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) * 1e-9;
+        b->store_cpu = clock_thread_cpu_seconds() - cpu;
         if (rc) snprintf(b->error, sizeof b->error, "%s", err_get());
     }
     b->seconds[stage] = clock_seconds() - t;
@@ -603,10 +602,11 @@ static void *follower_thread(void *arg)
         f->seen = f->stored;
         f->busy = true;
         pthread_mutex_unlock(&f->lock);
-        double t = clock_seconds();
+        double t = clock_seconds(), cpu = clock_thread_cpu_seconds();
         int rc = f->run(f->ctx);
         pthread_mutex_lock(&f->lock);
         f->seconds += clock_seconds() - t;
+        f->cpu_seconds += clock_thread_cpu_seconds() - cpu;
         f->busy = false;
         if (rc && !f->failures++) snprintf(f->failure, sizeof f->failure, "%s", err_get());
         pthread_cond_broadcast(&f->wake);
@@ -1338,6 +1338,7 @@ int indexer_finish_end(indexer *ix, int rc)
     double t = clock_seconds();
     follower_end(&ix->text_follower);
     ix->summary->text_thread_seconds = ix->text_follower.seconds;
+    ix->summary->text_thread_cpu_seconds = ix->text_follower.cpu_seconds;
     ix->summary->text_thread_failures = ix->text_follower.failures;
     memcpy(ix->summary->text_thread_failure, ix->text_follower.failure,
            sizeof ix->summary->text_thread_failure);

@@ -34,7 +34,8 @@ typedef struct index_summary {
      * storing batches, waiting, and at the end the text index, pruning, and the search copy. */
     double read_seconds, chunk_seconds, embed_seconds, store_seconds, wait_seconds;
     double text_seconds, prune_seconds, copy_seconds;
-    double text_thread_seconds;    /* the text index's own thread, beside the others */
+    double text_thread_seconds;     /* the text index's own thread, beside the others */
+    double text_thread_cpu_seconds; /* its CPU time */
     long text_thread_failures;     /* its updates that failed (the last update made good on them) */
     char text_thread_failure[256]; /* the first one's message */
     double store_cpu_seconds;      /* the store thread's CPU time */

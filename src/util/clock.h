@@ -6,4 +6,7 @@
 /* Seconds on CLOCK_MONOTONIC (from an arbitrary start; differences only). Thread-safe. */
 double clock_seconds(void);
 
+/* Seconds of CPU time the calling thread has used (differences only). */
+double clock_thread_cpu_seconds(void);
+
 #endif
