@@ -289,6 +289,11 @@ static int time_open(const char *dir, const float *rows, size_t n, size_t dim, o
         char file[4200];
         snprintf(file, sizeof file, "%s%s", path, suffixes[i]);
         unlink(file);
+        /* A text index split into shards (EMBEDRAG_TEXT_SHARDS): "-text.K" and their logs. */
+        for (int k = 0; i >= 4 && k < STORE_TEXT_SHARDS_MAX; k++) {
+            snprintf(file, sizeof file, "%s-text.%d%s", path, k, suffixes[i] + 5);
+            unlink(file);
+        }
     }
     return rc;
 }

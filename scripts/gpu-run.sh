@@ -25,7 +25,8 @@
 #   storecmp  indexing against a base commit in the same call (the bundle's base-src, made by
 #             `scripts/gpu-bundle.sh DEST COMMIT`): `bench/store_bench.py --skip query` of
 #             EMBEDRAG_STORE_DOCUMENTS (default 200,000) documents, this tree and the base in
-#             turn, EMBEDRAG_STORE_ROUNDS rounds (default 2)
+#             turn, EMBEDRAG_STORE_ROUNDS rounds (default 2); EMBEDRAG_TEXT_SHARDS=N reaches
+#             both (a base from before shards ignores it)
 #   realvec   quantized search on real embeddings: a million texts (pairs of STS-B sentences)
 #             and 1,000 questions (single sentences) embedded on the GPU, then
 #             `embedrag bench --search --vectors` on them (recall@10 against exact, every mode)

@@ -383,11 +383,15 @@ static void test_killed_writers(void)
         pid_t pid = fork();
         if (pid == 0) {
             store *s = NULL;
-            store_text *text = NULL;
-            pthread_t updater;
-            if (store_open(path, &model, false, &s) != 0 || store_text_open(s, &text) != 0 ||
-                !text || pthread_create(&updater, NULL, keep_text_updated, text) != 0)
-                _exit(3);
+            if (store_open(path, &model, false, &s) != 0) _exit(3);
+            /* A thread for each shard of the text index. */
+            for (int k = 0; k < store_text_shards(s); k++) {
+                store_text *text = NULL;
+                pthread_t updater;
+                if (store_text_open(s, k, &text) != 0 || !text ||
+                    pthread_create(&updater, NULL, keep_text_updated, text) != 0)
+                    _exit(3);
+            }
             for (int d = 0; d < KILL_DOCUMENTS; d++) {
                 bool found;
                 uint64_t hash;
@@ -816,6 +820,107 @@ static long long sql_value(const char *file, const char *sql)
     return v;
 }
 
+/* Builds a store named `name` with its text index in `shards` files: 300 documents of 3 chunks,
+ * then a tenth replaced and a tenth deleted (the same chunk ids whatever the shards). */
+static store *shards_store(const char *name, const char *shards, char *path, size_t size)
+{
+    const char *set = getenv("EMBEDRAG_TEXT_SHARDS");
+    char *was = set ? strdup(set) : NULL;
+    setenv("EMBEDRAG_TEXT_SHARDS", shards, 1);
+    store *s = create_store(name, path, size);
+    if (was)
+        setenv("EMBEDRAG_TEXT_SHARDS", was, 1);
+    else
+        unsetenv("EMBEDRAG_TEXT_SHARDS");
+    free(was);
+    if (!s) return NULL;
+    int rc = store_begin(s);
+    for (int d = 0; d < 300 && !rc; d++) rc = put_document(s, d, 3, 0);
+    if (!rc) rc = store_commit(s);
+    CHECK(rc == 0 && store_index_text(s) == 0, "%s: store and index 900 chunks: %s", name,
+          err_get());
+    rc = store_begin(s);
+    for (int d = 0; d < 300 && !rc; d += 10) {
+        char key[64];
+        bool found = false;
+        snprintf(key, sizeof key, "doc-%04d", d + 5);
+        rc = put_document(s, d, 3, 7);
+        if (!rc) rc = store_delete_document(s, key, &found);
+    }
+    if (!rc) rc = store_commit(s);
+    CHECK(rc == 0, "%s: replace and delete: %s", name, err_get());
+    return s;
+}
+
+/* Compares two stores' BM25 answers to the same question: the same scores rank by rank (to
+ * the last bits: the shards are scored with the statistics of all, as one index), and the same
+ * chunks wherever a score is not tied (ties may come in another order, and at the cut-off the
+ * two may keep different chunks of the same score). */
+static int bm25_differences(store *one, store *split, const char *query, const store_filter *f)
+{
+    int64_t a[10], b[10];
+    double x[10], y[10];
+    int na = -1, nb = -2;
+    if (store_bm25(one, query, f, 10, a, x, &na) != 0 ||
+        store_bm25(split, query, f, 10, b, y, &nb) != 0 || na != nb)
+        return 1;
+    int differ = 0;
+    for (int i = 0; i < na; i++) {
+        if (fabs(x[i] - y[i]) > 1e-12 * fmax(1.0, fabs(x[i]))) differ++;
+        bool tied = (i > 0 && x[i] == x[i - 1]) || (i + 1 < na && x[i] == x[i + 1]) ||
+                    (na == 10 && x[i] == x[na - 1] && i != na - 1);
+        if (!tied && a[i] != b[i]) differ++;
+    }
+    return differ;
+}
+
+/* A text index split into three files searches as one index of all the chunks does: 300
+ * questions, unfiltered and filtered, after replacements and deletions. */
+static void test_text_shards(void)
+{
+    char one_path[300], split_path[300];
+    store *one = shards_store("one.db", "1", one_path, sizeof one_path);
+    store *split = shards_store("split.db", "3", split_path, sizeof split_path);
+    if (!one || !split) {
+        store_close(one);
+        store_close(split);
+        return;
+    }
+    CHECK(store_text_shards(one) == 1 && store_text_shards(split) == 3, "shards %d and %d",
+          store_text_shards(one), store_text_shards(split));
+    static const char *const lang[] = {"lang"}, *const en[] = {"en"};
+    store_filter english = {.keys = lang, .values = en, .count = 1};
+    int differ = 0, filtered_differ = 0, answered = 0;
+    for (int q = 0; q < 300; q++) {
+        const char *query = sentences[(q * 13) % sentence_count];
+        differ += bm25_differences(one, split, query, NULL);
+        filtered_differ += bm25_differences(one, split, query, &english);
+        int64_t ids[10];
+        double scores[10];
+        int n = 0;
+        if (store_bm25(split, query, NULL, 10, ids, scores, &n) == 0 && n > 0) answered++;
+    }
+    CHECK(differ == 0 && filtered_differ == 0 && answered > 250,
+          "three shards against one file: %d and %d (filtered) differences; %d of 300 questions "
+          "answered",
+          differ, filtered_differ, answered);
+    char file[400];
+    bool files = true;
+    for (int k = 0; k < 3; k++) {
+        snprintf(file, sizeof file, "%s-text.%d", split_path, k);
+        files = files && access(file, F_OK) == 0;
+    }
+    snprintf(file, sizeof file, "%s-text", split_path);
+    store_stats st;
+    CHECK(files && access(file, F_OK) != 0 && store_get_stats(split, &st) == 0 &&
+              st.text_index_bytes > 0,
+          "the shards' files, no single one, and their size in the stats");
+    store_close(one);
+    store_close(split);
+    if (access("/usr/bin/sqlite3", X_OK) == 0)
+        CHECK(check_text_index_consistent(split_path), "the shards' account");
+}
+
 /* Updates smaller than one step (what the indexer's text thread does every 8,192 chunks): the
  * index's "chunks" mark ends at the store's chunk_high, and the next update goes on from it
  * rather than building the index again (a row put into the index by hand survives it). The first
@@ -825,12 +930,12 @@ static void test_text_update_marks(void)
 {
     char path[512], text[560];
     path_in_dir(path, sizeof path, "marks.db");
-    snprintf(text, sizeof text, "%s-text", path);
     store *s = NULL;
     if (store_open(path, &model, false, &s) != 0) {
         CHECK(false, "open: %s", err_get());
         return;
     }
+    int shards = store_text_shards(s);
     for (int round = 0; round < 3; round++) {
         int rc = store_begin(s);
         for (int d = 0; d < 50 && !rc; d++) rc = put_document(s, round * 100 + d, 3, round);
@@ -838,18 +943,29 @@ static void test_text_update_marks(void)
         CHECK(rc == 0, "round %d: store 150 chunks: %s", round, err_get());
         CHECK(store_index_text(s) == 0, "round %d: update the text index: %s", round, err_get());
         long long high = sql_value(path, "SELECT value FROM meta WHERE key = 'chunk_high'");
-        long long mark = sql_value(text, "SELECT value FROM text_meta WHERE key = 'chunks'");
-        CHECK(high == 150 * (round + 1) && mark == high,
-              "round %d: the index's mark %lld is the store's chunk_high %lld", round, mark, high);
-        if (round == 0)
-            CHECK(run_sql(text, "INSERT INTO chunk_text (rowid, text) VALUES (999999, "
-                                "'zzmarkerword')"),
-                  "a row put into the index by hand");
-        else
-            CHECK(sql_value(text, "SELECT count(*) FROM chunk_text WHERE chunk_text MATCH "
-                                  "'zzmarkerword'") == 1,
-                  "round %d: the update went on from the marks (the hand-put row is still there)",
-                  round);
+        for (int k = 0; k < shards; k++) {
+            if (shards > 1)
+                snprintf(text, sizeof text, "%s-text.%d", path, k);
+            else
+                snprintf(text, sizeof text, "%s-text", path);
+            long long mark = sql_value(text, "SELECT value FROM text_meta WHERE key = 'chunks'");
+            CHECK(high == 150 * (round + 1) && mark == high,
+                  "round %d, shard %d: the index's mark %lld is the store's chunk_high %lld", round,
+                  k, mark, high);
+            /* A row put by hand into each shard (an id of that shard). */
+            char sql[200];
+            snprintf(sql, sizeof sql,
+                     "INSERT INTO chunk_text (rowid, text) VALUES (%d, 'zzmarkerword')",
+                     999999 - (999999 % shards) + k);
+            if (round == 0)
+                CHECK(run_sql(text, sql), "shard %d: a row put into the index by hand", k);
+            else
+                CHECK(sql_value(text, "SELECT count(*) FROM chunk_text WHERE chunk_text MATCH "
+                                      "'zzmarkerword'") == 1,
+                      "round %d, shard %d: the update went on from the marks (the hand-put row "
+                      "is still there)",
+                      round, k);
+        }
     }
     store_close(s);
 }
@@ -910,7 +1026,7 @@ static void test_text_update_steps(void)
  * it; an index of another store, or a damaged one, is built again (a reader is told to run a
  * writer); a store of format 3 (the index inside the store's file) is searched by readers as it
  * is and upgraded by a writer. */
-static void test_text_index_file(void)
+static void text_index_file_checks(void)
 {
     char path[300], text[320];
     path_in_dir(path, sizeof path, "arrears.db");
@@ -1069,6 +1185,22 @@ static void test_text_index_file(void)
         CHECK(check_text_index_consistent(path), "the text index's account after the upgrade");
 }
 
+/* The checks above handle "<store>-text" itself (holding its lock, copying, damaging it): run on
+ * a store whose text index is one file, whatever EMBEDRAG_TEXT_SHARDS says for the others (each
+ * shard is such a file, with the same code). */
+static void test_text_index_file(void)
+{
+    const char *set = getenv("EMBEDRAG_TEXT_SHARDS");
+    char *was = set ? strdup(set) : NULL;
+    setenv("EMBEDRAG_TEXT_SHARDS", "1", 1);
+    text_index_file_checks();
+    if (was)
+        setenv("EMBEDRAG_TEXT_SHARDS", was, 1);
+    else
+        unsetenv("EMBEDRAG_TEXT_SHARDS");
+    free(was);
+}
+
 /* Sets the first chunk of a document to zeros behind the store's back (no new generation): a
  * load that reads SQLite's vectors then sees zeros, one made from the copy and the tracked
  * changes does not. Only this white-box trick tells the two apart. */
@@ -1183,6 +1315,7 @@ int main(void)
     test_text_index_file();
     test_text_update_steps();
     test_text_update_marks();
+    test_text_shards();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

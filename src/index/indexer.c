@@ -169,13 +169,14 @@ struct indexer {
     batch *chunking;                     /* the batch they chunk */
     store_lookup *lookup;                /* the calling thread's connection (pipeline only) */
     double stepped;                      /* when the calling thread last handed a batch over */
-    /* Beside the stages (pipeline only), a thread keeps the text index ("<store>-text", a file
-     * with a lock of its own) close behind the store, on connections of its own: inside the
-     * store's file, SQLite's one writer built it and stored the chunks in turn. Another copies
-     * the store's write-ahead log into its file, which SQLite otherwise does inside the store
-     * thread's commits. */
-    store_text *text;
-    follower text_follower;
+    /* Beside the stages (pipeline only), a thread per shard keeps the text index ("<store>-text",
+     * files with locks of their own) close behind the store, on connections of its own: inside
+     * the store's file, SQLite's one writer built it and stored the chunks in turn. Another
+     * copies the store's write-ahead log into its file, which SQLite otherwise does inside the
+     * store thread's commits. */
+    store_text *text[STORE_TEXT_SHARDS_MAX];
+    follower text_follower[STORE_TEXT_SHARDS_MAX];
+    int text_shards; /* threads started, one per shard (0: the store's commits do it) */
     store_checkpointer *checkpointer;
     follower checkpoint_follower;
 
@@ -671,6 +672,18 @@ static void follower_end(follower *f)
     f->on = false;
 }
 
+/* Ends the text index's threads (after their last update, where one was asked for) and
+ * closes their connections; the store's commits take the work over. */
+static void texts_end(indexer *ix)
+{
+    for (int k = 0; k < STORE_TEXT_SHARDS_MAX; k++) {
+        follower_end(&ix->text_follower[k]);
+        store_text_close(ix->text[k]);
+        ix->text[k] = NULL;
+    }
+    ix->text_shards = 0;
+}
+
 static int text_run(void *ctx)
 {
     return store_text_update(ctx);
@@ -685,7 +698,7 @@ static int checkpoint_run(void *ctx)
 static void followers_note(indexer *ix)
 {
     long stored = ix->summary->chunks + ix->summary->deleted;
-    follower_note(&ix->text_follower, stored);
+    for (int k = 0; k < ix->text_shards; k++) follower_note(&ix->text_follower[k], stored);
     follower_note(&ix->checkpoint_follower, stored);
 }
 
@@ -1230,11 +1243,16 @@ int indexer_open(embedrag_model *model, store *s, const index_options *options,
     ix->fill = &ix->batches[0];
     int rc = threadpool_online_cores() > 1 ? threadpool_create(0, &ix->chunkers) : 0;
     if (!rc && ix->pipeline) rc = store_lookup_open(s, &ix->lookup);
-    if (!rc && ix->pipeline) rc = store_text_open(s, &ix->text);
-    if (ix->text && !follower_start(&ix->text_follower, INDEX_TEXT_CHUNKS, text_run, ix->text)) {
-        /* Without the thread the store's commits keep the index up to date, as before. */
-        store_text_close(ix->text);
-        ix->text = NULL;
+    int shards = store_text_shards(s);
+    for (int k = 0; k < shards && !rc && ix->pipeline; k++)
+        rc = store_text_open(s, k, &ix->text[k]);
+    for (int k = 0; k < shards && ix->text[k]; k++) {
+        if (!follower_start(&ix->text_follower[k], INDEX_TEXT_CHUNKS, text_run, ix->text[k])) break;
+        ix->text_shards = k + 1;
+    }
+    if (ix->text_shards < shards) {
+        /* Without a thread for every shard the store's commits keep the index up to date. */
+        texts_end(ix);
     }
     if (!rc && ix->pipeline) rc = store_checkpointer_open(s, &ix->checkpointer);
     if (ix->checkpointer && !follower_start(&ix->checkpoint_follower, INDEX_CHECKPOINT_CHANGES,
@@ -1317,7 +1335,7 @@ int indexer_flush(indexer *ix)
 {
     int rc = flush(ix);
     /* The thread's update in progress ends; the writer's update below takes the rest. */
-    follower_settle(&ix->text_follower, false, false);
+    for (int k = 0; k < ix->text_shards; k++) follower_settle(&ix->text_follower[k], false, false);
     return rc ? rc : store_index_text(ix->store);
 }
 
@@ -1329,19 +1347,26 @@ int indexer_finish_start(indexer *ix)
     ix->summary->prune_seconds += clock_seconds() - t;
     followers_note(ix);
     /* The text thread's last update runs while the caller goes on (with the search copy). */
-    follower_settle(&ix->text_follower, true, rc != 0);
+    for (int k = 0; k < ix->text_shards; k++) follower_settle(&ix->text_follower[k], true, rc != 0);
     return rc;
 }
 
 int indexer_finish_end(indexer *ix, int rc)
 {
     double t = clock_seconds();
-    follower_end(&ix->text_follower);
-    ix->summary->text_thread_seconds = ix->text_follower.seconds;
-    ix->summary->text_thread_cpu_seconds = ix->text_follower.cpu_seconds;
-    ix->summary->text_thread_failures = ix->text_follower.failures;
-    memcpy(ix->summary->text_thread_failure, ix->text_follower.failure,
-           sizeof ix->summary->text_thread_failure);
+    /* The slowest shard's thread is the one the run waits for. */
+    for (int k = 0; k < ix->text_shards; k++) {
+        follower *f = &ix->text_follower[k];
+        follower_end(f);
+        if (f->seconds > ix->summary->text_thread_seconds) {
+            ix->summary->text_thread_seconds = f->seconds;
+            ix->summary->text_thread_cpu_seconds = f->cpu_seconds;
+        }
+        if (f->failures && !ix->summary->text_thread_failures)
+            memcpy(ix->summary->text_thread_failure, f->failure,
+                   sizeof ix->summary->text_thread_failure);
+        ix->summary->text_thread_failures += f->failures;
+    }
     /* Where the thread's last update failed (or there was none), this one says why. */
     if (!rc) rc = store_index_text(ix->store);
     ix->summary->text_seconds += clock_seconds() - t;
@@ -1360,10 +1385,7 @@ void indexer_close(indexer *ix)
     stages_end(ix);
     follower_end(&ix->checkpoint_follower);
     store_checkpointer_close(ix->checkpointer);
-    if (ix->text) {
-        follower_end(&ix->text_follower);
-        store_text_close(ix->text);
-    }
+    texts_end(ix);
     store_lookup_close(ix->lookup);
     for (int i = 0; i < INDEX_BATCHES; i++) batch_free(&ix->batches[i]);
     threadpool_destroy(ix->chunkers);

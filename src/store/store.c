@@ -5,6 +5,8 @@
  * the holder dies however it dies. */
 #include "store/store.h"
 
+#include "store/bm25.h"
+
 #include "util/error.h"
 #include "util/memory.h"
 
@@ -126,7 +128,8 @@ struct store_text {
      * transaction for the whole update, and no checkpoint of the store's log could get past
      * that reader while it lasted (the indexer's text thread is busy most of a run). */
     sqlite3 *source;
-    char *path;          /* "<store>-text" */
+    char *path;          /* "<store>-text", or "<store>-text.K" for shard K of several */
+    int shard, shards;   /* it indexes the chunks whose id % shards is shard */
     bool writable;       /* false when the folder or the file refuses writes: searched as is */
     int64_t deletions;   /* text_log rows applied, as of the last update */
     int64_t behind;      /* deletions the index may not have applied yet (text_update) */
@@ -157,16 +160,19 @@ struct store {
     bool bumped; /* the open transaction has bumped the generation */
     bool doomed; /* a write of the open transaction failed: it can only be rolled back */
     sqlite3_stmt *sql[SQL_COUNT];
-    int format;               /* as found at open (a writer upgrades to STORE_FORMAT) */
-    int64_t next_chunk;       /* the next chunk's id in the open transaction (0: not read yet) */
-    bool high_dirty;          /* chunks were added: meta chunk_high is raised before COMMIT */
-    store_text *text;         /* the text index's connection (format 4; opened when needed) */
-    sqlite3_stmt *vocabulary; /* a word's chunk count, prepared at the first BM25 search */
-    sqlite3_stmt *bm25;       /* the unfiltered BM25 query, prepared at the first */
-    int64_t counted_chunks;   /* the chunk count at counted_generation */
-    int64_t text_pending;     /* chunks this writer added since it last updated the text index */
-    bool text_checked;        /* whether this writer updated the text index since it opened */
-    bool text_elsewhere;      /* a thread of the caller's updates it (store_text_open) */
+    int format;         /* as found at open (a writer upgrades to STORE_FORMAT) */
+    int64_t next_chunk; /* the next chunk's id in the open transaction (0: not read yet) */
+    bool high_dirty;    /* chunks were added: meta chunk_high is raised before COMMIT */
+    /* The text index's connections, one per shard (format 4; opened when needed), and per
+     * shard a word's chunk count and the unfiltered BM25 query, prepared at the first search. */
+    store_text *text[STORE_TEXT_SHARDS_MAX];
+    sqlite3_stmt *vocabulary[STORE_TEXT_SHARDS_MAX];
+    sqlite3_stmt *bm25[STORE_TEXT_SHARDS_MAX];
+    int text_shards;        /* meta text_shards (1 where absent) */
+    int64_t counted_chunks; /* the chunk count at counted_generation */
+    int64_t text_pending;   /* chunks this writer added since it last updated the text index */
+    bool text_checked;      /* whether this writer updated the text index since it opened */
+    int text_elsewhere;     /* shards a thread of the caller's updates (store_text_open) */
     uint64_t counted_generation;
     store_model model;
     char *identity[IDS]; /* owned strings behind model */
@@ -265,6 +271,19 @@ static char *read_meta(store *s, const char *key, int *rc)
     return value;
 }
 
+/* The shards a new text index is split into: EMBEDRAG_TEXT_SHARDS where set (1 to
+ * STORE_TEXT_SHARDS_MAX), else 1. The indexer updates each shard on a thread of its own: on the
+ * 16-core GPU host one FTS5 index was the slowest stage of indexing (4.5 s of a 5.1 s run for
+ * 244,800 chunks, nearly all of it FTS5's own work per token); a BM25 search then asks each
+ * shard in turn. One file stays the default until shards are measured there. */
+static int default_text_shards(void)
+{
+    const char *env = getenv("EMBEDRAG_TEXT_SHARDS");
+    if (!env || !*env) return 1;
+    int n = atoi(env);
+    return n < 1 ? 1 : n > STORE_TEXT_SHARDS_MAX ? STORE_TEXT_SHARDS_MAX : n;
+}
+
 static int write_meta(store *s, const char *key, const char *value)
 {
     sqlite3_stmt *st = NULL;
@@ -339,12 +358,14 @@ static int prepare_contents(store *s, const store_model *model)
         char dimension[16];
         const char *fields[IDS];
         identity_of(model, dimension, fields);
-        char format[16];
+        char format[16], shards[16];
         snprintf(format, sizeof format, "%d", STORE_FORMAT);
+        snprintf(shards, sizeof shards, "%d", default_text_shards());
         rc = exec(s, "BEGIN IMMEDIATE", "creating the store");
         if (!rc) rc = exec(s, schema, "creating the store");
         if (!rc) rc = exec(s, schema_text_log, "creating the store");
         if (!rc) rc = write_meta(s, "format", format);
+        if (!rc) rc = write_meta(s, "text_shards", shards);
         if (!rc) rc = write_meta(s, "generation", "1");
         for (int i = 0; i < IDS && !rc; i++) rc = write_meta(s, identity_keys[i], fields[i]);
         if (!rc) rc = exec(s, "COMMIT", "creating the store");
@@ -366,11 +387,14 @@ static int prepare_contents(store *s, const store_model *model)
                        "made it?)",
                        s->path, version, STORE_FORMAT);
     if (version < STORE_FORMAT && s->lock_fd >= 0) {
-        char latest[16];
+        char latest[16], shards[16];
         snprintf(latest, sizeof latest, "%d", STORE_FORMAT);
+        snprintf(shards, sizeof shards, "%d", default_text_shards());
         rc = exec(s, "BEGIN IMMEDIATE", "upgrading the store");
         if (!rc && version < 2) rc = write_meta(s, "generation", "1");
         if (!rc) rc = exec(s, schema_text_log, "upgrading the store");
+        /* Its text index is built afresh in files of the new format: split as a new store's. */
+        if (!rc) rc = write_meta(s, "text_shards", shards);
         if (!rc) rc = write_meta(s, "format", latest);
         if (!rc) rc = exec(s, "COMMIT", "upgrading the store");
         if (rc) {
@@ -380,6 +404,16 @@ static int prepare_contents(store *s, const store_model *model)
         version = STORE_FORMAT;
     }
     s->format = version;
+    /* A store of format 4 from before text indexes were split has no key: one file. */
+    char *shards = read_meta(s, "text_shards", &rc);
+    s->text_shards = shards ? atoi(shards) : 1;
+    free(shards);
+    if (rc) return sql_error(s, rc, "reading the store's settings");
+    if (s->text_shards < 1 || s->text_shards > STORE_TEXT_SHARDS_MAX)
+        return err_set(EMBEDRAG_ERR_FORMAT,
+                       "%s splits its text index into %d files; this embedrag reads 1 to %d (a "
+                       "newer embedrag made it?)",
+                       s->path, s->text_shards, STORE_TEXT_SHARDS_MAX);
     for (int i = 0; i < IDS; i++) {
         char *value = read_meta(s, identity_keys[i], &rc);
         if (rc) {
@@ -537,9 +571,11 @@ void store_close(store *s)
     track_drop(s);
     free(s->row);
     for (int i = 0; i < SQL_COUNT; i++) sqlite3_finalize(s->sql[i]);
-    sqlite3_finalize(s->vocabulary);
-    sqlite3_finalize(s->bm25);
-    text_close(s->text);
+    for (int k = 0; k < STORE_TEXT_SHARDS_MAX; k++) {
+        sqlite3_finalize(s->vocabulary[k]);
+        sqlite3_finalize(s->bm25[k]);
+        text_close(s->text[k]);
+    }
     if (s->db) sqlite3_close(s->db);
     if (s->lock_fd >= 0) close(s->lock_fd); /* releases the writer's flock */
     for (int i = 0; i < IDS; i++) free(s->identity[i]);
@@ -654,19 +690,38 @@ static int text_setup(store_text *t, const char *store_path)
             sqlite3_busy_timeout(t->source, STORE_BUSY_MILLISECONDS);
         }
     }
+    if (!rc && t->shards > 1 && bm25_register(t->db) != SQLITE_OK)
+        rc = text_sql_error(t, SQLITE_ERROR, "readying BM25 over the text index's shards");
     return rc;
 }
 
-/* A connection to the text index of the store at store_path. A writer (`repair`) removes a
- * damaged file and starts a new one. */
-static int text_connect(const char *store_path, bool repair, store_text **out)
+/* The side name of shard `shard` of a text index split into `shards` files: "text" where it is
+ * one, else "text.K" for K = 0 .. shards - 1 (so that an embedrag from before shards finds no
+ * "-text" file and builds one of its own, never taking a shard for the whole index). */
+static void text_name(int shard, int shards, char name[32])
+{
+    if (shards > 1)
+        snprintf(name, 32, "text.%d", shard);
+    else
+        snprintf(name, 32, "text");
+}
+
+/* A connection to shard `shard` of the text index of the store at store_path, split into
+ * `shards` files. A writer (`repair`) removes a damaged file and starts a new one. */
+
+static int text_connect(const char *store_path, int shard, int shards, bool repair,
+                        store_text **out)
 {
     *out = NULL;
+    char name[32];
+    text_name(shard, shards, name);
     store_text *t = calloc(1, sizeof *t);
-    if (!t || !(t->path = side_path(store_path, "text", NULL))) {
+    if (!t || !(t->path = side_path(store_path, name, NULL))) {
         free(t);
         return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory opening %s's text index", store_path);
     }
+    t->shard = shard;
+    t->shards = shards;
     int rc = text_setup(t, store_path);
     if (rc == EMBEDRAG_ERR_FORMAT && repair) {
         /* Derived data only: a writer builds it again from the chunks. */
@@ -674,7 +729,7 @@ static int text_connect(const char *store_path, bool repair, store_text **out)
         t->db = NULL;
         unlink(t->path);
         for (int i = 0; i < 2; i++) {
-            char *side = side_path(store_path, "text", i ? "-shm" : "-wal");
+            char *side = side_path(store_path, name, i ? "-shm" : "-wal");
             if (side) unlink(side);
             free(side);
         }
@@ -704,9 +759,21 @@ static bool text_follows(bool ours, int64_t chunks, int64_t deletions, int64_t h
  * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the last
  * text_log row ever written (sqlite_sequence keeps it when the log is cleared); *same whether it
  * can follow the store (text_follows). */
+/* What a text file keeps as its "store": the store's text_id, and for a shard of several
+ * "/K/N" after it (a shard file of another split is built again, as one of another store). */
+static void text_suffix(const store_text *t, char suffix[32])
+{
+    if (t->shards > 1)
+        snprintf(suffix, 32, "/%d/%d", t->shard, t->shards);
+    else
+        suffix[0] = '\0';
+}
+
 static int text_state(store_text *t, int64_t v[4], bool *same)
 {
     sqlite3_stmt *st = NULL;
+    char suffix[32];
+    text_suffix(t, suffix);
     int sq = sqlite3_prepare_v2(
         t->db,
         "SELECT coalesce((SELECT value FROM text_meta WHERE key = 'chunks'), 0),"
@@ -714,9 +781,10 @@ static int text_state(store_text *t, int64_t v[4], bool *same)
         " CAST(coalesce((SELECT value FROM store.meta WHERE key = 'chunk_high'), 0) AS INTEGER),"
         " coalesce((SELECT seq FROM store.sqlite_sequence WHERE name = 'text_log'), 0),"
         " (SELECT value FROM text_meta WHERE key = 'store') IS"
-        " (SELECT value FROM store.meta WHERE key = 'text_id'),"
+        " (SELECT value || ?1 FROM store.meta WHERE key = 'text_id'),"
         " (SELECT min(seq) FROM store.text_log)",
         -1, &st, NULL);
+    if (sq == SQLITE_OK) sqlite3_bind_text(st, 1, suffix, -1, SQLITE_STATIC);
     if (sq == SQLITE_OK && (sq = sqlite3_step(st)) == SQLITE_ROW) {
         for (int i = 0; i < 4; i++) v[i] = sqlite3_column_int64(st, i);
         int64_t first =
@@ -765,11 +833,11 @@ static int text_rows_add(text_rows *r, int64_t id, const char *text, size_t leng
 /* Rows one step reads at most (their text stays in memory until applied). */
 #define TEXT_STEP_ROWS 16384
 
-/* The store's side of one step, in one read transaction of t->source: st[0] its chunk_high,
- * st[1] the last text_log row ever written (sqlite_sequence keeps it when the log is cleared),
- * st[2] the first log row still there (st[1] + 1 when none), *text_id its text_id (malloc'd);
- * then, where the log has rows past `deletions`, the next of them in order (rows->ids: the
- * chunk each deleted; *next: the log row the step ends at), else the next chunks past `chunks`
+/* The store's side of one step (this shard's rows), in one read transaction of t->source: st[0] its
+ * chunk_high, st[1] the last text_log row ever written (sqlite_sequence keeps it when the log is
+ * cleared), st[2] the first log row still there (st[1] + 1 when none), *text_id its text_id
+ * (malloc'd); then, where the log has rows past `deletions`, the next of them in order (rows->ids:
+ * the chunk each deleted; *next: the log row the step ends at), else the next chunks past `chunks`
  * up to `high_limit` (*next: the chunk id it ends at). */
 static int text_read(store_text *t, int64_t chunks, int64_t deletions, int64_t high_limit,
                      int64_t st[3], char **text_id, text_rows *rows, int64_t *next)
@@ -793,7 +861,10 @@ static int text_read(store_text *t, int64_t chunks, int64_t deletions, int64_t h
         st[1] = sqlite3_column_int64(q, 1);
         st[2] = sqlite3_column_type(q, 2) == SQLITE_NULL ? st[1] + 1 : sqlite3_column_int64(q, 2);
         const char *id = (const char *)sqlite3_column_text(q, 3);
-        *text_id = strdup(id ? id : "");
+        char suffix[32];
+        text_suffix(t, suffix);
+        *text_id = malloc(strlen(id ? id : "") + strlen(suffix) + 1);
+        if (*text_id) sprintf(*text_id, "%s%s", id ? id : "", suffix);
         sq = *text_id ? SQLITE_OK : SQLITE_NOMEM;
     }
     sqlite3_finalize(q);
@@ -802,14 +873,16 @@ static int text_read(store_text *t, int64_t chunks, int64_t deletions, int64_t h
     *next = log ? deletions : chunks;
     if (sq == SQLITE_OK && (log || high_limit > chunks)) {
         sq = sqlite3_prepare_v2(db,
-                                log ? "SELECT seq, id, text FROM text_log WHERE seq > ?1 ORDER BY "
-                                      "seq LIMIT ?2"
+                                log ? "SELECT seq, id, text FROM text_log WHERE seq > ?1 AND id % "
+                                      "?4 = ?5 ORDER BY seq LIMIT ?2"
                                     : "SELECT id, id, text FROM chunks WHERE id > ?1 AND id <= "
-                                      "?3 ORDER BY id LIMIT ?2",
+                                      "?3 AND id % ?4 = ?5 ORDER BY id LIMIT ?2",
                                 -1, &q, NULL);
         if (sq == SQLITE_OK) {
             sqlite3_bind_int64(q, 1, log ? deletions : chunks);
             sqlite3_bind_int(q, 2, TEXT_STEP_ROWS);
+            sqlite3_bind_int(q, 4, t->shards); /* this shard's chunks only */
+            sqlite3_bind_int(q, 5, t->shard);
             if (!log) sqlite3_bind_int64(q, 3, high_limit);
             while ((sq = sqlite3_step(q)) == SQLITE_ROW) {
                 *next = sqlite3_column_int64(q, 0);
@@ -991,14 +1064,19 @@ static int text_update(store_text *t, bool wait)
     return 0;
 }
 
-int store_text_open(store *s, store_text **out)
+int store_text_shards(const store *s)
+{
+    return s->format >= 4 ? s->text_shards : 1;
+}
+
+int store_text_open(store *s, int shard, store_text **out)
 {
     *out = NULL;
-    if (s->lock_fd < 0 || s->format < 4) return 0;
-    int rc = text_connect(s->path, true, out);
+    if (s->lock_fd < 0 || s->format < 4 || shard < 0 || shard >= s->text_shards) return 0;
+    int rc = text_connect(s->path, shard, s->text_shards, true, out);
     if (!rc) {
         (*out)->elsewhere_of = s;
-        s->text_elsewhere = true;
+        s->text_elsewhere++;
     }
     return rc;
 }
@@ -1010,7 +1088,7 @@ int store_text_update(store_text *t)
 
 void store_text_close(store_text *t)
 {
-    if (t && t->elsewhere_of) t->elsewhere_of->text_elsewhere = false;
+    if (t && t->elsewhere_of) t->elsewhere_of->text_elsewhere--;
     text_close(t);
 }
 
@@ -1087,9 +1165,9 @@ void store_checkpointer_close(store_checkpointer *c)
 }
 
 /* The connection BM25 runs on, and the prefix of the store's tables there. */
-static sqlite3 *text_db(const store *s)
+static sqlite3 *text_db(const store *s, int shard)
 {
-    return s->format >= 4 ? s->text->db : s->db;
+    return s->format >= 4 ? s->text[shard]->db : s->db;
 }
 
 static const char *store_tables(const store *s)
@@ -1101,16 +1179,21 @@ int store_index_text(store *s)
 {
     if (s->format < 4 || s->in_transaction) return 0;
     bool writer = s->lock_fd >= 0;
-    if (writer && s->text && s->text_pending == 0 && s->text_checked) return 0;
-    int rc = s->text ? 0 : text_connect(s->path, writer, &s->text);
-    if (!rc) rc = text_update(s->text, writer);
+    if (writer && s->text[0] && s->text_pending == 0 && s->text_checked) return 0;
+    int rc = 0;
+    int64_t applied = INT64_MAX; /* log rows every shard has applied */
+    for (int k = 0; k < s->text_shards && !rc; k++) {
+        if (!s->text[k]) rc = text_connect(s->path, k, s->text_shards, writer, &s->text[k]);
+        if (!rc) rc = text_update(s->text[k], writer);
+        if (!rc && s->text[k]->deletions < applied) applied = s->text[k]->deletions;
+    }
     if (rc || !writer) return rc;
     s->text_pending = 0;
     s->text_checked = true;
     /* The log rows the index has applied are not needed again. */
-    if (s->text->deletions > 0) {
+    if (applied > 0 && applied < INT64_MAX) {
         char sql[96];
-        snprintf(sql, sizeof sql, "DELETE FROM text_log WHERE seq <= %" PRId64, s->text->deletions);
+        snprintf(sql, sizeof sql, "DELETE FROM text_log WHERE seq <= %" PRId64, applied);
         rc = exec(s, sql, "clearing the text index's log");
     }
     return rc;
@@ -1972,21 +2055,25 @@ static int64_t word_frequency(store *s, const char *word, size_t length)
         if (c >= 0x80) return -1;
         folded[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
     }
-    if (!s->vocabulary) {
-        /* A temporary view of the index's terms: a reader may create it too. */
-        sqlite3 *db = text_db(s);
-        if (sqlite3_exec(db,
-                         "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_terms USING "
-                         "fts5vocab(main, chunk_text, 'row')",
-                         NULL, NULL, NULL) != SQLITE_OK ||
-            sqlite3_prepare_v2(db, "SELECT doc FROM temp.chunk_terms WHERE term = ?1", -1,
-                               &s->vocabulary, NULL) != SQLITE_OK)
-            return -1;
+    int64_t frequency = 0;
+    int shards = s->format >= 4 ? s->text_shards : 1;
+    for (int k = 0; k < shards; k++) {
+        if (!s->vocabulary[k]) {
+            /* A temporary view of the index's terms: a reader may create it too. */
+            sqlite3 *db = text_db(s, k);
+            if (sqlite3_exec(db,
+                             "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_terms USING "
+                             "fts5vocab(main, chunk_text, 'row')",
+                             NULL, NULL, NULL) != SQLITE_OK ||
+                sqlite3_prepare_v2(db, "SELECT doc FROM temp.chunk_terms WHERE term = ?1", -1,
+                                   &s->vocabulary[k], NULL) != SQLITE_OK)
+                return -1;
+        }
+        sqlite3_stmt *st = s->vocabulary[k];
+        sqlite3_bind_text(st, 1, folded, (int)length, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) frequency += sqlite3_column_int64(st, 0);
+        sqlite3_reset(st);
     }
-    sqlite3_bind_text(s->vocabulary, 1, folded, (int)length, SQLITE_STATIC);
-    int64_t frequency =
-        sqlite3_step(s->vocabulary) == SQLITE_ROW ? sqlite3_column_int64(s->vocabulary, 0) : 0;
-    sqlite3_reset(s->vocabulary);
     return frequency;
 }
 
@@ -2143,45 +2230,45 @@ int store_filter_chunks(store *s, const store_filter *filter,
     return rc;
 }
 
-int store_bm25(store *s, const char *query, const store_filter *filter, int k, int64_t *chunk_ids,
-               double *scores, int *found)
+/* One shard's best matches for FTS5 query `q`: up to k chunk ids and scores, best first. With
+ * `weights` (a text index of several shards) each row is scored by embedrag_bm25 with the
+ * statistics of all shards; without, by FTS5's bm25(). */
+static int bm25_shard(store *s, int shard, const char *q, const store_filter *filter, int k,
+                      const void *weights, size_t weight_bytes, int64_t *chunk_ids, double *scores,
+                      int *found)
 {
     *found = 0;
-    if (k <= 0 || !query) return 0;
-    /* The text index is brought up to date first: a writer's search sees everything it
-     * committed, a reader's what was committed (unless another connection is updating the index
-     * just then: it searches the index as it is). */
-    int rc = store_index_text(s);
-    if (rc) return rc;
-    char *q = fts_query(s, query);
-    if (!q) return 0; /* no words: nothing matches */
-    sqlite3 *db = text_db(s);
+    sqlite3 *db = text_db(s, shard);
     const char *tables = store_tables(s);
+    const char *score = weights ? "embedrag_bm25(chunk_text, ?4)" : "-bm25(chunk_text)";
+    const char *order = weights ? "score DESC, chunk_text.rowid" : "bm25(chunk_text)";
     filter_sql fq = {0};
     char *sql = NULL;
     bool filtered = store_filter_active(filter);
+    int rc = 0;
     /* The text index drives the query. Unfiltered, its best matches are checked against the
      * chunks, as many more of them as the index may hold chunks deleted since its last update (a
      * reader's search does not wait for another connection's update; joining every match
      * instead cost 124 ms a query against 75 over 100,000 chunks). Filtered, each match is
-     * joined to its chunk and its document. */
-    if (filtered) rc = filter_sql_build(s, filter, 3, &fq);
-    sqlite3_stmt *st = filtered ? NULL : s->bm25;
+     * joined to its chunk and its document. Parameters: ?1 the query, ?2 k, ?3 k and the chunks
+     * that may be gone, ?4 the weights, the filter's from ?5. */
+    if (filtered) rc = filter_sql_build(s, filter, 5, &fq);
+    sqlite3_stmt *st = filtered ? NULL : s->bm25[shard];
     int made = 0;
     if (!rc && !st && filtered)
-        made =
-            asprintf(&sql,
-                     "SELECT chunk_text.rowid, -bm25(chunk_text) FROM chunk_text JOIN %schunks c "
-                     "ON c.id = chunk_text.rowid JOIN %sdocuments d ON d.id = c.document WHERE "
-                     "chunk_text MATCH ?1%s ORDER BY bm25(chunk_text) LIMIT ?2",
-                     tables, tables, fq.text);
+        made = asprintf(&sql,
+                        "SELECT chunk_text.rowid, %s AS score FROM chunk_text JOIN %schunks c "
+                        "ON c.id = chunk_text.rowid JOIN %sdocuments d ON d.id = c.document WHERE "
+                        "chunk_text MATCH ?1%s ORDER BY %s LIMIT ?2",
+                        score, tables, tables, fq.text, order);
     else if (!rc && !st)
         made = asprintf(&sql,
-                        "SELECT hit.id, hit.score FROM (SELECT rowid AS id, -bm25(chunk_text) AS "
-                        "score FROM chunk_text WHERE chunk_text MATCH ?1 ORDER BY bm25(chunk_text) "
-                        "LIMIT ?3) AS hit WHERE EXISTS (SELECT 1 FROM %schunks c WHERE c.id = "
-                        "hit.id) ORDER BY hit.score DESC LIMIT ?2",
-                        tables);
+                        "SELECT hit.id, hit.score FROM (SELECT rowid AS id, %s AS score FROM "
+                        "chunk_text WHERE chunk_text MATCH ?1 ORDER BY %s LIMIT ?3) AS hit WHERE "
+                        "EXISTS (SELECT 1 FROM %schunks c WHERE c.id = hit.id) ORDER BY hit.score "
+                        "DESC%s LIMIT ?2",
+                        score, weights ? "score DESC, rowid" : order, tables,
+                        weights ? ", hit.id" : "");
     if (made < 0) {
         sql = NULL;
         rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
@@ -2189,17 +2276,18 @@ int store_bm25(store *s, const char *query, const store_filter *filter, int k, i
     if (!rc && !st) {
         int sq = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
         if (sq != SQLITE_OK) rc = sql_error_at(s->path, db, sq, "searching text");
-        if (!rc && !filtered) s->bm25 = st;
+        if (!rc && !filtered) s->bm25[shard] = st;
     }
-    if (!rc && filtered) filter_sql_bind(st, filter, &fq, 3);
+    if (!rc && filtered) filter_sql_bind(st, filter, &fq, 5);
     int sq = SQLITE_DONE, n = 0;
     if (!rc) {
         sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
         sqlite3_bind_int(st, 2, k);
         if (!filtered) {
-            int64_t behind = s->text ? s->text->behind : 0;
+            int64_t behind = s->text[shard] ? s->text[shard]->behind : 0;
             sqlite3_bind_int64(st, 3, (int64_t)k + (behind < INT32_MAX ? behind : INT32_MAX));
         }
+        if (weights) sqlite3_bind_blob(st, 4, weights, (int)weight_bytes, SQLITE_STATIC);
         while ((sq = sqlite3_step(st)) == SQLITE_ROW && n < k) {
             chunk_ids[n] = sqlite3_column_int64(st, 0);
             scores[n] = sqlite3_column_double(st, 1);
@@ -2214,10 +2302,128 @@ int store_bm25(store *s, const char *query, const store_filter *filter, int k, i
         sqlite3_reset(st);
         sqlite3_clear_bindings(st);
     }
-    free(q);
     free(sql);
     filter_sql_free(&fq, filter ? filter->count : 0);
     if (!rc) *found = n;
+    return rc;
+}
+
+/* The weights that score every shard's rows as one index of all of them would (bm25.h): the
+ * shards' row and token totals, and the rows of each that hold each phrase of `q`. Read by the
+ * shards' connections, each in the read transaction its search goes on in. *weights stays NULL
+ * where no shard matches. */
+static int bm25_statistics(store *s, const char *q, void **weights, size_t *bytes)
+{
+    *weights = NULL;
+    int64_t rows = 0, tokens = 0, *hits = NULL;
+    int phrases = -1, rc = 0;
+    for (int k = 0; k < s->text_shards && !rc; k++) {
+        sqlite3 *db = text_db(s, k);
+        int64_t r = 0, t = 0;
+        int sq = bm25_totals(db, &r, &t);
+        rows += r;
+        tokens += t;
+        sqlite3_stmt *st = NULL;
+        if (sq == SQLITE_OK)
+            sq = sqlite3_prepare_v2(db,
+                                    "SELECT embedrag_bm25_hits(chunk_text) FROM chunk_text WHERE "
+                                    "chunk_text MATCH ?1 LIMIT 1",
+                                    -1, &st, NULL);
+        if (sq == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
+            sq = sqlite3_step(st);
+        }
+        if (sq == SQLITE_ROW) {
+            int n = sqlite3_column_bytes(st, 0) / (int)sizeof(int64_t);
+            const unsigned char *blob = sqlite3_column_blob(st, 0);
+            if (phrases < 0 && !(hits = calloc(n > 0 ? (size_t)n : 1, sizeof *hits))) {
+                rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+            } else if (phrases >= 0 && n != phrases) {
+                rc = err_set(EMBEDRAG_ERR_DATABASE,
+                             "%s: the text index's shards read the query differently", s->path);
+            } else {
+                phrases = n;
+                for (int i = 0; i < n; i++) {
+                    int64_t h;
+                    memcpy(&h, blob + (size_t)i * sizeof h, sizeof h);
+                    hits[i] += h;
+                }
+            }
+            sq = SQLITE_DONE;
+        }
+        if (!rc && sq != SQLITE_DONE) rc = sql_error_at(s->path, db, sq, "searching text");
+        sqlite3_finalize(st);
+    }
+    if (!rc && phrases > 0 && !(*weights = bm25_weights(rows, tokens, hits, phrases, bytes)))
+        rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    free(hits);
+    return rc;
+}
+
+/* Orders hits best first: by score, then by chunk id (the shards' merge is deterministic). */
+typedef struct bm25_hit {
+    int64_t id;
+    double score;
+} bm25_hit;
+
+static int bm25_hit_order(const void *a, const void *b)
+{
+    const bm25_hit *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+int store_bm25(store *s, const char *query, const store_filter *filter, int k, int64_t *chunk_ids,
+               double *scores, int *found)
+{
+    *found = 0;
+    if (k <= 0 || !query) return 0;
+    /* The text index is brought up to date first: a writer's search sees everything it
+     * committed, a reader's what was committed (unless another connection is updating the index
+     * just then: it searches the index as it is). */
+    int rc = store_index_text(s);
+    if (rc) return rc;
+    char *q = fts_query(s, query);
+    if (!q) return 0; /* no words: nothing matches */
+    int shards = s->format >= 4 ? s->text_shards : 1;
+    if (shards == 1) {
+        rc = bm25_shard(s, 0, q, filter, k, NULL, 0, chunk_ids, scores, found);
+        free(q);
+        return rc;
+    }
+    /* Several shards: each searched with the statistics of all, in one read transaction a
+     * shard (its statistics and its rows from one snapshot), and their best merged. */
+    for (int i = 0; i < shards && !rc; i++)
+        if (sqlite3_exec(text_db(s, i), "BEGIN", NULL, NULL, NULL) != SQLITE_OK)
+            rc = sql_error_at(s->path, text_db(s, i), SQLITE_ERROR, "searching text");
+    void *weights = NULL;
+    size_t bytes = 0;
+    if (!rc) rc = bm25_statistics(s, q, &weights, &bytes);
+    bm25_hit *all = weights ? malloc((size_t)shards * (size_t)k * sizeof *all) : NULL;
+    int64_t *ids = weights ? malloc((size_t)k * sizeof *ids) : NULL;
+    double *values = weights ? malloc((size_t)k * sizeof *values) : NULL;
+    if (weights && (!all || !ids || !values)) rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    size_t count = 0;
+    for (int i = 0; i < shards && weights && !rc; i++) {
+        int n = 0;
+        rc = bm25_shard(s, i, q, filter, k, weights, bytes, ids, values, &n);
+        for (int j = 0; j < n && !rc; j++) all[count++] = (bm25_hit){ids[j], values[j]};
+    }
+    for (int i = 0; i < shards; i++) sqlite3_exec(text_db(s, i), "COMMIT", NULL, NULL, NULL);
+    if (!rc && count) {
+        qsort(all, count, sizeof *all, bm25_hit_order);
+        int n = count < (size_t)k ? (int)count : k;
+        for (int j = 0; j < n; j++) {
+            chunk_ids[j] = all[j].id;
+            scores[j] = all[j].score;
+        }
+        *found = n;
+    }
+    free(all);
+    free(ids);
+    free(values);
+    free(weights);
+    free(q);
     return rc;
 }
 
@@ -2333,7 +2539,13 @@ int store_get_stats(store *s, store_stats *out)
     sqlite3_finalize(st);
     if (sq != SQLITE_ROW) return sql_error(s, sq, "counting");
     out->file_bytes = file_size(s->path, NULL, NULL) + file_size(s->path, "wal", NULL);
-    out->text_index_bytes = file_size(s->path, "text", NULL) + file_size(s->path, "text", "-wal");
+    out->text_index_bytes = 0;
+    int shards = s->format >= 4 ? s->text_shards : 1;
+    for (int k = 0; k < shards; k++) {
+        char name[32];
+        text_name(k, shards, name);
+        out->text_index_bytes += file_size(s->path, name, NULL) + file_size(s->path, name, "-wal");
+    }
     out->search_copy_bytes = file_size(s->path, "vectors", NULL);
     return store_search_copy_current(s, &out->search_copy_current);
 }

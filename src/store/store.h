@@ -1,7 +1,8 @@
 /* The document store: one SQLite file holding documents and their chunks (text, byte offsets,
  * token counts, vectors) under the identity of the model that made the vectors, and beside it an
- * FTS5 index over chunk text for BM25 in a SQLite file of its own ("<store>-text", derived from
- * the chunks and rebuilt from them when missing). SQLite is the source of truth; what a search
+ * FTS5 index over chunk text for BM25 in a SQLite file of its own ("<store>-text", or split
+ * into shards "<store>-text.K" by chunk id; derived from the chunks and rebuilt from them when
+ * missing). SQLite is the source of truth; what a search
  * scans is loaded from it. The store never computes embeddings (the indexer hands it vectors) and
  * keeps SQL out of its callers: this header is the narrow interface a second store (PostgreSQL)
  * would implement. A store handle is used by one thread at a time. */
@@ -90,20 +91,23 @@ int store_put_document(store *s, const store_document *document, const store_chu
  * or where it cannot be exact, the load reads SQLite as before. */
 int store_track_vectors(store *s, size_t max_bytes);
 
-/* Brings the BM25 text index ("<store>-text", a file of its own: see the text index section of
- * store.c) up to date with what the store holds, in one transaction of that file. Outside a
- * transaction; a no-op then, and for a writer when it changed nothing since. Writers call it when
- * they finish an add (the indexer) or when many chunks wait (store_commit), store_close before
- * it closes, and store_bm25 before it searches (a reader too, where it may write the file). */
+/* Brings the BM25 text index ("<store>-text", a file of its own, or one per shard: see the text
+ * index section of store.c) up to date with what the store holds, in one transaction a file.
+ * Outside a transaction; a no-op then, and for a writer when it changed nothing since. Writers call
+ * it when they finish an add (the indexer) or when many chunks wait (store_commit), store_close
+ * before it closes, and store_bm25 before it searches (a reader too, where it may write the file).
+ */
 int store_index_text(store *s);
 
-/* A second connection to the text index, for a thread of the caller's that keeps it up to date
- * (store_text_update) while this handle stores: from then on store_commit leaves that work to it,
- * until store_text_close. Writers of a current store only (*out stays NULL otherwise, which the
- * other two take as a no-op). The thread is the handle's only user; the store handle may be used
- * meanwhile from another thread. */
+/* A second connection to shard `shard` (0 .. store_text_shards - 1) of the text index, for a
+ * thread of the caller's that keeps it up to date (store_text_update) while this handle stores:
+ * from then on store_commit leaves that work to the threads, until store_text_close. Writers of a
+ * current store only (*out stays NULL otherwise, which the other two take as a no-op). The thread
+ * is the handle's only user; the store handle may be used meanwhile from another thread. */
 typedef struct store_text store_text;
-int store_text_open(store *s, store_text **out);
+#define STORE_TEXT_SHARDS_MAX 8 /* the most files a text index is split into */
+int store_text_shards(const store *s);
+int store_text_open(store *s, int shard, store_text **out);
 int store_text_update(store_text *t);
 void store_text_close(store_text *t);
 
@@ -201,7 +205,7 @@ int store_document_chunks(store *s, const char *key, bool *found,
 typedef struct store_stats {
     int64_t documents, chunks, tokens;
     int64_t file_bytes;        /* the database file and its write-ahead log on disk */
-    int64_t text_index_bytes;  /* the text index's file ("<store>-text") and its log */
+    int64_t text_index_bytes;  /* the text index's files ("<store>-text*") and their logs */
     int64_t search_copy_bytes; /* the search copy on disk (0 when there is none) */
     bool search_copy_current;  /* whether it is of the current contents */
 } store_stats;
