@@ -25,8 +25,8 @@
 #   storecmp  indexing against a base commit in the same call (the bundle's base-src, made by
 #             `scripts/gpu-bundle.sh DEST COMMIT`): `bench/store_bench.py --skip query` of
 #             EMBEDRAG_STORE_DOCUMENTS (default 200,000) documents, this tree and the base in
-#             turn, EMBEDRAG_STORE_ROUNDS rounds (default 2); EMBEDRAG_TEXT_SHARDS=N reaches
-#             both (a base from before shards ignores it)
+#             turn, EMBEDRAG_STORE_ROUNDS rounds (default 2); EMBEDRAG_STORECMP_SHARDS="1 3"
+#             runs this tree once with each number of text index files (EMBEDRAG_TEXT_SHARDS)
 #   realvec   quantized search on real embeddings: a million texts (pairs of STS-B sentences)
 #             and 1,000 questions (single sentences) embedded on the GPU, then
 #             `embedrag bench --search --vectors` on them (recall@10 against exact, every mode)
@@ -416,15 +416,24 @@ if run_step storecmp; then
     else
         label="base $(cat "$bundle/base-commit" 2>/dev/null)"
         for round in $(seq "${EMBEDRAG_STORE_ROUNDS:-2}"); do
-            for which in this base; do
+            # This tree once per value of EMBEDRAG_STORECMP_SHARDS (the text index's files,
+            # e.g. "1 3"; unset: as the environment says), then the base.
+            for which in ${EMBEDRAG_STORECMP_SHARDS:-this} base; do
                 cli=$build/embedrag
                 [ "$which" = base ] && cli=$base/embedrag
-                python3 "$src/bench/store_bench.py" --cli "$cli" --model "$src/models/all-MiniLM-L6-v2" \
+                name="this tree"
+                [ "$which" = base ] && name=$label
+                shards=${EMBEDRAG_TEXT_SHARDS:-}
+                if [ "$which" != base ] && [ "$which" != this ]; then
+                    shards=$which
+                    name="this tree, $which text shards"
+                fi
+                EMBEDRAG_TEXT_SHARDS=$shards python3 "$src/bench/store_bench.py" --cli "$cli" \
+                    --model "$src/models/all-MiniLM-L6-v2" \
                     --data "$bundle/shared/data/stsb-en-dev.csv" --threads "$(nproc)" \
                     --documents "${EMBEDRAG_STORE_DOCUMENTS:-200000}" --skip query --json \
                     >"$logs/storecmp-$round-$which.json" 2>"$logs/storecmp-$round-$which.log"
-                python3 - "$logs/storecmp-$round-$which.json" "$round" \
-                    "$([ "$which" = base ] && echo "$label" || echo "this tree")" <<'PY' | tee -a "$summary"
+                python3 - "$logs/storecmp-$round-$which.json" "$round" "$name" <<'PY' | tee -a "$summary"
 import json, sys
 try:
     i = json.load(open(sys.argv[1]))["indexing"]
