@@ -535,6 +535,7 @@ int cli_stats(int argc, char **argv)
         cJSON_AddNumberToObject(o, "tokens", (double)st.tokens);
         cJSON_AddNumberToObject(o, "bytes_on_disk", (double)st.file_bytes);
         cJSON_AddNumberToObject(o, "text_index_bytes", (double)st.text_index_bytes);
+        cJSON_AddNumberToObject(o, "text_index_files", store_text_shards(s));
         cJSON *mo = cJSON_AddObjectToObject(o, "model");
         cJSON_AddStringToObject(mo, "name", m->name);
         cJSON_AddNumberToObject(mo, "dimension", m->dimension);
@@ -550,10 +551,13 @@ int cli_stats(int argc, char **argv)
         cJSON_free(text);
         cJSON_Delete(o);
     } else {
+        char files[32] = "";
+        if (store_text_shards(s) > 1)
+            snprintf(files, sizeof files, " in %d files", store_text_shards(s));
         printf("%s: %lld documents, %lld chunks (%lld tokens), %.1f MB on disk (and %.1f MB of "
-               "text index)\n",
+               "text index%s)\n",
                path, (long long)st.documents, (long long)st.chunks, (long long)st.tokens,
-               (double)st.file_bytes / 1e6, (double)st.text_index_bytes / 1e6);
+               (double)st.file_bytes / 1e6, (double)st.text_index_bytes / 1e6, files);
         printf("model: %s (%d dimensions, %s pooling, %s), from %s\n", m->name, m->dimension,
                m->pooling, m->precision, m->directory);
         printf("search copy: %s (%.1f MB)\n",

@@ -181,6 +181,21 @@ check "hybrid search finds the onions, with metadata" grep -q '"lang":"en"' "$tm
 check "stats counts 4 documents" grep -q '"documents":[[:space:]]*4' "$tmp/stats.json"
 check "stats: the search copy is current after index" \
     grep -q '"search_copies_current":[[:space:]]*true' "$tmp/stats.json"
+# The same documents into a store whose text index is split in two (EMBEDRAG_TEXT_SHARDS):
+# stats says so, and BM25 ranks and scores as over one file.
+EMBEDRAG_TEXT_SHARDS=2 "$cli" index --model "$model" --store "$tmp/s2.db" --quiet "$tmp/docs" \
+    "$tmp/docs.jsonl" 2>"$tmp/err.txt"
+check "index into a store of two text files exits 0" test $? -eq 0
+"$cli" stats --store "$tmp/s2.db" --json >"$tmp/stats2.json"
+check "stats counts two text index files" grep -q '"text_index_files":[[:space:]]*2' "$tmp/stats2.json"
+check "... which are there" test -f "$tmp/s2.db-text.0" -a -f "$tmp/s2.db-text.1" -a ! -e "$tmp/s2.db-text"
+for q in "playing music" "the kitten and the cat" "onions in butter"; do
+    "$cli" search --store "$tmp/s.db" -k 5 --mode bm25 --json "$q" >"$tmp/one.json"
+    "$cli" search --store "$tmp/s2.db" -k 5 --mode bm25 --json "$q" >"$tmp/two.json"
+    check "bm25 '$q': two files rank and score as one" \
+        python3 -c "import json,sys; a,b=(json.load(open(f))['results'] for f in sys.argv[1:]); sys.exit(not a or [(x['document'],x['chunk'],round(x['score'],9)) for x in a] != [(x['document'],x['chunk'],round(x['score'],9)) for x in b])" \
+        "$tmp/one.json" "$tmp/two.json"
+done
 # Filters: by source glob and by metadata field, in every mode.
 "$cli" search --store "$tmp/s.db" -k 3 --json --path '*.jsonl:*' "someone plays music" \
     >"$tmp/f.json"
