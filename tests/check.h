@@ -13,6 +13,16 @@
 static int check_failures;
 static int check_count;
 
+/* Sanitizer builds run many times slower (ASan, UBSan and the fuzzers' coverage counters in every
+ * loop of the model): tests size their work down there, keeping every code path. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CHECK_SLOW_BUILD 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define CHECK_SLOW_BUILD 1
+#endif
+#endif
+
 #define CHECK(cond, ...)                                                                           \
     do {                                                                                           \
         check_count++;                                                                             \

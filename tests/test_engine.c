@@ -21,14 +21,7 @@
 
 /* Sanitizer builds run several times slower: smaller jobs keep the test short there while the
  * bulk call still lasts far longer than a query. */
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define SLOW_BUILD 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define SLOW_BUILD 1
-#endif
-#endif
-#ifdef SLOW_BUILD
+#ifdef CHECK_SLOW_BUILD
 #define BULK_TEXTS 400
 #define CONCURRENT_CALLS 4
 #else
