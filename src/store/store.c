@@ -708,7 +708,6 @@ static void text_name(int shard, int shards, char name[32])
 
 /* A connection to shard `shard` of the text index of the store at store_path, split into
  * `shards` files. A writer (`repair`) removes a damaged file and starts a new one. */
-
 static int text_connect(const char *store_path, int shard, int shards, bool repair,
                         store_text **out)
 {
@@ -755,10 +754,6 @@ static bool text_follows(bool ours, int64_t chunks, int64_t deletions, int64_t h
     return ours && chunks <= high && deletions <= last && deletions >= first - 1;
 }
 
-/* Where the text index stands against one snapshot of the store (read in one statement): v[0]
- * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the last
- * text_log row ever written (sqlite_sequence keeps it when the log is cleared); *same whether it
- * can follow the store (text_follows). */
 /* What a text file keeps as its "store": the store's text_id, and for a shard of several
  * "/K/N" after it (a shard file of another split is built again, as one of another store). */
 static void text_suffix(const store_text *t, char suffix[32])
@@ -769,6 +764,10 @@ static void text_suffix(const store_text *t, char suffix[32])
         suffix[0] = '\0';
 }
 
+/* Where the text index stands against one snapshot of the store (read in one statement): v[0]
+ * its "chunks" mark, v[1] its "deletions" mark, v[2] the store's chunk_high, v[3] the last
+ * text_log row ever written (sqlite_sequence keeps it when the log is cleared); *same whether it
+ * can follow the store (text_follows). */
 static int text_state(store_text *t, int64_t v[4], bool *same)
 {
     sqlite3_stmt *st = NULL;
@@ -2056,7 +2055,7 @@ static int64_t word_frequency(store *s, const char *word, size_t length)
         folded[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
     }
     int64_t frequency = 0;
-    int shards = s->format >= 4 ? s->text_shards : 1;
+    int shards = store_text_shards(s);
     for (int k = 0; k < shards; k++) {
         if (!s->vocabulary[k]) {
             /* A temporary view of the index's terms: a reader may create it too. */
@@ -2385,7 +2384,7 @@ int store_bm25(store *s, const char *query, const store_filter *filter, int k, i
     if (rc) return rc;
     char *q = fts_query(s, query);
     if (!q) return 0; /* no words: nothing matches */
-    int shards = s->format >= 4 ? s->text_shards : 1;
+    int shards = store_text_shards(s);
     if (shards == 1) {
         rc = bm25_shard(s, 0, q, filter, k, NULL, 0, chunk_ids, scores, found);
         free(q);
@@ -2540,7 +2539,7 @@ int store_get_stats(store *s, store_stats *out)
     if (sq != SQLITE_ROW) return sql_error(s, sq, "counting");
     out->file_bytes = file_size(s->path, NULL, NULL) + file_size(s->path, "wal", NULL);
     out->text_index_bytes = 0;
-    int shards = s->format >= 4 ? s->text_shards : 1;
+    int shards = store_text_shards(s);
     for (int k = 0; k < shards; k++) {
         char name[32];
         text_name(k, shards, name);
