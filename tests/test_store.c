@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "util/error.h"
+#include "util/threadpool.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -820,9 +821,8 @@ static long long sql_value(const char *file, const char *sql)
     return v;
 }
 
-/* Builds a store named `name` with its text index in `shards` files: 300 documents of 3 chunks,
- * then a tenth replaced and a tenth deleted (the same chunk ids whatever the shards). */
-static store *shards_store(const char *name, const char *shards, char *path, size_t size)
+/* create_store with EMBEDRAG_TEXT_SHARDS set to `shards` while the store is made. */
+static store *create_store_sharded(const char *name, const char *shards, char *path, size_t size)
 {
     const char *set = getenv("EMBEDRAG_TEXT_SHARDS");
     char *was = set ? strdup(set) : NULL;
@@ -833,6 +833,14 @@ static store *shards_store(const char *name, const char *shards, char *path, siz
     else
         unsetenv("EMBEDRAG_TEXT_SHARDS");
     free(was);
+    return s;
+}
+
+/* Builds a store named `name` with its text index in `shards` files: 300 documents of 3 chunks,
+ * then a tenth replaced and a tenth deleted (the same chunk ids whatever the shards). */
+static store *shards_store(const char *name, const char *shards, char *path, size_t size)
+{
+    store *s = create_store_sharded(name, shards, path, size);
     if (!s) return NULL;
     int rc = store_begin(s);
     for (int d = 0; d < 300 && !rc; d++) rc = put_document(s, d, 3, 0);
@@ -919,6 +927,28 @@ static void test_text_shards(void)
     store_close(split);
     if (access("/usr/bin/sqlite3", X_OK) == 0)
         CHECK(check_text_index_consistent(split_path), "the shards' account");
+}
+
+/* Without EMBEDRAG_TEXT_SHARDS a new store gets a text file per five online cores, one to three
+ * (one here on 2 cores, three on the 16-core GPU host); a value out of range is clamped. */
+static void test_default_shards(void)
+{
+    static const int cores[] = {1, 2, 4, 5, 9, 10, 14, 15, 16, 64, 0, -3};
+    static const int want[] = {1, 1, 1, 1, 1, 2, 2, 3, 3, 3, 1, 1};
+    for (size_t i = 0; i < sizeof cores / sizeof cores[0]; i++)
+        CHECK(store_text_shards_for(cores[i]) == want[i], "%d cores: %d shards, want %d", cores[i],
+              store_text_shards_for(cores[i]), want[i]);
+    static const char *const set[] = {"", "0", "12"};
+    int expect[] = {store_text_shards_for(threadpool_online_cores()), 1, STORE_TEXT_SHARDS_MAX};
+    for (int i = 0; i < 3; i++) {
+        char name[32], path[300];
+        snprintf(name, sizeof name, "default%d.db", i);
+        store *s = create_store_sharded(name, set[i], path, sizeof path);
+        CHECK(s && store_text_shards(s) == expect[i],
+              "EMBEDRAG_TEXT_SHARDS=\"%s\": %d shards, want %d", set[i],
+              s ? store_text_shards(s) : -1, expect[i]);
+        store_close(s);
+    }
 }
 
 /* Updates smaller than one step (what the indexer's text thread does every 8,192 chunks): the
@@ -1316,6 +1346,7 @@ int main(void)
     test_text_update_steps();
     test_text_update_marks();
     test_text_shards();
+    test_default_shards();
     char command[600];
     snprintf(command, sizeof command, "rm -rf '%s'", dir);
     if (system(command) != 0) fprintf(stderr, "could not remove %s\n", dir);

@@ -9,6 +9,7 @@
 
 #include "util/error.h"
 #include "util/memory.h"
+#include "util/threadpool.h"
 
 #include <sqlite3.h>
 
@@ -272,16 +273,25 @@ static char *read_meta(store *s, const char *key, int *rc)
 }
 
 /* The shards a new text index is split into: EMBEDRAG_TEXT_SHARDS where set (1 to
- * STORE_TEXT_SHARDS_MAX), else 1. The indexer updates each shard on a thread of its own: on the
- * 16-core GPU host one FTS5 index was the slowest stage of indexing (4.5 s of a 5.1 s run for
- * 244,800 chunks, nearly all of it FTS5's own work per token); a BM25 search then asks each
- * shard in turn. One file stays the default until shards are measured there. */
+ * STORE_TEXT_SHARDS_MAX), else store_text_shards_for(online cores). */
 static int default_text_shards(void)
 {
     const char *env = getenv("EMBEDRAG_TEXT_SHARDS");
-    if (!env || !*env) return 1;
+    if (!env || !*env) return store_text_shards_for(threadpool_online_cores());
     int n = atoi(env);
     return n < 1 ? 1 : n > STORE_TEXT_SHARDS_MAX ? STORE_TEXT_SHARDS_MAX : n;
+}
+
+/* The indexer updates each shard on a thread of its own. On the 16-core GPU host one FTS5 index
+ * was indexing's slowest stage (4.5 s of a 5.1 s run for 244,800 chunks, nearly all of it FTS5's
+ * own work per token); three files took 5-7 points of raw embedding speed back in each of three
+ * rounds (2026-11-30, BENCHMARKS.md), and the store thread is the slowest stage again. On a few
+ * cores the embedding is the bound and one file does; a BM25 search over three files measured no
+ * slower on 2 cores. So: a file per five cores, one to three. */
+int store_text_shards_for(int cores)
+{
+    int n = cores / 5;
+    return n < 1 ? 1 : n > 3 ? 3 : n;
 }
 
 static int write_meta(store *s, const char *key, const char *value)

@@ -107,6 +107,9 @@ int store_index_text(store *s);
 typedef struct store_text store_text;
 #define STORE_TEXT_SHARDS_MAX 8 /* the most files a text index is split into */
 int store_text_shards(const store *s);
+/* The shards a new store's text index gets on a machine with `cores` online cores (1 to 3) where
+ * EMBEDRAG_TEXT_SHARDS does not say. */
+int store_text_shards_for(int cores);
 int store_text_open(store *s, int shard, store_text **out);
 int store_text_update(store_text *t);
 void store_text_close(store_text *t);
