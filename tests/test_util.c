@@ -1,17 +1,20 @@
 /* Tests of the shared helpers in src/util: whole-file reads (missing, empty, oversized and
  * unreadable files), path joining, the JSON helpers' parsing, typed getters and messages, and the
  * thread pool (every task once per run, per-thread scratch never shared, bulk scheduling mode
- * followed by the workers). Runs under ThreadSanitizer too. */
+ * followed by the workers), and the follower thread (called every N changes, on after a failed
+ * call, a last call for the rest, stopped without one). Runs under ThreadSanitizer too. */
 #include "check.h"
 
 #include "util/error.h"
 #include "util/file.h"
+#include "util/follower.h"
 #include "util/json.h"
 #include "util/threadpool.h"
 
 #include "embedrag.h"
 
 #include <cjson/cJSON.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -372,6 +375,102 @@ static void test_threadpool_bulk_mode(void)
     threadpool_destroy(p);
 }
 
+/* What a follower's run sees: the changes noted when it was called, and which call fails. */
+typedef struct follow_log {
+    pthread_mutex_t lock;
+    int calls;
+    long saw[8];   /* the follower's `seen` at each call */
+    int fail_call; /* this call (1-based) fails */
+    follower *f;
+} follow_log;
+
+static int follow_run(void *ctx)
+{
+    follow_log *log = ctx;
+    pthread_mutex_lock(&log->lock);
+    int call = ++log->calls;
+    pthread_mutex_unlock(&log->lock);
+    pthread_mutex_lock(&log->f->lock);
+    long seen = log->f->seen;
+    pthread_mutex_unlock(&log->f->lock);
+    if (call <= 8) log->saw[call - 1] = seen;
+    if (call == log->fail_call)
+        return err_set(EMBEDRAG_ERR_IO, "update %d failed on purpose (disk full)", call);
+    return 0;
+}
+
+/* Waits (at most 10 s) until the follower has made `calls` calls and is idle. */
+static bool follow_wait(follow_log *log, int calls)
+{
+    for (int i = 0; i < 10000; i++) {
+        pthread_mutex_lock(&log->lock);
+        int n = log->calls;
+        pthread_mutex_unlock(&log->lock);
+        if (n >= calls) {
+            follower_settle(log->f, false, false); /* the call in progress ends */
+            return true;
+        }
+        usleep(1000);
+    }
+    return false;
+}
+
+static int follow_calls(follow_log *log)
+{
+    pthread_mutex_lock(&log->lock);
+    int n = log->calls;
+    pthread_mutex_unlock(&log->lock);
+    return n;
+}
+
+/* A follower calls every 100 changes; its second call fails, and it goes on: the third comes at
+ * 300 changes (the indexer's text thread once stopped at its first failure, leaving the whole
+ * rest of a run to the writer's last update). Fewer than 100 more changes wait for the last
+ * call, which takes them; a stopped follower makes no last call. */
+static void test_follower(void)
+{
+    follower f;
+    follow_log log = {.fail_call = 2, .f = &f};
+    pthread_mutex_init(&log.lock, NULL);
+    CHECK(follower_start(&f, 100, follow_run, &log), "the follower's thread starts");
+    follower_note(&f, 99);
+    usleep(20000);
+    CHECK(follow_calls(&log) == 0, "no call before 100 changes: %d", follow_calls(&log));
+    follower_note(&f, 100);
+    CHECK(follow_wait(&log, 1), "a call at 100 changes");
+    follower_note(&f, 250);
+    CHECK(follow_wait(&log, 2), "a call at 250 changes (which fails)");
+    follower_note(&f, 300);
+    usleep(20000);
+    CHECK(follow_calls(&log) == 2, "300 is 50 past the last call: no call yet (%d calls)",
+          follow_calls(&log));
+    follower_note(&f, 360);
+    CHECK(follow_wait(&log, 3), "the follower goes on after a failed call: a call at 360 changes");
+    follower_note(&f, 400);
+    follower_settle(&f, true, false);
+    follower_end(&f);
+    CHECK(follow_calls(&log) == 4, "a last call for the 40 changes left: %d calls in all",
+          follow_calls(&log));
+    CHECK(log.saw[0] == 100 && log.saw[1] == 250 && log.saw[2] == 360 && log.saw[3] == 400,
+          "the calls saw %ld, %ld, %ld, %ld changes", log.saw[0], log.saw[1], log.saw[2],
+          log.saw[3]);
+    CHECK(f.failures == 1 && strstr(f.failure, "update 2 failed on purpose"),
+          "one failure, its message kept: %ld, \"%s\"", f.failures, f.failure);
+    CHECK(f.seconds >= 0.0 && f.cpu_seconds >= 0.0 && !f.on, "times kept, thread ended");
+
+    /* Stopped: no last call, whatever changed since. */
+    follow_log quiet = {.fail_call = 0, .f = &f};
+    pthread_mutex_init(&quiet.lock, NULL);
+    CHECK(follower_start(&f, 100, follow_run, &quiet), "a second follower starts");
+    follower_note(&f, 50);
+    follower_settle(&f, false, true);
+    follower_end(&f);
+    CHECK(follow_calls(&quiet) == 0 && f.failures == 0, "stopped: %d calls, %ld failures",
+          follow_calls(&quiet), f.failures);
+    pthread_mutex_destroy(&log.lock);
+    pthread_mutex_destroy(&quiet.lock);
+}
+
 int main(void)
 {
     const char *tmp = getenv("TMPDIR");
@@ -391,6 +490,7 @@ int main(void)
     test_json_read_file();
     test_threadpool_runs_each_task_once();
     test_threadpool_bulk_mode();
+    test_follower();
 
     static const char *const created[] = {"bytes.bin", "empty.txt", "bad.json"};
     for (size_t i = 0; i < sizeof created / sizeof created[0]; i++) {

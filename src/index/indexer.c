@@ -14,6 +14,7 @@
 #include "util/clock.h"
 #include "util/error.h"
 #include "util/file.h"
+#include "util/follower.h"
 #include "util/threadpool.h"
 
 #include <cjson/cJSON.h>
@@ -67,27 +68,6 @@ typedef struct pending_document {
     int chunk_status; /* nonzero: why it could not be chunked (chunk_error says more) */
     char *chunk_error;
 } pending_document;
-
-/* A thread that follows the store (the text index's updates, the checkpoints): it calls `run`
- * each time `every` more changes were stored since its last call, and once more when asked for a
- * last one, until told to stop. A failed call ends it; what follows it (the writer's own text
- * update at the end, SQLite's own checkpoints) then says what failed or does the work. */
-typedef struct follower {
-    bool on; /* the thread was started */
-    pthread_t thread;
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    bool busy, stop, last; /* under lock */
-    long stored, seen;     /* under lock: changes stored; those of its last call */
-    long every;
-    int (*run)(void *ctx);
-    void *ctx;
-    double seconds;     /* its calls, in all */
-    double cpu_seconds; /* the CPU time they used (less than `seconds` where it waited) */
-    long failures;      /* calls that failed (it goes on: the writer's own update at the end makes
-                         * good what they left undone, and says why where it fails too) */
-    char failure[256];  /* the first one's message */
-} follower;
 
 /* A stage thread's argument. */
 typedef struct stage_start {
@@ -590,86 +570,6 @@ static void stages_end(indexer *ix)
     pthread_mutex_destroy(&ix->lock);
     pthread_cond_destroy(&ix->moved);
     ix->stages_on = false;
-}
-
-static void *follower_thread(void *arg)
-{
-    follower *f = arg;
-    pthread_mutex_lock(&f->lock);
-    for (;;) {
-        while (!f->stop && !f->last && f->stored - f->seen < f->every)
-            pthread_cond_wait(&f->wake, &f->lock);
-        if (f->stop || (f->last && f->stored == f->seen)) break;
-        f->seen = f->stored;
-        f->busy = true;
-        pthread_mutex_unlock(&f->lock);
-        double t = clock_seconds(), cpu = clock_thread_cpu_seconds();
-        int rc = f->run(f->ctx);
-        pthread_mutex_lock(&f->lock);
-        f->seconds += clock_seconds() - t;
-        f->cpu_seconds += clock_thread_cpu_seconds() - cpu;
-        f->busy = false;
-        if (rc && !f->failures++) snprintf(f->failure, sizeof f->failure, "%s", err_get());
-        pthread_cond_broadcast(&f->wake);
-    }
-    f->busy = false;
-    f->stop = true;
-    pthread_cond_broadcast(&f->wake);
-    pthread_mutex_unlock(&f->lock);
-    return NULL;
-}
-
-/* Starts `f`; false when no thread could be started (then the caller does without). */
-static bool follower_start(follower *f, long every, int (*run)(void *ctx), void *ctx)
-{
-    *f = (follower){.every = every, .run = run, .ctx = ctx};
-    pthread_mutex_init(&f->lock, NULL);
-    pthread_cond_init(&f->wake, NULL);
-    f->on = pthread_create(&f->thread, NULL, follower_thread, f) == 0;
-    if (!f->on) {
-        pthread_mutex_destroy(&f->lock);
-        pthread_cond_destroy(&f->wake);
-    }
-    return f->on;
-}
-
-/* Tells `f` how many changes were stored in all. */
-static void follower_note(follower *f, long stored)
-{
-    if (!f->on) return;
-    pthread_mutex_lock(&f->lock);
-    f->stored = stored;
-    pthread_cond_broadcast(&f->wake);
-    pthread_mutex_unlock(&f->lock);
-}
-
-/* Waits for the call in progress, if any. `last`: asks for one more call for whatever was stored
- * since the last (none where nothing was), then ends the thread, without waiting for it; `stop`:
- * ends it at once. */
-static void follower_settle(follower *f, bool last, bool stop)
-{
-    if (!f->on) return;
-    pthread_mutex_lock(&f->lock);
-    if (last) f->last = true;
-    if (stop) f->stop = true;
-    pthread_cond_broadcast(&f->wake);
-    if (!last)
-        while (f->busy) pthread_cond_wait(&f->wake, &f->lock);
-    pthread_mutex_unlock(&f->lock);
-}
-
-/* Ends `f` (after the last call, where one was asked for) and waits for it. */
-static void follower_end(follower *f)
-{
-    if (!f->on) return;
-    pthread_mutex_lock(&f->lock);
-    bool last = f->last;
-    pthread_mutex_unlock(&f->lock);
-    if (!last) follower_settle(f, false, true);
-    pthread_join(f->thread, NULL);
-    pthread_mutex_destroy(&f->lock);
-    pthread_cond_destroy(&f->wake);
-    f->on = false;
 }
 
 /* Ends the text index's threads (after their last update, where one was asked for) and
