@@ -36,7 +36,7 @@
 #             of the same texts
 #   sanitize  compute-sanitizer memcheck and racecheck on test_backend
 #   profile   Nsight Compute's kernel durations over one bulk call (1000 x 128 tokens, 12 x 384,
-#             fp16) and one query (1 x 16)
+#             fp16) and one query (1 x 16); EMBEDRAG_PROFILE_CELLS, _VARIANTS and _DETAIL below
 # $OUT (else BUNDLE/out) receives few files (the device tool brings back at most 8): summary.txt,
 # logs.txt (every log, one after another), bench.json and machine.txt; a summary is printed last.
 set -uo pipefail
@@ -532,16 +532,25 @@ fi
 
 # ---- kernel durations ----
 if run_step profile; then
-    for cell in 128,1000 16,1; do
-        # Past the weight conversions at load (~150 kernels) and the warm-up calls (3 of ~90
-        # kernels), a little over one of the 10 timed calls.
-        skip=600
-        timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum \
-            --launch-skip "$skip" --launch-count 100 --print-summary per-kernel \
-            "$build/embedrag_backend_bench" --device cuda --random 12,384,12,1536 \
-            --precision fp16 --only "$cell" --seconds 0 >"$logs/profile-$cell.log" 2>&1
-        note "ncu $cell: exit $?"
-        python3 - "$logs/profile-$cell.log" >>"$summary" 2>&1 <<'PY'
+    # EMBEDRAG_PROFILE_CELLS (length,texts ...) under each of EMBEDRAG_PROFILE_VARIANTS: default,
+    # small (EMBEDRAG_CUDA_SMALL=1) or nopdl (EMBEDRAG_CUDA_SMALL=nopdl); with
+    # EMBEDRAG_PROFILE_DETAIL=REGEX also ncu's speed-of-light, occupancy, launch, warp-state and
+    # memory sections for the first 8 kernels matching REGEX (in each variant, the last cell).
+    for variant in ${EMBEDRAG_PROFILE_VARIANTS:-default}; do
+        small=
+        [ "$variant" = small ] && small=1
+        [ "$variant" = nopdl ] && small=nopdl
+        for cell in ${EMBEDRAG_PROFILE_CELLS:-128,1000 16,1}; do
+            # Past the weight conversions at load (~150 kernels) and the warm-up calls (3 of ~90
+            # kernels), a little over one of the 10 timed calls.
+            skip=600
+            EMBEDRAG_CUDA_SMALL=$small timeout 200 ncu --clock-control none \
+                --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count 100 \
+                --print-summary per-kernel "$build/embedrag_backend_bench" --device cuda \
+                --random 12,384,12,1536 --precision fp16 --only "$cell" --seconds 0 \
+                >"$logs/profile-$variant-$cell.log" 2>&1
+            note "ncu $variant $cell: exit $?"
+            python3 - "$logs/profile-$variant-$cell.log" >>"$summary" 2>&1 <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 # Per-kernel summary blocks: a kernel's name line, then "gpu__time_duration.sum ... min max avg".
@@ -556,6 +565,16 @@ print("ncu %s: kernel, unit, average, launches among the 100 profiled" % sys.arg
 for r in rows:
     print("  %-90s %4s %10s %5s" % r)
 PY
+        done
+        if [ -n "${EMBEDRAG_PROFILE_DETAIL:-}" ]; then
+            EMBEDRAG_CUDA_SMALL=$small timeout 200 ncu --clock-control none \
+                --section SpeedOfLight --section Occupancy --section LaunchStats \
+                --section WarpStateStats --section MemoryWorkloadAnalysis \
+                -k "regex:$EMBEDRAG_PROFILE_DETAIL" --launch-skip 60 --launch-count 8 \
+                "$build/embedrag_backend_bench" --device cuda --random 12,384,12,1536 \
+                --precision fp16 --only "$cell" --seconds 0 >"$out/detail-$variant.txt" 2>&1
+            note "ncu detail $variant $cell ($EMBEDRAG_PROFILE_DETAIL): exit $? (detail-$variant.txt)"
+        fi
     done
 fi
 
