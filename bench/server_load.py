@@ -453,11 +453,15 @@ async def run_load(args, host, port, plan, pid):
                 t1 = time.perf_counter()
                 # The server's own view where it sends one (TEI's x-total-time, in ms): what the
                 # client's latency adds beyond it is the wake-up, the socket and this client.
-                try:
-                    server_s = float(headers["x-total-time"]) / 1e3
-                except (KeyError, ValueError):
-                    server_s = None
-                recs[cls].append((t1, t1 - t0, status, nt, ntok, server_s))
+                # Its split (x-queue-time: waiting in the engine, for a lane, the device or the
+                # CPU's threads; x-inference-time: the batches' own time) says where a tail is.
+                def header_s(name):
+                    try:
+                        return float(headers[name]) / 1e3
+                    except (KeyError, ValueError):
+                        return None
+                recs[cls].append((t1, t1 - t0, status, nt, ntok, header_s("x-total-time"),
+                                  header_s("x-queue-time"), header_s("x-inference-time")))
                 if cls == "query" and query_period and next_send > t1:
                     await asyncio.sleep(next_send - t1)
                 if status == 429:
@@ -504,9 +508,10 @@ async def run_load(args, host, port, plan, pid):
              "status_429": by_status.pop("429", 0),
              "errors": by_status}
         d.update(lat_summary([x[1] for x in ok]))
-        server_side = [x[5] for x in ok if x[5] is not None]
-        if server_side:
-            d["server_total"] = lat_summary(server_side)
+        for key, i in (("server_total", 5), ("server_queue", 6), ("server_inference", 7)):
+            server_side = [x[i] for x in ok if x[i] is not None]
+            if server_side:
+                d[key] = lat_summary(server_side)
         if deadline is not None:
             w = [x for x in ok if x[0] <= deadline]
             d["in_window"] = {"requests": len(w), "texts_per_s": sum(x[3] for x in w) / args.duration,
@@ -587,10 +592,13 @@ def print_report(res):
             fmt(d["p90_ms"]), fmt(d["p99_ms"]), fmt(d["max_ms"]), d["status_429"],
             ",".join("%s:%d" % kv for kv in sorted(d["errors"].items())) or "0"))
     for cls in ("query", "batch"):
-        st = res["load"][cls].get("server_total")
-        if st:
-            print("%-6s server's x-total-time (whole ms): p50 %s, p90 %s, p99 %s, max %s" % (
-                cls, fmt(st["p50_ms"]), fmt(st["p90_ms"]), fmt(st["p99_ms"]), fmt(st["max_ms"])))
+        for key, header in (("server_total", "x-total-time"), ("server_queue", "x-queue-time"),
+                            ("server_inference", "x-inference-time")):
+            st = res["load"][cls].get(key)
+            if st:
+                print("%-6s server's %s (whole ms): p50 %s, p90 %s, p99 %s, max %s" % (
+                    cls, header, fmt(st["p50_ms"]), fmt(st["p90_ms"]), fmt(st["p99_ms"]),
+                    fmt(st["max_ms"])))
     t = res["load"]["total"]
     print("%-6s %7s %9.1f %10.0f   (over %.1f s; client CPU %.1f s)" % (
         "total", "", t["texts_per_s"], t["tokens_per_s"], res["load"]["elapsed_s"], res["load"]["client_cpu_s"]))

@@ -45,7 +45,7 @@ struct metrics {
     pthread_mutex_t lock;
     unsigned long requests[ROUTE_COUNT][STATUS_MAX];
     histogram durations[ROUTE_COUNT];
-    histogram tokens, texts, tokenize, inference;
+    histogram tokens, texts, tokenize, inference, queue_time, compute;
     unsigned long long tokens_total, texts_total;
     long queue[METRICS_LANES];
     const char *reasons[REASONS];
@@ -82,6 +82,8 @@ int metrics_create(metrics **out)
     failed |= histogram_init(&m->texts, text_bounds, COUNT_OF(text_bounds));
     failed |= histogram_init(&m->tokenize, duration_bounds, COUNT_OF(duration_bounds));
     failed |= histogram_init(&m->inference, duration_bounds, COUNT_OF(duration_bounds));
+    failed |= histogram_init(&m->queue_time, duration_bounds, COUNT_OF(duration_bounds));
+    failed |= histogram_init(&m->compute, duration_bounds, COUNT_OF(duration_bounds));
     if (failed) {
         metrics_destroy(m);
         return -1;
@@ -98,6 +100,8 @@ void metrics_destroy(metrics *m)
     free(m->texts.buckets);
     free(m->tokenize.buckets);
     free(m->inference.buckets);
+    free(m->queue_time.buckets);
+    free(m->compute.buckets);
     pthread_mutex_destroy(&m->lock);
     free(m);
 }
@@ -112,11 +116,13 @@ void metrics_request(metrics *m, metrics_route route, int status, double seconds
 }
 
 void metrics_batch(metrics *m, size_t texts, size_t tokens, double tokenize_seconds,
-                   double inference_seconds)
+                   double queue_seconds, double compute_seconds)
 {
     pthread_mutex_lock(&m->lock);
     histogram_add(&m->tokenize, tokenize_seconds);
-    histogram_add(&m->inference, inference_seconds);
+    histogram_add(&m->inference, queue_seconds + compute_seconds);
+    histogram_add(&m->queue_time, queue_seconds);
+    histogram_add(&m->compute, compute_seconds);
     histogram_add(&m->texts, (double)texts);
     histogram_add(&m->tokens, (double)tokens);
     m->texts_total += texts;
@@ -162,6 +168,13 @@ static void write_histogram(out_buffer *out, const char *name, const char *label
     out_format(out, "%s_count%s%s%s %lu\n", name, open, labels, close, h->total);
 }
 
+/* A histogram without labels, with its HELP and TYPE lines. */
+static void histogram_block(out_buffer *out, const char *name, const char *help, const histogram *h)
+{
+    out_format(out, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    write_histogram(out, name, "", h);
+}
+
 void metrics_write(metrics *m, out_buffer *out, const char *backends)
 {
     pthread_mutex_lock(&m->lock);
@@ -184,19 +197,21 @@ void metrics_write(metrics *m, out_buffer *out, const char *backends)
                   "# TYPE embedrag_queue_texts gauge\n");
     for (int l = 0; l < METRICS_LANES; l++)
         out_format(out, "embedrag_queue_texts{lane=\"%s\"} %ld\n", lane_names[l], m->queue[l]);
-    out_text(out, "# HELP embedrag_batch_tokens Tokens per embedding request.\n"
-                  "# TYPE embedrag_batch_tokens histogram\n");
-    write_histogram(out, "embedrag_batch_tokens", "", &m->tokens);
-    out_text(out, "# HELP embedrag_batch_texts Texts per embedding request.\n"
-                  "# TYPE embedrag_batch_texts histogram\n");
-    write_histogram(out, "embedrag_batch_texts", "", &m->texts);
-    out_text(out, "# HELP embedrag_tokenize_seconds Tokenization time per embedding request.\n"
-                  "# TYPE embedrag_tokenize_seconds histogram\n");
-    write_histogram(out, "embedrag_tokenize_seconds", "", &m->tokenize);
-    out_text(out, "# HELP embedrag_inference_seconds Time per embedding request in the engine: "
-                  "waiting in its lane and computing.\n"
-                  "# TYPE embedrag_inference_seconds histogram\n");
-    write_histogram(out, "embedrag_inference_seconds", "", &m->inference);
+    histogram_block(out, "embedrag_batch_tokens", "Tokens per embedding request.", &m->tokens);
+    histogram_block(out, "embedrag_batch_texts", "Texts per embedding request.", &m->texts);
+    histogram_block(out, "embedrag_tokenize_seconds", "Tokenization time per embedding request.",
+                    &m->tokenize);
+    histogram_block(out, "embedrag_inference_seconds",
+                    "Time per embedding request in the engine: waiting and computing.",
+                    &m->inference);
+    histogram_block(out, "embedrag_queue_seconds",
+                    "Time per embedding request in the engine not spent on its own batches: "
+                    "waiting in its lane, and for the device or the CPU's threads.",
+                    &m->queue_time);
+    histogram_block(out, "embedrag_compute_seconds",
+                    "Time per embedding request of the batches that carried its texts (each "
+                    "counted whole).",
+                    &m->compute);
     out_format(out,
                "# HELP embedrag_tokens_total Tokens embedded.\n# TYPE embedrag_tokens_total "
                "counter\nembedrag_tokens_total %llu\n"

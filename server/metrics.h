@@ -33,11 +33,12 @@ void metrics_destroy(metrics *m);
 /* A finished request: its route, HTTP status and seconds from the first byte to the reply. */
 void metrics_request(metrics *m, metrics_route route, int status, double seconds);
 
-/* An embedding request's texts and tokens once embedded, with the seconds its tokenization and
- * its engine calls took (queueing in the engine's lanes included); and the texts it adds to
- * (or, with a negative count, takes from) a lane's queue. */
+/* An embedding request's texts and tokens once embedded, with the seconds its tokenization took
+ * and its engine calls: queue_seconds waiting (in the engine's lanes, for the device or the
+ * CPU's threads), compute_seconds in the batches that carried its texts; and the texts it adds
+ * to (or, with a negative count, takes from) a lane's queue. */
 void metrics_batch(metrics *m, size_t texts, size_t tokens, double tokenize_seconds,
-                   double inference_seconds);
+                   double queue_seconds, double compute_seconds);
 void metrics_queue(metrics *m, metrics_lane lane, long texts);
 
 /* A request refused before any work: "queue_full", "body_too_large", "unauthorized",

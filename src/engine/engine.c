@@ -1017,6 +1017,14 @@ int engine_embed_tokens_timed(embedrag_model *m, const int32_t *ids, const int *
 int embedrag_embed_tokens(embedrag_model *m, const int32_t *ids, const size_t *offsets, size_t n,
                           const embedrag_embed_params *params, float *out)
 {
+    return engine_embed_tokens_sized_timed(m, ids, offsets, n, params, out, NULL);
+}
+
+int engine_embed_tokens_sized_timed(embedrag_model *m, const int32_t *ids, const size_t *offsets,
+                                    size_t n, const embedrag_embed_params *params, float *out,
+                                    double *device_seconds)
+{
+    if (device_seconds) *device_seconds = 0.0;
     if (!m || (n && (!ids || !offsets || !out)))
         return err_set(EMBEDRAG_ERR_INVALID_ARGUMENT, "embedrag_embed_tokens: NULL argument");
     if (n == 0) return 0;
@@ -1034,7 +1042,8 @@ int embedrag_embed_tokens(embedrag_model *m, const int32_t *ids, const size_t *o
         }
         narrow[i] = (int)(offsets[i] - offsets[0]);
     }
-    int rc = engine_embed_tokens(m, ids + offsets[0], narrow, (int)n, NULL, params, out);
+    int rc = engine_embed_tokens_timed(m, ids + offsets[0], narrow, (int)n, NULL, params, out,
+                                       device_seconds);
     free(narrow);
     return rc;
 }

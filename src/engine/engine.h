@@ -37,4 +37,14 @@ int engine_embed_tokens_timed(embedrag_model *model, const int32_t *ids, const i
                               int count, const int *pool_skip, const embedrag_embed_params *params,
                               float *out, double *device_seconds);
 
+/* embedrag_embed_tokens (offsets as its callers hold them) that also returns the device seconds
+ * of the batches that carried its sequences, as engine_embed_tokens_timed does: on the CPU the
+ * time those batches held the thread pool, without their pauses for queries; each batch counted
+ * whole, also where it carried other callers' sequences. The server's queue and inference times
+ * come from it. */
+int engine_embed_tokens_sized_timed(embedrag_model *model, const int32_t *ids,
+                                    const size_t *offsets, size_t n,
+                                    const embedrag_embed_params *params, float *out,
+                                    double *device_seconds);
+
 #endif
