@@ -722,6 +722,8 @@ static const gpu_variant gpu_variants[] = {
      GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "nopdl",
      "cuda fp16, small-batch kernels without pdl", GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "lastnorm",
+     "cuda fp16, small-batch kernels, LayerNorm in the last block", GPU_HALF_MIN_COSINE},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,

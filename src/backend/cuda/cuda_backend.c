@@ -97,6 +97,7 @@ typedef struct cuda_backend {
     /* EMBEDRAG_CUDA_SMALL: passes of at most CUDA_SMALL_MAX_ROWS rows use cuda_small_gemm, whose
      * launches (and attention v2's) are programmatic dependents unless small_pdl is off. */
     bool small, small_pdl;
+    bool small_norm_next; /* the chain (small_chain), unless EMBEDRAG_CUDA_SMALL=lastnorm */
     int small_activation; /* CUDA_ACT_* of the model, exact (erf GELU for GELU models) */
     char name[32], device_text[320], kernels[192];
 
@@ -399,7 +400,101 @@ static bool small_takes(const backend_stream *s, const cuda_plan *plan, int kind
     if (!b->small || plan->tokens > CUDA_SMALL_MAX_ROWS) return false;
     int n, k;
     gemm_dims(b->config, kind, &n, &k);
-    return cuda_small_gemm_columns(b->dtype, plan->tokens, n, k, small_epilogue(kind)) > 0;
+    return cuda_small_gemm_columns(b->dtype, plan->tokens, n, k, small_epilogue(kind), 0) > 0;
+}
+
+/* Whether a pass takes the chain of small-batch kernels in which each LayerNorm is done by the
+ * product after it (EMBEDRAG_CUDA_SMALL on, not "lastnorm"): every product of the layer must take
+ * the kernel in the shape the chain gives it (QKV and intermediate normalizing their X, attention
+ * output and output leaving fp32 sums, the last output normalizing as before). */
+static bool small_chain(const backend_stream *s, const cuda_plan *plan)
+{
+    const cuda_backend *b = s->b;
+    if (!b->small || !b->small_norm_next || plan->tokens > CUDA_SMALL_MAX_ROWS) return false;
+    static const int kinds[] = {GEMM_QKV, GEMM_ATTENTION_OUT, GEMM_INTERMEDIATE, GEMM_OUTPUT};
+    static const int epilogues[] = {CUDA_SMALL_BIAS, CUDA_SMALL_SUM, CUDA_SMALL_ACTIVATION,
+                                    CUDA_SMALL_SUM};
+    static const int norm_x[] = {1, 0, 1, 0};
+    for (int i = 0; i < 4; i++) {
+        int n, k;
+        gemm_dims(b->config, kinds[i], &n, &k);
+        if (!cuda_small_gemm_columns(b->dtype, plan->tokens, n, k, epilogues[i], norm_x[i]) ||
+            (kinds[i] == GEMM_OUTPUT &&
+             !cuda_small_gemm_columns(b->dtype, plan->tokens, n, k, CUDA_SMALL_NORM, 0)))
+            return false;
+    }
+    return true;
+}
+
+/* One product of the chain (small_chain): `epilogue` on `out` (or the scratch rows for
+ * CUDA_SMALL_SUM), X from `input`, or, with gamma_in, normalized from the scratch rows (and
+ * stored to x_out). */
+static int small_chain_gemm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
+                            int kind, int epilogue, const cuda_layer *layer, const void *input,
+                            const float *gamma_in, const float *beta_in, void *x_out,
+                            const void *residual, const float *gamma, const float *beta, void *out)
+{
+    const cuda_backend *b = s->b;
+    cuda_small_gemm_params p = {.rows = plan->tokens,
+                                .x = input,
+                                .weight = layer->weight[kind],
+                                .bias = layer->bias[kind],
+                                .y = out,
+                                .epilogue = epilogue,
+                                .activation = b->small_activation,
+                                .residual = residual,
+                                .gamma = gamma,
+                                .beta = beta,
+                                .eps = b->config->layer_norm_eps,
+                                .scratch = s->small_scratch,
+                                .x_scratch = gamma_in ? s->small_scratch : NULL,
+                                .x_gamma = gamma_in,
+                                .x_beta = beta_in,
+                                .x_out = x_out,
+                                .counter = s->small_counters + 1,
+                                .programmatic = b->small_pdl};
+    gemm_dims(b->config, kind, &p.n, &p.k);
+    CUDA_TRY(cuda_small_gemm(b->dtype, view, &p, s->stream), "small-batch GEMM kernel");
+    return 0;
+}
+
+/* A pass on the chain: per layer QKV (normalizing the previous layer's output sums, from the
+ * second layer on), attention, attention output + residual as fp32 sums, intermediate (normalizing
+ * those) + activation, output + residual as sums (the last layer's normalized by its last block,
+ * for the pooling). 5 launches a layer and no LayerNorm of its own; the same bits as the
+ * small-batch kernels' last-block LayerNorms (the same formula on the same sums). */
+static int enqueue_small_chain(backend_stream *s, const cuda_batch_view *view,
+                               const cuda_plan *plan, int attention_pdl)
+{
+    const cuda_backend *b = s->b;
+    const model_config *c = b->config;
+    int h = c->hidden_size, rc = 0;
+    cudaStream_t st = s->stream;
+    for (int l = 0; l < c->num_layers && !rc; l++) {
+        const cuda_layer *layer = &b->layers[l], *before = l ? &b->layers[l - 1] : NULL;
+        rc = small_chain_gemm(s, view, plan, GEMM_QKV, CUDA_SMALL_BIAS, layer, s->x,
+                              before ? before->output_ln_gamma : NULL,
+                              before ? before->output_ln_beta : NULL, before ? s->x : NULL, NULL,
+                              NULL, NULL, s->qkv);
+        if (rc) break;
+        CUDA_TRY(cuda_attention(b->dtype, view, s->qkv, s->context, h, c->num_heads, b->attention,
+                                attention_pdl, st),
+                 "attention kernel");
+        rc = small_chain_gemm(s, view, plan, GEMM_ATTENTION_OUT, CUDA_SMALL_SUM, layer, s->context,
+                              NULL, NULL, NULL, s->x, NULL, NULL, NULL);
+        if (!rc)
+            rc = small_chain_gemm(s, view, plan, GEMM_INTERMEDIATE, CUDA_SMALL_ACTIVATION, layer,
+                                  NULL, layer->attention_ln_gamma, layer->attention_ln_beta, s->x1,
+                                  NULL, NULL, NULL, s->hidden);
+        if (!rc) {
+            bool last = l == c->num_layers - 1;
+            rc = small_chain_gemm(s, view, plan, GEMM_OUTPUT,
+                                  last ? CUDA_SMALL_NORM : CUDA_SMALL_SUM, layer, s->hidden, NULL,
+                                  NULL, NULL, s->x1, layer->output_ln_gamma, layer->output_ln_beta,
+                                  s->x);
+        }
+    }
+    return rc;
 }
 
 /* Product `kind` with its epilogue in one launch (small_takes said yes): QKV + bias, intermediate
@@ -464,6 +559,12 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
                         b->embedding_beta, eps, h, s->x, st),
              "embedding kernel");
+    if (small_chain(s, plan)) {
+        int rc = enqueue_small_chain(s, view, plan, attention_pdl);
+        if (rc) return rc;
+        CUDA_TRY(cuda_pool(dt, view, s->x, h, c->pooling, s->pooled, st), "pooling kernel");
+        return 0;
+    }
     for (int l = 0; l < c->num_layers; l++) {
         const cuda_layer *layer = &b->layers[l];
         int rc = small_takes(s, plan, GEMM_QKV)
@@ -1227,10 +1328,13 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     }
     choose_activation(b);
     /* Small-batch kernels (bench/cuda-notes.md), off unless EMBEDRAG_CUDA_SMALL is set: 1 (or any
-     * yes) with programmatic dependent launches, "nopdl" without them. fp16 and bf16 only. */
+     * yes) with programmatic dependent launches and each LayerNorm in the product after it,
+     * "nopdl" without the dependent launches, "lastnorm" with the LayerNorms in the last block of
+     * the product before (the first version). fp16 and bf16 only. */
     const char *small = getenv("EMBEDRAG_CUDA_SMALL");
     b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32;
     b->small_pdl = b->small && strcmp(small, "nopdl") != 0;
+    b->small_norm_next = b->small && strcmp(small, "lastnorm") != 0;
     b->small_activation = config->activation == MODEL_ACT_GELU_TANH ? CUDA_ACT_GELU_TANH
                           : config->activation == MODEL_ACT_RELU    ? CUDA_ACT_RELU
                                                                     : CUDA_ACT_GELU;

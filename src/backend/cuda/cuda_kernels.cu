@@ -894,6 +894,10 @@ template <typename T> struct small_args {
     T *y;
     const float *gamma, *beta;
     float *scratch;
+    /* X normalized here (x_scratch non-NULL): X = LayerNorm(x_scratch rows) * x_gamma + x_beta,
+     * kc = kp (all of X in one stage); block 0 also writes X to x_out (when non-NULL). */
+    const float *x_scratch, *x_gamma, *x_beta;
+    T *x_out;
     unsigned *counter;
     const int *header;
     int rows; /* the launch's rows (the header's tokens are used where fewer) */
@@ -971,6 +975,50 @@ __device__ __forceinline__ void small_norm_rows(const small_args<T> &a, int rows
     }
 }
 
+/* X of a launch that normalizes it (x_scratch): each warp takes rows warp, warp + 8, ... of the
+ * fp32 rows the kernel ahead left in x_scratch (a CUDA_SMALL_SUM epilogue), normalizes them as
+ * small_norm_rows does (the same formula, so the same bits), and stores them in the dtype into
+ * the block's X stage at `stage` (rows x_row bytes apart), zeros past k and past `rows` up to
+ * rows_pad; block 0 also stores them to x_out, the residual of the next product. */
+template <typename T>
+__device__ __forceinline__ void small_norm_x(const small_args<T> &a, unsigned char *stage,
+                                             int rows, int rows_pad, int x_row)
+{
+    constexpr int PER_LANE = CUDA_MAX_HIDDEN / VEC(T) / WARP;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, vectors = a.k / VEC(T);
+    for (int row = warp; row < rows_pad; row += SMALL_WARPS) {
+        T *dst = reinterpret_cast<T *>(stage + (size_t)row * x_row);
+        if (row >= rows) {
+            for (int c = lane; c < a.kp / VEC(T); c += WARP)
+                reinterpret_cast<uint4 *>(dst)[c] = make_uint4(0, 0, 0, 0);
+            continue;
+        }
+        float v[PER_LANE][VEC(T)];
+        const float *src = a.x_scratch + (size_t)row * a.k;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) {
+            int c = lane + i * WARP;
+            if (c >= vectors) continue;
+            float4 lo = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8));
+            float4 hi = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8 + 4));
+            v[i][0] = lo.x;
+            v[i][1] = lo.y;
+            v[i][2] = lo.z;
+            v[i][3] = lo.w;
+            v[i][4] = hi.x;
+            v[i][5] = hi.y;
+            v[i][6] = hi.z;
+            v[i][7] = hi.w;
+        }
+        layer_norm_store<T, PER_LANE>(v, vectors, a.k, a.x_gamma, a.x_beta, a.eps, dst);
+        for (int c = vectors + lane; c < a.kp / VEC(T); c += WARP)
+            reinterpret_cast<uint4 *>(dst)[c] = make_uint4(0, 0, 0, 0);
+        if (blockIdx.x == 0 && a.x_out)
+            layer_norm_store<T, PER_LANE>(v, vectors, a.k, a.x_gamma, a.x_beta, a.eps,
+                                          a.x_out + (size_t)row * a.k);
+    }
+}
+
 template <typename T, int BN, int EPILOGUE>
 __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args<T> a)
 {
@@ -1003,10 +1051,14 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
     rows = rows < a.rows ? rows : a.rows;
     const int mtiles = (rows + 15) / 16, rows_pad = 16 * mtiles, stage_bytes = rows_pad * x_row;
     const int chunks = (a.kp + a.kc - 1) / a.kc, chunk_steps = a.kc / 16, ksteps = a.kp / 16;
-    /* Chunks 0 .. SMALL_STAGES - 2 as groups 1 .. SMALL_STAGES - 1 (empty past the last). */
+    /* Chunks 0 .. SMALL_STAGES - 2 as groups 1 .. SMALL_STAGES - 1 (empty past the last); or X
+     * normalized here into its one stage (the loop's first barrier publishes it). */
+    const bool norm_x = a.x_scratch != nullptr;
+    if (norm_x) small_norm_x(a, small_shared + BN * w_row, rows, rows_pad, x_row);
 #pragma unroll
     for (int s = 0; s < SMALL_STAGES - 1; s++) {
-        if (s < chunks) small_copy_x(x_smem + s * stage_bytes, a, s, rows, rows_pad, x_row);
+        if (s < chunks && !norm_x)
+            small_copy_x(x_smem + s * stage_bytes, a, s, rows, rows_pad, x_row);
         copy_async_commit();
     }
 
@@ -1033,7 +1085,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
         copy_async_wait<SMALL_STAGES - 2>();
         __syncthreads();
         const int next = c + SMALL_STAGES - 1;
-        if (next < chunks)
+        if (next < chunks && !norm_x)
             small_copy_x(x_smem + (next % SMALL_STAGES) * stage_bytes, a, next, rows, rows_pad,
                          x_row);
         copy_async_commit();
@@ -1095,7 +1147,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
 #pragma unroll
             for (int j = 0; j < 8; j++) y[j] = activate(y[j], a.activation);
         }
-        if constexpr (EPILOGUE == CUDA_SMALL_NORM) {
+        if constexpr (EPILOGUE == CUDA_SMALL_NORM || EPILOGUE == CUDA_SMALL_SUM) {
             /* The product rounded to the dtype, then the residual added in fp32: what
              * cuda_add_layer_norm does with cuBLASLt's output, so that the two paths round at
              * the same places. */
@@ -1356,9 +1408,10 @@ static int small_chunk_columns(int rows)
 
 /* Shared memory of a block: W's slice, then the ring of X chunks (no more stages than chunks) or
  * the warps' partial sums, whichever is larger. */
-static size_t small_shared_bytes(int columns, int rows, int k)
+static size_t small_shared_bytes(int columns, int rows, int k, bool norm_x)
 {
-    int kp = (k + 15) / 16 * 16, kc = small_chunk_columns(rows), rows_pad = (rows + 15) / 16 * 16;
+    int kp = (k + 15) / 16 * 16, kc = norm_x ? kp : small_chunk_columns(rows),
+        rows_pad = (rows + 15) / 16 * 16;
     int chunks = (kp + kc - 1) / kc, stages = chunks < SMALL_STAGES ? chunks : SMALL_STAGES;
     int nt = columns / 8, wk = SMALL_WARPS / (nt >= 2 ? nt / 2 : 1);
     size_t w = (size_t)columns * 2 * (size_t)(kp + SMALL_PAD);
@@ -1367,16 +1420,18 @@ static size_t small_shared_bytes(int columns, int rows, int k)
     return w + (ring > partial ? ring : partial);
 }
 
-extern "C" int cuda_small_gemm_columns(cuda_dtype dtype, int rows, int n, int k, int epilogue)
+extern "C" int cuda_small_gemm_columns(cuda_dtype dtype, int rows, int n, int k, int epilogue,
+                                       int norm_x)
 {
     if (dtype == CUDA_DTYPE_F32 || rows < 1 || rows > CUDA_SMALL_MAX_ROWS || n < 8 || k < 8 ||
-        n % 8 || k % 8 || (epilogue == CUDA_SMALL_NORM && n > CUDA_MAX_HIDDEN))
+        n % 8 || k % 8 || (epilogue == CUDA_SMALL_NORM && n > CUDA_MAX_HIDDEN) ||
+        (norm_x && k > CUDA_MAX_HIDDEN))
         return 0;
     static const int widths[] = {32, 16, 8};
     for (int i = 0; i < 3; i++) {
         int bn = widths[i];
         if (n % bn || (bn > 8 && n / bn < SMALL_MIN_BLOCKS)) continue;
-        if (small_shared_bytes(bn, rows, k) <= SMALL_MAX_SHARED) return bn;
+        if (small_shared_bytes(bn, rows, k, norm_x != 0) <= SMALL_MAX_SHARED) return bn;
     }
     return 0;
 }
@@ -1413,16 +1468,20 @@ static cudaError_t small_gemm_typed(const cuda_batch_view *batch, const cuda_sma
     a.gamma = p->gamma;
     a.beta = p->beta;
     a.scratch = p->scratch;
+    a.x_scratch = p->x_scratch;
+    a.x_gamma = p->x_gamma;
+    a.x_beta = p->x_beta;
+    a.x_out = (T *)p->x_out;
     a.counter = p->counter;
     a.header = batch->header;
     a.rows = p->rows;
     a.n = p->n;
     a.k = p->k;
     a.kp = (p->k + 15) / 16 * 16;
-    a.kc = small_chunk_columns(p->rows);
+    a.kc = p->x_scratch ? a.kp : small_chunk_columns(p->rows);
     a.activation = p->activation;
     a.eps = p->eps;
-    size_t shared = small_shared_bytes(columns, p->rows, p->k);
+    size_t shared = small_shared_bytes(columns, p->rows, p->k, p->x_scratch != NULL);
     bool programmatic = p->programmatic != 0;
     switch (p->epilogue) {
     case CUDA_SMALL_ACTIVATION:
@@ -1430,6 +1489,8 @@ static cudaError_t small_gemm_typed(const cuda_batch_view *batch, const cuda_sma
                                                             stream);
     case CUDA_SMALL_NORM:
         return small_launch_width<T, CUDA_SMALL_NORM>(columns, a, shared, programmatic, stream);
+    case CUDA_SMALL_SUM:
+        return small_launch_width<T, CUDA_SMALL_SUM>(columns, a, shared, programmatic, stream);
     default:
         return small_launch_width<T, CUDA_SMALL_BIAS>(columns, a, shared, programmatic, stream);
     }
@@ -1438,8 +1499,8 @@ static cudaError_t small_gemm_typed(const cuda_batch_view *batch, const cuda_sma
 extern "C" cudaError_t cuda_small_gemm(cuda_dtype dtype, const cuda_batch_view *batch,
                                        const cuda_small_gemm_params *params, cudaStream_t stream)
 {
-    int columns =
-        cuda_small_gemm_columns(dtype, params->rows, params->n, params->k, params->epilogue);
+    int columns = cuda_small_gemm_columns(dtype, params->rows, params->n, params->k,
+                                          params->epilogue, params->x_scratch != NULL);
     if (!columns) return cudaErrorInvalidValue;
     cudaError_t e = dtype == CUDA_DTYPE_F16
                         ? small_gemm_typed<__half>(batch, params, columns, stream)
@@ -1467,6 +1528,7 @@ template <typename T> static cudaError_t small_allow_all()
     cudaError_t e = small_allow<T, CUDA_SMALL_BIAS>();
     if (e == cudaSuccess) e = small_allow<T, CUDA_SMALL_ACTIVATION>();
     if (e == cudaSuccess) e = small_allow<T, CUDA_SMALL_NORM>();
+    if (e == cudaSuccess) e = small_allow<T, CUDA_SMALL_SUM>();
     return e;
 }
 

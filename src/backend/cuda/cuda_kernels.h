@@ -101,9 +101,15 @@ cudaError_t cuda_pool(cuda_dtype dtype, const cuda_batch_view *batch, const void
  *                          cuda_add_layer_norm gets it from cuBLASLt): every block writes its fp32
  *                          slice to scratch (rows x n floats), the last block to finish (counted
  *                          on *counter, which must be 0 before and is 0 again after) normalizes
- *                          the rows. */
+ *                          the rows.
+ *   CUDA_SMALL_SUM:        scratch = X W^T + bias (rounded to the dtype) + residual in fp32, for
+ *                          the next launch to normalize as its X (x_scratch); y is not written.
+ * With x_scratch, X is not read from x: it is LayerNorm(x_scratch's rows) * x_gamma + x_beta in
+ * the dtype (k at most CUDA_MAX_HIDDEN), what CUDA_SMALL_NORM would have stored, computed by every
+ * block for itself; block 0 also stores it to x_out (the next product's residual) when non-NULL.
+ * So a layer's LayerNorms cost no launch and no last block of their own. */
 #define CUDA_SMALL_MAX_ROWS 64
-enum { CUDA_SMALL_BIAS, CUDA_SMALL_ACTIVATION, CUDA_SMALL_NORM };
+enum { CUDA_SMALL_BIAS, CUDA_SMALL_ACTIVATION, CUDA_SMALL_NORM, CUDA_SMALL_SUM };
 
 typedef struct cuda_small_gemm_params {
     int rows; /* the launch's row count (a graph bucket's size); the header's tokens are used */
@@ -114,7 +120,10 @@ typedef struct cuda_small_gemm_params {
     const void *residual;      /* CUDA_SMALL_NORM: rows x n of the dtype */
     const float *gamma, *beta; /* CUDA_SMALL_NORM: n floats each */
     float eps;
-    float *scratch;    /* CUDA_SMALL_NORM: CUDA_SMALL_MAX_ROWS x n floats */
+    float *scratch;                /* CUDA_SMALL_NORM and _SUM: CUDA_SMALL_MAX_ROWS x n floats */
+    const float *x_scratch;        /* or NULL: X normalized from these fp32 rows (rows x k) */
+    const float *x_gamma, *x_beta; /* with x_scratch: k floats each */
+    void *x_out;                   /* with x_scratch: X stored here too (rows x k), or NULL */
     unsigned *counter; /* CUDA_SMALL_NORM: one per stream at least (launches in a stream take
                         * turns) */
     int programmatic;  /* launched as a programmatic dependent (PDL) of the kernel before it */
@@ -124,7 +133,7 @@ typedef struct cuda_small_gemm_params {
  * it does not take it (fp32, more than CUDA_SMALL_MAX_ROWS rows, n or k not a multiple of 8, a
  * LayerNorm wider than CUDA_MAX_HIDDEN, or more shared memory than a block may have): the caller
  * then uses cuBLASLt and the separate kernels. */
-int cuda_small_gemm_columns(cuda_dtype dtype, int rows, int n, int k, int epilogue);
+int cuda_small_gemm_columns(cuda_dtype dtype, int rows, int n, int k, int epilogue, int norm_x);
 cudaError_t cuda_small_gemm(cuda_dtype dtype, const cuda_batch_view *batch,
                             const cuda_small_gemm_params *params, cudaStream_t stream);
 /* Lets the small-batch kernels use more than 48 KB of shared memory on the current device. */
