@@ -981,8 +981,8 @@ __device__ __forceinline__ void small_norm_rows(const small_args<T> &a, int rows
  * the block's X stage at `stage` (rows x_row bytes apart), zeros past k and past `rows` up to
  * rows_pad; block 0 also stores them to x_out, the residual of the next product. */
 template <typename T>
-__device__ __forceinline__ void small_norm_x(const small_args<T> &a, unsigned char *stage,
-                                             int rows, int rows_pad, int x_row)
+__device__ __forceinline__ void small_norm_x(const small_args<T> &a, unsigned char *stage, int rows,
+                                             int rows_pad, int x_row)
 {
     constexpr int PER_LANE = CUDA_MAX_HIDDEN / VEC(T) / WARP;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, vectors = a.k / VEC(T);
