@@ -426,13 +426,13 @@ static bool small_chain(const backend_stream *s, const cuda_plan *plan)
     return true;
 }
 
-/* One product of the chain (small_chain): `epilogue` on `out` (or the scratch rows for
- * CUDA_SMALL_SUM), X from `input`, or, with gamma_in, normalized from the scratch rows (and
- * stored to x_out). */
-static int small_chain_gemm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
-                            int kind, int epilogue, const cuda_layer *layer, const void *input,
-                            const float *gamma_in, const float *beta_in, void *x_out,
-                            const void *residual, const float *gamma, const float *beta, void *out)
+/* One launch of the small-batch kernel for product `kind`: `epilogue` on `out` (or the scratch
+ * rows for CUDA_SMALL_SUM), X from `input`, or, with gamma_in (the chain, small_chain),
+ * normalized from the scratch rows (and stored to x_out). */
+static int small_product(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
+                         int kind, int epilogue, const cuda_layer *layer, const void *input,
+                         const float *gamma_in, const float *beta_in, void *x_out,
+                         const void *residual, const float *gamma, const float *beta, void *out)
 {
     const cuda_backend *b = s->b;
     cuda_small_gemm_params p = {.rows = plan->tokens,
@@ -451,7 +451,7 @@ static int small_chain_gemm(backend_stream *s, const cuda_batch_view *view, cons
                                 .x_gamma = gamma_in,
                                 .x_beta = beta_in,
                                 .x_out = x_out,
-                                .counter = s->small_counters + 1,
+                                .counter = s->small_counters + (kind == GEMM_OUTPUT),
                                 .programmatic = b->small_pdl};
     gemm_dims(b->config, kind, &p.n, &p.k);
     CUDA_TRY(cuda_small_gemm(b->dtype, view, &p, s->stream), "small-batch GEMM kernel");
@@ -472,26 +472,25 @@ static int enqueue_small_chain(backend_stream *s, const cuda_batch_view *view,
     cudaStream_t st = s->stream;
     for (int l = 0; l < c->num_layers && !rc; l++) {
         const cuda_layer *layer = &b->layers[l], *before = l ? &b->layers[l - 1] : NULL;
-        rc = small_chain_gemm(s, view, plan, GEMM_QKV, CUDA_SMALL_BIAS, layer, s->x,
-                              before ? before->output_ln_gamma : NULL,
-                              before ? before->output_ln_beta : NULL, before ? s->x : NULL, NULL,
-                              NULL, NULL, s->qkv);
+        rc = small_product(s, view, plan, GEMM_QKV, CUDA_SMALL_BIAS, layer, s->x,
+                           before ? before->output_ln_gamma : NULL,
+                           before ? before->output_ln_beta : NULL, before ? s->x : NULL, NULL, NULL,
+                           NULL, s->qkv);
         if (rc) break;
         CUDA_TRY(cuda_attention(b->dtype, view, s->qkv, s->context, h, c->num_heads, b->attention,
                                 attention_pdl, st),
                  "attention kernel");
-        rc = small_chain_gemm(s, view, plan, GEMM_ATTENTION_OUT, CUDA_SMALL_SUM, layer, s->context,
-                              NULL, NULL, NULL, s->x, NULL, NULL, NULL);
+        rc = small_product(s, view, plan, GEMM_ATTENTION_OUT, CUDA_SMALL_SUM, layer, s->context,
+                           NULL, NULL, NULL, s->x, NULL, NULL, NULL);
         if (!rc)
-            rc = small_chain_gemm(s, view, plan, GEMM_INTERMEDIATE, CUDA_SMALL_ACTIVATION, layer,
-                                  NULL, layer->attention_ln_gamma, layer->attention_ln_beta, s->x1,
-                                  NULL, NULL, NULL, s->hidden);
+            rc = small_product(s, view, plan, GEMM_INTERMEDIATE, CUDA_SMALL_ACTIVATION, layer, NULL,
+                               layer->attention_ln_gamma, layer->attention_ln_beta, s->x1, NULL,
+                               NULL, NULL, s->hidden);
         if (!rc) {
             bool last = l == c->num_layers - 1;
-            rc = small_chain_gemm(s, view, plan, GEMM_OUTPUT,
-                                  last ? CUDA_SMALL_NORM : CUDA_SMALL_SUM, layer, s->hidden, NULL,
-                                  NULL, NULL, s->x1, layer->output_ln_gamma, layer->output_ln_beta,
-                                  s->x);
+            rc = small_product(s, view, plan, GEMM_OUTPUT, last ? CUDA_SMALL_NORM : CUDA_SMALL_SUM,
+                               layer, s->hidden, NULL, NULL, NULL, s->x1, layer->output_ln_gamma,
+                               layer->output_ln_beta, s->x);
         }
     }
     return rc;
@@ -503,24 +502,8 @@ static int small_gemm(backend_stream *s, const cuda_batch_view *view, const cuda
                       int kind, const cuda_layer *layer, const void *input, const void *residual,
                       const float *gamma, const float *beta, void *out)
 {
-    const cuda_backend *b = s->b;
-    cuda_small_gemm_params p = {.rows = plan->tokens,
-                                .x = input,
-                                .weight = layer->weight[kind],
-                                .bias = layer->bias[kind],
-                                .y = out,
-                                .epilogue = small_epilogue(kind),
-                                .activation = b->small_activation,
-                                .residual = residual,
-                                .gamma = gamma,
-                                .beta = beta,
-                                .eps = b->config->layer_norm_eps,
-                                .scratch = s->small_scratch,
-                                .counter = s->small_counters + (kind == GEMM_OUTPUT),
-                                .programmatic = b->small_pdl};
-    gemm_dims(b->config, kind, &p.n, &p.k);
-    CUDA_TRY(cuda_small_gemm(b->dtype, view, &p, s->stream), "small-batch GEMM kernel");
-    return 0;
+    return small_product(s, view, plan, kind, small_epilogue(kind), layer, input, NULL, NULL, NULL,
+                         residual, gamma, beta, out);
 }
 
 /* out = LayerNorm(input W^T + bias + residual): a layer's attention output and its feed-forward

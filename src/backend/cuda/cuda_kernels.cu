@@ -937,35 +937,44 @@ __device__ __forceinline__ void small_partial(const float *p, float *out)
     out[7] = hi.w;
 }
 
+/* A warp's share of one fp32 scratch row (another block or the kernel ahead wrote it, so read at
+ * L2): lane's vectors lane, lane + 32, ... of 8 floats, `vectors` in the row. */
+template <int PER_LANE>
+__device__ __forceinline__ void small_load_row(const float *src, int vectors, float (*v)[8])
+{
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        int c = lane + i * WARP;
+        if (c >= vectors) continue;
+        float4 lo = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8));
+        float4 hi = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8 + 4));
+        v[i][0] = lo.x;
+        v[i][1] = lo.y;
+        v[i][2] = lo.z;
+        v[i][3] = lo.w;
+        v[i][4] = hi.x;
+        v[i][5] = hi.y;
+        v[i][6] = hi.z;
+        v[i][7] = hi.w;
+    }
+}
+
 /* The last block's LayerNorm: each warp takes rows warp, warp + 8, ... two at a time (both rows'
  * loads in flight together), from the fp32 scratch rows the blocks wrote. */
 template <typename T>
 __device__ __forceinline__ void small_norm_rows(const small_args<T> &a, int rows)
 {
     constexpr int PER_LANE = CUDA_MAX_HIDDEN / VEC(T) / WARP;
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, vectors = a.n / VEC(T);
+    const int warp = threadIdx.x / WARP, vectors = a.n / VEC(T);
     for (int row = warp; row < rows; row += 2 * SMALL_WARPS) {
         const bool second = row + SMALL_WARPS < rows; /* uniform over the warp */
         float v[2][PER_LANE][VEC(T)];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             if (h == 1 && !second) break;
-            const float *src = a.scratch + (size_t)(row + h * SMALL_WARPS) * a.n;
-#pragma unroll
-            for (int i = 0; i < PER_LANE; i++) {
-                int c = lane + i * WARP;
-                if (c >= vectors) continue;
-                float4 lo = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8));
-                float4 hi = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8 + 4));
-                v[h][i][0] = lo.x;
-                v[h][i][1] = lo.y;
-                v[h][i][2] = lo.z;
-                v[h][i][3] = lo.w;
-                v[h][i][4] = hi.x;
-                v[h][i][5] = hi.y;
-                v[h][i][6] = hi.z;
-                v[h][i][7] = hi.w;
-            }
+            small_load_row<PER_LANE>(a.scratch + (size_t)(row + h * SMALL_WARPS) * a.n, vectors,
+                                     v[h]);
         }
         layer_norm_store<T, PER_LANE>(v[0], vectors, a.n, a.gamma, a.beta, a.eps,
                                       a.y + (size_t)row * a.n);
@@ -994,22 +1003,7 @@ __device__ __forceinline__ void small_norm_x(const small_args<T> &a, unsigned ch
             continue;
         }
         float v[PER_LANE][VEC(T)];
-        const float *src = a.x_scratch + (size_t)row * a.k;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; i++) {
-            int c = lane + i * WARP;
-            if (c >= vectors) continue;
-            float4 lo = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8));
-            float4 hi = __ldcg(reinterpret_cast<const float4 *>(src + (size_t)c * 8 + 4));
-            v[i][0] = lo.x;
-            v[i][1] = lo.y;
-            v[i][2] = lo.z;
-            v[i][3] = lo.w;
-            v[i][4] = hi.x;
-            v[i][5] = hi.y;
-            v[i][6] = hi.z;
-            v[i][7] = hi.w;
-        }
+        small_load_row<PER_LANE>(a.x_scratch + (size_t)row * a.k, vectors, v);
         layer_norm_store<T, PER_LANE>(v, vectors, a.k, a.x_gamma, a.x_beta, a.eps, dst);
         for (int c = vectors + lane; c < a.kp / VEC(T); c += WARP)
             reinterpret_cast<uint4 *>(dst)[c] = make_uint4(0, 0, 0, 0);
@@ -1406,11 +1400,17 @@ static int small_chunk_columns(int rows)
     return tiles == 1 ? 256 : tiles == 2 ? 128 : 64;
 }
 
+/* Columns of X a stage holds: a chunk, or all of X (kp) where the kernel normalizes it. */
+static int small_x_columns(int rows, int kp, bool norm_x)
+{
+    return norm_x ? kp : small_chunk_columns(rows);
+}
+
 /* Shared memory of a block: W's slice, then the ring of X chunks (no more stages than chunks) or
  * the warps' partial sums, whichever is larger. */
 static size_t small_shared_bytes(int columns, int rows, int k, bool norm_x)
 {
-    int kp = (k + 15) / 16 * 16, kc = norm_x ? kp : small_chunk_columns(rows),
+    int kp = (k + 15) / 16 * 16, kc = small_x_columns(rows, kp, norm_x),
         rows_pad = (rows + 15) / 16 * 16;
     int chunks = (kp + kc - 1) / kc, stages = chunks < SMALL_STAGES ? chunks : SMALL_STAGES;
     int nt = columns / 8, wk = SMALL_WARPS / (nt >= 2 ? nt / 2 : 1);
@@ -1478,7 +1478,7 @@ static cudaError_t small_gemm_typed(const cuda_batch_view *batch, const cuda_sma
     a.n = p->n;
     a.k = p->k;
     a.kp = (p->k + 15) / 16 * 16;
-    a.kc = p->x_scratch ? a.kp : small_chunk_columns(p->rows);
+    a.kc = small_x_columns(p->rows, a.kp, p->x_scratch != NULL);
     a.activation = p->activation;
     a.eps = p->eps;
     size_t shared = small_shared_bytes(columns, p->rows, p->k, p->x_scratch != NULL);
