@@ -86,15 +86,16 @@ run_step() { [[ " $steps " == *" $1 "* ]]; }
 # ---- tests ----
 if run_step test; then
     (cd "$build" && EMBEDRAG_TEST_STSB=gpu ctest -V -R "${EMBEDRAG_GPU_TESTS:-test_backend|test_engine|test_stsb}" \
-        --timeout 900) >"$logs/tests.log" 2>&1
+        --timeout "${EMBEDRAG_GPU_TEST_TIMEOUT:-900}") >"$logs/tests.log" 2>&1
     grep -E 'tests passed|Passed|Failed|\*\*\*' "$logs/tests.log" | tee -a "$summary"
     grep -E 'cuda.*(against|worst)|skipped|Spearman on the GPU' "$logs/tests.log" | grep -v 'check failed' |
         sed 's/^[0-9]*: //' >>"$summary"
     grep -E 'check failed' "$logs/tests.log" | head -20 | tee -a "$summary"
     # The small-batch kernels on test_backend's tiny shapes (widths 40 to 128), with and without
     # programmatic dependent launch; a failed graph capture would say so on stderr.
-    for v in 1 nopdl lastnorm; do
-        EMBEDRAG_CUDA_SMALL=$v "$build/test_backend" >"$logs/tests-small-$v.log" 2>&1
+    for v in 1 nopdl lastnorm persist; do
+        EMBEDRAG_CUDA_SMALL=$v timeout "${EMBEDRAG_GPU_TEST_TIMEOUT:-900}" "$build/test_backend" \
+            >"$logs/tests-small-$v.log" 2>&1
         note "test_backend with EMBEDRAG_CUDA_SMALL=$v: exit $? ($(tail -1 "$logs/tests-small-$v.log"))"
         grep -E 'without CUDA graphs|check failed' "$logs/tests-small-$v.log" | head -5 |
             tee -a "$summary"
@@ -166,9 +167,10 @@ if run_step bench; then
             2>>"$logs/bench.log"
     done
     # The small-batch kernels (EMBEDRAG_CUDA_SMALL=1, without dependent launch: nopdl, with the
-    # first version's LayerNorms in a last block: lastnorm).
+    # first version's LayerNorms in a last block: lastnorm, the chain in one persistent kernel:
+    # persist).
     for shape in 12x384:12,384,12,1536 6x384:6,384,12,1536 12x768:12,768,12,3072; do
-        for v in small:1 nopdl:nopdl lastnorm:lastnorm; do
+        for v in small:1 nopdl:nopdl lastnorm:lastnorm persist:persist; do
             wanted "${shape%%:*}-fp16-${v%%:*}" || continue
             EMBEDRAG_CUDA_SMALL=${v#*:} "$bench" --device cuda --seconds "$seconds" --json \
                 --random "${shape#*:}" --precision fp16 \
@@ -522,7 +524,7 @@ fi
 
 if run_step sanitize; then
     # EMBEDRAG_SANITIZE_RUNS="tool:small ..." runs only those.
-    for run in ${EMBEDRAG_SANITIZE_RUNS:-memcheck:0 memcheck:1 memcheck:lastnorm racecheck:1 synccheck:1}; do
+    for run in ${EMBEDRAG_SANITIZE_RUNS:-memcheck:0 memcheck:1 memcheck:lastnorm memcheck:persist racecheck:1 racecheck:persist synccheck:1 synccheck:persist}; do
         tool=${run%%:*} small=${run#*:}
         {
             EMBEDRAG_CUDA_SMALL=$small timeout 150 compute-sanitizer --tool "$tool" \
@@ -535,7 +537,7 @@ fi
 # ---- kernel durations ----
 if run_step profile; then
     # EMBEDRAG_PROFILE_CELLS (length,texts ...) under each of EMBEDRAG_PROFILE_VARIANTS: default,
-    # small (EMBEDRAG_CUDA_SMALL=1), nopdl or lastnorm (EMBEDRAG_CUDA_SMALL=that); with
+    # small (EMBEDRAG_CUDA_SMALL=1), nopdl, lastnorm or persist (EMBEDRAG_CUDA_SMALL=that); with
     # EMBEDRAG_PROFILE_DETAIL=REGEX also ncu's speed-of-light, occupancy, launch, warp-state and
     # memory sections for the first 8 kernels matching REGEX (in each variant, the last cell).
     for variant in ${EMBEDRAG_PROFILE_VARIANTS:-default}; do
@@ -543,6 +545,7 @@ if run_step profile; then
         [ "$variant" = small ] && small=1
         [ "$variant" = nopdl ] && small=nopdl
         [ "$variant" = lastnorm ] && small=lastnorm
+        [ "$variant" = persist ] && small=persist
         for cell in ${EMBEDRAG_PROFILE_CELLS:-128,1000 16,1}; do
             # Past the weight conversions at load (~150 kernels) and the warm-up calls (3 of ~90
             # kernels), a little over one of the 10 timed calls.

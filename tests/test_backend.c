@@ -724,6 +724,10 @@ static const gpu_variant gpu_variants[] = {
      "cuda fp16, small-batch kernels without pdl", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "lastnorm",
      "cuda fp16, small-batch kernels, LayerNorm in the last block", GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "persist",
+     "cuda fp16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "persist",
+     "cuda bf16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,

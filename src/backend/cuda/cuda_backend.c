@@ -98,6 +98,11 @@ typedef struct cuda_backend {
      * launches (and attention v2's) are programmatic dependents unless small_pdl is off. */
     bool small, small_pdl;
     bool small_norm_next; /* the chain (small_chain), unless EMBEDRAG_CUDA_SMALL=lastnorm */
+    /* EMBEDRAG_CUDA_SMALL=persist: a chain pass in one launch (cuda_small_pass), from the layers'
+     * pointers in small_table (device memory, made once every layer is loaded). */
+    bool small_persist;
+    cuda_small_layer *small_table;
+    bool small_trace;     /* EMBEDRAG_CUDA_SMALL_TRACE: time the persistent pass's steps */
     int small_activation; /* CUDA_ACT_* of the model, exact (erf GELU for GELU models) */
     char name[32], device_text[320], kernels[192];
 
@@ -112,6 +117,7 @@ typedef struct cuda_plan {
     unsigned long last_use;
     cublasLtMatrixLayout_t input[GEMM_KINDS], output[GEMM_KINDS];
     cublasLtMatmulAlgo_t algo[GEMM_KINDS];
+    int small_pass; /* whether cuda_small_pass takes a pass of `tokens` rows: -1 not yet asked */
 } cuda_plan;
 
 /* Sizes of the batch descriptor's sections (cuda_kernels.h), for one launch shape. */
@@ -136,7 +142,8 @@ struct backend_stream {
     void *x, *x1, *qkv, *context, *hidden, *workspace;
     float *pooled;
     /* The small-batch kernels' LayerNorm: fp32 rows (CUDA_SMALL_MAX_ROWS x hidden) and the
-     * last-block counters (both 0 between launches); NULL unless EMBEDRAG_CUDA_SMALL is on. */
+     * last-block counters, then the persistent pass's barrier and exit counters (all 0 between
+     * launches); NULL unless EMBEDRAG_CUDA_SMALL is on. */
     float *small_scratch;
     unsigned *small_counters;
     int *descriptor;      /* device */
@@ -156,6 +163,15 @@ struct backend_stream {
 
     double last_seconds;
     bool last_graph;
+
+    /* EMBEDRAG_CUDA_SMALL_TRACE: the persistent pass's stamps (device, and a host copy), their
+     * sums per step kind (cuda_small_trace_read) and the passes added, printed at the end. */
+    unsigned long long *trace, *trace_host;
+    size_t trace_bytes;
+    double trace_sums[5][6];
+    int trace_passes;
+    bool pending_trace;
+    int pending_trace_rows;
 };
 
 /* ---- errors ---- */
@@ -356,6 +372,7 @@ static int get_plan(backend_stream *s, int tokens, cuda_plan **out)
         return rc;
     }
     slot->tokens = tokens;
+    slot->small_pass = -1;
     slot->last_use = ++s->plan_clock;
     *out = slot;
     return 0;
@@ -496,6 +513,42 @@ static int enqueue_small_chain(backend_stream *s, const cuda_batch_view *view,
     return rc;
 }
 
+/* The persistent pass's arguments for a pass over `rows` rows on stream s. */
+static cuda_small_pass_params small_pass_params(const backend_stream *s, int rows)
+{
+    const cuda_backend *b = s->b;
+    const model_config *c = b->config;
+    return (cuda_small_pass_params){.rows = rows,
+                                    .layers = c->num_layers,
+                                    .hidden = c->hidden_size,
+                                    .intermediate = c->intermediate_size,
+                                    .heads = c->num_heads,
+                                    .activation = b->small_activation,
+                                    .eps = c->layer_norm_eps,
+                                    .table = b->small_table,
+                                    .x = s->x,
+                                    .x1 = s->x1,
+                                    .qkv = s->qkv,
+                                    .context = s->context,
+                                    .hidden_rows = s->hidden,
+                                    .scratch = s->small_scratch,
+                                    .counters = s->small_counters + 1,
+                                    .trace = s->trace};
+}
+
+/* Whether a pass runs as one persistent kernel (EMBEDRAG_CUDA_SMALL=persist): the chain would
+ * take it, the layers' table is made, and cuda_small_pass takes the shape on this device (asked
+ * once per plan: it reads the kernel's occupancy). */
+static bool small_persistent(const backend_stream *s, cuda_plan *plan)
+{
+    if (!s->b->small_persist || !s->b->small_table || !small_chain(s, plan)) return false;
+    if (plan->small_pass < 0) {
+        cuda_small_pass_params p = small_pass_params(s, plan->tokens);
+        plan->small_pass = cuda_small_pass_takes(s->b->dtype, &p);
+    }
+    return plan->small_pass == 1;
+}
+
 /* Product `kind` with its epilogue in one launch (small_takes said yes): QKV + bias, intermediate
  * + bias + activation, attention output and output + bias + residual + LayerNorm. */
 static int small_gemm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
@@ -527,7 +580,7 @@ static int project_and_norm(backend_stream *s, const cuda_batch_view *view, cons
  * EMBEDRAG_CUDA_SMALL and at most CUDA_SMALL_MAX_ROWS rows, a layer is 5 kernels: QKV + bias,
  * attention, attention output + LayerNorm, intermediate + activation, output + LayerNorm (each
  * product the small-batch kernel takes; cuBLASLt and the separate kernels for any it does not). */
-static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan)
+static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_plan *plan)
 {
     const cuda_backend *b = s->b;
     const model_config *c = b->config;
@@ -542,6 +595,12 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, const
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
                         b->embedding_beta, eps, h, s->x, st),
              "embedding kernel");
+    if (small_persistent(s, plan)) {
+        cuda_small_pass_params p = small_pass_params(s, plan->tokens);
+        CUDA_TRY(cuda_small_pass(dt, view, &p, st), "persistent small-batch kernel");
+        CUDA_TRY(cuda_pool(dt, view, s->x, h, c->pooling, s->pooled, st), "pooling kernel");
+        return 0;
+    }
     if (small_chain(s, plan)) {
         int rc = enqueue_small_chain(s, view, plan, attention_pdl);
         if (rc) return rc;
@@ -607,13 +666,14 @@ static void destroy_graphs(backend_stream *s)
 
 /* Captures the forward pass for a bucket once (stream capture records what enqueue_forward
  * enqueues instead of running it). */
-static int bucket_graph(backend_stream *s, int bucket, const cuda_batch_view *view,
-                        const cuda_plan *plan, cudaGraphExec_t *out)
+static int bucket_graph(backend_stream *s, int bucket, const cuda_batch_view *view, cuda_plan *plan,
+                        cudaGraphExec_t *out)
 {
     if (s->graphs[bucket]) {
         *out = s->graphs[bucket];
         return 0;
     }
+    (void)small_persistent(s, plan); /* its device queries, outside the capture */
     CUDA_TRY(cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal),
              "beginning a graph capture");
     int rc = enqueue_forward(s, view, plan);
@@ -668,7 +728,7 @@ static int grow_buffers(backend_stream *s, cuda_shape want)
         layout_for(want).total * sizeof(int),       /* descriptor */
         /* the small-batch LayerNorm's rows and its two counters (zeroed below, as all is) */
         b->small ? (size_t)CUDA_SMALL_MAX_ROWS * h * sizeof(float) : 0,
-        b->small ? 2 * sizeof(unsigned) : 0,
+        b->small ? 4 * sizeof(unsigned) : 0,
     };
     size_t total = 0;
     for (int i = 0; i < 10; i++) total += align_up(sizes[i]);
@@ -746,6 +806,24 @@ static void cuda_stream_destroy(backend_stream *s)
     cuda_backend *b = s->b;
     cudaSetDevice(b->device);
     if (s->stream) cudaStreamSynchronize(s->stream);
+    if (s->trace_passes) {
+        static const char *kinds[5] = {"qkv", "attention", "attention output", "intermediate",
+                                       "output"};
+        fprintf(stderr,
+                "embedrag: persistent pass trace, %d passes, us a pass per step kind: "
+                "barrier, release, x+w, products, epilogue, to next arrival\n",
+                s->trace_passes);
+        for (int k = 0; k < 5; k++)
+            fprintf(stderr, "  %-17s %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f\n", kinds[k],
+                    s->trace_sums[k][0] * 1e-3 / s->trace_passes,
+                    s->trace_sums[k][1] * 1e-3 / s->trace_passes,
+                    s->trace_sums[k][2] * 1e-3 / s->trace_passes,
+                    s->trace_sums[k][3] * 1e-3 / s->trace_passes,
+                    s->trace_sums[k][4] * 1e-3 / s->trace_passes,
+                    s->trace_sums[k][5] * 1e-3 / s->trace_passes);
+    }
+    if (s->trace) cudaFree(s->trace);
+    free(s->trace_host);
     free_buffers(s);
     for (int i = 0; i < CUDA_PLAN_CACHE; i++) plan_free(b, &s->plans[i]);
     for (int k = 0; k < GEMM_KINDS; k++) {
@@ -816,6 +894,16 @@ static int cuda_stream_create(backend *self, backend_priority priority, backend_
     }
     rc = create_matmuls(s);
     if (rc) goto fail;
+    if (b->small_trace) {
+        s->trace_bytes = (size_t)b->config->num_layers * 5 * CUDA_SMALL_TRACE_BLOCKS * 5 *
+                         sizeof(unsigned long long);
+        s->trace_host = malloc(s->trace_bytes);
+        if (!s->trace_host || cudaMalloc((void **)&s->trace, s->trace_bytes) != cudaSuccess) {
+            s->trace = NULL;
+            rc = err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory for the pass trace");
+            goto fail;
+        }
+    }
     *out = s;
     return 0;
 fail:
@@ -937,6 +1025,8 @@ static int cuda_submit(backend_stream *s, const backend_batch *batch, float *out
     s->pending_count = batch->count;
     s->pending_tokens = batch->tokens;
     s->pending_graph = graph != NULL;
+    s->pending_trace = s->trace && small_persistent(s, plan);
+    s->pending_trace_rows = plan->tokens;
     s->pending_flops = backend_batch_flops(b->config, batch->tokens, batch->count, batch->max_len);
     return 0;
 failed:
@@ -983,6 +1073,11 @@ static int cuda_wait(backend_stream *s, backend_ticket *ticket)
         s->last_seconds = ms * 1e-3;
         ticket->device_seconds = s->last_seconds;
         record_rate(b, s->pending_tokens, s->pending_flops, s->last_seconds);
+    }
+    if (s->pending_trace && cudaMemcpy(s->trace_host, s->trace, s->trace_bytes,
+                                       cudaMemcpyDeviceToHost) == cudaSuccess) {
+        cuda_small_pass_params p = small_pass_params(s, s->pending_trace_rows);
+        s->trace_passes += cuda_small_trace_read(b->dtype, &p, s->trace_host, &s->trace_sums[0][0]);
     }
     cudaGetLastError();
     s->last_graph = s->pending_graph;
@@ -1053,6 +1148,35 @@ static void free_staging(cuda_backend *b)
     b->load_device = NULL;
 }
 
+/* The persistent pass's table of every layer's device pointers (EMBEDRAG_CUDA_SMALL=persist). */
+static int make_small_table(cuda_backend *b)
+{
+    int layers = b->config->num_layers;
+    cuda_small_layer *host = calloc((size_t)layers, sizeof *host);
+    if (!host) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
+    for (int l = 0; l < layers; l++) {
+        const cuda_layer *layer = &b->layers[l];
+        for (int k = 0; k < GEMM_KINDS; k++) {
+            host[l].weight[k] = layer->weight[k];
+            host[l].bias[k] = layer->bias[k];
+        }
+        host[l].attention_gamma = layer->attention_ln_gamma;
+        host[l].attention_beta = layer->attention_ln_beta;
+        host[l].output_gamma = layer->output_ln_gamma;
+        host[l].output_beta = layer->output_ln_beta;
+    }
+    size_t bytes = (size_t)layers * sizeof *host;
+    cudaError_t e = cudaMalloc((void **)&b->small_table, bytes);
+    if (e == cudaSuccess) e = cudaMemcpy(b->small_table, host, bytes, cudaMemcpyHostToDevice);
+    free(host);
+    if (e != cudaSuccess) {
+        if (b->small_table) cudaFree(b->small_table);
+        b->small_table = NULL;
+        return cuda_error(e, "the layers' table");
+    }
+    return 0;
+}
+
 static int cuda_load_layer(backend *self, const model_weights *w, int index)
 {
     cuda_backend *b = (cuda_backend *)self;
@@ -1106,7 +1230,10 @@ static int cuda_load_layer(backend *self, const model_weights *w, int index)
     for (int i = 0; i < 4 && !rc; i++) rc = upload_tensor(b, norm_tensors[i], *norms[i], true);
     if (rc) return rc;
     CUDA_TRY(cudaStreamSynchronize(0), "loading a layer");
-    if (++b->layers_loaded == c->num_layers) free_staging(b);
+    if (++b->layers_loaded == c->num_layers) {
+        free_staging(b);
+        if (b->small_persist) return make_small_table(b);
+    }
     return 0;
 }
 
@@ -1143,6 +1270,7 @@ static void cuda_destroy(backend *self)
             if (b->layers[l].block) cudaFree(b->layers[l].block);
     free(b->layers);
     if (b->embedding_block) cudaFree(b->embedding_block);
+    if (b->small_table) cudaFree(b->small_table);
     free_staging(b);
     cuda_blas_close(&b->blas);
     cudaGetLastError();
@@ -1313,11 +1441,14 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     /* Small-batch kernels (bench/cuda-notes.md), off unless EMBEDRAG_CUDA_SMALL is set: 1 (or any
      * yes) with programmatic dependent launches and each LayerNorm in the product after it,
      * "nopdl" without the dependent launches, "lastnorm" with the LayerNorms in the last block of
-     * the product before (the first version). fp16 and bf16 only. */
+     * the product before (the first version), "persist" with the whole pass in one persistent
+     * kernel (cuda_small_pass) where it takes the shape. fp16 and bf16 only. */
     const char *small = getenv("EMBEDRAG_CUDA_SMALL");
     b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32;
     b->small_pdl = b->small && strcmp(small, "nopdl") != 0;
     b->small_norm_next = b->small && strcmp(small, "lastnorm") != 0;
+    b->small_persist = b->small && strcmp(small, "persist") == 0;
+    b->small_trace = b->small_persist && env_flag("EMBEDRAG_CUDA_SMALL_TRACE", false);
     b->small_activation = config->activation == MODEL_ACT_GELU_TANH ? CUDA_ACT_GELU_TANH
                           : config->activation == MODEL_ACT_RELU    ? CUDA_ACT_RELU
                                                                     : CUDA_ACT_GELU;
@@ -1342,9 +1473,10 @@ int cuda_backend_create(const backend_params *params, const model_config *config
                                                    : "fp32 cores",
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
              b->use_graphs ? ", graphs" : "",
-             !b->small      ? ""
-             : b->small_pdl ? ", small-batch kernels (pdl)"
-                            : ", small-batch kernels");
+             !b->small          ? ""
+             : b->small_persist ? ", small-batch kernels (persistent pass)"
+             : b->small_pdl     ? ", small-batch kernels (pdl)"
+                                : ", small-batch kernels");
     caps->kernels = b->kernels;
     caps->precision = b->dtype == CUDA_DTYPE_F16    ? EMBEDRAG_PRECISION_FP16
                       : b->dtype == CUDA_DTYPE_BF16 ? EMBEDRAG_PRECISION_BF16

@@ -736,20 +736,18 @@ __device__ __forceinline__ void attention_tc2_tile(uint32_t q_lane, float (&o)[D
     for (int c = 0; c < CHUNKS; c++) mma_type<T>::mma(o[D / 8], pa[c], ones, ones);
 }
 
+/* Attention v2 for one (tile, head), `block` = tile * heads + head, by threads 0-127 (warps past
+ * the fourth, in the persistent pass's blocks of 8, only take part in the barriers). */
 template <typename T, int D>
-__global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
-    attention_tc2_kernel(cuda_batch_view b, const T *qkv, T *context, int hidden, int heads,
-                         float scale)
+__device__ __forceinline__ void attention_tc2_body(const cuda_batch_view &b, const T *qkv,
+                                                   T *context, int hidden, int heads, float scale,
+                                                   int block)
 {
     constexpr int ROW_BYTES = 2 * (D + TC_PAD), STAGE_BYTES = TC_KEYS * ROW_BYTES;
     __shared__ __align__(16) T q_tile[CUDA_ATTENTION_TILE * (D + TC_PAD)];
     __shared__ __align__(16) T k_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
     __shared__ __align__(16) T v_tiles[TC2_STAGES * TC_KEYS * (D + TC_PAD)];
-    /* Launched programmatically (small-batch path): wait for the QKV product, and let the next
-     * product start copying its weights. Neither does anything in an ordinary launch. */
-    grid_dependency_wait();
-    grid_dependency_trigger();
-    const int tile = blockIdx.x / heads, head = blockIdx.x % heads;
+    const int tile = block / heads, head = block % heads;
     if (tile >= b.header[CUDA_HEADER_TILES]) return; /* the whole block leaves together */
     const int sequence = b.tiles[2 * tile], q0 = b.tiles[2 * tile + 1];
     const int start = b.offsets[sequence], len = b.offsets[sequence + 1] - start;
@@ -763,10 +761,11 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
      * key tile 0 as group 0, key tile 1 as group 1 (empty when there is none). K and V of a key
      * tile: rows up to the next multiple of 16 past the sequence, zero-filled. */
     const int q_rows = len - q0 < CUDA_ATTENTION_TILE ? len - q0 : CUDA_ATTENTION_TILE;
-    attention_tc2_copy<T, D>(q_smem, base + (size_t)q0 * ld, ld, q_rows);
+    const bool copier = threadIdx.x < TC_WARPS * WARP;
+    if (copier) attention_tc2_copy<T, D>(q_smem, base + (size_t)q0 * ld, ld, q_rows);
 #pragma unroll
     for (int t = 0; t < TC2_STAGES; t++) {
-        if (t * TC_KEYS < len) {
+        if (copier && t * TC_KEYS < len) {
             int k0 = t * TC_KEYS, rows = len - k0 < TC_KEYS ? len - k0 : TC_KEYS;
             const T *keys = base + (size_t)k0 * ld + hidden;
             attention_tc2_copy<T, D>(k_smem + t * STAGE_BYTES, keys, ld, rows);
@@ -782,7 +781,7 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
     const uint32_t k_lane = k_smem + (r + (m >> 1) * 8) * ROW_BYTES + (m & 1) * 16;
     const uint32_t v_lane = v_smem + (r + (m & 1) * 8) * ROW_BYTES + (m >> 1) * 16;
 
-    const bool active = q0 + warp * TC_ROWS < len;
+    const bool active = warp < TC_WARPS && q0 + warp * TC_ROWS < len;
     float o[D / 8 + 1][4];
 #pragma unroll
     for (int n = 0; n <= D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -814,8 +813,10 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
             __syncthreads(); /* every warp is done with this stage */
             const int rows = len - k1 < TC_KEYS ? len - k1 : TC_KEYS;
             const T *keys = base + (size_t)k1 * ld + hidden;
-            attention_tc2_copy<T, D>(k_smem + stage, keys, ld, rows);
-            attention_tc2_copy<T, D>(v_smem + stage, keys + hidden, ld, rows);
+            if (copier) {
+                attention_tc2_copy<T, D>(k_smem + stage, keys, ld, rows);
+                attention_tc2_copy<T, D>(v_smem + stage, keys + hidden, ld, rows);
+            }
         }
         copy_async_commit();
     }
@@ -836,6 +837,18 @@ __global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
             *reinterpret_cast<uint32_t *>(out + (size_t)r1 * hidden + col) =
                 mma_type<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
     }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(TC_WARPS *WARP, TC2_MIN_BLOCKS(D))
+    attention_tc2_kernel(cuda_batch_view b, const T *qkv, T *context, int hidden, int heads,
+                         float scale)
+{
+    /* Launched programmatically (small-batch path): wait for the QKV product, and let the next
+     * product start copying its weights. Neither does anything in an ordinary launch. */
+    grid_dependency_wait();
+    grid_dependency_trigger();
+    attention_tc2_body<T, D>(b, qkv, context, hidden, heads, scale, blockIdx.x);
 }
 
 /* ---- small-batch GEMMs: at most 64 rows, fused epilogues (EMBEDRAG_CUDA_SMALL) ---- */
@@ -889,6 +902,33 @@ template <typename T> __device__ __forceinline__ void load_vector_l2(const T *p,
     for (int i = 0; i < VEC(T); i++) out[i] = to_float(v[i]);
 }
 
+/* Columns of X a chunk for a launch of `rows` rows: ~8 KB of fp16 whatever the row tiles. */
+static __host__ __device__ int small_chunk_columns(int rows)
+{
+    int tiles = (rows + 15) / 16;
+    return tiles == 1 ? 256 : tiles == 2 ? 128 : 64;
+}
+
+/* Columns of X a stage holds: a chunk, or all of X (kp) where the kernel normalizes it. */
+static __host__ __device__ int small_x_columns(int rows, int kp, bool norm_x)
+{
+    return norm_x ? kp : small_chunk_columns(rows);
+}
+
+/* The GPU's nanosecond clock (the same on every multiprocessor). */
+__device__ __forceinline__ unsigned long long global_ns()
+{
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+/* Stamp i of a trace slot, by thread 0 (no trace: nothing). */
+__device__ __forceinline__ void trace_stamp(unsigned long long *trace, int i)
+{
+    if (trace && threadIdx.x == 0) trace[i] = global_ns();
+}
+
 template <typename T> struct small_args {
     const T *x, *w, *bias, *residual;
     T *y;
@@ -899,6 +939,9 @@ template <typename T> struct small_args {
     const float *x_scratch, *x_gamma, *x_beta;
     T *x_out;
     unsigned *counter;
+    /* Or NULL: this block's 5 time stamps of the step (the persistent pass's trace): before the
+     * wait, after it, X and W in shared memory, the products done, the epilogue done. */
+    unsigned long long *trace;
     const int *header;
     int rows; /* the launch's rows (the header's tokens are used where fewer) */
     int n, k; /* Y is rows x n, X rows x k, W n x k */
@@ -988,10 +1031,10 @@ __device__ __forceinline__ void small_norm_rows(const small_args<T> &a, int rows
  * fp32 rows the kernel ahead left in x_scratch (a CUDA_SMALL_SUM epilogue), normalizes them as
  * small_norm_rows does (the same formula, so the same bits), and stores them in the dtype into
  * the block's X stage at `stage` (rows x_row bytes apart), zeros past k and past `rows` up to
- * rows_pad; block 0 also stores them to x_out, the residual of the next product. */
+ * rows_pad; the first block also stores them to x_out, the residual of the next product. */
 template <typename T>
 __device__ __forceinline__ void small_norm_x(const small_args<T> &a, unsigned char *stage, int rows,
-                                             int rows_pad, int x_row)
+                                             int rows_pad, int x_row, bool first)
 {
     constexpr int PER_LANE = CUDA_MAX_HIDDEN / VEC(T) / WARP;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, vectors = a.k / VEC(T);
@@ -1007,14 +1050,15 @@ __device__ __forceinline__ void small_norm_x(const small_args<T> &a, unsigned ch
         layer_norm_store<T, PER_LANE>(v, vectors, a.k, a.x_gamma, a.x_beta, a.eps, dst);
         for (int c = vectors + lane; c < a.kp / VEC(T); c += WARP)
             reinterpret_cast<uint4 *>(dst)[c] = make_uint4(0, 0, 0, 0);
-        if (blockIdx.x == 0 && a.x_out)
+        if (first && a.x_out)
             layer_norm_store<T, PER_LANE>(v, vectors, a.k, a.x_gamma, a.x_beta, a.eps,
                                           a.x_out + (size_t)row * a.k);
     }
 }
 
-template <typename T, int BN, int EPILOGUE>
-__global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args<T> a)
+template <typename T, int BN, int EPILOGUE, typename Wait>
+__device__ __forceinline__ void small_gemm_body(const small_args<T> &a, int block, int blocks,
+                                                Wait wait)
 {
     /* n tiles of 8 columns: a warp takes NTW of them, WN warps side by side, WK along K. */
     constexpr int NT = BN / 8, NTW = NT >= 2 ? 2 : 1, WN = NT / NTW, WK = SMALL_WARPS / WN;
@@ -1023,7 +1067,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
     extern __shared__ __align__(16) unsigned char small_shared[];
     __shared__ int last_block;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int col0 = blockIdx.x * BN;
+    const int col0 = block * BN;
     /* Shared rows padded by 16 bytes: (kp + 8) and (kc + 8) elements are 4 words past a multiple
      * of 8 words, so an ldmatrix's 8 rows fall in 8 distinct 4-bank groups. */
     const int w_row = 2 * (a.kp + SMALL_PAD), x_row = 2 * (a.kc + SMALL_PAD);
@@ -1038,8 +1082,9 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
                       valid);
     }
     copy_async_commit();
-    grid_dependency_wait();
-    grid_dependency_trigger();
+    trace_stamp(a.trace, 0);
+    wait();
+    trace_stamp(a.trace, 1);
 
     int rows = a.header[CUDA_HEADER_TOKENS];
     rows = rows < a.rows ? rows : a.rows;
@@ -1048,7 +1093,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
     /* Chunks 0 .. SMALL_STAGES - 2 as groups 1 .. SMALL_STAGES - 1 (empty past the last); or X
      * normalized here into its one stage (the loop's first barrier publishes it). */
     const bool norm_x = a.x_scratch != nullptr;
-    if (norm_x) small_norm_x(a, small_shared + BN * w_row, rows, rows_pad, x_row);
+    if (norm_x) small_norm_x(a, small_shared + BN * w_row, rows, rows_pad, x_row, block == 0);
 #pragma unroll
     for (int s = 0; s < SMALL_STAGES - 1; s++) {
         if (s < chunks && !norm_x)
@@ -1078,6 +1123,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
          * every warp is done with chunk c - 1, whose stage the next copy refills. */
         copy_async_wait<SMALL_STAGES - 2>();
         __syncthreads();
+        if (c == 0) trace_stamp(a.trace, 2);
         const int next = c + SMALL_STAGES - 1;
         if (next < chunks && !norm_x)
             small_copy_x(x_smem + (next % SMALL_STAGES) * stage_bytes, a, next, rows, rows_pad,
@@ -1107,6 +1153,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
      * once every warp is done with it (no copy is in flight: the groups after the last chunk's
      * are empty). Accumulator c0, c1 = rows group, columns 2 quad, +1; c2, c3 = row group + 8. */
     __syncthreads();
+    trace_stamp(a.trace, 3);
     float *red = reinterpret_cast<float *>(small_shared + BN * w_row);
     const int group = lane / 4, quad = lane % 4;
 #pragma unroll
@@ -1155,6 +1202,7 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
             store_vector(a.y + (size_t)row * a.n + col, y);
         }
     }
+    trace_stamp(a.trace, 4);
     if constexpr (EPILOGUE == CUDA_SMALL_NORM) {
         /* The last block to get here normalizes every row: each thread's scratch writes are
          * made visible device-wide before the block counts itself (the threadFenceReduction
@@ -1163,13 +1211,233 @@ __global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args
         __syncthreads();
         if (threadIdx.x == 0) {
             unsigned ticket = atomicAdd(a.counter, 1u);
-            last_block = ticket == gridDim.x - 1;
+            last_block = ticket == (unsigned)blocks - 1;
             if (last_block) atomicExch(a.counter, 0u);
             __threadfence();
         }
         __syncthreads();
         if (!last_block) return;
         small_norm_rows(a, rows);
+    }
+}
+
+/* What a kernel launched programmatically (PDL) waits for: the kernel ahead; then the next one
+ * may start. In an ordinary launch neither does anything. */
+struct small_kernel_wait {
+    __device__ __forceinline__ void operator()() const
+    {
+        grid_dependency_wait();
+        grid_dependency_trigger();
+    }
+};
+
+template <typename T, int BN, int EPILOGUE>
+__global__ void __launch_bounds__(SMALL_THREADS, 2) small_gemm_kernel(small_args<T> a)
+{
+    small_gemm_body<T, BN, EPILOGUE>(a, blockIdx.x, gridDim.x, small_kernel_wait());
+}
+
+/* ---- the persistent small pass (EMBEDRAG_CUDA_SMALL=persist) ---- */
+
+/* The chain of small-batch kernels (each LayerNorm done by the product after it) in one launch:
+ * every block runs the products of every layer in turn, as the block of that product's column
+ * slice it has the index of (blocks past a product's slices only wait), and attention v2 with
+ * its first 4 warps; a grid barrier stands where a kernel boundary was. So a pass of <= 64 rows
+ * pays one launch and ~5 barriers a layer instead of 5 launches a layer, each launch's start and
+ * grid completion, and the weights of a step are still copied before its barrier (as they were
+ * before the wait of a programmatic launch). The same products in the same order on the same
+ * sums: the same bits as the chain.
+ *
+ * Every block must be resident at once (cuda_small_pass checks the occupancy; the blocks of a
+ * high-priority stream are scheduled first where other kernels hold the multiprocessors). The
+ * barrier is the classic one: the block's writes, then one thread's fence and arrival on a
+ * counter, its acquire spin until every block of this barrier has arrived, then the block's
+ * barrier (the cooperative groups pattern); the counter grows by gridDim.x a barrier and is reset
+ * by the last block to leave. What a step reads that another block wrote comes after the acquire,
+ * and the kernels' copies of such data (cp.async.cg, ld.cg) go to L2 anyway. */
+template <typename T> struct small_pass_args {
+    const cuda_small_layer *layers;
+    T *x, *x1, *qkv, *context, *hidden;
+    float *scratch;
+    unsigned *counters; /* the last-block LayerNorm's, the barrier's, the exits' */
+    int rows, layers_count, width, intermediate, heads, activation;
+    int columns[5]; /* QKV, attention output, intermediate, output (sums), last output (norm) */
+    float eps, scale;
+    /* Or NULL: 5 stamps (small_args' trace) per block and step, step by step (5 a layer). */
+    unsigned long long *trace;
+};
+
+/* Block blockIdx.x's trace slot of step `step` (NULL without a trace). */
+__device__ __forceinline__ unsigned long long *small_pass_slot(unsigned long long *trace, int step)
+{
+    return trace ? trace + ((size_t)step * gridDim.x + blockIdx.x) * 5 : nullptr;
+}
+
+__device__ __forceinline__ void small_pass_barrier(unsigned *count, unsigned target)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(count, 1u);
+        unsigned seen;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                         : "=r"(seen)
+                         : "l"(count)
+                         : "memory");
+        } while (seen < target);
+    }
+    __syncthreads();
+}
+
+struct small_pass_wait {
+    unsigned *count;
+    unsigned target;
+    __device__ __forceinline__ void operator()() const
+    {
+        small_pass_barrier(count, target);
+    }
+};
+
+struct small_no_wait {
+    __device__ __forceinline__ void operator()() const {}
+};
+
+/* One product of the pass by this block (its column slice, if the product has that many). The
+ * first barrier keeps the W copy out of the space the block's previous step still reads. */
+template <typename T, int EPILOGUE, typename Wait>
+__device__ __forceinline__ void small_pass_product(const small_args<T> &a, int columns, Wait wait)
+{
+    __syncthreads();
+    const int blocks = a.n / columns, block = (int)blockIdx.x;
+    if (block >= blocks) {
+        trace_stamp(a.trace, 0);
+        wait();
+        trace_stamp(a.trace, 1);
+        if (a.trace && threadIdx.x == 0) a.trace[2] = a.trace[3] = a.trace[4] = a.trace[1];
+    } else if (columns == 32)
+        small_gemm_body<T, 32, EPILOGUE>(a, block, blocks, wait);
+    else if (columns == 16)
+        small_gemm_body<T, 16, EPILOGUE>(a, block, blocks, wait);
+    else
+        small_gemm_body<T, 8, EPILOGUE>(a, block, blocks, wait);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(SMALL_THREADS, 1)
+    small_pass_kernel(cuda_batch_view b, small_pass_args<T> p)
+{
+    unsigned *count = p.counters + 1, step = 0;
+    const unsigned blocks = gridDim.x;
+    const int h = p.width;
+    small_args<T> a;
+    a.header = b.header;
+    a.rows = p.rows;
+    a.eps = p.eps;
+    a.activation = p.activation;
+    a.scratch = p.scratch;
+    a.counter = p.counters;
+    a.trace = nullptr;
+    a.residual = nullptr;
+    a.gamma = a.beta = nullptr;
+    for (int l = 0; l < p.layers_count; l++) {
+        const cuda_small_layer &layer = p.layers[l];
+        const bool more = l + 1 < p.layers_count;
+        a.trace = small_pass_slot(p.trace, 5 * l);
+        /* QKV + bias, X normalized from the previous layer's output sums (its LayerNorm). */
+        a.w = static_cast<const T *>(layer.weight[0]);
+        a.bias = static_cast<const T *>(layer.bias[0]);
+        a.y = p.qkv;
+        a.n = 3 * h;
+        a.k = h;
+        a.kp = (h + 15) / 16 * 16;
+        a.kc = small_x_columns(p.rows, a.kp, l > 0);
+        a.x = l ? nullptr : p.x;
+        a.x_scratch = l ? p.scratch : nullptr;
+        a.x_gamma = l ? p.layers[l - 1].output_gamma : nullptr;
+        a.x_beta = l ? p.layers[l - 1].output_beta : nullptr;
+        a.x_out = l ? p.x : nullptr;
+        if (l)
+            small_pass_product<T, CUDA_SMALL_BIAS>(a, p.columns[0],
+                                                   small_pass_wait{count, ++step * blocks});
+        else
+            small_pass_product<T, CUDA_SMALL_BIAS>(a, p.columns[0], small_no_wait());
+
+        /* Attention: each block takes (tile, head) pairs blockIdx.x, + gridDim.x, ... (its first 4
+         * warps do the work). */
+        unsigned long long *slot = small_pass_slot(p.trace, 5 * l + 1);
+        trace_stamp(slot, 0);
+        small_pass_barrier(count, ++step * blocks);
+        trace_stamp(slot, 1);
+        trace_stamp(slot, 2);
+        trace_stamp(slot, 3);
+        const int pairs = b.header[CUDA_HEADER_TILES] * p.heads;
+        for (int v = blockIdx.x; v < pairs; v += gridDim.x) {
+            if (v != (int)blockIdx.x) __syncthreads(); /* the last pair's reads are done */
+            attention_tc2_body<T, D>(b, p.qkv, p.context, h, p.heads, p.scale, v);
+        }
+        trace_stamp(slot, 4);
+
+        /* Attention output + bias + residual, as fp32 sums. */
+        a.w = static_cast<const T *>(layer.weight[1]);
+        a.bias = static_cast<const T *>(layer.bias[1]);
+        a.n = h;
+        a.k = h;
+        a.kp = (h + 15) / 16 * 16;
+        a.kc = small_x_columns(p.rows, a.kp, false);
+        a.x = p.context;
+        a.x_scratch = nullptr;
+        a.x_gamma = a.x_beta = nullptr;
+        a.x_out = nullptr;
+        a.residual = p.x;
+        a.trace = small_pass_slot(p.trace, 5 * l + 2);
+        small_pass_product<T, CUDA_SMALL_SUM>(a, p.columns[1],
+                                              small_pass_wait{count, ++step * blocks});
+
+        /* Intermediate + bias + activation, X normalized from those sums. */
+        a.w = static_cast<const T *>(layer.weight[2]);
+        a.bias = static_cast<const T *>(layer.bias[2]);
+        a.y = p.hidden;
+        a.n = p.intermediate;
+        a.kc = small_x_columns(p.rows, a.kp, true);
+        a.x = nullptr;
+        a.x_scratch = p.scratch;
+        a.x_gamma = layer.attention_gamma;
+        a.x_beta = layer.attention_beta;
+        a.x_out = p.x1;
+        a.residual = nullptr;
+        a.trace = small_pass_slot(p.trace, 5 * l + 3);
+        small_pass_product<T, CUDA_SMALL_ACTIVATION>(a, p.columns[2],
+                                                     small_pass_wait{count, ++step * blocks});
+
+        /* Output + bias + residual: sums, or in the last layer normalized by the last block. */
+        a.w = static_cast<const T *>(layer.weight[3]);
+        a.bias = static_cast<const T *>(layer.bias[3]);
+        a.n = h;
+        a.k = p.intermediate;
+        a.kp = (p.intermediate + 15) / 16 * 16;
+        a.kc = small_x_columns(p.rows, a.kp, false);
+        a.x = p.hidden;
+        a.x_scratch = nullptr;
+        a.x_gamma = a.x_beta = nullptr;
+        a.x_out = nullptr;
+        a.residual = p.x1;
+        a.trace = small_pass_slot(p.trace, 5 * l + 4);
+        if (more) {
+            small_pass_product<T, CUDA_SMALL_SUM>(a, p.columns[3],
+                                                  small_pass_wait{count, ++step * blocks});
+        } else {
+            a.y = p.x;
+            a.gamma = layer.output_gamma;
+            a.beta = layer.output_beta;
+            small_pass_product<T, CUDA_SMALL_NORM>(a, p.columns[4],
+                                                   small_pass_wait{count, ++step * blocks});
+        }
+    }
+    /* Every block has passed every barrier once it counts itself out: the last resets both. */
+    if (threadIdx.x == 0 && atomicAdd(p.counters + 2, 1u) == blocks - 1) {
+        atomicExch(count, 0u);
+        atomicExch(p.counters + 2, 0u);
     }
 }
 
@@ -1393,19 +1661,6 @@ extern "C" cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *ds
 
 /* ---- small-batch GEMMs ---- */
 
-/* Columns of X a chunk for a launch of `rows` rows: ~8 KB of fp16 whatever the row tiles. */
-static int small_chunk_columns(int rows)
-{
-    int tiles = (rows + 15) / 16;
-    return tiles == 1 ? 256 : tiles == 2 ? 128 : 64;
-}
-
-/* Columns of X a stage holds: a chunk, or all of X (kp) where the kernel normalizes it. */
-static int small_x_columns(int rows, int kp, bool norm_x)
-{
-    return norm_x ? kp : small_chunk_columns(rows);
-}
-
 /* Shared memory of a block: W's slice, then the ring of X chunks (no more stages than chunks) or
  * the warps' partial sums, whichever is larger. */
 static size_t small_shared_bytes(int columns, int rows, int k, bool norm_x)
@@ -1473,6 +1728,7 @@ static cudaError_t small_gemm_typed(const cuda_batch_view *batch, const cuda_sma
     a.x_beta = p->x_beta;
     a.x_out = (T *)p->x_out;
     a.counter = p->counter;
+    a.trace = NULL;
     a.header = batch->header;
     a.rows = p->rows;
     a.n = p->n;
@@ -1509,6 +1765,147 @@ extern "C" cudaError_t cuda_small_gemm(cuda_dtype dtype, const cuda_batch_view *
     return e != cudaSuccess ? e : last;
 }
 
+/* The pass's column widths (columns[5], as small_pass_args), grid and dynamic shared memory, or 0
+ * where the small-batch kernel does not take a product in the chain's shape. */
+static int small_pass_shape(cuda_dtype dtype, const cuda_small_pass_params *p, int *columns,
+                            unsigned *blocks, size_t *shared)
+{
+    int h = p->hidden, in = p->intermediate, r = p->rows;
+    if (p->heads < 1 || h % p->heads || (h / p->heads != 32 && h / p->heads != 64)) return 0;
+    /* product: n, k, epilogue, X normalized */
+    const int shape[6][4] = {{3 * h, h, CUDA_SMALL_BIAS, 1},    {h, h, CUDA_SMALL_SUM, 0},
+                             {in, h, CUDA_SMALL_ACTIVATION, 1}, {h, in, CUDA_SMALL_SUM, 0},
+                             {h, in, CUDA_SMALL_NORM, 0},       {3 * h, h, CUDA_SMALL_BIAS, 0}};
+    *blocks = 0;
+    *shared = 0;
+    for (int i = 0; i < 6; i++) {
+        int c =
+            cuda_small_gemm_columns(dtype, r, shape[i][0], shape[i][1], shape[i][2], shape[i][3]);
+        /* The first layer's QKV (X not normalized) must take QKV's width too. */
+        if (!c || (i == 5 && c != columns[0])) return 0;
+        if (i < 5) columns[i] = c;
+        unsigned n = (unsigned)(shape[i][0] / c);
+        size_t bytes = small_shared_bytes(c, r, shape[i][1], shape[i][3] != 0);
+        *blocks = n > *blocks ? n : *blocks;
+        *shared = bytes > *shared ? bytes : *shared;
+    }
+    return 1;
+}
+
+template <typename T, int D> static cudaError_t small_pass_allow()
+{
+    return cudaFuncSetAttribute(small_pass_kernel<T, D>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, SMALL_MAX_SHARED);
+}
+
+template <typename T> static const void *small_pass_function(int head)
+{
+    return head == 32 ? (const void *)small_pass_kernel<T, 32>
+                      : (const void *)small_pass_kernel<T, 64>;
+}
+
+extern "C" int cuda_small_pass_takes(cuda_dtype dtype, const cuda_small_pass_params *p)
+{
+    int columns[5];
+    unsigned blocks;
+    size_t shared;
+    if (dtype == CUDA_DTYPE_F32 || !small_pass_shape(dtype, p, columns, &blocks, &shared)) return 0;
+    int device = 0, sms = 0, per_sm = 0;
+    const void *kernel = dtype == CUDA_DTYPE_F16
+                             ? small_pass_function<__half>(p->hidden / p->heads)
+                             : small_pass_function<__nv_bfloat16>(p->hidden / p->heads);
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, SMALL_THREADS, shared) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return (long)per_sm * sms >= (long)blocks;
+}
+
+template <typename T>
+static cudaError_t small_pass_typed(const cuda_batch_view *batch, const cuda_small_pass_params *q,
+                                    const int *columns, unsigned blocks, size_t shared,
+                                    cudaStream_t stream)
+{
+    small_pass_args<T> p;
+    p.layers = q->table;
+    p.x = (T *)q->x;
+    p.x1 = (T *)q->x1;
+    p.qkv = (T *)q->qkv;
+    p.context = (T *)q->context;
+    p.hidden = (T *)q->hidden_rows;
+    p.scratch = q->scratch;
+    p.counters = q->counters;
+    p.rows = q->rows;
+    p.layers_count = q->layers;
+    p.width = q->hidden;
+    p.intermediate = q->intermediate;
+    p.heads = q->heads;
+    p.activation = q->activation;
+    for (int i = 0; i < 5; i++) p.columns[i] = columns[i];
+    p.eps = q->eps;
+    p.trace = blocks <= CUDA_SMALL_TRACE_BLOCKS ? q->trace : NULL;
+    int d = q->hidden / q->heads;
+    p.scale = 1.4426950408889634f / sqrtf((float)d);
+    if (d == 32)
+        small_pass_kernel<T, 32><<<blocks, SMALL_THREADS, shared, stream>>>(*batch, p);
+    else
+        small_pass_kernel<T, 64><<<blocks, SMALL_THREADS, shared, stream>>>(*batch, p);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_small_pass(cuda_dtype dtype, const cuda_batch_view *batch,
+                                       const cuda_small_pass_params *params, cudaStream_t stream)
+{
+    int columns[5];
+    unsigned blocks;
+    size_t shared;
+    if (dtype == CUDA_DTYPE_F32 || !small_pass_shape(dtype, params, columns, &blocks, &shared))
+        return cudaErrorInvalidValue;
+    return dtype == CUDA_DTYPE_F16
+               ? small_pass_typed<__half>(batch, params, columns, blocks, shared, stream)
+               : small_pass_typed<__nv_bfloat16>(batch, params, columns, blocks, shared, stream);
+}
+
+extern "C" int cuda_small_trace_read(cuda_dtype dtype, const cuda_small_pass_params *p,
+                                     const unsigned long long *trace, double *sums)
+{
+    int columns[5];
+    unsigned blocks;
+    size_t shared;
+    if (!small_pass_shape(dtype, p, columns, &blocks, &shared) || blocks > CUDA_SMALL_TRACE_BLOCKS)
+        return 0;
+    const int steps = 5 * p->layers;
+#define STAMP(s, b, i) ((double)trace[((size_t)(s)*blocks + (b)) * 5 + (i)])
+    for (int s = 0; s < steps; s++) {
+        double arrival = STAMP(s, 0, 0), release = STAMP(s, 0, 1), end = STAMP(s, 0, 4);
+        unsigned last = 0;
+        for (unsigned b = 1; b < blocks; b++) {
+            arrival = STAMP(s, b, 0) > arrival ? STAMP(s, b, 0) : arrival;
+            release = STAMP(s, b, 1) < release ? STAMP(s, b, 1) : release;
+            if (STAMP(s, b, 4) > end) {
+                end = STAMP(s, b, 4);
+                last = b;
+            }
+        }
+        double next = end;
+        if (s + 1 < steps)
+            for (unsigned b = 0; b < blocks; b++)
+                next = STAMP(s + 1, b, 0) > next ? STAMP(s + 1, b, 0) : next;
+        double *k = sums + 6 * (s % 5);
+        k[0] += s ? release - arrival : 0.0;
+        k[1] += STAMP(s, last, 1) - release;
+        k[2] += STAMP(s, last, 2) - STAMP(s, last, 1);
+        k[3] += STAMP(s, last, 3) - STAMP(s, last, 2);
+        k[4] += STAMP(s, last, 4) - STAMP(s, last, 3);
+        k[5] += next - end;
+    }
+#undef STAMP
+    return 1;
+}
+
 template <typename T, int EPILOGUE> static cudaError_t small_allow()
 {
     const int shared = SMALL_MAX_SHARED;
@@ -1536,5 +1933,9 @@ extern "C" cudaError_t cuda_small_setup(void)
 {
     cudaError_t e = small_allow_all<__half>();
     if (e == cudaSuccess) e = small_allow_all<__nv_bfloat16>();
+    if (e == cudaSuccess) e = small_pass_allow<__half, 32>();
+    if (e == cudaSuccess) e = small_pass_allow<__half, 64>();
+    if (e == cudaSuccess) e = small_pass_allow<__nv_bfloat16, 32>();
+    if (e == cudaSuccess) e = small_pass_allow<__nv_bfloat16, 64>();
     return e;
 }

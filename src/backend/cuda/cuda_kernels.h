@@ -139,6 +139,46 @@ cudaError_t cuda_small_gemm(cuda_dtype dtype, const cuda_batch_view *batch,
 /* Lets the small-batch kernels use more than 48 KB of shared memory on the current device. */
 cudaError_t cuda_small_setup(void);
 
+/* ---- the persistent small pass (EMBEDRAG_CUDA_SMALL=persist) ---- */
+
+/* One layer's device pointers (weights and biases of the dtype, LayerNorm parameters fp32). */
+typedef struct cuda_small_layer {
+    const void *weight[4], *bias[4]; /* QKV, attention output, intermediate, output */
+    const float *attention_gamma, *attention_beta, *output_gamma, *output_beta;
+} cuda_small_layer;
+
+typedef struct cuda_small_pass_params {
+    int rows; /* the launch's row count (at most CUDA_SMALL_MAX_ROWS; the header's tokens used) */
+    int layers, hidden, intermediate, heads, activation;
+    float eps;
+    const cuda_small_layer *table;              /* device memory, `layers` entries */
+    void *x, *x1, *qkv, *context, *hidden_rows; /* the stream's activations */
+    float *scratch;                             /* CUDA_SMALL_MAX_ROWS x hidden floats */
+    unsigned *counters;                         /* 3, 0 before a launch and again after it */
+    /* Or NULL: time stamps (ns, the GPU's clock) of each block at each step, for
+     * cuda_small_trace_read: CUDA_SMALL_TRACE_BLOCKS x 5 a step, 5 steps a layer (QKV,
+     * attention, attention output, intermediate, output). Passes of more blocks leave it. */
+    unsigned long long *trace;
+} cuda_small_pass_params;
+#define CUDA_SMALL_TRACE_BLOCKS 256
+/* Adds a pass's trace (copied to the host) to sums[5][6], nanoseconds per step kind (QKV,
+ * attention, attention output, intermediate, output) summed over its layers: the grid barrier
+ * (the last arrival to the first release), the last block's release after that, its wait for X
+ * and W, its products, its epilogue, and from its end to the next step's last arrival. 0 where
+ * the pass was not traced. */
+int cuda_small_trace_read(cuda_dtype dtype, const cuda_small_pass_params *p,
+                          const unsigned long long *trace, double *sums);
+
+/* Whether cuda_small_pass takes this pass on the current device: fp16/bf16, heads of 32 or 64,
+ * every product taken by the small-batch kernel in the chain's shapes, and every block resident
+ * at once. */
+int cuda_small_pass_takes(cuda_dtype dtype, const cuda_small_pass_params *params);
+/* Every layer of the pass over x (the embedding's output; the last layer's output is left in x,
+ * normalized) in one launch: the chain of small-batch kernels, grid barriers between its steps
+ * (cuda_kernels.cu says how). */
+cudaError_t cuda_small_pass(cuda_dtype dtype, const cuda_batch_view *batch,
+                            const cuda_small_pass_params *params, cudaStream_t stream);
+
 /* dst[i] = src[i] rounded to the dtype (weights at load time). */
 cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *dst, size_t count,
                          cudaStream_t stream);
