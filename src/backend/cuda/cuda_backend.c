@@ -813,14 +813,12 @@ static void cuda_stream_destroy(backend_stream *s)
                 "embedrag: persistent pass trace, %d passes, us a pass per step kind: "
                 "barrier, release, x+w, products, epilogue, to next arrival\n",
                 s->trace_passes);
-        for (int k = 0; k < 5; k++)
-            fprintf(stderr, "  %-17s %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f\n", kinds[k],
-                    s->trace_sums[k][0] * 1e-3 / s->trace_passes,
-                    s->trace_sums[k][1] * 1e-3 / s->trace_passes,
-                    s->trace_sums[k][2] * 1e-3 / s->trace_passes,
-                    s->trace_sums[k][3] * 1e-3 / s->trace_passes,
-                    s->trace_sums[k][4] * 1e-3 / s->trace_passes,
-                    s->trace_sums[k][5] * 1e-3 / s->trace_passes);
+        for (int k = 0; k < 5; k++) {
+            fprintf(stderr, "  %-17s", kinds[k]);
+            for (int i = 0; i < 6; i++)
+                fprintf(stderr, " %7.2f", s->trace_sums[k][i] * 1e-3 / s->trace_passes);
+            fputc('\n', stderr);
+        }
     }
     if (s->trace) cudaFree(s->trace);
     free(s->trace_host);
