@@ -180,6 +180,14 @@ if run_step bench; then
                 >"$logs/bench-${shape%%:*}-fp16-${v%%:*}.json" 2>>"$logs/bench.log"
         done
     done
+    # cuBLASLt's first algorithm everywhere (EMBEDRAG_CUDA_TUNE=0), for comparison with the
+    # timed choice.
+    for shape in 12x384:12,384,12,1536 6x384:6,384,12,1536 12x768:12,768,12,3072; do
+        wanted "${shape%%:*}-fp16-notune" || continue
+        EMBEDRAG_CUDA_TUNE=0 "$bench" --device cuda --seconds "$seconds" --json \
+            --random "${shape#*:}" --precision fp16 >"$logs/bench-${shape%%:*}-fp16-notune.json" \
+            2>>"$logs/bench.log"
+    done
     wanted 12x384-fp16-nographs && EMBEDRAG_CUDA_GRAPHS=0 "$bench" --device cuda \
         --seconds "$seconds" --json --random 12,384,12,1536 --precision fp16 \
         >"$logs/bench-12x384-fp16-nographs.json" 2>>"$logs/bench.log"

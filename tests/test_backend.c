@@ -706,8 +706,10 @@ typedef struct gpu_variant {
     double min_cosine; /* 0: measured and reported only */
 } gpu_variant;
 
-/* On every shape: the defaults (the v2 tensor-core attention kernel), and the first attention
- * kernel (v1, heads of 32 and 64, fp16 and bf16 each), which stays selectable. */
+/* On every shape: the defaults (the v2 tensor-core attention kernel), the first attention
+ * kernel (v1, heads of 32 and 64, fp16 and bf16 each), which stays selectable, the small-batch
+ * kernels, and every product's algorithm chosen by timing cuBLASLt's candidates (the default does
+ * so only for bulk batches, larger than these). */
 static const gpu_variant gpu_variants[] = {
     {EMBEDRAG_PRECISION_FP16, NULL, NULL, "cuda fp16", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_BF16, NULL, NULL, "cuda bf16", GPU_HALF_MIN_COSINE},
@@ -728,10 +730,13 @@ static const gpu_variant gpu_variants[] = {
      "cuda fp16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "persist",
      "cuda bf16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "all",
+     "cuda fp16, cuBLASLt's candidates timed at every row count", GPU_HALF_MIN_COSINE},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,
- * attention without tensor cores, BERT's exact erf GELU in fp16), and fp32 with cuBLASLt's tanh
+ * attention without tensor cores, BERT's exact erf GELU in fp16, the heuristic's first cuBLASLt
+ * algorithm without timing the others), and fp32 with cuBLASLt's tanh
  * GELU epilogue in place of erf (measured only, for bench/cuda-notes.md). */
 static const gpu_variant gpu_extra_variants[] = {
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_GRAPHS", "0", "cuda fp16 without graphs",
@@ -741,6 +746,8 @@ static const gpu_variant gpu_extra_variants[] = {
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_GELU", "erf", "cuda fp16, own erf GELU kernel",
      GPU_HALF_MIN_COSINE},
     {EMBEDRAG_PRECISION_FP32, "EMBEDRAG_CUDA_GELU", "tanh", "cuda fp32, tanh GELU epilogue", 0.0},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "0", "cuda fp16, cuBLASLt's first algorithms",
+     GPU_HALF_MIN_COSINE},
 };
 
 /* Runs the batches on one CUDA configuration and compares with the CPU's vectors. */

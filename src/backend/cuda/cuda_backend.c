@@ -54,6 +54,25 @@ static const int graph_sizes[] = {16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 51
 /* cuBLASLt plans (layouts and chosen algorithms) kept per stream, one per row count. */
 #define CUDA_PLAN_CACHE 12
 
+/* cuBLASLt's heuristic ranks a few algorithms for a product, and its first is not always the
+ * fastest on the card: bench/cublaslt_algos.c timed every one it offers on an H200 (fp16, 384
+ * wide), and the fastest took 8% less time than the first for a layer's four products at 128,000
+ * rows (the intermediate product 14% less). So for bulk batches the backend times the candidates,
+ * once per class of row counts (each class 1.25 times the one before: a bulk run of mixed lengths
+ * meets one or two), and keeps the fastest for the class. The first stays unless another is at
+ * least CUDA_TUNE_MARGIN faster, so near ties keep cuBLASLt's choice (a candidate's vectors may
+ * differ from the first's in the last bits; within a process a class keeps its choice). Below
+ * CUDA_TUNE_MIN_TOKENS rows the products are short and launch-bound, and most run inside a graph,
+ * where the winners of the isolated timing measured slower (a 16-token query 0.319 ms against
+ * 0.285): the heuristic's first there, as before. EMBEDRAG_CUDA_TUNE=0 keeps the heuristic's
+ * first everywhere, =verbose prints each choice, =all times every row count (tests use it to run
+ * every candidate the heuristic ranks first somewhere). */
+#define CUDA_TUNE_MIN_TOKENS 8192
+#define CUDA_TUNE_CANDIDATES 8
+#define CUDA_TUNE_CLASSES 72 /* row counts up to CUDA_MAX_BATCH_TOKENS, in steps of 1.25 */
+#define CUDA_TUNE_MARGIN 0.95
+#define CUDA_TUNE_RUNS 3 /* timed runs of a candidate, after one untimed; the fastest counts */
+
 /* Starting guesses for the router, before batches are measured: the H200's dense fp16 rate is
  * ~990 TFLOP/s of which this model's thin GEMMs reach about half (DESIGN.md: 547 TFLOP/s for a
  * layer's four GEMMs at 128k rows), and the fp32 path runs on CUDA cores (~67 TFLOP/s peak). The
@@ -67,6 +86,8 @@ static const int graph_sizes[] = {16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 51
 #define CUDA_RATE_SMOOTHING 0.2
 
 enum { GEMM_QKV, GEMM_ATTENTION_OUT, GEMM_INTERMEDIATE, GEMM_OUTPUT, GEMM_KINDS };
+static const char *const gemm_names[GEMM_KINDS] = {"QKV", "attention output", "intermediate",
+                                                   "output"};
 
 typedef struct cuda_layer {
     void *block; /* one allocation holding everything below */
@@ -105,6 +126,16 @@ typedef struct cuda_backend {
     bool small_trace;     /* EMBEDRAG_CUDA_SMALL_TRACE: time the persistent pass's steps */
     int small_activation; /* CUDA_ACT_* of the model, exact (erf GELU for GELU models) */
     char name[32], device_text[320], kernels[192];
+
+    /* Algorithm choices per class of row counts (get_plan), shared by the streams. */
+    bool tune, tune_verbose;
+    int tune_min_tokens; /* CUDA_TUNE_MIN_TOKENS, or 1 (EMBEDRAG_CUDA_TUNE=all) */
+    pthread_mutex_t tune_lock;
+    struct cuda_tuned {
+        bool timed;  /* the class's candidates were timed */
+        bool better; /* and `algo` beat the heuristic's first by the margin */
+        cublasLtMatmulAlgo_t algo;
+    } tuned[CUDA_TUNE_CLASSES][GEMM_KINDS];
 
     pthread_mutex_t rate_lock;
     double seconds_per_flop, overhead_seconds;
@@ -306,9 +337,98 @@ static void plan_free(const cuda_backend *b, cuda_plan *p)
     memset(p, 0, sizeof *p);
 }
 
-/* The plan for GEMMs of `tokens` rows: cached, else made (layouts and the heuristic's first
- * algorithm for each of the four products). Row-major Y[tokens x N] = X[tokens x K] W^T is, in
- * cuBLASLt's column-major terms, Y^T (N x tokens) = op(W) X^T with op = transpose. */
+/* The class of a row count for the algorithm choice: the smallest c with bound(c) >= tokens,
+ * where bound(0) = 1 and bound(c + 1) = bound(c) * 5 / 4 + 1. */
+static int tune_class(int tokens)
+{
+    int c = 0;
+    long bound = 1;
+    while (bound < tokens && c < CUDA_TUNE_CLASSES - 1) {
+        bound = bound * 5 / 4 + 1;
+        c++;
+    }
+    return c;
+}
+
+/* Microseconds product `kind` takes with `algo` over the plan's rows, the fastest of
+ * CUDA_TUNE_RUNS after an untimed run; a negative value when the algorithm fails. Reads and
+ * writes the stream's activation buffers, which hold nothing yet (no batch is in flight when a
+ * plan is made) and layer 0's weights. */
+static double time_candidate(backend_stream *s, int kind, cublasLtMatrixLayout_t input,
+                             cublasLtMatrixLayout_t output, const cublasLtMatmulAlgo_t *algo)
+{
+    cuda_backend *b = s->b;
+    const float one = 1.0f, zero = 0.0f;
+    void *x = kind == GEMM_OUTPUT ? s->hidden : s->x;
+    void *y = kind == GEMM_QKV ? s->qkv : kind == GEMM_INTERMEDIATE ? s->hidden : s->x1;
+    double best = -1.0;
+    for (int run = 0; run <= CUDA_TUNE_RUNS; run++) {
+        if (cudaEventRecord(s->start, s->stream) != cudaSuccess) return -1.0;
+        cublasStatus_t st =
+            b->blas.matmul(s->blas, s->matmul[kind], &one, b->layers[0].weight[kind],
+                           s->weight_layout[kind], x, input, &zero, y, output, y, output, algo,
+                           s->workspace, CUDA_WORKSPACE_BYTES, s->stream);
+        float ms = 0.0f;
+        if (st != CUBLAS_STATUS_SUCCESS || cudaEventRecord(s->done, s->stream) != cudaSuccess ||
+            cudaEventSynchronize(s->done) != cudaSuccess ||
+            cudaEventElapsedTime(&ms, s->start, s->done) != cudaSuccess) {
+            cudaGetLastError();
+            return -1.0;
+        }
+        if (run > 0 && (best < 0 || 1000.0 * ms < best)) best = 1000.0 * ms;
+    }
+    return best;
+}
+
+/* The algorithm for product `kind` over `tokens` rows, from the heuristic's `found` results (at
+ * least one): the class's choice where its candidates were timed (and the choice takes this row
+ * count), else the candidates timed now. */
+static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int tokens,
+                                             cublasLtMatrixLayout_t input,
+                                             cublasLtMatrixLayout_t output,
+                                             const cublasLtMatmulHeuristicResult_t *results,
+                                             int found)
+{
+    cuda_backend *b = s->b;
+    cublasLtMatmulAlgo_t chosen = results[0].algo;
+    if (!b->tune || tokens < b->tune_min_tokens || found < 2) return chosen;
+    int cls = tune_class(tokens);
+    pthread_mutex_lock(&b->tune_lock);
+    struct cuda_tuned *t = &b->tuned[cls][kind];
+    if (t->timed) {
+        cublasLtMatmulHeuristicResult_t check;
+        if (t->better &&
+            b->blas.algo_check(s->blas, s->matmul[kind], s->weight_layout[kind], input, output,
+                               output, &t->algo, &check) == CUBLAS_STATUS_SUCCESS &&
+            check.workspaceSize <= CUDA_WORKSPACE_BYTES)
+            chosen = t->algo;
+        pthread_mutex_unlock(&b->tune_lock);
+        return chosen;
+    }
+    double us[CUDA_TUNE_CANDIDATES];
+    int best = 0;
+    for (int i = 0; i < found; i++) {
+        us[i] = time_candidate(s, kind, input, output, &results[i].algo);
+        if (us[i] > 0 && (us[best] <= 0 || us[i] < us[best])) best = i;
+    }
+    t->timed = true;
+    t->better = best > 0 && us[best] > 0 && (us[0] <= 0 || us[best] < CUDA_TUNE_MARGIN * us[0]);
+    t->algo = results[best].algo;
+    if (t->better) chosen = t->algo;
+    if (b->tune_verbose)
+        fprintf(stderr,
+                "embedrag: CUDA device %d: %s product over %d rows: candidate %d of %d, %.1f us "
+                "against the first's %.1f us%s\n",
+                b->device, gemm_names[kind], tokens, best, found, us[best], us[0],
+                t->better ? "" : " (the first kept)");
+    pthread_mutex_unlock(&b->tune_lock);
+    return chosen;
+}
+
+/* The plan for GEMMs of `tokens` rows: cached, else made (layouts and, for each of the four
+ * products, the algorithm choose_algorithm picks from the heuristic's candidates). Row-major
+ * Y[tokens x N] = X[tokens x K] W^T is, in cuBLASLt's column-major terms, Y^T (N x tokens) = op(W)
+ * X^T with op = transpose. */
 static int get_plan(backend_stream *s, int tokens, cuda_plan **out)
 {
     cuda_backend *b = s->b;
@@ -352,10 +472,12 @@ static int get_plan(backend_stream *s, int tokens, cuda_plan **out)
                                ? NULL
                                : b->layers[0].bias[k];
         b->blas.desc_set(s->matmul[k], CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
-        cublasLtMatmulHeuristicResult_t result;
+        cublasLtMatmulHeuristicResult_t results[CUDA_TUNE_CANDIDATES];
         int found = 0;
         st = b->blas.heuristic(s->blas, s->matmul[k], s->weight_layout[k], slot->input[k],
-                               slot->output[k], slot->output[k], preference, 1, &result, &found);
+                               slot->output[k], slot->output[k], preference,
+                               b->tune && tokens >= b->tune_min_tokens ? CUDA_TUNE_CANDIDATES : 1,
+                               results, &found);
         if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
             rc = st != CUBLAS_STATUS_SUCCESS
                      ? blas_error(b, st, "algorithm heuristic")
@@ -364,7 +486,8 @@ static int get_plan(backend_stream *s, int tokens, cuda_plan **out)
                                inner);
             break;
         }
-        slot->algo[k] = result.algo;
+        slot->algo[k] =
+            choose_algorithm(s, k, tokens, slot->input[k], slot->output[k], results, found);
     }
     b->blas.preference_destroy(preference);
     if (rc) {
@@ -1273,6 +1396,7 @@ static void cuda_destroy(backend *self)
     cuda_blas_close(&b->blas);
     cudaGetLastError();
     pthread_mutex_destroy(&b->rate_lock);
+    pthread_mutex_destroy(&b->tune_lock);
     free(b);
 }
 
@@ -1397,6 +1521,7 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     cuda_backend *b = calloc(1, sizeof *b);
     if (!b) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory creating the CUDA backend");
     pthread_mutex_init(&b->rate_lock, NULL);
+    pthread_mutex_init(&b->tune_lock, NULL);
     b->base.ops = &cuda_ops;
     b->config = config;
     b->device = params->device;
@@ -1421,6 +1546,10 @@ int cuda_backend_create(const backend_params *params, const model_config *config
         goto destroy;
     }
     b->use_graphs = env_flag("EMBEDRAG_CUDA_GRAPHS", true);
+    const char *tune = getenv("EMBEDRAG_CUDA_TUNE");
+    b->tune = env_flag("EMBEDRAG_CUDA_TUNE", true);
+    b->tune_verbose = b->tune && tune && !strcmp(tune, "verbose");
+    b->tune_min_tokens = b->tune && tune && !strcmp(tune, "all") ? 1 : CUDA_TUNE_MIN_TOKENS;
     /* EMBEDRAG_TEST_CUDA_FAIL_AFTER=N (tests of the engine's recovery on real GPUs): device 0
      * fails every batch after its first N, as a GPU that fails mid-run. */
     const char *fail = getenv("EMBEDRAG_TEST_CUDA_FAIL_AFTER");
@@ -1464,13 +1593,13 @@ int cuda_backend_create(const backend_params *params, const model_config *config
              properties.major, properties.minor);
     caps->device = b->device_text;
     size_t v = b->blas.version;
-    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s",
+    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s%s",
              v / 10000, v / 100 % 100, v % 100, dtype_name(b->dtype),
              b->attention == CUDA_ATTENTION_MMA_V2 ? "mma v2"
              : b->attention == CUDA_ATTENTION_MMA  ? "mma"
                                                    : "fp32 cores",
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
-             b->use_graphs ? ", graphs" : "",
+             b->use_graphs ? ", graphs" : "", b->tune ? ", bulk algorithms timed" : "",
              !b->small          ? ""
              : b->small_persist ? ", small-batch kernels (persistent pass)"
              : b->small_pdl     ? ", small-batch kernels (pdl)"

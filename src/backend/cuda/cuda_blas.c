@@ -55,6 +55,7 @@ int cuda_blas_open(cuda_blas *blas)
         {"cublasLtMatmulPreferenceDestroy", (void **)&blas->preference_destroy},
         {"cublasLtMatmulPreferenceSetAttribute", (void **)&blas->preference_set},
         {"cublasLtMatmulAlgoGetHeuristic", (void **)&blas->heuristic},
+        {"cublasLtMatmulAlgoCheck", (void **)&blas->algo_check},
         {"cublasLtMatmul", (void **)&blas->matmul},
     };
     for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++) {

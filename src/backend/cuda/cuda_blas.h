@@ -26,6 +26,7 @@ typedef struct cuda_blas {
     __typeof__(&cublasLtMatmulPreferenceDestroy) preference_destroy;
     __typeof__(&cublasLtMatmulPreferenceSetAttribute) preference_set;
     __typeof__(&cublasLtMatmulAlgoGetHeuristic) heuristic;
+    __typeof__(&cublasLtMatmulAlgoCheck) algo_check;
     __typeof__(&cublasLtMatmul) matmul;
 } cuda_blas;
 
