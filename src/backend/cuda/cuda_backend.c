@@ -71,7 +71,7 @@ static const int graph_sizes[] = {16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 51
 #define CUDA_TUNE_CANDIDATES 8
 #define CUDA_TUNE_CLASSES 72 /* row counts up to CUDA_MAX_BATCH_TOKENS, in steps of 1.25 */
 #define CUDA_TUNE_MARGIN 0.95
-#define CUDA_TUNE_RUNS 3 /* timed runs of a candidate, after one untimed; the fastest counts */
+#define CUDA_TUNE_RUNS 3 /* timed rounds over the candidates, after one untimed */
 
 /* Starting guesses for the router, before batches are measured: the H200's dense fp16 rate is
  * ~990 TFLOP/s of which this model's thin GEMMs reach about half (DESIGN.md: 547 TFLOP/s for a
@@ -350,10 +350,9 @@ static int tune_class(int tokens)
     return c;
 }
 
-/* Microseconds product `kind` takes with `algo` over the plan's rows, the fastest of
- * CUDA_TUNE_RUNS after an untimed run; a negative value when the algorithm fails. Reads and
- * writes the stream's activation buffers, which hold nothing yet (no batch is in flight when a
- * plan is made) and layer 0's weights. */
+/* Microseconds one run of product `kind` takes with `algo` over the plan's rows; a negative
+ * value when the algorithm fails. Reads and writes the stream's activation buffers, which hold
+ * nothing yet (no batch is in flight when a plan is made), and layer 0's weights. */
 static double time_candidate(backend_stream *s, int kind, cublasLtMatrixLayout_t input,
                              cublasLtMatrixLayout_t output, const cublasLtMatmulAlgo_t *algo)
 {
@@ -361,28 +360,25 @@ static double time_candidate(backend_stream *s, int kind, cublasLtMatrixLayout_t
     const float one = 1.0f, zero = 0.0f;
     void *x = kind == GEMM_OUTPUT ? s->hidden : s->x;
     void *y = kind == GEMM_QKV ? s->qkv : kind == GEMM_INTERMEDIATE ? s->hidden : s->x1;
-    double best = -1.0;
-    for (int run = 0; run <= CUDA_TUNE_RUNS; run++) {
-        if (cudaEventRecord(s->start, s->stream) != cudaSuccess) return -1.0;
-        cublasStatus_t st =
-            b->blas.matmul(s->blas, s->matmul[kind], &one, b->layers[0].weight[kind],
-                           s->weight_layout[kind], x, input, &zero, y, output, y, output, algo,
-                           s->workspace, CUDA_WORKSPACE_BYTES, s->stream);
-        float ms = 0.0f;
-        if (st != CUBLAS_STATUS_SUCCESS || cudaEventRecord(s->done, s->stream) != cudaSuccess ||
-            cudaEventSynchronize(s->done) != cudaSuccess ||
-            cudaEventElapsedTime(&ms, s->start, s->done) != cudaSuccess) {
-            cudaGetLastError();
-            return -1.0;
-        }
-        if (run > 0 && (best < 0 || 1000.0 * ms < best)) best = 1000.0 * ms;
+    if (cudaEventRecord(s->start, s->stream) != cudaSuccess) return -1.0;
+    cublasStatus_t st = b->blas.matmul(s->blas, s->matmul[kind], &one, b->layers[0].weight[kind],
+                                       s->weight_layout[kind], x, input, &zero, y, output, y,
+                                       output, algo, s->workspace, CUDA_WORKSPACE_BYTES, s->stream);
+    float ms = 0.0f;
+    if (st != CUBLAS_STATUS_SUCCESS || cudaEventRecord(s->done, s->stream) != cudaSuccess ||
+        cudaEventSynchronize(s->done) != cudaSuccess ||
+        cudaEventElapsedTime(&ms, s->start, s->done) != cudaSuccess) {
+        cudaGetLastError();
+        return -1.0;
     }
-    return best;
+    return 1000.0 * ms;
 }
 
 /* The algorithm for product `kind` over `tokens` rows, from the heuristic's `found` results (at
  * least one): the class's choice where its candidates were timed (and the choice takes this row
- * count), else the candidates timed now. */
+ * count), else the candidates timed now. They are timed in rounds, each candidate once a round,
+ * the first round untimed: the GPU's clock rises from idle during the first runs, which would
+ * otherwise slow whichever candidate came first. A candidate's time is its fastest run. */
 static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int tokens,
                                              cublasLtMatrixLayout_t input,
                                              cublasLtMatrixLayout_t output,
@@ -406,13 +402,22 @@ static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int to
         return chosen;
     }
     double us[CUDA_TUNE_CANDIDATES];
+    bool failed[CUDA_TUNE_CANDIDATES] = {false};
+    for (int i = 0; i < found; i++) us[i] = -1.0;
+    for (int run = 0; run <= CUDA_TUNE_RUNS; run++)
+        for (int i = 0; i < found; i++) {
+            if (failed[i]) continue;
+            double one = time_candidate(s, kind, input, output, &results[i].algo);
+            if (one < 0)
+                failed[i] = true;
+            else if (run > 0 && (us[i] < 0 || one < us[i]))
+                us[i] = one;
+        }
     int best = 0;
-    for (int i = 0; i < found; i++) {
-        us[i] = time_candidate(s, kind, input, output, &results[i].algo);
-        if (us[i] > 0 && (us[best] <= 0 || us[i] < us[best])) best = i;
-    }
+    for (int i = 1; i < found; i++)
+        if (!failed[i] && (failed[best] || us[i] < us[best])) best = i;
     t->timed = true;
-    t->better = best > 0 && us[best] > 0 && (us[0] <= 0 || us[best] < CUDA_TUNE_MARGIN * us[0]);
+    t->better = best > 0 && !failed[best] && (failed[0] || us[best] < CUDA_TUNE_MARGIN * us[0]);
     t->algo = results[best].algo;
     if (t->better) chosen = t->algo;
     if (b->tune_verbose)
