@@ -20,8 +20,8 @@
  * the rest; 132 multiprocessors x 16 blocks fills an H200). */
 #define ELEMENT_THREADS 256
 #define ELEMENT_MAX_BLOCKS 4096
-/* Pooling: threads per sequence. */
-#define POOL_THREADS 128
+/* Pooling: threads per sequence (at least the vectors of the widest row: CUDA_MAX_HIDDEN / 4). */
+#define POOL_THREADS 256
 
 /* ---- element types ---- */
 
@@ -1443,29 +1443,53 @@ __global__ void __launch_bounds__(SMALL_THREADS, 1)
 
 /* ---- pooling ---- */
 
+/* A sequence's pooled vector, one block a sequence. The threads form `lanes` groups of one
+ * 16-byte vector of the row each; lane l takes tokens first + l, first + l + lanes, ... (so each
+ * thread has several independent loads in flight, where one thread per column walked the tokens
+ * one dependent step at a time: 21.6 us for 100 texts of 50 tokens on an H200), and the lanes'
+ * partial results are combined in lane order. The order depends only on the sequence and the
+ * width, so a sequence pools to the same bits alone and in any batch. */
 template <typename T>
 __global__ void __launch_bounds__(POOL_THREADS)
     pool_kernel(cuda_batch_view b, const T *x, int hidden, int pooling, float *pooled)
 {
+    __shared__ __align__(16) float partial[POOL_THREADS * 8];
     int sequence = blockIdx.x;
     if (sequence >= b.header[CUDA_HEADER_SEQUENCES]) return;
     int start = b.offsets[sequence], end = b.offsets[sequence + 1];
     int skip = b.skip[sequence];
     int first = start + skip < end ? start + skip : start; /* never pool nothing */
     float *out = pooled + (size_t)sequence * hidden;
-    for (int i = threadIdx.x; i < hidden; i += POOL_THREADS) {
-        float r;
-        if (pooling == EMBEDRAG_POOLING_CLS) {
-            r = to_float(x[(size_t)start * hidden + i]);
-        } else if (pooling == EMBEDRAG_POOLING_MAX) {
-            r = to_float(x[(size_t)first * hidden + i]);
-            for (int t = first + 1; t < end; t++) r = fmaxf(r, to_float(x[(size_t)t * hidden + i]));
-        } else {
-            float sum = 0.0f;
-            for (int t = first; t < end; t++) sum += to_float(x[(size_t)t * hidden + i]);
-            r = sum * (1.0f / (float)(end - first));
+    if (pooling == EMBEDRAG_POOLING_CLS) {
+        for (int i = threadIdx.x; i < hidden; i += POOL_THREADS)
+            out[i] = to_float(x[(size_t)start * hidden + i]);
+        return;
+    }
+    const bool use_max = pooling == EMBEDRAG_POOLING_MAX;
+    const int vectors = hidden / VEC(T), lanes = POOL_THREADS / vectors;
+    const int lane = threadIdx.x / vectors, v = threadIdx.x % vectors;
+    if (lane < lanes) {
+        float acc[VEC(T)], row[VEC(T)];
+#pragma unroll
+        for (int i = 0; i < VEC(T); i++) acc[i] = use_max ? -INFINITY : 0.0f;
+#pragma unroll 4
+        for (int t = first + lane; t < end; t += lanes) {
+            load_vector(x + (size_t)t * hidden + (size_t)v * VEC(T), row);
+#pragma unroll
+            for (int i = 0; i < VEC(T); i++)
+                acc[i] = use_max ? fmaxf(acc[i], row[i]) : acc[i] + row[i];
         }
-        out[i] = r;
+#pragma unroll
+        for (int i = 0; i < VEC(T); i++) partial[lane * hidden + v * VEC(T) + i] = acc[i];
+    }
+    __syncthreads();
+    const int used = end - first < lanes ? end - first : lanes;
+    const float scale = 1.0f / (float)(end - first);
+    for (int c = threadIdx.x; c < hidden; c += POOL_THREADS) {
+        float r = partial[c];
+        for (int l = 1; l < used; l++)
+            r = use_max ? fmaxf(r, partial[l * hidden + c]) : r + partial[l * hidden + c];
+        out[c] = use_max ? r : r * scale;
     }
 }
 
