@@ -704,55 +704,59 @@ typedef struct gpu_variant {
     const char *variable, *value; /* set while the backend is created, or NULL */
     const char *label;
     double min_cosine; /* 0: measured and reported only */
+    bool same_bits;    /* must give the first variant's (fp16 defaults') bits */
 } gpu_variant;
 
 /* On every shape: the defaults (the v2 tensor-core attention kernel), the first attention
  * kernel (v1, heads of 32 and 64, fp16 and bf16 each), which stays selectable, the small-batch
  * kernels, and every product's algorithm chosen by timing cuBLASLt's candidates (the default does
- * so only for bulk batches, larger than these). */
+ * so only for bulk batches, larger than these), which must keep the defaults' bits. */
 static const gpu_variant gpu_variants[] = {
-    {EMBEDRAG_PRECISION_FP16, NULL, NULL, "cuda fp16", GPU_HALF_MIN_COSINE},
-    {EMBEDRAG_PRECISION_BF16, NULL, NULL, "cuda bf16", GPU_HALF_MIN_COSINE},
-    {EMBEDRAG_PRECISION_FP32, NULL, NULL, "cuda fp32", GPU_FP32_MIN_COSINE},
+    {EMBEDRAG_PRECISION_FP16, NULL, NULL, "cuda fp16", GPU_HALF_MIN_COSINE, false},
+    {EMBEDRAG_PRECISION_BF16, NULL, NULL, "cuda bf16", GPU_HALF_MIN_COSINE, false},
+    {EMBEDRAG_PRECISION_FP32, NULL, NULL, "cuda fp32", GPU_FP32_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_ATTENTION", "v1", "cuda fp16, attention v1",
-     GPU_HALF_MIN_COSINE},
+     GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_ATTENTION", "v1", "cuda bf16, attention v1",
-     GPU_HALF_MIN_COSINE},
+     GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "1", "cuda fp16, small-batch kernels",
-     GPU_HALF_MIN_COSINE},
+     GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "1", "cuda bf16, small-batch kernels",
-     GPU_HALF_MIN_COSINE},
+     GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "nopdl",
-     "cuda fp16, small-batch kernels without pdl", GPU_HALF_MIN_COSINE},
+     "cuda fp16, small-batch kernels without pdl", GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "lastnorm",
-     "cuda fp16, small-batch kernels, LayerNorm in the last block", GPU_HALF_MIN_COSINE},
+     "cuda fp16, small-batch kernels, LayerNorm in the last block", GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "persist",
-     "cuda fp16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE},
+     "cuda fp16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "persist",
-     "cuda bf16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE},
+     "cuda bf16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "all",
-     "cuda fp16, cuBLASLt's candidates timed at every row count", GPU_HALF_MIN_COSINE},
+     "cuda fp16, cuBLASLt's candidates timed at every row count", GPU_HALF_MIN_COSINE, true},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,
  * attention without tensor cores, BERT's exact erf GELU in fp16, the heuristic's first cuBLASLt
- * algorithm without timing the others), and fp32 with cuBLASLt's tanh
- * GELU epilogue in place of erf (measured only, for bench/cuda-notes.md). */
+ * algorithm without timing the others, bit for bit the defaults' here), and fp32 with cuBLASLt's
+ * tanh GELU epilogue in place of erf (measured only, for bench/cuda-notes.md). */
 static const gpu_variant gpu_extra_variants[] = {
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_GRAPHS", "0", "cuda fp16 without graphs",
-     GPU_HALF_MIN_COSINE},
+     GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TENSOR_CORE_ATTENTION", "0",
-     "cuda fp16, fp32-core attention", GPU_HALF_MIN_COSINE},
+     "cuda fp16, fp32-core attention", GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_GELU", "erf", "cuda fp16, own erf GELU kernel",
-     GPU_HALF_MIN_COSINE},
-    {EMBEDRAG_PRECISION_FP32, "EMBEDRAG_CUDA_GELU", "tanh", "cuda fp32, tanh GELU epilogue", 0.0},
+     GPU_HALF_MIN_COSINE, false},
+    {EMBEDRAG_PRECISION_FP32, "EMBEDRAG_CUDA_GELU", "tanh", "cuda fp32, tanh GELU epilogue", 0.0,
+     false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "0", "cuda fp16, cuBLASLt's first algorithms",
-     GPU_HALF_MIN_COSINE},
+     GPU_HALF_MIN_COSINE, true},
 };
 
 /* Runs the batches on one CUDA configuration and compares with the CPU's vectors. */
+/* `first` holds the first variant's vectors of each batch: filled by that variant (when NULL),
+ * compared with bit for bit by a same_bits variant. */
 static void test_gpu_variant(const shape *s, const test_model *m, const gpu_variant *v,
-                             gpu_batch *batches, float *const *reference)
+                             gpu_batch *batches, float *const *reference, float **first)
 {
     const model_config *c = &m->config;
     int h = c->hidden_size;
@@ -802,6 +806,14 @@ static void test_gpu_variant(const shape *s, const test_model *m, const gpu_vari
             worst = fmin(worst, cosine_f(out + (size_t)i * h, reference[k] + (size_t)i * h, h));
         orc = run_on(b, bulk, batch, again, h);
         deterministic = deterministic && orc == 0 && memcmp(out, again, n * sizeof *out) == 0;
+        if (!first[k]) {
+            first[k] = malloc(n * sizeof *out);
+            if (first[k]) memcpy(first[k], out, n * sizeof *out);
+        } else if (v->same_bits) {
+            CHECK(memcmp(out, first[k], n * sizeof *out) == 0,
+                  "%s: %s: batch %d differs from the defaults' vectors in some bit", s->name,
+                  v->label, k);
+        }
         for (int i = 0; i < batch->count; i++) {
             int len = batch->offsets[i + 1] - batch->offsets[i];
             backend_batch single = {.ids = batch->ids + batch->offsets[i],
@@ -867,11 +879,13 @@ static void test_gpu_shape(const shape *s, bool extras)
         rc = run_batch(cpu, BACKEND_PRIORITY_BULK, &batches[k].batch, reference[k]);
         CHECK(rc == 0, "%s: cpu batch: %s", s->name, err_get());
     }
+    float *first[GPU_BATCHES] = {NULL};
     for (size_t i = 0; rc == 0 && i < sizeof gpu_variants / sizeof gpu_variants[0]; i++)
-        test_gpu_variant(s, &m, &gpu_variants[i], batches, reference);
+        test_gpu_variant(s, &m, &gpu_variants[i], batches, reference, first);
     for (size_t i = 0;
          rc == 0 && extras && i < sizeof gpu_extra_variants / sizeof gpu_extra_variants[0]; i++)
-        test_gpu_variant(s, &m, &gpu_extra_variants[i], batches, reference);
+        test_gpu_variant(s, &m, &gpu_extra_variants[i], batches, reference, first);
+    for (int k = 0; k < GPU_BATCHES; k++) free(first[k]);
     for (int k = 0; k < GPU_BATCHES; k++) free(reference[k]);
     free(batches);
     if (cpu) backend_destroy(cpu);

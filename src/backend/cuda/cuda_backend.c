@@ -59,14 +59,14 @@ static const int graph_sizes[] = {16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 51
  * wide), and the fastest took 8% less time than the first for a layer's four products at 128,000
  * rows (the intermediate product 14% less). So for bulk batches the backend times the candidates,
  * once per class of row counts (each class 1.25 times the one before: a bulk run of mixed lengths
- * meets one or two), and keeps the fastest for the class. The first stays unless another is at
- * least CUDA_TUNE_MARGIN faster, so near ties keep cuBLASLt's choice (a candidate's vectors may
- * differ from the first's in the last bits; within a process a class keeps its choice). Below
- * CUDA_TUNE_MIN_TOKENS rows the products are short and launch-bound, and most run inside a graph,
- * where the winners of the isolated timing measured slower (a 16-token query 0.319 ms against
- * 0.285): the heuristic's first there, as before. EMBEDRAG_CUDA_TUNE=0 keeps the heuristic's
- * first everywhere, =verbose prints each choice, =all times every row count (tests use it to run
- * every candidate the heuristic ranks first somewhere). */
+ * meets one or two), and keeps the fastest for the class. Only candidates that compute the
+ * first's bits take part (same_bits), so the choice changes the speed and never a vector: every
+ * process gives the vectors it gave before. The first stays unless another is at least
+ * CUDA_TUNE_MARGIN faster. Below CUDA_TUNE_MIN_TOKENS rows the products are short and
+ * launch-bound, and most run inside a graph, where the winners of the isolated timing measured
+ * slower (a 16-token query 0.319 ms against 0.285): the heuristic's first there, as before.
+ * EMBEDRAG_CUDA_TUNE=0 keeps the heuristic's first everywhere, =verbose prints each choice, =all
+ * times every row count (a test variant, which checks that the vectors keep their bits). */
 #define CUDA_TUNE_MIN_TOKENS 8192
 #define CUDA_TUNE_CANDIDATES 8
 #define CUDA_TUNE_CLASSES 72 /* row counts up to CUDA_MAX_BATCH_TOKENS, in steps of 1.25 */
@@ -374,11 +374,60 @@ static double time_candidate(backend_stream *s, int kind, cublasLtMatrixLayout_t
     return 1000.0 * ms;
 }
 
+/* Which of the `found` candidates compute the same bits as the first (eligible[0] is the first
+ * itself): each runs once on the same pseudo-random input (rows in [-1, 1), written over the
+ * stream's buffer), and the digests of their outputs are compared. A candidate that sums in
+ * another order (split K, another reduction) differs in some output's last bit. Returns false when
+ * the check itself fails (then only the first is used). */
+static bool same_bits(backend_stream *s, int kind, int tokens, cublasLtMatrixLayout_t input,
+                      cublasLtMatrixLayout_t output, const cublasLtMatmulHeuristicResult_t *results,
+                      int found, bool *eligible)
+{
+    cuda_backend *b = s->b;
+    const float one = 1.0f, zero = 0.0f;
+    int n, inner;
+    gemm_dims(b->config, kind, &n, &inner);
+    void *x = kind == GEMM_OUTPUT ? s->hidden : s->x;
+    void *y = kind == GEMM_QKV ? s->qkv : kind == GEMM_INTERMEDIATE ? s->hidden : s->x1;
+    unsigned long long *digest = NULL, first = 0;
+    if (cudaMalloc((void **)&digest, sizeof *digest) != cudaSuccess ||
+        cuda_fill_pattern(b->dtype, x, (size_t)tokens * (size_t)inner, (unsigned)kind + 1u,
+                          s->stream) != cudaSuccess) {
+        if (digest) cudaFree(digest);
+        cudaGetLastError();
+        return false;
+    }
+    bool ok = true;
+    for (int i = 0; i < found && ok; i++) {
+        unsigned long long got = 0;
+        eligible[i] = b->blas.matmul(s->blas, s->matmul[kind], &one, b->layers[0].weight[kind],
+                                     s->weight_layout[kind], x, input, &zero, y, output, y, output,
+                                     &results[i].algo, s->workspace, CUDA_WORKSPACE_BYTES,
+                                     s->stream) == CUBLAS_STATUS_SUCCESS;
+        if (!eligible[i]) {
+            ok = i > 0; /* the first must run */
+            continue;
+        }
+        ok = cuda_digest(y, (size_t)tokens * (size_t)n * b->element, digest, s->stream) ==
+                 cudaSuccess &&
+             cudaMemcpyAsync(&got, digest, sizeof got, cudaMemcpyDeviceToHost, s->stream) ==
+                 cudaSuccess &&
+             cudaStreamSynchronize(s->stream) == cudaSuccess;
+        if (i == 0) first = got;
+        eligible[i] = ok && got == first;
+    }
+    cudaFree(digest);
+    cudaGetLastError();
+    return ok;
+}
+
 /* The algorithm for product `kind` over `tokens` rows, from the heuristic's `found` results (at
  * least one): the class's choice where its candidates were timed (and the choice takes this row
- * count), else the candidates timed now. They are timed in rounds, each candidate once a round,
- * the first round untimed: the GPU's clock rises from idle during the first runs, which would
- * otherwise slow whichever candidate came first. A candidate's time is its fastest run. */
+ * count), else the candidates timed now. Only candidates with the first's bits take part
+ * (same_bits), so the choice changes the speed, never a vector. They are timed in rounds, each
+ * candidate once a round, the first round untimed: the GPU's clock rises from idle during the
+ * first runs, which would otherwise slow whichever candidate came first. A candidate's time is its
+ * fastest run. */
 static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int tokens,
                                              cublasLtMatrixLayout_t input,
                                              cublasLtMatrixLayout_t output,
@@ -401,10 +450,17 @@ static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int to
         pthread_mutex_unlock(&b->tune_lock);
         return chosen;
     }
+    bool eligible[CUDA_TUNE_CANDIDATES] = {false};
     double us[CUDA_TUNE_CANDIDATES];
-    bool failed[CUDA_TUNE_CANDIDATES] = {false};
-    for (int i = 0; i < found; i++) us[i] = -1.0;
-    for (int run = 0; run <= CUDA_TUNE_RUNS; run++)
+    bool failed[CUDA_TUNE_CANDIDATES];
+    int alike = 0;
+    if (same_bits(s, kind, tokens, input, output, results, found, eligible))
+        for (int i = 1; i < found; i++) alike += eligible[i];
+    for (int i = 0; i < found; i++) {
+        us[i] = -1.0;
+        failed[i] = !eligible[i];
+    }
+    for (int run = 0; alike > 0 && run <= CUDA_TUNE_RUNS; run++)
         for (int i = 0; i < found; i++) {
             if (failed[i]) continue;
             double one = time_candidate(s, kind, input, output, &results[i].algo);
@@ -422,9 +478,9 @@ static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int to
     if (t->better) chosen = t->algo;
     if (b->tune_verbose)
         fprintf(stderr,
-                "embedrag: CUDA device %d: %s product over %d rows: candidate %d of %d, %.1f us "
-                "against the first's %.1f us%s\n",
-                b->device, gemm_names[kind], tokens, best, found, us[best], us[0],
+                "embedrag: CUDA device %d: %s product over %d rows: %d of %d other candidates "
+                "give the first's bits; candidate %d, %.1f us against the first's %.1f us%s\n",
+                b->device, gemm_names[kind], tokens, alike, found - 1, best, us[best], us[0],
                 t->better ? "" : " (the first kept)");
     pthread_mutex_unlock(&b->tune_lock);
     return chosen;

@@ -1683,6 +1683,62 @@ extern "C" cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *ds
     return cudaGetLastError();
 }
 
+/* ---- checking cuBLASLt's candidates (cuda_backend.c, choose_algorithm) ---- */
+
+/* A 64-bit value mixed so that nearby inputs give unrelated outputs: SplitMix64's finalizer
+ * (Steele, Lea and Flood's generator, public domain), xor-shifts and two odd multipliers. */
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+template <typename T> __global__ void fill_pattern_kernel(T *x, size_t count, unsigned seed)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        unsigned long long z = mix64(((unsigned long long)seed << 40) ^ i);
+        /* In [-1, 1): the size of a LayerNorm's output. */
+        x[i] = from_float<T>((float)(z >> 40) * (1.0f / 8388608.0f) - 1.0f);
+    }
+}
+
+/* *out += the sum over 4-byte words w at index i of mix64(i, w): an order-free digest (integer
+ * sums wrap the same way whatever the order), so equal buffers give equal digests on every run
+ * and a single changed bit changes it with overwhelming odds. */
+__global__ void digest_kernel(const unsigned *words, size_t count, unsigned long long *out)
+{
+    unsigned long long sum = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        sum += mix64(((unsigned long long)i << 32) | words[i]);
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2)
+        sum += __shfl_down_sync(FULL_MASK, sum, offset);
+    if (threadIdx.x % WARP == 0) atomicAdd(out, sum);
+}
+
+extern "C" cudaError_t cuda_fill_pattern(cuda_dtype dtype, void *x, size_t count, unsigned seed,
+                                         cudaStream_t stream)
+{
+    unsigned blocks = element_blocks(count);
+    DISPATCH(dtype,
+             (fill_pattern_kernel<T><<<blocks, ELEMENT_THREADS, 0, stream>>>((T *)x, count, seed)));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_digest(const void *x, size_t bytes, unsigned long long *digest,
+                                   cudaStream_t stream)
+{
+    cudaError_t e = cudaMemsetAsync(digest, 0, sizeof *digest, stream);
+    if (e != cudaSuccess) return e;
+    size_t words = bytes / sizeof(unsigned);
+    digest_kernel<<<element_blocks(words), ELEMENT_THREADS, 0, stream>>>((const unsigned *)x, words,
+                                                                         digest);
+    return cudaGetLastError();
+}
+
 /* ---- small-batch GEMMs ---- */
 
 /* Shared memory of a block: W's slice, then the ring of X chunks (no more stages than chunks) or

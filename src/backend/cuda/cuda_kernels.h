@@ -179,6 +179,15 @@ int cuda_small_pass_takes(cuda_dtype dtype, const cuda_small_pass_params *params
 cudaError_t cuda_small_pass(cuda_dtype dtype, const cuda_batch_view *batch,
                             const cuda_small_pass_params *params, cudaStream_t stream);
 
+/* x[i] = a pseudo-random value in [-1, 1) of (seed, i), rounded to the dtype. */
+cudaError_t cuda_fill_pattern(cuda_dtype dtype, void *x, size_t count, unsigned seed,
+                              cudaStream_t stream);
+
+/* *digest (device memory) = a 64-bit digest of `bytes` bytes (a multiple of 4) at x: equal
+ * contents, equal digests. */
+cudaError_t cuda_digest(const void *x, size_t bytes, unsigned long long *digest,
+                        cudaStream_t stream);
+
 /* dst[i] = src[i] rounded to the dtype (weights at load time). */
 cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *dst, size_t count,
                          cudaStream_t stream);
