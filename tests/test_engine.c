@@ -722,6 +722,14 @@ static void test_many_tiny_sequences(embedrag_model *m)
     free(got);
 }
 
+/* Runs one part and prints how long it took (the sanitizer suite's longest test is this one). */
+static void timed(const char *name, void (*part)(embedrag_model *), embedrag_model *m)
+{
+    double t = now_seconds();
+    part(m);
+    printf("%s: %.1f s\n", name, now_seconds() - t);
+}
+
 int main(void)
 {
     if (load_sentences() != 0) {
@@ -731,14 +739,14 @@ int main(void)
     embedrag_model *m = open_model(EMBEDRAG_DEVICE_CPU);
     if (m) {
         dim = embedrag_embed_dimension(m, NULL);
-        test_query_is_served_during_a_bulk_call(m);
-        test_concurrent_calls_get_their_own_vectors(m);
-        test_statuses_go_on_past_bad_texts(m);
-        test_errors_statuses_devices_and_lanes(m);
-        test_routing_between_devices(m);
-        test_fake_gpus(m);
-        test_tokenizer_threads(m);
-        test_many_tiny_sequences(m);
+        timed("a query during a bulk call", test_query_is_served_during_a_bulk_call, m);
+        timed("concurrent calls", test_concurrent_calls_get_their_own_vectors, m);
+        timed("statuses", test_statuses_go_on_past_bad_texts, m);
+        timed("errors, devices and lanes", test_errors_statuses_devices_and_lanes, m);
+        timed("routing between devices", test_routing_between_devices, m);
+        timed("stand-in GPUs", test_fake_gpus, m);
+        timed("tokenizer threads", test_tokenizer_threads, m);
+        timed("many tiny sequences", test_many_tiny_sequences, m);
         embedrag_model_close(m);
     }
     for (int i = 0; i < sentence_count; i++) free(sentences[i]);
