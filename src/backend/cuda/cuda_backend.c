@@ -350,20 +350,35 @@ static int tune_class(int tokens)
     return c;
 }
 
-/* Microseconds one run of product `kind` takes with `algo` over the plan's rows; a negative
- * value when the algorithm fails. Reads and writes the stream's activation buffers, which hold
- * nothing yet (no batch is in flight when a plan is made), and layer 0's weights. */
+/* One product on the stream: y = x W^T with the descriptor's epilogue, by `algo`. */
+static cublasStatus_t run_product(backend_stream *s, int kind, const void *w, const void *x,
+                                  cublasLtMatrixLayout_t input, void *y,
+                                  cublasLtMatrixLayout_t output, const cublasLtMatmulAlgo_t *algo)
+{
+    const float one = 1.0f, zero = 0.0f;
+    return s->b->blas.matmul(s->blas, s->matmul[kind], &one, w, s->weight_layout[kind], x, input,
+                             &zero, y, output, y, output, algo, s->workspace, CUDA_WORKSPACE_BYTES,
+                             s->stream);
+}
+
+/* Where the candidates of product `kind` read and write while they are timed: the pass's own
+ * input and output buffers, which hold nothing yet (no batch is in flight when a plan is made). */
+static void tuning_buffers(backend_stream *s, int kind, void **x, void **y)
+{
+    *x = kind == GEMM_OUTPUT ? s->hidden : s->x;
+    *y = kind == GEMM_QKV ? s->qkv : kind == GEMM_INTERMEDIATE ? s->hidden : s->x1;
+}
+
+/* Microseconds one run of product `kind` takes with `algo` over the plan's rows (tuning_buffers,
+ * layer 0's weights); a negative value when the algorithm fails. */
 static double time_candidate(backend_stream *s, int kind, cublasLtMatrixLayout_t input,
                              cublasLtMatrixLayout_t output, const cublasLtMatmulAlgo_t *algo)
 {
-    cuda_backend *b = s->b;
-    const float one = 1.0f, zero = 0.0f;
-    void *x = kind == GEMM_OUTPUT ? s->hidden : s->x;
-    void *y = kind == GEMM_QKV ? s->qkv : kind == GEMM_INTERMEDIATE ? s->hidden : s->x1;
+    void *x, *y;
+    tuning_buffers(s, kind, &x, &y);
     if (cudaEventRecord(s->start, s->stream) != cudaSuccess) return -1.0;
-    cublasStatus_t st = b->blas.matmul(s->blas, s->matmul[kind], &one, b->layers[0].weight[kind],
-                                       s->weight_layout[kind], x, input, &zero, y, output, y,
-                                       output, algo, s->workspace, CUDA_WORKSPACE_BYTES, s->stream);
+    cublasStatus_t st =
+        run_product(s, kind, s->b->layers[0].weight[kind], x, input, y, output, algo);
     float ms = 0.0f;
     if (st != CUBLAS_STATUS_SUCCESS || cudaEventRecord(s->done, s->stream) != cudaSuccess ||
         cudaEventSynchronize(s->done) != cudaSuccess ||
@@ -384,11 +399,10 @@ static bool same_bits(backend_stream *s, int kind, int tokens, cublasLtMatrixLay
                       int found, bool *eligible)
 {
     cuda_backend *b = s->b;
-    const float one = 1.0f, zero = 0.0f;
     int n, inner;
     gemm_dims(b->config, kind, &n, &inner);
-    void *x = kind == GEMM_OUTPUT ? s->hidden : s->x;
-    void *y = kind == GEMM_QKV ? s->qkv : kind == GEMM_INTERMEDIATE ? s->hidden : s->x1;
+    void *x, *y;
+    tuning_buffers(s, kind, &x, &y);
     unsigned long long *digest = NULL, first = 0;
     if (cudaMalloc((void **)&digest, sizeof *digest) != cudaSuccess ||
         cuda_fill_pattern(b->dtype, x, (size_t)tokens * (size_t)inner, (unsigned)kind + 1u,
@@ -400,10 +414,8 @@ static bool same_bits(backend_stream *s, int kind, int tokens, cublasLtMatrixLay
     bool ok = true;
     for (int i = 0; i < found && ok; i++) {
         unsigned long long got = 0;
-        eligible[i] = b->blas.matmul(s->blas, s->matmul[kind], &one, b->layers[0].weight[kind],
-                                     s->weight_layout[kind], x, input, &zero, y, output, y, output,
-                                     &results[i].algo, s->workspace, CUDA_WORKSPACE_BYTES,
-                                     s->stream) == CUBLAS_STATUS_SUCCESS;
+        eligible[i] = run_product(s, kind, b->layers[0].weight[kind], x, input, y, output,
+                                  &results[i].algo) == CUBLAS_STATUS_SUCCESS;
         if (!eligible[i]) {
             ok = i > 0; /* the first must run */
             continue;
@@ -566,17 +578,14 @@ static int gemm(backend_stream *s, const cuda_plan *plan, int kind, const cuda_l
                 const void *input, void *output)
 {
     cuda_backend *b = s->b;
-    const float one = 1.0f, zero = 0.0f;
     /* Without a bias epilogue cuBLASLt refuses a bias pointer (our own kernel adds the bias). */
     const void *bias =
         kind == GEMM_INTERMEDIATE && b->own_activation != CUDA_ACT_NONE ? NULL : layer->bias[kind];
     cublasStatus_t st =
         b->blas.desc_set(s->matmul[kind], CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
     if (st == CUBLAS_STATUS_SUCCESS)
-        st = b->blas.matmul(s->blas, s->matmul[kind], &one, layer->weight[kind],
-                            s->weight_layout[kind], input, plan->input[kind], &zero, output,
-                            plan->output[kind], output, plan->output[kind], &plan->algo[kind],
-                            s->workspace, CUDA_WORKSPACE_BYTES, s->stream);
+        st = run_product(s, kind, layer->weight[kind], input, plan->input[kind], output,
+                         plan->output[kind], &plan->algo[kind]);
     return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_error(b, st, "matmul");
 }
 
