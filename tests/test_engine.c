@@ -29,6 +29,9 @@
 #define CONCURRENT_CALLS 16
 #endif
 #define MAX_SENTENCES 3000
+/* The tokenizer-thread model's window (EMBEDRAG_WINDOW_TEXTS), below the 300 texts of that test
+ * so that they span windows too. */
+#define WINDOW_TEXTS 256
 
 static char *sentences[MAX_SENTENCES];
 static int sentence_count;
@@ -612,8 +615,12 @@ static void test_tokenizer_threads(embedrag_model *cpu_model)
     p.statuses = expected;
     CHECK(embedrag_embed(cpu_model, texts, NULL, TEXTS, &p, reference) == 0, "reference");
     setenv("EMBEDRAG_TOKENIZER_THREADS", "3", 1);
+    char window[16];
+    snprintf(window, sizeof window, "%d", WINDOW_TEXTS);
+    setenv("EMBEDRAG_WINDOW_TEXTS", window, 1);
     embedrag_model *m = open_model(EMBEDRAG_DEVICE_CPU);
     unsetenv("EMBEDRAG_TOKENIZER_THREADS");
+    unsetenv("EMBEDRAG_WINDOW_TEXTS");
     if (!m) goto done;
     p.statuses = statuses;
     int rc = embedrag_embed(m, texts, NULL, TEXTS, &p, got);
@@ -639,8 +646,10 @@ static void test_tokenizer_threads(embedrag_model *cpu_model)
     }
 
     /* Over two windows the second is tokenized while the first runs: the same again, with bad
-     * texts in the second window (one of them its last text). */
-    enum { MANY = ENGINE_WINDOW_TEXTS + 60 };
+     * texts in the second window (one of them its last text). The model has windows of
+     * WINDOW_TEXTS texts, not the default 4,096 (three calls of 4,156 texts took most of this
+     * test's ten minutes under the sanitizers). */
+    enum { MANY = WINDOW_TEXTS + 60 };
     char(*short_texts)[32] = malloc(MANY * sizeof *short_texts);
     const char **many = malloc(MANY * sizeof *many);
     int *many_expected = malloc(MANY * sizeof *many_expected);
@@ -651,7 +660,7 @@ static void test_tokenizer_threads(embedrag_model *cpu_model)
         snprintf(short_texts[i], sizeof short_texts[i], "text number %d of many", i);
         many[i] = short_texts[i];
     }
-    int bad1 = ENGINE_WINDOW_TEXTS + 17, bad2 = MANY - 1;
+    int bad1 = WINDOW_TEXTS + 17, bad2 = MANY - 1;
     many[bad1] = "bad \xc3\x28 text";
     many[bad2] = NULL;
     p.statuses = many_expected;

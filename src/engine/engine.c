@@ -53,6 +53,9 @@ struct embedrag_model {
      * tokenizer_lock); NULL otherwise. */
     threadpool *tokenizer_threads;
     pthread_mutex_t tokenizer_lock;
+    /* Texts per window of embedrag_embed: ENGINE_WINDOW_TEXTS, or EMBEDRAG_WINDOW_TEXTS (tests
+     * use a small one to cross windows with few texts; each embedding is slow under sanitizers). */
+    size_t window_texts;
 
     /* The latest failure of a call on this model (embedrag_model_last_error). */
     pthread_mutex_t error_lock;
@@ -436,6 +439,8 @@ int embedrag_model_open(const char *dir, const embedrag_model_params *params, em
     rc = open_backends(m, &chosen);
     if (!rc && m->backend_count > 1) rc = calibrate(m);
     if (!rc) rc = open_tokenizer_threads(m);
+    const char *window = getenv("EMBEDRAG_WINDOW_TEXTS");
+    m->window_texts = window && atoi(window) > 0 ? (size_t)atoi(window) : ENGINE_WINDOW_TEXTS;
     if (!rc) {
         m->directory = realpath(dir, NULL);
         if (!m->directory) m->directory = strdup(dir);
@@ -1214,7 +1219,7 @@ int embedrag_embed(embedrag_model *m, const char *const *texts, const size_t *le
     int first_status = 0;
     size_t first_index = 0;
     char *first_message = NULL;
-    size_t window = n < ENGINE_WINDOW_TEXTS ? n : ENGINE_WINDOW_TEXTS;
+    size_t window = n < m->window_texts ? n : m->window_texts;
     size_t windows = window ? (n + window - 1) / window : 0;
     /* Tokenizing ahead pays where the model runs on a GPU (it has tokenizer threads) and there is
      * a next window; on the CPU the cores are the model's. */
