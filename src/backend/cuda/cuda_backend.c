@@ -135,6 +135,7 @@ typedef struct cuda_backend {
         bool timed;  /* the class's candidates were timed */
         bool better; /* and `algo` beat the heuristic's first by the margin */
         cublasLtMatmulAlgo_t algo;
+        cublasLtMatmulAlgo_t first; /* the heuristic's first, whose bits `algo` gives */
     } tuned[CUDA_TUNE_CLASSES][GEMM_KINDS];
 
     pthread_mutex_t rate_lock;
@@ -434,8 +435,10 @@ static bool same_bits(backend_stream *s, int kind, int tokens, cublasLtMatrixLay
 }
 
 /* The algorithm for product `kind` over `tokens` rows, from the heuristic's `found` results (at
- * least one): the class's choice where its candidates were timed (and the choice takes this row
- * count), else the candidates timed now. Only candidates with the first's bits take part
+ * least one): the class's choice where its candidates were timed, if the heuristic ranks the same
+ * algorithm first for this row count as for the timed one (the choice was checked against that
+ * one's bits; another first keeps itself) and the choice takes this row count; else the
+ * candidates timed now. Only candidates with the first's bits take part
  * (same_bits), so the choice changes the speed, never a vector. They are timed in rounds, each
  * candidate once a round, the first round untimed: the GPU's clock rises from idle during the
  * first runs, which would otherwise slow whichever candidate came first. A candidate's time is its
@@ -454,11 +457,16 @@ static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int to
     struct cuda_tuned *t = &b->tuned[cls][kind];
     if (t->timed) {
         cublasLtMatmulHeuristicResult_t check;
-        if (t->better &&
+        bool same_first = memcmp(&t->first, &results[0].algo, sizeof t->first) == 0;
+        if (t->better && same_first &&
             b->blas.algo_check(s->blas, s->matmul[kind], s->weight_layout[kind], input, output,
                                output, &t->algo, &check) == CUBLAS_STATUS_SUCCESS &&
             check.workspaceSize <= CUDA_WORKSPACE_BYTES)
             chosen = t->algo;
+        if (b->tune_verbose && t->better)
+            fprintf(stderr, "embedrag: CUDA device %d: %s product over %d rows: %s\n", b->device,
+                    gemm_names[kind], tokens,
+                    same_first ? "the class's timed choice" : "its own first (another first)");
         pthread_mutex_unlock(&b->tune_lock);
         return chosen;
     }
@@ -485,6 +493,7 @@ static cublasLtMatmulAlgo_t choose_algorithm(backend_stream *s, int kind, int to
     for (int i = 1; i < found; i++)
         if (!failed[i] && (failed[best] || us[i] < us[best])) best = i;
     t->timed = true;
+    t->first = results[0].algo;
     t->better = best > 0 && !failed[best] && (failed[0] || us[best] < CUDA_TUNE_MARGIN * us[0]);
     t->algo = results[best].algo;
     if (t->better) chosen = t->algo;
