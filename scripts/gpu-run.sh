@@ -96,7 +96,7 @@ if run_step test; then
     grep -E 'check failed' "$logs/tests.log" | head -20 | tee -a "$summary"
     # The small-batch kernels on test_backend's tiny shapes (widths 40 to 128), with and without
     # programmatic dependent launch; a failed graph capture would say so on stderr.
-    for v in 1 nopdl lastnorm persist; do
+    for v in 1 nopdl lastnorm persist cluster; do
         EMBEDRAG_CUDA_SMALL=$v timeout "${EMBEDRAG_GPU_TEST_TIMEOUT:-900}" "$build/test_backend" \
             >"$logs/tests-small-$v.log" 2>&1
         note "test_backend with EMBEDRAG_CUDA_SMALL=$v: exit $? ($(tail -1 "$logs/tests-small-$v.log"))"
@@ -173,7 +173,7 @@ if run_step bench; then
     # first version's LayerNorms in a last block: lastnorm, the chain in one persistent kernel:
     # persist).
     for shape in 12x384:12,384,12,1536 6x384:6,384,12,1536 12x768:12,768,12,3072; do
-        for v in small:1 nopdl:nopdl lastnorm:lastnorm persist:persist; do
+        for v in small:1 nopdl:nopdl lastnorm:lastnorm persist:persist cluster:cluster; do
             wanted "${shape%%:*}-fp16-${v%%:*}" || continue
             EMBEDRAG_CUDA_SMALL=${v#*:} "$bench" --device cuda --seconds "$seconds" --json \
                 --random "${shape#*:}" --precision fp16 \

@@ -731,6 +731,10 @@ static const gpu_variant gpu_variants[] = {
      "cuda fp16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "persist",
      "cuda bf16, small-batch kernels in one persistent pass", GPU_HALF_MIN_COSINE, false},
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_SMALL", "cluster", "cuda fp16, cluster pass",
+     GPU_HALF_MIN_COSINE, false},
+    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_SMALL", "cluster", "cuda bf16, cluster pass",
+     GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "all",
      "cuda fp16, cuBLASLt's candidates timed at every row count", GPU_HALF_MIN_COSINE, true},
 };

@@ -123,7 +123,15 @@ typedef struct cuda_backend {
      * pointers in small_table (device memory, made once every layer is loaded). */
     bool small_persist;
     cuda_small_layer *small_table;
-    bool small_trace;     /* EMBEDRAG_CUDA_SMALL_TRACE: time the persistent pass's steps */
+    bool small_trace; /* EMBEDRAG_CUDA_SMALL_TRACE: time the persistent pass's steps */
+    /* EMBEDRAG_CUDA_SMALL=cluster: passes of at most CUDA_CLUSTER_MAX_ROWS rows in one cluster
+     * launch (cuda_cluster_pass) over cluster_stream, the weights packed once every layer is
+     * loaded; small_cluster only where cuda_cluster_takes the model on this device. */
+    bool small_cluster;
+    cuda_cluster_model cluster_model;
+    void *cluster_stream;
+    /* EMBEDRAG_CUDA_CLUSTER_TRACE: the pass's phase sums (device), printed when destroyed. */
+    unsigned long long *cluster_trace;
     int small_activation; /* CUDA_ACT_* of the model, exact (erf GELU for GELU models) */
     char name[32], device_text[320], kernels[192];
 
@@ -797,6 +805,13 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
                         b->embedding_beta, eps, h, s->x, st),
              "embedding kernel");
+    if (b->cluster_stream && plan->tokens <= CUDA_CLUSTER_MAX_ROWS) {
+        CUDA_TRY(cuda_cluster_pass(dt, view, &b->cluster_model, b->cluster_stream, s->x,
+                                   b->cluster_trace, st),
+                 "cluster pass kernel");
+        CUDA_TRY(cuda_pool(dt, view, s->x, h, c->pooling, s->pooled, st), "pooling kernel");
+        return 0;
+    }
     if (small_persistent(s, plan)) {
         cuda_small_pass_params p = small_pass_params(s, plan->tokens);
         CUDA_TRY(cuda_small_pass(dt, view, &p, st), "persistent small-batch kernel");
@@ -1377,6 +1392,54 @@ static int make_small_table(cuda_backend *b)
     return 0;
 }
 
+static bool env_flag(const char *name, bool fallback);
+
+/* The cluster pass's weight stream (EMBEDRAG_CUDA_SMALL=cluster), packed from the layers. */
+static int make_cluster_stream(cuda_backend *b)
+{
+    size_t bytes = cuda_cluster_stream_bytes(b->dtype, &b->cluster_model);
+    CUDA_TRY(cudaMalloc(&b->cluster_stream, bytes), "allocating the cluster pass's weights");
+    for (int l = 0; l < b->config->num_layers; l++) {
+        const cuda_layer *layer = &b->layers[l];
+        cuda_small_layer w = {.attention_gamma = layer->attention_ln_gamma,
+                              .attention_beta = layer->attention_ln_beta,
+                              .output_gamma = layer->output_ln_gamma,
+                              .output_beta = layer->output_ln_beta};
+        for (int k = 0; k < GEMM_KINDS; k++) {
+            w.weight[k] = layer->weight[k];
+            w.bias[k] = layer->bias[k];
+        }
+        CUDA_TRY(cuda_cluster_pack(b->dtype, &b->cluster_model, l, &w, b->cluster_stream, 0),
+                 "packing the cluster pass's weights");
+    }
+    if (env_flag("EMBEDRAG_CUDA_CLUSTER_TRACE", false)) {
+        size_t trace = CUDA_CLUSTER_TRACE_PHASES * sizeof *b->cluster_trace;
+        CUDA_TRY(cudaMalloc((void **)&b->cluster_trace, trace), "allocating the pass's trace");
+        CUDA_TRY(cudaMemset(b->cluster_trace, 0, trace), "clearing the pass's trace");
+    }
+    CUDA_TRY(cudaStreamSynchronize(0), "packing the cluster pass's weights");
+    return 0;
+}
+
+/* Prints the cluster pass's trace (EMBEDRAG_CUDA_CLUSTER_TRACE): microseconds a pass per phase,
+ * summed over the layers, as block 0's thread 0 saw them. */
+static void print_cluster_trace(const cuda_backend *b)
+{
+    unsigned long long sums[CUDA_CLUSTER_TRACE_PHASES];
+    if (cudaMemcpy(sums, b->cluster_trace, sizeof sums, cudaMemcpyDeviceToHost) != cudaSuccess ||
+        !sums[CUDA_CLUSTER_TRACE_PHASES - 1]) {
+        cudaGetLastError();
+        return;
+    }
+    double passes = (double)sums[CUDA_CLUSTER_TRACE_PHASES - 1], total = 0;
+    for (int i = 0; i < CUDA_CLUSTER_TRACE_PHASES - 1; i++) total += (double)sums[i];
+    fprintf(stderr, "embedrag: cluster pass trace, %.0f passes, us a pass: total %.2f", passes,
+            total / passes / 1e3);
+    for (int i = 0; i < CUDA_CLUSTER_TRACE_PHASES - 1; i++)
+        fprintf(stderr, "; %s %.2f", cuda_cluster_trace_names[i], (double)sums[i] / passes / 1e3);
+    fprintf(stderr, "\n");
+}
+
 static int cuda_load_layer(backend *self, const model_weights *w, int index)
 {
     cuda_backend *b = (cuda_backend *)self;
@@ -1433,6 +1496,7 @@ static int cuda_load_layer(backend *self, const model_weights *w, int index)
     if (++b->layers_loaded == c->num_layers) {
         free_staging(b);
         if (b->small_persist) return make_small_table(b);
+        if (b->small_cluster) return make_cluster_stream(b);
     }
     return 0;
 }
@@ -1471,6 +1535,11 @@ static void cuda_destroy(backend *self)
     free(b->layers);
     if (b->embedding_block) cudaFree(b->embedding_block);
     if (b->small_table) cudaFree(b->small_table);
+    if (b->cluster_stream) cudaFree(b->cluster_stream);
+    if (b->cluster_trace) {
+        print_cluster_trace(b);
+        cudaFree(b->cluster_trace);
+    }
     free_staging(b);
     cuda_blas_close(&b->blas);
     cudaGetLastError();
@@ -1650,7 +1719,8 @@ int cuda_backend_create(const backend_params *params, const model_config *config
      * the product before (the first version), "persist" with the whole pass in one persistent
      * kernel (cuda_small_pass) where it takes the shape. fp16 and bf16 only. */
     const char *small = getenv("EMBEDRAG_CUDA_SMALL");
-    b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32;
+    b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32 &&
+               strcmp(small, "cluster") != 0;
     b->small_pdl = b->small && strcmp(small, "nopdl") != 0;
     b->small_norm_next = b->small && strcmp(small, "lastnorm") != 0;
     b->small_persist = b->small && strcmp(small, "persist") == 0;
@@ -1658,6 +1728,14 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     b->small_activation = config->activation == MODEL_ACT_GELU_TANH ? CUDA_ACT_GELU_TANH
                           : config->activation == MODEL_ACT_RELU    ? CUDA_ACT_RELU
                                                                     : CUDA_ACT_GELU;
+    b->cluster_model = (cuda_cluster_model){.layers = config->num_layers,
+                                            .hidden = config->hidden_size,
+                                            .intermediate = config->intermediate_size,
+                                            .heads = config->num_heads,
+                                            .activation = b->small_activation,
+                                            .eps = config->layer_norm_eps};
+    b->small_cluster =
+        small && strcmp(small, "cluster") == 0 && cuda_cluster_takes(b->dtype, &b->cluster_model);
     if (b->small && (status = cuda_small_setup()) != cudaSuccess) {
         rc = cuda_error(status, "setting up the small-batch kernels");
         goto destroy;
@@ -1679,7 +1757,8 @@ int cuda_backend_create(const backend_params *params, const model_config *config
                                                    : "fp32 cores",
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
              b->use_graphs ? ", graphs" : "", b->tune ? ", bulk algorithms timed" : "",
-             !b->small          ? ""
+             b->small_cluster   ? ", cluster pass"
+             : !b->small        ? ""
              : b->small_persist ? ", small-batch kernels (persistent pass)"
              : b->small_pdl     ? ", small-batch kernels (pdl)"
                                 : ", small-batch kernels");

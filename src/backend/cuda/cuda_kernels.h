@@ -179,6 +179,44 @@ int cuda_small_pass_takes(cuda_dtype dtype, const cuda_small_pass_params *params
 cudaError_t cuda_small_pass(cuda_dtype dtype, const cuda_batch_view *batch,
                             const cuda_small_pass_params *params, cudaStream_t stream);
 
+/* ---- the cluster pass (EMBEDRAG_CUDA_SMALL=cluster, cuda_cluster.cu) ---- */
+
+/* Rows a cluster pass takes (one m16n8k16 row tile), and the bytes of its weight stream's
+ * chunks. */
+#define CUDA_CLUSTER_MAX_ROWS 16
+#define CUDA_CLUSTER_CHUNK 32768
+
+typedef struct cuda_cluster_model {
+    int layers, hidden, intermediate, heads, activation; /* activation: CUDA_ACT_*, exact */
+    float eps;
+} cuda_cluster_model;
+
+/* Bytes of the packed weight stream a cluster pass of this model reads, or 0 where the pass
+ * cannot take the model: fp32, more than 16 heads (a block a head, one cluster), heads other
+ * than 32 or 64 wide, widths not multiples of 8 x heads and of 32, hidden above
+ * CUDA_MAX_HIDDEN. */
+size_t cuda_cluster_stream_bytes(cuda_dtype dtype, const cuda_cluster_model *model);
+/* Whether this device runs the pass: the stream is taken, the blocks' shared memory fits, and a
+ * cluster of `heads` blocks can be resident (cudaOccupancyMaxActiveClusters). Sets the kernel's
+ * attributes; call it once before cuda_cluster_pass. */
+int cuda_cluster_takes(cuda_dtype dtype, const cuda_cluster_model *model);
+/* Writes layer `layer`'s part of the stream (cuda_cluster_stream_bytes bytes at `stream`) from
+ * its device weights, biases and LayerNorm parameters (weights[0..3]: the backend's [n x k]
+ * matrices of the dtype). */
+cudaError_t cuda_cluster_pack(cuda_dtype dtype, const cuda_cluster_model *model, int layer,
+                              const cuda_small_layer *weights, void *stream, cudaStream_t st);
+/* Every layer over x (at most CUDA_CLUSTER_MAX_ROWS rows of the batch, hidden wide: the
+ * embedding's output; the last layer's output is left there) in one launch of one cluster.
+ * trace: NULL, or CUDA_CLUSTER_TRACE_PHASES counters (device, zeroed once) to which block 0 adds
+ * the nanoseconds of each phase (cuda_cluster_trace_names), summed over layers and passes; the
+ * last counts the passes. */
+#define CUDA_CLUSTER_TRACE_PHASES 17
+cudaError_t cuda_cluster_pass(cuda_dtype dtype, const cuda_batch_view *batch,
+                              const cuda_cluster_model *model, const void *stream, void *x,
+                              unsigned long long *trace, cudaStream_t st);
+/* The phases' names, CUDA_CLUSTER_TRACE_PHASES - 1 of them. */
+extern const char *const cuda_cluster_trace_names[];
+
 /* x[i] = a pseudo-random value in [-1, 1) of (seed, i), rounded to the dtype. */
 cudaError_t cuda_fill_pattern(cuda_dtype dtype, void *x, size_t count, unsigned seed,
                               cudaStream_t stream);
