@@ -5,7 +5,7 @@
 #   test      ctest's test_backend and test_backend_gpu (labelled gpu), test_engine on the
 #             bundle's F16 model (the engine routing between the CPU and the GPU), and
 #             test_stsb's GPU part (STS-B Spearman through the GPU against the CPU's), then
-#             test_backend with each small-batch variant (1, nopdl, lastnorm, persist);
+#             test_backend with each small-batch variant (1, nopdl, lastnorm, persist, cluster);
 #             EMBEDRAG_GPU_TESTS (a ctest regex) picks the tests, EMBEDRAG_GPU_TEST_TIMEOUT
 #             (seconds, default 900) ends a run that hangs
 #   model     the fixture texts through `embedrag embed` on the F16 model: the GPU in fp16, bf16
