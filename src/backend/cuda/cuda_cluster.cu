@@ -29,7 +29,7 @@
  * one stream in the order the block consumes them, already in mma.sync's B-fragment order (lane
  * l's 16 bytes are its two k-steps' b0 and b1 registers), cut into chunks of CUDA_CLUSTER_CHUNK
  * bytes. A chunk holds whole k-pairs (32 columns of K) of one step for all of the step's n-tiles.
- * The ring's slots are filled by thread 0 one chunk behind the consumers (mbarrier
+ * Thread 0 refills a slot of the ring as soon as every warp has released it (mbarrier
  * "full"/"empty" pairs, as in a TMA pipeline); every warp waits for every chunk and releases it,
  * whether it used it or not. The biases (in each block's column order) and the LayerNorm
  * parameters of a layer come as one more bulk copy into one of two parameter buffers.
@@ -43,7 +43,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#define CL_WARPS 8
+/* 16 warps: the products, attention and LayerNorms are chains of dependent latencies, and
+ * twice the warps of the first version halved each warp's chain. */
+#define CL_WARPS 16
+/* n-tiles a warp owns at most (a step's nt is at most 2 x CL_WARPS). */
+#define CL_MAX_TILES 2
 #define CL_THREADS (CL_WARPS * WARP)
 #define CL_ROWS CUDA_CLUSTER_MAX_ROWS
 #define CL_UNIT 512 /* bytes of one fragment unit: an n-tile's two k-steps, 16 bytes a lane */
@@ -90,7 +94,7 @@ static bool cluster_layout_make(int layers, int hidden, int inter, int heads, cl
         L->nt[s] = n[s] / 8;
         L->kp[s] = k[s] / 32;
         L->kpc[s] = CUDA_CLUSTER_CHUNK / (L->nt[s] * CL_UNIT);
-        if (L->kpc[s] < 1) return false;
+        if (L->kpc[s] < 1 || L->nt[s] > CL_MAX_TILES * CL_WARPS) return false;
         L->chunks[s] = (L->kp[s] + L->kpc[s] - 1) / L->kpc[s];
         L->split[s] = L->nt[s] < CL_WARPS && CL_WARPS % L->nt[s] == 0 ? CL_WARPS / L->nt[s] : 1;
         L->nt_log[s] = 0;
@@ -208,43 +212,6 @@ __device__ __forceinline__ void store_peer(uint32_t local, unsigned rank, uint4 
                  : "memory");
 }
 
-__device__ __forceinline__ void barrier_init(uint32_t bar, unsigned count)
-{
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void barrier_arrive(uint32_t bar)
-{
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void barrier_wait(uint32_t bar, unsigned parity)
-{
-    uint32_t done = 0;
-    while (!done)
-        asm volatile("{\n\t.reg .pred p;\n\t"
-                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-                     "selp.u32 %0, 1, 0, p;\n\t}"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-}
-
-/* Thread 0: `bytes` (a multiple of 16) from global memory to shared memory, completing on bar
- * (which this arrival also tells to expect them). */
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, unsigned bytes,
-                                          uint32_t bar)
-{
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-        "[%3];" ::"r"(dst),
-        "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(bar)
-        : "memory");
-}
-
 /* ---- the kernel's parts ---- */
 
 struct cluster_ring {
@@ -266,14 +233,37 @@ __device__ __forceinline__ void ring_fill(const cluster_ring &r, const cluster_l
               cluster_chunk_used(L, (int)(g % (unsigned)L.per_layer)), r.full + slot * 8);
 }
 
+/* One k-pair (two k-steps) of the product into acc: A fragments from `a_kp`, B fragments from
+ * `w` (this warp's first n-tile), `tiles` n-tiles CL_WARPS apart. */
+template <typename T>
+__device__ __forceinline__ void cluster_kpair(uint32_t a_kp, uint32_t w, int tiles,
+                                              float (&acc)[CL_MAX_TILES][4])
+{
+    uint32_t a0[4], a1[4];
+    load_matrix_x4(a0, a_kp);
+    load_matrix_x4(a1, a_kp + 32);
+#pragma unroll
+    for (int t = 0; t < CL_MAX_TILES; t++) {
+        if (t >= tiles) break;
+        uint4 b;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+                     : "r"(w + t * CL_WARPS * CL_UNIT));
+        mma_type<T>::mma(acc[t], a0, b.x, b.y);
+        mma_type<T>::mma(acc[t], a1, b.z, b.w);
+    }
+}
+
 /* One step's product over this block's columns: acc (per warp: its n-tiles, or with a k-split
  * its n-tile's share of K, summed into the owner warp in a fixed order) = A W^T, A the CL_ROWS x
- * K activations at `a` (row stride `stride` elements). *g counts the pass's chunks. Returns
- * whether this warp owns results (and which n-tiles: first + 8 t, t < *count). */
+ * K activations at `a` (row stride `stride` elements). Alternate k-pairs go to two sets of sums,
+ * added at the end, so that two mma chains are in flight. c is the ring position. Returns
+ * whether this warp owns results (and which n-tiles: first + CL_WARPS t, t < *count). */
 template <typename T>
-__device__ __forceinline__ bool
-cluster_product(const cluster_layout &L, const cluster_ring &r, int s, const T *a, int stride,
-                float (&acc)[4][4], cluster_cursor &c, float *partial, int *first, int *count)
+__device__ __forceinline__ bool cluster_product(const cluster_layout &L, const cluster_ring &r,
+                                                int s, const T *a, int stride,
+                                                float (&acc)[CL_MAX_TILES][4], cluster_cursor &c,
+                                                float *partial, int *first, int *count)
 {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int nt = L.nt[s], kpc = L.kpc[s], split = L.split[s];
@@ -282,10 +272,11 @@ cluster_product(const cluster_layout &L, const cluster_ring &r, int s, const T *
     const int tile0 = split > 1 ? warp & (nt - 1) : warp,
               group = split > 1 ? warp >> L.nt_log[s] : 0;
     const int tiles = split > 1 ? 1 : (nt - warp + CL_WARPS - 1) / CL_WARPS;
+    float other[CL_MAX_TILES][4];
 #pragma unroll
-    for (int t = 0; t < 4; t++)
+    for (int t = 0; t < CL_MAX_TILES; t++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) acc[t][i] = 0.0f;
+        for (int i = 0; i < 4; i++) acc[t][i] = other[t][i] = 0.0f;
     /* ldmatrix rows: lanes 0-15 rows 0-15 at k, lanes 16-31 the same rows at k + 8. */
     const uint32_t a_lane = shared_address(a + (size_t)(lane % 16) * stride + (lane / 16) * 8);
     const uint32_t w_lane = lane * 16 + tile0 * CL_UNIT;
@@ -294,30 +285,26 @@ cluster_product(const cluster_layout &L, const cluster_ring &r, int s, const T *
         __syncwarp(); /* the lanes leave the wait apart; ldmatrix and mma need them together */
         const int kps = cluster_min(kpc, L.kp[s] - kp0);
         const uint32_t chunk = r.base + c.slot * CUDA_CLUSTER_CHUNK + w_lane;
-        if (tiles > 0)
-            for (int q = (group - kp0) & (split - 1); q < kps; q += split) {
-                uint32_t a0[4], a1[4];
-                load_matrix_x4(a0, a_lane + (kp0 + q) * 64);
-                load_matrix_x4(a1, a_lane + (kp0 + q) * 64 + 32);
-                const uint32_t w = chunk + (uint32_t)(q * nt * CL_UNIT);
-#pragma unroll
-                for (int t = 0; t < 4; t++) {
-                    if (t >= tiles) break;
-                    uint4 b;
-                    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                                 : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
-                                 : "r"(w + t * CL_WARPS * CL_UNIT));
-                    mma_type<T>::mma(acc[t], a0, b.x, b.y);
-                    mma_type<T>::mma(acc[t], a1, b.z, b.w);
-                }
+        if (tiles > 0) {
+            int q = (group - kp0) & (split - 1);
+            for (; q + split < kps; q += 2 * split) {
+                cluster_kpair<T>(a_lane + (kp0 + q) * 64, chunk + (uint32_t)(q * nt * CL_UNIT),
+                                 tiles, acc);
+                cluster_kpair<T>(a_lane + (kp0 + q + split) * 64,
+                                 chunk + (uint32_t)((q + split) * nt * CL_UNIT), tiles, other);
             }
+            if (q < kps)
+                cluster_kpair<T>(a_lane + (kp0 + q) * 64, chunk + (uint32_t)(q * nt * CL_UNIT),
+                                 tiles, acc);
+        }
         __syncwarp();
         if (lane == 0) barrier_arrive(r.empty + c.slot * 8);
-        /* One chunk behind: the slot of chunk g - 1 is refilled once every warp released it. */
-        if (threadIdx.x == 0 && c.g >= 1 && c.g - 1 + r.slots < r.total) {
-            unsigned slot = c.slot ? c.slot - 1 : r.slots - 1, phase = c.slot ? c.phase : !c.phase;
-            barrier_wait(r.empty + slot * 8, phase);
-            ring_fill(r, L, c.g - 1 + r.slots, slot);
+        /* The slot is refilled with chunk g + slots as soon as every warp has released it (warp
+         * 0 waits for the others here). The release orders the warps' reads of the slot before
+         * the copy's writes; no proxy fence is needed (TMA pipelines do the same). */
+        if (threadIdx.x == 0 && c.g + r.slots < r.total) {
+            barrier_wait(r.empty + c.slot * 8, c.phase);
+            ring_fill(r, L, c.g + r.slots, c.slot);
         }
         __syncwarp();
         c.g++;
@@ -326,6 +313,10 @@ cluster_product(const cluster_layout &L, const cluster_ring &r, int s, const T *
             c.phase ^= 1;
         }
     }
+#pragma unroll
+    for (int t = 0; t < CL_MAX_TILES; t++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[t][i] += other[t][i];
     if (split > 1) {
         if (group > 0)
 #pragma unroll
@@ -430,12 +421,12 @@ __device__ __forceinline__ void cluster_attention(const float *qkv, int qs, int 
 /* The owner warps' results of a product, + bias (this block's slice, in its column order):
  * store(row, column, value) for each. */
 template <typename T, typename Store>
-__device__ __forceinline__ void cluster_epilogue(const float (&acc)[4][4], int first, int count,
-                                                 const T *bias, Store store)
+__device__ __forceinline__ void cluster_epilogue(const float (&acc)[CL_MAX_TILES][4], int first,
+                                                 int count, const T *bias, Store store)
 {
     const int lane = threadIdx.x % WARP;
 #pragma unroll
-    for (int t = 0; t < 4; t++)
+    for (int t = 0; t < CL_MAX_TILES; t++)
 #pragma unroll
         for (int h = 0; h < 2 && t < count; h++) {
             int row = lane / 4 + 8 * h, col = (first + t * CL_WARPS) * 8 + (lane % 4) * 2;
@@ -559,7 +550,7 @@ __global__ void __launch_bounds__(CL_THREADS, 1)
         const unsigned char *P = params + (l & 1) * L.param_bytes;
         const T *bias = reinterpret_cast<const T *>(P);
         const float *norms = reinterpret_cast<const float *>(P + L.norm_offset);
-        float acc[4][4];
+        float acc[CL_MAX_TILES][4];
         int first, count;
 
         /* S0: this head's Q, K, V; then its attention. */
