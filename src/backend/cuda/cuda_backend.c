@@ -1363,23 +1363,27 @@ static void free_staging(cuda_backend *b)
     b->load_device = NULL;
 }
 
+/* A layer's device pointers as the small-batch kernels take them. */
+static cuda_small_layer small_layer_of(const cuda_layer *layer)
+{
+    cuda_small_layer w = {.attention_gamma = layer->attention_ln_gamma,
+                          .attention_beta = layer->attention_ln_beta,
+                          .output_gamma = layer->output_ln_gamma,
+                          .output_beta = layer->output_ln_beta};
+    for (int k = 0; k < GEMM_KINDS; k++) {
+        w.weight[k] = layer->weight[k];
+        w.bias[k] = layer->bias[k];
+    }
+    return w;
+}
+
 /* The persistent pass's table of every layer's device pointers (EMBEDRAG_CUDA_SMALL=persist). */
 static int make_small_table(cuda_backend *b)
 {
     int layers = b->config->num_layers;
     cuda_small_layer *host = calloc((size_t)layers, sizeof *host);
     if (!host) return err_set(EMBEDRAG_ERR_NO_MEMORY, "out of memory");
-    for (int l = 0; l < layers; l++) {
-        const cuda_layer *layer = &b->layers[l];
-        for (int k = 0; k < GEMM_KINDS; k++) {
-            host[l].weight[k] = layer->weight[k];
-            host[l].bias[k] = layer->bias[k];
-        }
-        host[l].attention_gamma = layer->attention_ln_gamma;
-        host[l].attention_beta = layer->attention_ln_beta;
-        host[l].output_gamma = layer->output_ln_gamma;
-        host[l].output_beta = layer->output_ln_beta;
-    }
+    for (int l = 0; l < layers; l++) host[l] = small_layer_of(&b->layers[l]);
     size_t bytes = (size_t)layers * sizeof *host;
     cudaError_t e = cudaMalloc((void **)&b->small_table, bytes);
     if (e == cudaSuccess) e = cudaMemcpy(b->small_table, host, bytes, cudaMemcpyHostToDevice);
@@ -1400,15 +1404,7 @@ static int make_cluster_stream(cuda_backend *b)
     size_t bytes = cuda_cluster_stream_bytes(b->dtype, &b->cluster_model);
     CUDA_TRY(cudaMalloc(&b->cluster_stream, bytes), "allocating the cluster pass's weights");
     for (int l = 0; l < b->config->num_layers; l++) {
-        const cuda_layer *layer = &b->layers[l];
-        cuda_small_layer w = {.attention_gamma = layer->attention_ln_gamma,
-                              .attention_beta = layer->attention_ln_beta,
-                              .output_gamma = layer->output_ln_gamma,
-                              .output_beta = layer->output_ln_beta};
-        for (int k = 0; k < GEMM_KINDS; k++) {
-            w.weight[k] = layer->weight[k];
-            w.bias[k] = layer->bias[k];
-        }
+        cuda_small_layer w = small_layer_of(&b->layers[l]);
         CUDA_TRY(cuda_cluster_pack(b->dtype, &b->cluster_model, l, &w, b->cluster_stream, 0),
                  "packing the cluster pass's weights");
     }
@@ -1717,7 +1713,9 @@ int cuda_backend_create(const backend_params *params, const model_config *config
      * yes) with programmatic dependent launches and each LayerNorm in the product after it,
      * "nopdl" without the dependent launches, "lastnorm" with the LayerNorms in the last block of
      * the product before (the first version), "persist" with the whole pass in one persistent
-     * kernel (cuda_small_pass) where it takes the shape. fp16 and bf16 only. */
+     * kernel (cuda_small_pass) where it takes the shape, "cluster" with passes of at most
+     * CUDA_CLUSTER_MAX_ROWS rows in one cluster (cuda_cluster_pass) where this device runs it and
+     * the default path for the others. fp16 and bf16 only. */
     const char *small = getenv("EMBEDRAG_CUDA_SMALL");
     b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32 &&
                strcmp(small, "cluster") != 0;
