@@ -15,6 +15,8 @@
 
 /* Row kernels: one warp per row, this many warps per block. */
 #define ROW_WARPS 4
+/* The residual + LayerNorm kernel's grid: at most this many blocks a multiprocessor. */
+#define NORM_BLOCKS_PER_SM 8
 /* Elementwise kernels: threads per block, and at most this many blocks (a grid-stride loop does
  * the rest; 132 multiprocessors x 16 blocks fills an H200). */
 #define ELEMENT_THREADS 256
@@ -74,31 +76,60 @@ __global__ void __launch_bounds__(ROW_WARPS *WARP)
     layer_norm_store<T, PER_LANE>(v, vectors, hidden, gamma, beta, eps, out + (size_t)t * hidden);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(ROW_WARPS *WARP)
-    add_layer_norm_kernel(cuda_batch_view b, const T *a, const T *residual, const float *gamma,
-                          const float *beta, float eps, int hidden, T *out)
+/* One lane's share of rows t of a and residual, as loaded (16-byte vectors), or nothing past the
+ * batch's tokens. */
+template <typename T, int PER_LANE>
+__device__ __forceinline__ void add_norm_load(const T *a, const T *residual, int t, int tokens,
+                                              int hidden, int vectors, uint4 (&ra)[PER_LANE],
+                                              uint4 (&rr)[PER_LANE])
 {
-    constexpr int PER_LANE = CUDA_MAX_HIDDEN / (16 / sizeof(T)) / WARP;
-    int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
-    if (t >= b.header[CUDA_HEADER_TOKENS]) return;
+    if (t >= tokens) return;
     const int lane = threadIdx.x % WARP;
-    const T *ra = a + (size_t)t * hidden, *rr = residual + (size_t)t * hidden;
-    int vectors = hidden / VEC(T);
-    float v[PER_LANE][16 / sizeof(T)];
+    const uint4 *pa = reinterpret_cast<const uint4 *>(a + (size_t)t * hidden),
+                *pr = reinterpret_cast<const uint4 *>(residual + (size_t)t * hidden);
 #pragma unroll
     for (int i = 0; i < PER_LANE; i++) {
         int c = lane + i * WARP;
         if (c >= vectors) continue;
-        float x[VEC(T)];
-        load_vector(ra + (size_t)c * VEC(T), v[i]);
-        load_vector(rr + (size_t)c * VEC(T), x);
-#pragma unroll
-        for (int j = 0; j < VEC(T); j++) v[i][j] += x[j];
+        ra[i] = pa[c];
+        rr[i] = pr[c];
     }
-    /* Every lane has read its whole share of the row before any lane writes: out may alias. */
-    __syncwarp();
-    layer_norm_store<T, PER_LANE>(v, vectors, hidden, gamma, beta, eps, out + (size_t)t * hidden);
+}
+
+/* out = LayerNorm(a + residual), a warp a row. The rows are the batch's tokens; each warp takes
+ * rows w, w + W, w + 2 W, ... (W: the grid's warps; the grid is at most a few blocks per
+ * multiprocessor, see cuda_add_layer_norm) and loads its next row before it reduces and stores
+ * the current one, so two rows' reads are in flight a warp and no block is launched per four
+ * rows. The sum for a row is the same whatever the grid: a + residual per element, then
+ * layer_norm_store, as the cluster and small-batch paths do. PER_LANE: vectors a lane holds, at
+ * least the row's vectors / 32. out may alias a or residual: a row is read whole before it is
+ * written, and rows are apart. */
+template <typename T, int PER_LANE>
+__global__ void __launch_bounds__(ROW_WARPS *WARP)
+    add_layer_norm_kernel(cuda_batch_view b, const T *a, const T *residual, const float *gamma,
+                          const float *beta, float eps, int hidden, T *out)
+{
+    const int tokens = b.header[CUDA_HEADER_TOKENS], vectors = hidden / VEC(T);
+    const int lane = threadIdx.x % WARP, step = gridDim.x * ROW_WARPS;
+    int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
+    uint4 ra[PER_LANE], rr[PER_LANE];
+    add_norm_load<T, PER_LANE>(a, residual, t, tokens, hidden, vectors, ra, rr);
+    for (; t < tokens; t += step) {
+        float v[PER_LANE][VEC(T)];
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) {
+            if (lane + i * WARP >= vectors) continue;
+            const T *x = reinterpret_cast<const T *>(&ra[i]),
+                    *y = reinterpret_cast<const T *>(&rr[i]);
+#pragma unroll
+            for (int j = 0; j < VEC(T); j++) v[i][j] = to_float(x[j]) + to_float(y[j]);
+        }
+        add_norm_load<T, PER_LANE>(a, residual, t + step, tokens, hidden, vectors, ra, rr);
+        /* Every lane has read its whole share of the row before any lane writes it. */
+        __syncwarp();
+        layer_norm_store<T, PER_LANE>(v, vectors, hidden, gamma, beta, eps,
+                                      out + (size_t)t * hidden);
+    }
 }
 
 /* ---- bias + activation ---- */
@@ -1377,15 +1408,50 @@ extern "C" cudaError_t cuda_embed(cuda_dtype dtype, const cuda_batch_view *batch
     return cudaGetLastError();
 }
 
+/* add_layer_norm_kernel with PER_LANE = P, or T's most where that is fewer. */
+template <typename T, int P>
+static void launch_add_layer_norm(unsigned blocks, cudaStream_t stream, cuda_batch_view b,
+                                  const T *a, const T *residual, const float *gamma,
+                                  const float *beta, float eps, int hidden, T *out)
+{
+    constexpr int MOST = CUDA_MAX_HIDDEN / VEC(T) / WARP, PER_LANE = P < MOST ? P : MOST;
+    add_layer_norm_kernel<T, PER_LANE>
+        <<<blocks, ROW_WARPS * WARP, 0, stream>>>(b, a, residual, gamma, beta, eps, hidden, out);
+}
+
+/* With the fewest vectors a lane must hold: 2 (384 wide in 16-bit types), 4, or the widest's. */
+template <typename T>
+static void launch_add_layer_norm(unsigned blocks, cudaStream_t stream, cuda_batch_view b,
+                                  const T *a, const T *residual, const float *gamma,
+                                  const float *beta, float eps, int hidden, T *out)
+{
+    const int per_lane = (hidden / VEC(T) + WARP - 1) / WARP;
+    if (per_lane <= 2)
+        launch_add_layer_norm<T, 2>(blocks, stream, b, a, residual, gamma, beta, eps, hidden, out);
+    else if (per_lane <= 4)
+        launch_add_layer_norm<T, 4>(blocks, stream, b, a, residual, gamma, beta, eps, hidden, out);
+    else
+        launch_add_layer_norm<T, CUDA_MAX_HIDDEN / VEC(T) / WARP>(blocks, stream, b, a, residual,
+                                                                  gamma, beta, eps, hidden, out);
+}
+
 extern "C" cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_view *batch,
                                            const void *a, const void *residual, const float *gamma,
                                            const float *beta, float eps, int hidden, void *out,
                                            cudaStream_t stream)
 {
+    /* A grid of at most NORM_BLOCKS_PER_SM blocks a multiprocessor: each warp then walks several
+     * rows (see the kernel). The count only bounds the grid, so any device answer will do. */
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        sms < 1)
+        sms = 1;
     unsigned blocks = row_blocks(batch->max_tokens);
+    if (blocks > (unsigned)sms * NORM_BLOCKS_PER_SM) blocks = (unsigned)sms * NORM_BLOCKS_PER_SM;
     DISPATCH(dtype,
-             (add_layer_norm_kernel<T><<<blocks, ROW_WARPS * WARP, 0, stream>>>(
-                 *batch, (const T *)a, (const T *)residual, gamma, beta, eps, hidden, (T *)out)));
+             (launch_add_layer_norm<T>(blocks, stream, *batch, (const T *)a, (const T *)residual,
+                                       gamma, beta, eps, hidden, (T *)out)));
     return cudaGetLastError();
 }
 
