@@ -737,6 +737,9 @@ static const gpu_variant gpu_variants[] = {
      GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "all",
      "cuda fp16, cuBLASLt's candidates timed at every row count", GPU_HALF_MIN_COSINE, true},
+    /* Without dependent launches outside graphs: the same bits. */
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_PDL", "0",
+     "cuda fp16, LayerNorm and attention launched the ordinary way", GPU_HALF_MIN_COSINE, true},
 };
 
 /* Further variants, on the first shape only: the paths the defaults do not take (no graphs,

@@ -118,6 +118,9 @@ typedef struct cuda_backend {
     /* EMBEDRAG_CUDA_SMALL: passes of at most CUDA_SMALL_MAX_ROWS rows use cuda_small_gemm, whose
      * launches (and attention v2's) are programmatic dependents unless small_pdl is off. */
     bool small, small_pdl;
+    /* The default path's LayerNorm and attention v2 kernels launched as programmatic dependents
+     * of the product before each, outside graphs (unless EMBEDRAG_CUDA_PDL=0; enqueue_forward). */
+    bool pdl;
     bool small_norm_next; /* the chain (small_chain), unless EMBEDRAG_CUDA_SMALL=lastnorm */
     /* EMBEDRAG_CUDA_SMALL=persist: a chain pass in one launch (cuda_small_pass), from the layers'
      * pointers in small_table (device memory, made once every layer is loaded). */
@@ -191,6 +194,9 @@ struct backend_stream {
     float *host_pooled;   /* pinned landing place when the caller's rows are not pinned */
     cudaGraphExec_t graphs[CUDA_GRAPH_BUCKETS];
     bool graphs_failed; /* a capture failed: batches run without graphs */
+    /* The pass being enqueued launches its LayerNorms and attention as programmatic dependents
+     * (see enqueue_forward). */
+    bool dependent;
 
     /* The batch in flight (one at a time). */
     bool pending;
@@ -781,7 +787,7 @@ static int project_and_norm(backend_stream *s, const cuda_batch_view *view, cons
     int rc = gemm(s, plan, kind, layer, input, out);
     if (rc) return rc;
     CUDA_TRY(cuda_add_layer_norm(s->b->dtype, view, out, residual, gamma, beta, c->layer_norm_eps,
-                                 c->hidden_size, out, s->stream),
+                                 c->hidden_size, out, s->dependent, s->stream),
              "layer norm kernel");
     return 0;
 }
@@ -801,7 +807,16 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
     /* Attention v2 waits for the QKV product on the device: launched programmatically in a
      * small pass, it is resident before that product ends. */
     bool small_pass = b->small && plan->tokens <= CUDA_SMALL_MAX_ROWS;
-    int attention_pdl = small_pass && b->small_pdl && b->attention == CUDA_ATTENTION_MMA_V2;
+    /* Launched one by one (not captured into a graph), each kernel after a product leaves the GPU
+     * idle ~1.1 us while it starts (bench/cuda-notes.md): launched as a programmatic dependent, it
+     * starts while the product finishes and waits for it on the device. On an H200 that took 100
+     * x 50 tokens from 0.868 to 0.814 ms (12 x 384), the same vectors; in a graph the gaps are
+     * ~0.1 us, and it gave no clear gain there. */
+    enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    s->dependent = b->pdl && cudaStreamIsCapturing(st, &capture) == cudaSuccess &&
+                   capture == cudaStreamCaptureStatusNone;
+    int attention_pdl =
+        b->attention == CUDA_ATTENTION_MMA_V2 && (s->dependent || (small_pass && b->small_pdl));
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
                         b->embedding_beta, eps, h, s->x, st),
              "embedding kernel");
@@ -1720,6 +1735,7 @@ int cuda_backend_create(const backend_params *params, const model_config *config
     b->small = env_flag("EMBEDRAG_CUDA_SMALL", false) && b->dtype != CUDA_DTYPE_F32 &&
                strcmp(small, "cluster") != 0;
     b->small_pdl = b->small && strcmp(small, "nopdl") != 0;
+    b->pdl = env_flag("EMBEDRAG_CUDA_PDL", true);
     b->small_norm_next = b->small && strcmp(small, "lastnorm") != 0;
     b->small_persist = b->small && strcmp(small, "persist") == 0;
     b->small_trace = b->small_persist && env_flag("EMBEDRAG_CUDA_SMALL_TRACE", false);
@@ -1748,13 +1764,14 @@ int cuda_backend_create(const backend_params *params, const model_config *config
              properties.major, properties.minor);
     caps->device = b->device_text;
     size_t v = b->blas.version;
-    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s%s",
+    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s%s%s",
              v / 10000, v / 100 % 100, v % 100, dtype_name(b->dtype),
              b->attention == CUDA_ATTENTION_MMA_V2 ? "mma v2"
              : b->attention == CUDA_ATTENTION_MMA  ? "mma"
                                                    : "fp32 cores",
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
-             b->use_graphs ? ", graphs" : "", b->tune ? ", bulk algorithms timed" : "",
+             b->use_graphs ? ", graphs" : "", b->pdl ? ", dependent launches" : "",
+             b->tune ? ", bulk algorithms timed" : "",
              b->small_cluster   ? ", cluster pass"
              : !b->small        ? ""
              : b->small_persist ? ", small-batch kernels (persistent pass)"

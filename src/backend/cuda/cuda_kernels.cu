@@ -42,6 +42,24 @@ __device__ __forceinline__ void grid_dependency_trigger()
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
+/* A launch configuration, with the programmatic stream serialization attribute (PDL) when asked
+ * for; `attribute` must outlive the launch call. */
+static cudaLaunchConfig_t launch_config(unsigned blocks, unsigned threads, size_t shared,
+                                        bool programmatic, cudaLaunchAttribute *attribute,
+                                        cudaStream_t stream)
+{
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = shared;
+    config.stream = stream;
+    attribute->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute->val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = programmatic ? 1 : 0;
+    return config;
+}
+
 /* ---- LayerNorm rows ---- */
 
 template <typename T>
@@ -109,6 +127,9 @@ __global__ void __launch_bounds__(ROW_WARPS *WARP)
     add_layer_norm_kernel(cuda_batch_view b, const T *a, const T *residual, const float *gamma,
                           const float *beta, float eps, int hidden, T *out)
 {
+    /* Launched programmatically: wait for the product ahead (nothing in an ordinary launch). */
+    grid_dependency_wait();
+    grid_dependency_trigger();
     const int tokens = b.header[CUDA_HEADER_TOKENS], vectors = hidden / VEC(T);
     const int lane = threadIdx.x % WARP, step = gridDim.x * ROW_WARPS;
     int t = blockIdx.x * ROW_WARPS + threadIdx.x / WARP;
@@ -1410,35 +1431,42 @@ extern "C" cudaError_t cuda_embed(cuda_dtype dtype, const cuda_batch_view *batch
 
 /* add_layer_norm_kernel with PER_LANE = P, or T's most where that is fewer. */
 template <typename T, int P>
-static void launch_add_layer_norm(unsigned blocks, cudaStream_t stream, cuda_batch_view b,
-                                  const T *a, const T *residual, const float *gamma,
-                                  const float *beta, float eps, int hidden, T *out)
+static void launch_add_layer_norm(unsigned blocks, bool programmatic, cudaStream_t stream,
+                                  cuda_batch_view b, const T *a, const T *residual,
+                                  const float *gamma, const float *beta, float eps, int hidden,
+                                  T *out)
 {
     constexpr int MOST = CUDA_MAX_HIDDEN / VEC(T) / WARP, PER_LANE = P < MOST ? P : MOST;
-    add_layer_norm_kernel<T, PER_LANE>
-        <<<blocks, ROW_WARPS * WARP, 0, stream>>>(b, a, residual, gamma, beta, eps, hidden, out);
+    cudaLaunchAttribute attribute;
+    cudaLaunchConfig_t config =
+        launch_config(blocks, ROW_WARPS * WARP, 0, programmatic, &attribute, stream);
+    cudaLaunchKernelEx(&config, add_layer_norm_kernel<T, PER_LANE>, b, a, residual, gamma, beta,
+                       eps, hidden, out);
 }
 
 /* With the fewest vectors a lane must hold: 2 (384 wide in 16-bit types), 4, or the widest's. */
 template <typename T>
-static void launch_add_layer_norm(unsigned blocks, cudaStream_t stream, cuda_batch_view b,
-                                  const T *a, const T *residual, const float *gamma,
-                                  const float *beta, float eps, int hidden, T *out)
+static void launch_add_layer_norm(unsigned blocks, bool programmatic, cudaStream_t stream,
+                                  cuda_batch_view b, const T *a, const T *residual,
+                                  const float *gamma, const float *beta, float eps, int hidden,
+                                  T *out)
 {
     const int per_lane = (hidden / VEC(T) + WARP - 1) / WARP;
     if (per_lane <= 2)
-        launch_add_layer_norm<T, 2>(blocks, stream, b, a, residual, gamma, beta, eps, hidden, out);
+        launch_add_layer_norm<T, 2>(blocks, programmatic, stream, b, a, residual, gamma, beta, eps,
+                                    hidden, out);
     else if (per_lane <= 4)
-        launch_add_layer_norm<T, 4>(blocks, stream, b, a, residual, gamma, beta, eps, hidden, out);
+        launch_add_layer_norm<T, 4>(blocks, programmatic, stream, b, a, residual, gamma, beta, eps,
+                                    hidden, out);
     else
-        launch_add_layer_norm<T, CUDA_MAX_HIDDEN / VEC(T) / WARP>(blocks, stream, b, a, residual,
-                                                                  gamma, beta, eps, hidden, out);
+        launch_add_layer_norm<T, CUDA_MAX_HIDDEN / VEC(T) / WARP>(
+            blocks, programmatic, stream, b, a, residual, gamma, beta, eps, hidden, out);
 }
 
 extern "C" cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_view *batch,
                                            const void *a, const void *residual, const float *gamma,
                                            const float *beta, float eps, int hidden, void *out,
-                                           cudaStream_t stream)
+                                           int programmatic, cudaStream_t stream)
 {
     /* A grid of at most NORM_BLOCKS_PER_SM blocks a multiprocessor: each warp then walks several
      * rows (see the kernel). The count only bounds the grid, so any device answer will do. */
@@ -1450,8 +1478,8 @@ extern "C" cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_vi
     unsigned blocks = row_blocks(batch->max_tokens);
     if (blocks > (unsigned)sms * NORM_BLOCKS_PER_SM) blocks = (unsigned)sms * NORM_BLOCKS_PER_SM;
     DISPATCH(dtype,
-             (launch_add_layer_norm<T>(blocks, stream, *batch, (const T *)a, (const T *)residual,
-                                       gamma, beta, eps, hidden, (T *)out)));
+             (launch_add_layer_norm<T>(blocks, programmatic != 0, stream, *batch, (const T *)a,
+                                       (const T *)residual, gamma, beta, eps, hidden, (T *)out)));
     return cudaGetLastError();
 }
 
@@ -1485,24 +1513,6 @@ static void launch_attention_tc(const cuda_batch_view *batch, const T *qkv, T *c
     else
         attention_tc_kernel<T, 64>
             <<<grid, TC_WARPS * WARP, 0, stream>>>(*batch, qkv, context, hidden, scale_log2);
-}
-
-/* A launch configuration, with the programmatic stream serialization attribute (PDL) when asked
- * for; `attribute` must outlive the launch call. */
-static cudaLaunchConfig_t launch_config(unsigned blocks, unsigned threads, size_t shared,
-                                        bool programmatic, cudaLaunchAttribute *attribute,
-                                        cudaStream_t stream)
-{
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(blocks);
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = shared;
-    config.stream = stream;
-    attribute->id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute->val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = programmatic ? 1 : 0;
-    return config;
 }
 
 /* v2: one block per (tile, head), heads fastest; a 1-D grid (tiles may outnumber 65535). */

@@ -56,10 +56,13 @@ cudaError_t cuda_embed(cuda_dtype dtype, const cuda_batch_view *batch, const flo
                        const float *position, const float *type, const float *gamma,
                        const float *beta, float eps, int hidden, void *out, cudaStream_t stream);
 
-/* out = LayerNorm(a + residual) row by row over the batch's tokens (out may be a or residual). */
+/* out = LayerNorm(a + residual) row by row over the batch's tokens (out may be a or residual).
+ * programmatic: launched as a programmatic dependent of the kernel before it (PDL, as
+ * cuda_attention's v2). */
 cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_view *batch, const void *a,
                                 const void *residual, const float *gamma, const float *beta,
-                                float eps, int hidden, void *out, cudaStream_t stream);
+                                float eps, int hidden, void *out, int programmatic,
+                                cudaStream_t stream);
 
 /* x = activation(x + bias) over the batch's tokens' rows of n columns (bias of the dtype). */
 cudaError_t cuda_bias_activation(cuda_dtype dtype, const cuda_batch_view *batch, void *x,
