@@ -19,7 +19,7 @@ def short_name(mangled):
     if not mangled.startswith("_Z"):
         return mangled[:60]
     parts = []
-    i = 2 if mangled.startswith("_Z") else 0
+    i = 2
     if mangled[i:i + 1] == "N":
         i += 1
     while i < len(mangled) and mangled[i].isdigit():

@@ -194,9 +194,6 @@ struct backend_stream {
     float *host_pooled;   /* pinned landing place when the caller's rows are not pinned */
     cudaGraphExec_t graphs[CUDA_GRAPH_BUCKETS];
     bool graphs_failed; /* a capture failed: batches run without graphs */
-    /* The pass being enqueued launches its LayerNorms and attention as programmatic dependents
-     * (see enqueue_forward). */
-    bool dependent;
 
     /* The batch in flight (one at a time). */
     bool pending;
@@ -776,10 +773,12 @@ static int small_gemm(backend_stream *s, const cuda_batch_view *view, const cuda
 }
 
 /* out = LayerNorm(input W^T + bias + residual): a layer's attention output and its feed-forward
- * output. */
+ * output. dependent: the LayerNorm kernel is launched as a programmatic dependent of the product
+ * (see enqueue_forward). */
 static int project_and_norm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
                             int kind, const cuda_layer *layer, const void *input,
-                            const void *residual, const float *gamma, const float *beta, void *out)
+                            const void *residual, const float *gamma, const float *beta, void *out,
+                            bool dependent)
 {
     const model_config *c = s->b->config;
     if (small_takes(s, plan, kind))
@@ -787,7 +786,7 @@ static int project_and_norm(backend_stream *s, const cuda_batch_view *view, cons
     int rc = gemm(s, plan, kind, layer, input, out);
     if (rc) return rc;
     CUDA_TRY(cuda_add_layer_norm(s->b->dtype, view, out, residual, gamma, beta, c->layer_norm_eps,
-                                 c->hidden_size, out, s->dependent, s->stream),
+                                 c->hidden_size, out, dependent, s->stream),
              "layer norm kernel");
     return 0;
 }
@@ -813,10 +812,10 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
      * x 50 tokens from 0.868 to 0.814 ms (12 x 384), the same vectors; in a graph the gaps are
      * ~0.1 us, and it gave no clear gain there. */
     enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    s->dependent = b->pdl && cudaStreamIsCapturing(st, &capture) == cudaSuccess &&
-                   capture == cudaStreamCaptureStatusNone;
+    bool dependent = b->pdl && cudaStreamIsCapturing(st, &capture) == cudaSuccess &&
+                     capture == cudaStreamCaptureStatusNone;
     int attention_pdl =
-        b->attention == CUDA_ATTENTION_MMA_V2 && (s->dependent || (small_pass && b->small_pdl));
+        b->attention == CUDA_ATTENTION_MMA_V2 && (dependent || (small_pass && b->small_pdl));
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
                         b->embedding_beta, eps, h, s->x, st),
              "embedding kernel");
@@ -848,8 +847,9 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
         CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention,
                                 attention_pdl, st),
                  "attention kernel");
-        rc = project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
-                              layer->attention_ln_gamma, layer->attention_ln_beta, s->x1);
+        rc =
+            project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
+                             layer->attention_ln_gamma, layer->attention_ln_beta, s->x1, dependent);
         if (rc) return rc;
         if (small_takes(s, plan, GEMM_INTERMEDIATE)) {
             rc = small_gemm(s, view, plan, GEMM_INTERMEDIATE, layer, s->x1, NULL, NULL, NULL,
@@ -864,7 +864,7 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
                          "activation kernel");
         }
         rc = project_and_norm(s, view, plan, GEMM_OUTPUT, layer, s->hidden, s->x1,
-                              layer->output_ln_gamma, layer->output_ln_beta, s->x);
+                              layer->output_ln_gamma, layer->output_ln_beta, s->x, dependent);
         if (rc) return rc;
     }
     CUDA_TRY(cuda_pool(dt, view, s->x, h, c->pooling, s->pooled, st), "pooling kernel");

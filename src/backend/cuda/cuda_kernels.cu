@@ -60,6 +60,19 @@ static cudaLaunchConfig_t launch_config(unsigned blocks, unsigned threads, size_
     return config;
 }
 
+/* The current device's multiprocessors, or 0 if the runtime cannot say (its error cleared, so
+ * that a later cudaGetLastError reports only the launches). */
+static int current_sm_count()
+{
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return sms;
+}
+
 /* ---- LayerNorm rows ---- */
 
 template <typename T>
@@ -1470,11 +1483,8 @@ extern "C" cudaError_t cuda_add_layer_norm(cuda_dtype dtype, const cuda_batch_vi
 {
     /* A grid of at most NORM_BLOCKS_PER_SM blocks a multiprocessor: each warp then walks several
      * rows (see the kernel). The count only bounds the grid, so any device answer will do. */
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        sms < 1)
-        sms = 1;
+    int sms = current_sm_count();
+    if (sms < 1) sms = 1;
     unsigned blocks = row_blocks(batch->max_tokens);
     if (blocks > (unsigned)sms * NORM_BLOCKS_PER_SM) blocks = (unsigned)sms * NORM_BLOCKS_PER_SM;
     DISPATCH(dtype,
@@ -1794,14 +1804,12 @@ extern "C" int cuda_small_pass_takes(cuda_dtype dtype, const cuda_small_pass_par
     unsigned blocks;
     size_t shared;
     if (dtype == CUDA_DTYPE_F32 || !small_pass_shape(dtype, p, columns, &blocks, &shared)) return 0;
-    int device = 0, sms = 0, per_sm = 0;
+    int sms = current_sm_count(), per_sm = 0;
     const void *kernel = dtype == CUDA_DTYPE_F16
                              ? small_pass_function<__half>(p->hidden / p->heads)
                              : small_pass_function<__nv_bfloat16>(p->hidden / p->heads);
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, SMALL_THREADS, shared) !=
-            cudaSuccess) {
+    if (sms < 1 || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, SMALL_THREADS,
+                                                                 shared) != cudaSuccess) {
         cudaGetLastError();
         return 0;
     }
