@@ -262,7 +262,8 @@ static const char usage[] =
     "usage: embedrag_backend_bench [--model DIR | --random LAYERS,HIDDEN,HEADS,INTERMEDIATE]\n"
     "                              [--device cpu|cuda] [--precision fp32|fp16|bf16]\n"
     "                              [--seconds S] [--threads N] [--only LENGTH,TEXTS] [--cold MB]\n"
-    "                              [--json]\n";
+    "                              [--budget TOKENS] [--json]\n"
+    "--budget: the bulk lane's tokens per batch (default: the backend's preferred batch)\n";
 
 /* A config for random weights: BERT's vocabulary and positions, mean pooling, erf GELU. */
 static int random_config(const char *spec, model_config *c)
@@ -290,7 +291,7 @@ int main(int argc, char **argv)
     backend_params params = {.kind = BACKEND_CPU, .precision = EMBEDRAG_PRECISION_FP32};
     double seconds = BENCH_SECONDS;
     bool json = false;
-    int only_length = -1, only_texts = -1;
+    int only_length = -1, only_texts = -1, budget = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--json")) {
@@ -322,6 +323,8 @@ int main(int argc, char **argv)
             continue;
         else if (!strcmp(a, "--cold") && atoi(v) > 0)
             bench_cold_bytes = (size_t)atoi(v) << 20;
+        else if (!strcmp(a, "--budget") && atoi(v) > 0)
+            budget = atoi(v);
         else {
             fputs(usage, stderr);
             return 2;
@@ -368,7 +371,12 @@ int main(int argc, char **argv)
     }
     backend *b = s.b;
     int max_len = config.max_position_embeddings;
-    s.budget = b->caps.preferred_batch_tokens;
+    s.budget = budget ? budget : b->caps.preferred_batch_tokens;
+    if (s.budget < max_len || s.budget > b->caps.max_batch_tokens) {
+        fprintf(stderr, "embedrag_backend_bench: --budget must be %d to %d tokens\n", max_len,
+                b->caps.max_batch_tokens);
+        return 2;
+    }
     rc = b->ops->stream_create(b, BACKEND_PRIORITY_LATENCY, &s.latency);
     if (!rc) rc = b->ops->reserve(s.latency, BENCH_LATENCY_TOKENS, BENCH_LATENCY_TOKENS, max_len);
     if (!rc) rc = b->ops->stream_create(b, BACKEND_PRIORITY_BULK, &s.bulk);
