@@ -737,6 +737,14 @@ static const gpu_variant gpu_variants[] = {
      GPU_HALF_MIN_COSINE, false},
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_TUNE", "all",
      "cuda fp16, cuBLASLt's candidates timed at every row count", GPU_HALF_MIN_COSINE, true},
+    /* The attention output product and its LayerNorm as one kernel (cuda_gemm_norm, on an
+     * H100/H200 for 384-wide models) in every pass outside graphs, not only in bulk passes of
+     * CUDA_FUSED_NORM_MIN_ROWS rows (more than these batches have): other bits (the products'
+     * sums run in another order), the same bars. */
+    {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_FUSED_NORM", "all",
+     "cuda fp16, attention output product and LayerNorm in one kernel", GPU_HALF_MIN_COSINE, false},
+    {EMBEDRAG_PRECISION_BF16, "EMBEDRAG_CUDA_FUSED_NORM", "all",
+     "cuda bf16, attention output product and LayerNorm in one kernel", GPU_HALF_MIN_COSINE, false},
     /* Without dependent launches outside graphs: the same bits. */
     {EMBEDRAG_PRECISION_FP16, "EMBEDRAG_CUDA_PDL", "0",
      "cuda fp16, LayerNorm and attention launched the ordinary way", GPU_HALF_MIN_COSINE, true},

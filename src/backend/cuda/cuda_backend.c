@@ -41,6 +41,13 @@
 /* The most tokens one batch may reserve: half the free memory, and at most 2^20 (so every row
  * count and element offset the kernels and cuBLASLt see stays far inside their types). */
 #define CUDA_MAX_BATCH_TOKENS (1 << 20)
+/* The fewest rows for which the attention output product and its LayerNorm run as one kernel
+ * (cuda_gemm_norm). On an H200, 12 x 384 fp16: at 128,000 rows 116 us against cuBLASLt's 71 and
+ * the LayerNorm kernel's 75 (1000 x 128 tokens 8.52-8.65 -> 8.70 M tokens/s); at 5,000 rows 10.0
+ * against ~12 us alone, but no gain in the pass (100 x 50: 0.808-0.828 -> 0.823-0.838 ms); the
+ * output product (K = 1536) took 327 us fused against 229 + 75 and stays apart
+ * (bench/cuda-notes.md). */
+#define CUDA_FUSED_NORM_MIN_ROWS 16384
 #define CUDA_MAX_MEMORY_SHARE 0.5
 
 /* Batches of at most CUDA_GRAPH_MAX_TOKENS tokens (cuda_backend.h) replay a CUDA graph captured
@@ -122,6 +129,13 @@ typedef struct cuda_backend {
      * of the product before each, outside graphs (unless EMBEDRAG_CUDA_PDL=0; enqueue_forward). */
     bool pdl;
     bool small_norm_next; /* the chain (small_chain), unless EMBEDRAG_CUDA_SMALL=lastnorm */
+    /* The attention output product with its residual and LayerNorm in one kernel
+     * (cuda_gemm_norm, sm_90a) outside graphs for passes of fused_min_rows rows or more, where
+     * this device and the model take it (EMBEDRAG_CUDA_FUSED_NORM: 0 never, "all" at any row
+     * count outside graphs); sms bounds its persistent grid. */
+    bool fused_norm;
+    int fused_min_rows;
+    int sms;
     /* EMBEDRAG_CUDA_SMALL=persist: a chain pass in one launch (cuda_small_pass), from the layers'
      * pointers in small_table (device memory, made once every layer is loaded). */
     bool small_persist;
@@ -136,7 +150,7 @@ typedef struct cuda_backend {
     /* EMBEDRAG_CUDA_CLUSTER_TRACE: the pass's phase sums (device), printed when destroyed. */
     unsigned long long *cluster_trace;
     int small_activation; /* CUDA_ACT_* of the model, exact (erf GELU for GELU models) */
-    char name[32], device_text[320], kernels[192];
+    char name[32], device_text[320], kernels[256];
 
     /* Algorithm choices per class of row counts (get_plan), shared by the streams. */
     bool tune, tune_verbose;
@@ -774,18 +788,28 @@ static int small_gemm(backend_stream *s, const cuda_batch_view *view, const cuda
 
 /* out = LayerNorm(input W^T + bias + residual): a layer's attention output and its feed-forward
  * output. dependent: the LayerNorm kernel is launched as a programmatic dependent of the product
- * (see enqueue_forward). */
+ * (see enqueue_forward). fused: the attention output product may take cuda_gemm_norm, one kernel
+ * (not in a graph: its tensor maps hold this pass's pointers), for passes of at least
+ * CUDA_FUSED_NORM_MIN_ROWS rows. */
 static int project_and_norm(backend_stream *s, const cuda_batch_view *view, const cuda_plan *plan,
                             int kind, const cuda_layer *layer, const void *input,
                             const void *residual, const float *gamma, const float *beta, void *out,
-                            bool dependent)
+                            bool dependent, bool fused)
 {
-    const model_config *c = s->b->config;
+    const cuda_backend *b = s->b;
+    const model_config *c = b->config;
     if (small_takes(s, plan, kind))
         return small_gemm(s, view, plan, kind, layer, input, residual, gamma, beta, out);
+    if (fused && b->fused_norm && kind == GEMM_ATTENTION_OUT && plan->tokens >= b->fused_min_rows) {
+        CUDA_TRY(cuda_gemm_norm(b->dtype, plan->tokens, input, c->hidden_size, layer->weight[kind],
+                                layer->bias[kind], residual, gamma, beta, c->layer_norm_eps, out,
+                                b->sms, s->stream),
+                 "fused attention output kernel");
+        return 0;
+    }
     int rc = gemm(s, plan, kind, layer, input, out);
     if (rc) return rc;
-    CUDA_TRY(cuda_add_layer_norm(s->b->dtype, view, out, residual, gamma, beta, c->layer_norm_eps,
+    CUDA_TRY(cuda_add_layer_norm(b->dtype, view, out, residual, gamma, beta, c->layer_norm_eps,
                                  c->hidden_size, out, dependent, s->stream),
              "layer norm kernel");
     return 0;
@@ -812,8 +836,9 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
      * x 50 tokens from 0.868 to 0.814 ms (12 x 384), the same vectors; in a graph the gaps are
      * ~0.1 us, and it gave no clear gain there. */
     enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    bool dependent = b->pdl && cudaStreamIsCapturing(st, &capture) == cudaSuccess &&
-                     capture == cudaStreamCaptureStatusNone;
+    bool uncaptured = cudaStreamIsCapturing(st, &capture) == cudaSuccess &&
+                      capture == cudaStreamCaptureStatusNone;
+    bool dependent = b->pdl && uncaptured;
     int attention_pdl =
         b->attention == CUDA_ATTENTION_MMA_V2 && (dependent || (small_pass && b->small_pdl));
     CUDA_TRY(cuda_embed(dt, view, b->word, b->position, b->type, b->embedding_gamma,
@@ -847,9 +872,9 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
         CUDA_TRY(cuda_attention(dt, view, s->qkv, s->context, h, c->num_heads, b->attention,
                                 attention_pdl, st),
                  "attention kernel");
-        rc =
-            project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
-                             layer->attention_ln_gamma, layer->attention_ln_beta, s->x1, dependent);
+        rc = project_and_norm(s, view, plan, GEMM_ATTENTION_OUT, layer, s->context, s->x,
+                              layer->attention_ln_gamma, layer->attention_ln_beta, s->x1, dependent,
+                              uncaptured);
         if (rc) return rc;
         if (small_takes(s, plan, GEMM_INTERMEDIATE)) {
             rc = small_gemm(s, view, plan, GEMM_INTERMEDIATE, layer, s->x1, NULL, NULL, NULL,
@@ -863,8 +888,9 @@ static int enqueue_forward(backend_stream *s, const cuda_batch_view *view, cuda_
                                               c->intermediate_size, b->own_activation, st),
                          "activation kernel");
         }
-        rc = project_and_norm(s, view, plan, GEMM_OUTPUT, layer, s->hidden, s->x1,
-                              layer->output_ln_gamma, layer->output_ln_beta, s->x, dependent);
+        rc =
+            project_and_norm(s, view, plan, GEMM_OUTPUT, layer, s->hidden, s->x1,
+                             layer->output_ln_gamma, layer->output_ln_beta, s->x, dependent, false);
         if (rc) return rc;
     }
     CUDA_TRY(cuda_pool(dt, view, s->x, h, c->pooling, s->pooled, st), "pooling kernel");
@@ -1736,6 +1762,11 @@ int cuda_backend_create(const backend_params *params, const model_config *config
                strcmp(small, "cluster") != 0;
     b->small_pdl = b->small && strcmp(small, "nopdl") != 0;
     b->pdl = env_flag("EMBEDRAG_CUDA_PDL", true);
+    b->sms = properties.multiProcessorCount;
+    const char *fused = getenv("EMBEDRAG_CUDA_FUSED_NORM");
+    b->fused_norm = env_flag("EMBEDRAG_CUDA_FUSED_NORM", true) &&
+                    cuda_gemm_norm_prepare(b->dtype, config->hidden_size, config->hidden_size);
+    b->fused_min_rows = fused && !strcmp(fused, "all") ? 1 : CUDA_FUSED_NORM_MIN_ROWS;
     b->small_norm_next = b->small && strcmp(small, "lastnorm") != 0;
     b->small_persist = b->small && strcmp(small, "persist") == 0;
     b->small_trace = b->small_persist && env_flag("EMBEDRAG_CUDA_SMALL_TRACE", false);
@@ -1764,7 +1795,7 @@ int cuda_backend_create(const backend_params *params, const model_config *config
              properties.major, properties.minor);
     caps->device = b->device_text;
     size_t v = b->blas.version;
-    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s%s%s",
+    snprintf(b->kernels, sizeof b->kernels, "cublaslt %zu.%zu.%zu %s, attention %s, %s%s%s%s%s%s",
              v / 10000, v / 100 % 100, v % 100, dtype_name(b->dtype),
              b->attention == CUDA_ATTENTION_MMA_V2 ? "mma v2"
              : b->attention == CUDA_ATTENTION_MMA  ? "mma"
@@ -1772,6 +1803,7 @@ int cuda_backend_create(const backend_params *params, const model_config *config
              b->own_activation != CUDA_ACT_NONE ? "own bias+activation" : "activation epilogue",
              b->use_graphs ? ", graphs" : "", b->pdl ? ", dependent launches" : "",
              b->tune ? ", bulk algorithms timed" : "",
+             b->fused_norm ? ", attention output + LayerNorm fused (wgmma)" : "",
              b->small_cluster   ? ", cluster pass"
              : !b->small        ? ""
              : b->small_persist ? ", small-batch kernels (persistent pass)"

@@ -233,6 +233,23 @@ cudaError_t cuda_digest(const void *x, size_t bytes, unsigned long long *digest,
 cudaError_t cuda_convert(cuda_dtype dtype, const float *src, void *dst, size_t count,
                          cudaStream_t stream);
 
+/* ---- the fused output products (cuda_gemm_norm.cu, sm_90a) ---- */
+
+/* Whether cuda_gemm_norm takes products of n output columns over k inputs in this dtype on the
+ * current device (n 384, k a multiple of 64, fp16 or bf16, compute capability 9.0 exactly: the
+ * kernel is built for sm_90a only), and if so readies the kernel there (its shared memory). Call
+ * once per device before cuda_gemm_norm. */
+int cuda_gemm_norm_prepare(cuda_dtype dtype, int n, int k);
+
+/* out = LayerNorm(x weight^T + bias + residual) row by row, x `rows` x k and weight 384 x k, out
+ * and residual rows x 384 (out must not alias residual or x), bias of the dtype, gamma and beta
+ * fp32; the product plus bias rounded to the dtype before the residual is added, as the unfused
+ * path (cuBLASLt, then cuda_add_layer_norm) does. At most `sms` blocks (the device's
+ * multiprocessors). */
+cudaError_t cuda_gemm_norm(cuda_dtype dtype, int rows, const void *x, int k, const void *weight,
+                           const void *bias, const void *residual, const float *gamma,
+                           const float *beta, float eps, void *out, int sms, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
