@@ -293,13 +293,17 @@ __global__ void __launch_bounds__(GN_THREADS, 1)
         float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
         for (int j = 0; j < GN_HALF / 8; j++) {
-            const float b0 = bias_s[8 * j], b1 = bias_s[8 * j + 1];
+            const float2 b = *reinterpret_cast<const float2 *>(bias_s + 8 * j);
             const T *y0 = reinterpret_cast<const T *>(first0 + gn_pair(j, lane)),
                     *y1 = reinterpret_cast<const T *>(first1 + gn_pair(j, lane));
-            d[4 * j] = to_float(from_float<T>(d[4 * j] + b0)) + to_float(y0[0]);
-            d[4 * j + 1] = to_float(from_float<T>(d[4 * j + 1] + b1)) + to_float(y0[1]);
-            d[4 * j + 2] = to_float(from_float<T>(d[4 * j + 2] + b0)) + to_float(y1[0]);
-            d[4 * j + 3] = to_float(from_float<T>(d[4 * j + 3] + b1)) + to_float(y1[1]);
+            /* Both of a row's pair rounded by one conversion (the same rounding as one by one). */
+            const uint32_t p0 = mma_type<T>::pack(d[4 * j] + b.x, d[4 * j + 1] + b.y),
+                           p1 = mma_type<T>::pack(d[4 * j + 2] + b.x, d[4 * j + 3] + b.y);
+            const T *q0 = reinterpret_cast<const T *>(&p0), *q1 = reinterpret_cast<const T *>(&p1);
+            d[4 * j] = to_float(q0[0]) + to_float(y0[0]);
+            d[4 * j + 1] = to_float(q0[1]) + to_float(y0[1]);
+            d[4 * j + 2] = to_float(q1[0]) + to_float(y1[0]);
+            d[4 * j + 3] = to_float(q1[1]) + to_float(y1[1]);
             s0 += d[4 * j] + d[4 * j + 1];
             s1 += d[4 * j + 2] + d[4 * j + 3];
         }
@@ -320,14 +324,13 @@ __global__ void __launch_bounds__(GN_THREADS, 1)
                     inv1 = 1.0f / sqrtf(q1 / (float)GN_WIDTH + eps);
 #pragma unroll
         for (int j = 0; j < GN_HALF / 8; j++) {
-            const float g0 = gamma_s[8 * j], g1 = gamma_s[8 * j + 1], e0 = beta_s[8 * j],
-                        e1 = beta_s[8 * j + 1];
-            T *y0 = reinterpret_cast<T *>(first0 + gn_pair(j, lane)),
-              *y1 = reinterpret_cast<T *>(first1 + gn_pair(j, lane));
-            y0[0] = from_float<T>((d[4 * j] - mean0) * inv0 * g0 + e0);
-            y0[1] = from_float<T>((d[4 * j + 1] - mean0) * inv0 * g1 + e1);
-            y1[0] = from_float<T>((d[4 * j + 2] - mean1) * inv1 * g0 + e0);
-            y1[1] = from_float<T>((d[4 * j + 3] - mean1) * inv1 * g1 + e1);
+            const float2 g = *reinterpret_cast<const float2 *>(gamma_s + 8 * j),
+                         e = *reinterpret_cast<const float2 *>(beta_s + 8 * j);
+            *reinterpret_cast<uint32_t *>(first0 + gn_pair(j, lane)) = mma_type<T>::pack(
+                (d[4 * j] - mean0) * inv0 * g.x + e.x, (d[4 * j + 1] - mean0) * inv0 * g.y + e.y);
+            *reinterpret_cast<uint32_t *>(first1 + gn_pair(j, lane)) =
+                mma_type<T>::pack((d[4 * j + 2] - mean1) * inv1 * g.x + e.x,
+                                  (d[4 * j + 3] - mean1) * inv1 * g.y + e.y);
         }
         /* The rows go out by TMA (warp 9): its proxy must see these writes. */
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
