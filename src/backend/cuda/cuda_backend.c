@@ -42,11 +42,11 @@
  * count and element offset the kernels and cuBLASLt see stays far inside their types). */
 #define CUDA_MAX_BATCH_TOKENS (1 << 20)
 /* The fewest rows for which the attention output product and its LayerNorm run as one kernel
- * (cuda_gemm_norm). On an H200, 12 x 384 fp16: at 128,000 rows 116 us against cuBLASLt's 71 and
- * the LayerNorm kernel's 75 (1000 x 128 tokens 8.52-8.65 -> 8.70 M tokens/s); at 5,000 rows 10.0
- * against ~12 us alone, but no gain in the pass (100 x 50: 0.808-0.828 -> 0.823-0.838 ms); the
- * output product (K = 1536) took 327 us fused against 229 + 75 and stays apart
- * (bench/cuda-notes.md). */
+ * (cuda_gemm_norm). On an H200, 12 x 384 fp16: at 128,000 rows 113 us alone (139 in a pass)
+ * against cuBLASLt's 71 and the LayerNorm kernel's 75 (1000 x 128 tokens 8.28-8.32 -> 8.37-8.44 M
+ * tokens/s); at 5,000 rows 10.0 against ~12 us alone, but no gain in the pass (100 x 50:
+ * 0.808-0.828 -> 0.823-0.838 ms); the output product (K = 1536) took 321 us fused against 229 +
+ * 75 and stays apart (bench/cuda-notes.md). */
 #define CUDA_FUSED_NORM_MIN_ROWS 16384
 #define CUDA_MAX_MEMORY_SHARE 0.5
 

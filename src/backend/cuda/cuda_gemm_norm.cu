@@ -341,7 +341,15 @@ __global__ void __launch_bounds__(GN_THREADS, 1)
 
 /* ---- host side ---- */
 
-static PFN_cuTensorMapEncodeTiled_v12000 gn_encode;
+/* The driver's cuTensorMapEncodeTiled, found once (the runtime links statically, the driver is
+ * opened at run time); backends created on several threads may find it at once, so it is read
+ * and written atomically (every thread finds the same function). */
+static PFN_cuTensorMapEncodeTiled_v12000 gn_encode_fn;
+
+static PFN_cuTensorMapEncodeTiled_v12000 gn_encode(void)
+{
+    return __atomic_load_n(&gn_encode_fn, __ATOMIC_ACQUIRE);
+}
 
 /* A 2-D map of a row-major rows x cols matrix of 16-bit values, boxes of 64 columns x box_rows
  * rows in the 128-byte swizzle; rows past the end read as zeros. */
@@ -351,13 +359,13 @@ static bool gn_map(CUtensorMap *map, cuda_dtype dtype, const void *p, int rows, 
     cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
     cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
     cuuint32_t box[2] = {GN_CHUNK, (cuuint32_t)box_rows}, steps[2] = {1, 1};
-    return gn_encode(map,
-                     dtype == CUDA_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                              : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                     2, const_cast<void *>(p), dims, strides, box, steps,
-                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    return gn_encode()(map,
+                       dtype == CUDA_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                       2, const_cast<void *>(p), dims, strides, box, steps,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 extern "C" int cuda_gemm_norm_prepare(cuda_dtype dtype, int n, int k)
@@ -371,7 +379,7 @@ extern "C" int cuda_gemm_norm_prepare(cuda_dtype dtype, int n, int k)
         cudaGetLastError();
         return 0;
     }
-    if (!gn_encode) {
+    if (!gn_encode()) {
         void *fn = NULL;
         cudaDriverEntryPointQueryResult found;
         if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
@@ -380,7 +388,7 @@ extern "C" int cuda_gemm_norm_prepare(cuda_dtype dtype, int n, int k)
             cudaGetLastError();
             return 0;
         }
-        gn_encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+        __atomic_store_n(&gn_encode_fn, (PFN_cuTensorMapEncodeTiled_v12000)fn, __ATOMIC_RELEASE);
     }
     cudaError_t e =
         dtype == CUDA_DTYPE_BF16
@@ -401,7 +409,7 @@ extern "C" cudaError_t cuda_gemm_norm(cuda_dtype dtype, int rows, const void *x,
                                       int sms, cudaStream_t stream)
 {
     CUtensorMap x_map, w_map, residual_map, out_map;
-    if (!gn_encode || !gn_map(&x_map, dtype, x, rows, k, GN_ROWS) ||
+    if (!gn_encode() || !gn_map(&x_map, dtype, x, rows, k, GN_ROWS) ||
         !gn_map(&w_map, dtype, weight, GN_WIDTH, k, GN_HALF) ||
         !gn_map(&residual_map, dtype, residual, rows, GN_WIDTH, GN_ROWS) ||
         !gn_map(&out_map, dtype, out, rows, GN_WIDTH, GN_ROWS))
